@@ -1,0 +1,108 @@
+"""mplb-nfq: the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, load
+
+DEFAULT_CONFIG = "/etc/mplb-nfq/config.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mplb-nfq", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="install the data path and run the queue worker in the foreground")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+
+    p = sub.add_parser("check", help="what this kernel supports; with -c, validate a config too")
+    p.add_argument("-c", "--config")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("render-nft", help="print the nftables ruleset for a config (loads with nft -f)")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("--queue-mode", choices=("native", "xtables"),
+                   help="default: the config's, probed on this kernel when it says auto")
+
+    p = sub.add_parser("inspect", help="MPTCP connections, tokens and joins in a pcap/pcapng file")
+    p.add_argument("pcap")
+    p.add_argument("-c", "--config", help="also show which backend the balancer would choose")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("lab", help="the paper's experiment in network namespaces")
+    p.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    p.add_argument("--sizes", help="file sizes in MB, comma-separated")
+    p.add_argument("--repeat", type=int, help="downloads per size and mode")
+    p.add_argument("--out", default="lab-results", help="directory for results.json and the plot")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"mplb-nfq: invalid config: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args) -> int:
+    from .worker import run
+
+    return run(load(args.config))
+
+
+def cmd_check(args) -> int:
+    from .check import kernel_report
+
+    report = kernel_report()
+    if args.config:
+        cfg = load(args.config)
+        report["config"] = {"path": cfg.path, "vip": cfg.vip, "ports": list(cfg.ports),
+                            "backends": [b.name for b in cfg.backends], "valid": True}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, item in report["features"].items():
+            print(f"{'ok ' if item['ok'] else 'NO '} {name:28} {item['detail']}")
+        print(f"queue mode that `run` would use: {report['queue_mode']}")
+        if args.config:
+            print(f"config {cfg.path}: valid ({len(cfg.backends)} backends)")
+    return 0 if report["usable"] else 1
+
+
+def cmd_render_nft(args) -> int:
+    from .kernel import Nft, native_queue_supported, render_ruleset
+
+    cfg = load(args.config)
+    mode = args.queue_mode or cfg.queue_mode
+    native = native_queue_supported(Nft()) if mode == "auto" else mode == "native"
+    sys.stdout.write(render_ruleset(cfg, native))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_file, render_text
+
+    result = inspect_file(args.pcap, load(args.config) if args.config else None)
+    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    return 0
+
+
+def cmd_lab(args) -> int:
+    from .lab import LabSettings, run_lab
+
+    settings = LabSettings.quick() if args.quick else LabSettings()
+    if args.sizes:
+        settings.sizes_mb = [float(s) for s in args.sizes.split(",")]
+    if args.repeat:
+        settings.repeat = args.repeat
+    return run_lab(settings, out_dir=args.out, as_json=args.json)
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "render-nft": cmd_render_nft, "inspect": cmd_inspect,
+            "lab": cmd_lab}

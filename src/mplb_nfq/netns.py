@@ -1,0 +1,160 @@
+"""The lab topology in network namespaces, for the lab and the kernel tests.
+
+    client ==(2 links, 50 Mbit/s each)== lb --- switch (bridge) --- backend1..N (VIP on lo)
+
+Namespace names carry a per-run tag, so that runs never collide and cleanup removes only its own.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+VIP = "10.0.100.1"
+LB_BACKEND_SIDE = "10.0.9.1"
+
+
+def backend_address(i: int) -> str:
+    return f"10.0.9.{11 + i}"
+
+
+@dataclass
+class Topology:
+    backends: int = 2
+    rate_mbit: int | None = 50
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    client_addresses: tuple[str, str] = ("10.0.1.2", "10.0.2.2")
+    built: bool = False
+
+    def ns(self, role: str) -> str:
+        return f"mplb{self.tag}-{role}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.ns("client"), self.ns("lb"), self.ns("switch")] + [
+            self.ns(f"b{i + 1}") for i in range(self.backends)]
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [f"b{i + 1}" for i in range(self.backends)]
+
+    def __enter__(self) -> "Topology":
+        self.build()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def build(self) -> None:
+        self.built = True  # from here on, destroy() has something to remove
+        try:
+            self._build()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _build(self) -> None:
+        client, lb, switch = self.ns("client"), self.ns("lb"), self.ns("switch")
+        c1, c2 = self.client_addresses
+        l1, l2 = c1.rsplit(".", 1)[0] + ".1", c2.rsplit(".", 1)[0] + ".1"
+        cmds = [f"netns add {n}" for n in self.namespaces]
+        cmds += [
+            f"link add c1 netns {client} type veth peer name l1 netns {lb}",
+            f"link add c2 netns {client} type veth peer name l2 netns {lb}",
+            f"link add s0 netns {lb} type veth peer name lb netns {switch}",
+            f"-n {switch} link add br0 type bridge",
+            f"-n {switch} link set lb master br0",
+        ]
+        for i in range(self.backends):
+            b = self.ns(f"b{i + 1}")
+            cmds += [f"link add eth0 netns {b} type veth peer name b{i + 1} netns {switch}",
+                     f"-n {switch} link set b{i + 1} master br0", f"-n {switch} link set b{i + 1} up",
+                     f"-n {b} addr add {backend_address(i)}/24 dev eth0", f"-n {b} link set eth0 up",
+                     f"-n {b} link set lo up", f"-n {b} addr add {VIP}/32 dev lo",
+                     f"-n {b} route add default via {LB_BACKEND_SIDE}",
+                     f"-n {b} mptcp limits set subflows 4 add_addr_accepted 4"]
+        cmds += [
+            f"-n {switch} link set br0 up", f"-n {switch} link set lb up",
+            f"-n {client} addr add {c1}/24 dev c1", f"-n {client} addr add {c2}/24 dev c2",
+            f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
+            f"-n {client} route add default via {l1} dev c1",
+            f"-n {client} rule add from {c2} table 102 priority 100",
+            f"-n {client} route add default via {l2} dev c2 table 102",
+            f"-n {client} mptcp limits set subflows 4 add_addr_accepted 4",
+            f"-n {client} mptcp endpoint add {c2} dev c2 subflow",
+            f"-n {lb} addr add {l1}/24 dev l1", f"-n {lb} addr add {l2}/24 dev l2",
+            f"-n {lb} addr add {LB_BACKEND_SIDE}/24 dev s0",
+            f"-n {lb} link set l1 up", f"-n {lb} link set l2 up", f"-n {lb} link set s0 up",
+            f"-n {lb} link set lo up",
+        ]
+        batches: dict[str | None, list[str]] = {}
+        for cmd in cmds:
+            ns, _, rest = cmd[3:].partition(" ") if cmd.startswith("-n ") else (None, "", cmd)
+            batches.setdefault(ns, []).append(rest)
+        for ns, lines in batches.items():  # root namespace first: it creates the others
+            run(["ip", *(["-n", ns] if ns else []), "-batch", "-"], input="\n".join(lines) + "\n")
+        for n in self.namespaces:
+            self.sysctl(n, "net.mptcp.enabled", 1)
+        self.sysctl(lb, "net.ipv4.ip_forward", 1)
+        for n in [lb, client]:
+            self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)
+            self.sysctl(n, "net.ipv4.conf.default.rp_filter", 0)
+        for i in range(self.backends):
+            b = self.ns(f"b{i + 1}")
+            self.sysctl(b, "net.ipv4.conf.all.arp_ignore", 1)
+            self.sysctl(b, "net.ipv4.conf.all.arp_announce", 2)
+        if self.rate_mbit:
+            for ns, dev in ((lb, "l1"), (lb, "l2"), (client, "c1"), (client, "c2")):
+                run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                     "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "20ms"])
+
+    @staticmethod
+    def sysctl(ns: str, key: str, value) -> None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        run(["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}"])
+
+    def destroy(self) -> None:
+        if not self.built:
+            return
+        for n in self.namespaces:
+            pids = subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+        self.built = False
+
+    def exec(self, role: str, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
+        return run(["ip", "netns", "exec", self.ns(role), *cmd], **kwargs)
+
+    def popen(self, role: str, *cmd: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.ns(role), *cmd], **kwargs)
+
+    def python(self, role: str, module: str, *args: str, **kwargs) -> subprocess.Popen:
+        return self.popen(role, sys.executable, "-m", module, *args, **kwargs)
+
+    def nstat(self, role: str) -> dict[str, int]:
+        """The MPTCP counters of one namespace (absolute values, no shared history file)."""
+        out = self.exec(role, "nstat", "-asz", env={**os.environ, "NSTAT_HISTORY": "/dev/null"},
+                        capture_output=True, text=True).stdout
+        return {m[0]: int(m[1]) for m in re.findall(r"^(MPTcpExt\w+)\s+(\d+)", out, re.M)}
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("check", True)
+    if "input" in kwargs or "capture_output" in kwargs:
+        kwargs.setdefault("text", True)
+    try:
+        return subprocess.run(cmd, **kwargs)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {(e.stderr or '').strip()}") from None
+
+
+def leftover_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith("mplb")]

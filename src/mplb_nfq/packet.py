@@ -1,0 +1,224 @@
+"""Parse IPv4/IPv6 TCP segments and their MPTCP options, by hand over bytes.
+
+Pure: bytes in, a `Segment` (or a `Malformed` saying why) out. Never raises on bad input.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+OPT_EOL, OPT_NOP, OPT_MPTCP = 0, 1, 30
+
+MP_CAPABLE, MP_JOIN, DSS, ADD_ADDR, REMOVE_ADDR, MP_PRIO, MP_FAIL, MP_FASTCLOSE, MP_TCPRST = range(9)
+MP_EXPERIMENTAL = 0xF
+
+# MP_CAPABLE flags byte (RFC 8684 3.1): A checksum required, B extensibility,
+# C "do not open subflows to my source address", H HMAC-SHA256 (v1) / HMAC-SHA1 (v0).
+CAP_FLAG_A, CAP_FLAG_B, CAP_FLAG_C, CAP_FLAG_H = 0x80, 0x40, 0x20, 0x01
+
+MP_CAPABLE_LENGTHS = {0: (12, 20), 1: (4, 12, 20, 22, 24)}
+ADD_ADDR_LENGTHS = (8, 10, 16, 18, 20, 22, 28, 30)
+FIXED_LENGTHS = {MP_JOIN: (12, 16, 24), MP_PRIO: (3, 4), MP_FAIL: (12,), MP_FASTCLOSE: (12,), MP_TCPRST: (4,)}
+
+
+@dataclass(frozen=True, slots=True)
+class MpCapable:
+    version: int
+    flags: int
+    sender_key: bytes | None  # 8 bytes, absent in a v1 SYN
+    receiver_key: bytes | None  # 8 bytes, present from length 20 on
+    data_len: int | None = None  # v1 length 22/24: data-level length of the payload
+
+    @property
+    def checksum_required(self) -> bool:
+        return bool(self.flags & CAP_FLAG_A)
+
+    @property
+    def no_subflows_to_source(self) -> bool:
+        return bool(self.flags & CAP_FLAG_C)
+
+    @property
+    def hmac_sha(self) -> bool:
+        return bool(self.flags & CAP_FLAG_H)
+
+
+@dataclass(frozen=True, slots=True)
+class MpJoinSyn:
+    backup: bool
+    address_id: int
+    token: int  # receiver token, as a 32-bit number (wire order, big-endian)
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    version: int  # IP version: 4 or 6
+    src: bytes  # packed addresses (4 or 16 bytes)
+    dst: bytes
+    sport: int
+    dport: int
+    flags: int
+    options: tuple[tuple[int, bytes], ...]  # (kind, whole option incl. kind and length)
+    payload_len: int
+    mptcp_subtype: int | None = None  # of the first MPTCP option, as nftables matches it
+    capable: MpCapable | None = None
+    join: MpJoinSyn | None = None
+
+    @property
+    def is_syn(self) -> bool:
+        return self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+
+    @property
+    def flow(self) -> tuple[bytes, int, bytes, int]:
+        return (self.src, self.sport, self.dst, self.dport)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    reason: str
+
+
+def token_of_key(key: bytes, version: int) -> int:
+    """Token of the key's owner: top 32 bits of SHA-256 (v1, RFC 8684) or SHA-1 (v0, RFC 6824)."""
+    digest = hashlib.sha256(key).digest() if version >= 1 else hashlib.sha1(key).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def parse_ip(buf: bytes | memoryview) -> Segment | Malformed | None:
+    """Parse an IP packet. None: well-formed but not TCP (nothing for us to do)."""
+    n = len(buf)
+    if n < 1:
+        return Malformed("empty packet")
+    version = buf[0] >> 4
+    if version == 4:
+        if n < 20:
+            return Malformed("truncated IPv4 header")
+        ihl = (buf[0] & 0x0F) * 4
+        total = int.from_bytes(buf[2:4], "big")
+        if ihl < 20 or ihl > n:
+            return Malformed(f"bad IPv4 header length {ihl}")
+        if total < ihl:
+            return Malformed(f"IPv4 total length {total} below header length")
+        if int.from_bytes(buf[6:8], "big") & 0x1FFF:
+            return None  # a non-first fragment carries no TCP header
+        if buf[9] != 6:
+            return None
+        return _parse_tcp(4, bytes(buf[12:16]), bytes(buf[16:20]), buf[ihl:min(n, total)], total - ihl)
+    if version == 6:
+        if n < 40:
+            return Malformed("truncated IPv6 header")
+        if buf[6] != 6:
+            return None  # extension headers ahead of TCP: not a handshake packet we steer
+        total = 40 + int.from_bytes(buf[4:6], "big")
+        return _parse_tcp(6, bytes(buf[8:24]), bytes(buf[24:40]), buf[40:min(n, total)], total - 40)
+    return Malformed(f"IP version {version}")
+
+
+def _parse_tcp(version: int, src: bytes, dst: bytes, tcp: bytes | memoryview,
+               l4_len: int) -> Segment | Malformed:
+    if len(tcp) < 20:
+        return Malformed("truncated TCP header")
+    doff = (tcp[12] >> 4) * 4
+    if doff < 20:
+        return Malformed(f"TCP data offset {doff} below 20")
+    if doff > len(tcp):
+        return Malformed(f"TCP data offset {doff} beyond the packet")
+    flags = tcp[13]
+    options: list[tuple[int, bytes]] = []
+    mptcp: bytes | None = None
+    i = 20
+    while i < doff:
+        kind = tcp[i]
+        if kind == OPT_EOL:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= doff:
+            return Malformed(f"TCP option {kind} without length")
+        length = tcp[i + 1]
+        if length < 2:
+            return Malformed(f"TCP option {kind} length {length}")
+        if i + length > doff:
+            return Malformed(f"TCP option {kind} length {length} overruns the header")
+        opt = bytes(tcp[i:i + length])
+        options.append((kind, opt))
+        if kind == OPT_MPTCP and mptcp is None:
+            mptcp = opt
+        i += length
+    subtype = capable = join = None
+    if mptcp is not None:
+        found = _parse_mptcp(mptcp, flags)
+        if isinstance(found, Malformed):
+            return found
+        subtype, capable, join = found
+    return Segment(version, src, dst, int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big"),
+                   flags, tuple(options), max(0, l4_len - doff), subtype, capable, join)
+
+
+def _parse_mptcp(opt: bytes, flags: int) -> tuple[int, MpCapable | None, MpJoinSyn | None] | Malformed:
+    length = len(opt)
+    if length < 3:
+        return Malformed(f"MPTCP option length {length}")
+    subtype = opt[2] >> 4
+    if subtype == MP_CAPABLE:
+        capable = _parse_capable(opt)
+        return capable if isinstance(capable, Malformed) else (subtype, capable, None)
+    if subtype == MP_JOIN:
+        if length not in FIXED_LENGTHS[MP_JOIN]:
+            return Malformed(f"MP_JOIN length {length}")
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN:
+            return subtype, None, None
+        if length != 12:
+            return Malformed(f"MP_JOIN SYN length {length}, expected 12")
+        join = MpJoinSyn(bool(opt[2] & 0x01), opt[3], int.from_bytes(opt[4:8], "big"),
+                         int.from_bytes(opt[8:12], "big"))
+        return subtype, None, join
+    problem = _check_other_subtype(subtype, opt)
+    return Malformed(problem) if problem else (subtype, None, None)
+
+
+def _parse_capable(opt: bytes) -> MpCapable | Malformed:
+    length, version = len(opt), opt[2] & 0x0F
+    if version not in MP_CAPABLE_LENGTHS:
+        return Malformed(f"MP_CAPABLE version {version}")
+    if length < 4 or length not in MP_CAPABLE_LENGTHS[version]:
+        return Malformed(f"MP_CAPABLE v{version} length {length}")
+    flags = opt[3]
+    sender = opt[4:12] if length >= 12 else None
+    receiver = opt[12:20] if length >= 20 else None
+    data_len = int.from_bytes(opt[20:22], "big") if length >= 22 else None
+    return MpCapable(version, flags, sender, receiver, data_len)
+
+
+def _check_other_subtype(subtype: int, opt: bytes) -> str | None:
+    length = len(opt)
+    if subtype in FIXED_LENGTHS:
+        return None if length in FIXED_LENGTHS[subtype] else f"MPTCP subtype {subtype} length {length}"
+    if subtype == DSS:
+        if length < 4:
+            return f"DSS length {length}"
+        flags = opt[3]
+        expected = 4
+        if flags & 0x01:
+            expected += 8 if flags & 0x02 else 4
+        if flags & 0x04:
+            expected += (8 if flags & 0x08 else 4) + 6
+            if length in (expected, expected + 2):
+                return None
+        elif length == expected:
+            return None
+        return f"DSS length {length} does not match its flags 0x{flags:02x}"
+    if subtype == ADD_ADDR:
+        return None if length in ADD_ADDR_LENGTHS else f"ADD_ADDR length {length}"
+    if subtype == REMOVE_ADDR:
+        return None if length >= 4 else f"REMOVE_ADDR length {length}"
+    return None  # unknown and experimental subtypes are ignored, as RFC 8684 says
+
+
+def server_token(capable: MpCapable) -> int | None:
+    """The server's token from a client's third ACK (or its first data packet): both keys present."""
+    if capable.receiver_key is None:
+        return None
+    return token_of_key(capable.receiver_key, capable.version)

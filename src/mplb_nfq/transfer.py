@@ -1,0 +1,90 @@
+"""A minimal MPTCP download server and client for the lab and the kernel tests.
+
+The client sends the number of bytes it wants (8 bytes, big-endian); the server sends that many
+bytes and closes. `fetch` prints one JSON line per download.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+
+CHUNK = b"\0" * 65536
+
+
+def serve(port: int) -> None:
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("::", port))
+    listener.listen(128)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_send, args=(conn,), daemon=True).start()
+
+
+def _send(conn: socket.socket) -> None:
+    with conn:
+        try:
+            request = b""
+            while len(request) < 8:
+                part = conn.recv(8 - len(request))
+                if not part:
+                    return
+                request += part
+            left = int.from_bytes(request, "big")
+            view = memoryview(CHUNK)
+            while left > 0:
+                left -= conn.send(view[:min(left, len(CHUNK))])
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # wait for the client's close, so that no data is cut by a reset
+        except OSError:
+            pass
+
+
+def fetch(host: str, port: int, size: int, timeout: float = 120.0) -> dict:
+    started = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(size.to_bytes(8, "big"))
+        received = 0
+        while True:
+            n = len(s.recv(1 << 20))
+            if not n:
+                break
+            received += n
+    seconds = time.monotonic() - started
+    return {"size": size, "received": received, "seconds": seconds,
+            "mbit_s": received * 8 / seconds / 1e6 if seconds else 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mplb_nfq.transfer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, default=8080)
+    f = sub.add_parser("fetch")
+    f.add_argument("host")
+    f.add_argument("--port", type=int, default=8080)
+    f.add_argument("--size", type=int, action="append", required=True, help="bytes; repeat for more")
+    f.add_argument("--pause", type=float, default=0.0, help="seconds between downloads")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.port)
+        return 0
+    for size in args.size:
+        try:
+            result = fetch(args.host, args.port, size)
+        except OSError as e:
+            result = {"size": size, "error": str(e)}
+        print(json.dumps(result), flush=True)
+        time.sleep(args.pause)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
