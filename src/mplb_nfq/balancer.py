@@ -124,6 +124,9 @@ class Balancer:
         self.by_mark = {b.mark: b for b in backends}
         self.counts: Counter[str] = Counter()
 
+    def backend_of(self, mark: int) -> Backend | None:
+        return self.by_mark.get(mark & BACKEND_MASK)
+
     def decide(self, segment: Segment | Malformed | None, mark: int, now: float) -> Verdict:
         verdict = self._decide(segment, mark, now)
         self.counts[verdict.kind] += 1
@@ -162,11 +165,13 @@ class Balancer:
         return Verdict(True, backend.mark, kind)
 
     def _on_third_ack(self, segment: Segment, mark: int, now: float) -> Verdict:
-        backend = self.by_mark.get(mark & BACKEND_MASK) or self.flows.get(segment.flow, now)
+        backend = self.backend_of(mark) or self.flows.get(segment.flow, now)
         if backend is None:
             return Verdict(True, mark, "ack_without_flow")  # e.g. opened while no worker listened
         if not self.mptcp_aware:
             return Verdict(True, backend.mark | LEARNED, "third_ack")
         token = server_token(segment.capable)
+        if self.tokens.get(token, now) is backend:  # the first data packet repeating the keys
+            return Verdict(True, backend.mark | LEARNED, "third_ack_repeat")
         self.tokens.put(token, backend, now)
         return Verdict(True, backend.mark | LEARNED, "third_ack", token)

@@ -97,7 +97,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
             fail(name, "must be a table")
         unknown(table, keys, name + ".")
     mark_base = integer(kernel, "mark_base", 0x100, 1, BACKEND_MASK, "kernel.")
-    table_base = integer(kernel, "table_base", 100, 1, 0xFFFFFFF0, "kernel.")
+    table_base = integer(kernel, "table_base", 100, 2, 0xFFFFFFF0, "kernel.")  # table_base - 1: fail-open routes
     queue_mode = kernel.get("queue_mode", "auto")
     if queue_mode not in ("auto", "native", "xtables"):
         fail("kernel.queue_mode", f"must be auto, native or xtables, got {queue_mode!r}")
@@ -139,7 +139,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         mptcp_aware=_boolean(data, "mptcp_aware", True, fail),
         queue=integer(kernel, "queue", 0, 0, 65535, "kernel."),
         queue_mode=queue_mode, table_name=table_name,
-        rule_priority=integer(kernel, "rule_priority", 1000, 1, 32765, "kernel."),
+        rule_priority=integer(kernel, "rule_priority", 1000, 1, 32764, "kernel."),
         flow_capacity=integer(limits, "flow_capacity", 1_000_000, 1, 100_000_000, "limits."),
         token_capacity=integer(limits, "token_capacity", 1_000_000, 1, 100_000_000, "limits."),
         token_timeout=integer(limits, "token_timeout", 7200, 1, 30 * 86400, "limits."),

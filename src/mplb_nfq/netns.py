@@ -109,7 +109,7 @@ class Topology:
         if self.rate_mbit:
             for ns, dev in ((lb, "l1"), (lb, "l2"), (client, "c1"), (client, "c2")):
                 run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                     "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "20ms"])
+                     "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "50ms"])
 
     @staticmethod
     def sysctl(ns: str, key: str, value) -> None:

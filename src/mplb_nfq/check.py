@@ -1,0 +1,53 @@
+"""`mplb-nfq check`: what this kernel and machine support, probed without lasting side effects."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def kernel_report() -> dict:
+    features: dict[str, dict] = {}
+
+    def feature(name: str, ok: bool, detail: str) -> None:
+        features[name] = {"ok": ok, "detail": detail}
+
+    try:
+        from .kernel import Nft, native_queue_supported
+
+        nft = Nft()
+        feature("libnftables", True, "loaded through the nftables binding")
+        native = native_queue_supported(nft)
+        feature("nft queue statement", native,
+                "native nft_queue" if native else "absent (CONFIG_NFT_QUEUE): the xtables fallback is used")
+        tokens = nft.try_run("add table inet mplb_probe_map; add map inet mplb_probe_map t "
+                             "{ typeof tcp option @30,32,32 : meta mark; flags timeout; }")
+        nft.try_run("delete table inet mplb_probe_map")
+        feature("nft token map", tokens, "map on tcp option @30,32,32 with timeouts")
+    except (OSError, ImportError) as e:
+        native = False
+        feature("libnftables", False, f"cannot load: {e} (apt install libnftables1)")
+    xt = next((b for b in ("iptables-nft", "iptables", "iptables-legacy") if shutil.which(b)), None)
+    feature("xtables NFQUEUE", xt is not None, xt or "no iptables binary (apt install iptables)")
+    mptcp = _read("/proc/sys/net/mptcp/enabled")
+    feature("MPTCP", mptcp == "1", f"net.mptcp.enabled = {mptcp}")
+    feature("conntrack", Path("/proc/sys/net/netfilter/nf_conntrack_max").exists(),
+            f"nf_conntrack_max = {_read('/proc/sys/net/netfilter/nf_conntrack_max')}")
+    forward = _read("/proc/sys/net/ipv4/ip_forward")
+    feature("IPv4 forwarding", forward == "1", f"net.ipv4.ip_forward = {forward} (the LB routes the VIP)")
+    try:
+        import netfilterqueue  # noqa: F401
+
+        feature("NetfilterQueue binding", True, "importable")
+    except ImportError as e:
+        feature("NetfilterQueue binding", False, str(e))
+    needed = ("libnftables", "nft token map", "NetfilterQueue binding")
+    usable = all(features.get(k, {}).get("ok") for k in needed) and (native or xt is not None)
+    mode = "native nft queue" if native else ("xtables NFQUEUE on mark bit" if xt else "none")
+    return {"features": features, "queue_mode": mode, "usable": usable}

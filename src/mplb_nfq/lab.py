@@ -1,0 +1,252 @@
+"""`mplb-nfq lab`: the paper's experiment (Fig. 1(c)) in network namespaces on this machine.
+
+A client with two 50 Mbit/s links downloads files of increasing size from the VIP, through an
+MPTCP-unaware balancer (source-address hash, the join treated as a new connection) and through
+mplb-nfq, repeated; mean and 95% confidence interval (Student t) per size and mode.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .netns import VIP, Topology, backend_address
+
+PORT = 8080
+MODES = {  # name -> config lines that make the mode
+    "unaware": 'scheduler = "sh"\nmptcp_aware = false\n',
+    "mplb": 'scheduler = "rr"\nmptcp_aware = true\n',
+}
+# Two-sided 95% Student t critical values for 1..30 degrees of freedom.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass
+class LabSettings:
+    sizes_mb: list[float] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
+    repeat: int = 5
+    backends: int = 2
+    rate_mbit: int = 50
+
+    @classmethod
+    def quick(cls) -> "LabSettings":
+        return cls(sizes_mb=[2, 30], repeat=3)
+
+
+def t_critical(df: int) -> float:
+    if df < 1:
+        return math.nan
+    if df <= len(T_975):
+        return T_975[df - 1]
+    return 1.960 + 2.4 / df  # within 0.003 of the exact value beyond 30 degrees of freedom
+
+
+def mean_ci(samples: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t)."""
+    mean = statistics.fmean(samples)
+    if len(samples) < 2:
+        return mean, math.nan
+    return mean, t_critical(len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
+
+
+def config_text(mode: str, backends: int) -> str:
+    lines = [f'vip = "{VIP}"', f"ports = [{PORT}]", MODES[mode]]
+    for i in range(backends):
+        lines.append(f'[[backends]]\nname = "b{i + 1}"\naddress = "{backend_address(i)}"')
+    return "\n".join(lines) + "\n"
+
+
+class Progress:
+    """A one-line progress bar on stderr (only where stderr is read by a person or a log)."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.done, self.width, self.started = total, 0, width, time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        filled = self.width * self.done // self.total
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+                         f"{label:28} {elapsed:5.0f}s, ~{eta:3.0f}s left ")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class Worker:
+    """The balancer worker running in the lab's LB namespace."""
+
+    def __init__(self, topo: Topology, config_path: Path, log_path: Path):
+        self.log = open(log_path, "w")
+        self.proc = topo.popen("lb", sys.executable, "-m", "mplb_nfq", "run", "-c", str(config_path),
+                               stdout=subprocess.PIPE, stderr=self.log, text=True)
+        ready = json.loads(self.proc.stdout.readline() or '{"event": "died"}')
+        if ready.get("event") != "ready":
+            self.proc.wait()
+            raise RuntimeError(f"the worker did not start; see {log_path}")
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        self.log.close()
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return next((line for line in lines if line.get("event") == "stopped"), {})
+
+
+def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool = False) -> int:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit)
+    results = {"settings": asdict(settings), "modes": {}}
+    progress = Progress(len(MODES) * len(settings.sizes_mb) * settings.repeat)
+    try:
+        topo.build()
+        _check_unaware_splits(topo)
+        for i in range(settings.backends):
+            topo.python(f"b{i + 1}", "mplb_nfq.transfer", "serve", "--port", str(PORT),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_servers(topo, settings.backends)
+        with tempfile.TemporaryDirectory(prefix="mplb-lab-") as tmp:
+            for mode in MODES:
+                results["modes"][mode] = _run_mode(topo, mode, settings, Path(tmp), out, progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted; namespaces removed", file=sys.stderr)
+        return 130
+    finally:
+        topo.destroy()
+    largest = str(max(settings.sizes_mb))
+    mbit = {m: results["modes"][m]["sizes"][largest]["mean_mbit_s"] for m in MODES}
+    results["ratio"] = mbit["mplb"] / mbit["unaware"] if mbit["unaware"] else math.inf
+    results["ratio_size_mb"] = max(settings.sizes_mb)
+    results["join_failures"] = {m: results["modes"][m]["join_failures"] for m in MODES}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out / "lab.png")
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(_table(results))
+        print(f"\nresults: {out / 'results.json'}, plot: {out / 'lab.png'}")
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _check_unaware_splits(topo: Topology) -> None:
+    """As in the paper, the client's two addresses must hash to different backends."""
+    import ipaddress
+
+    from .config import from_dict
+    from .packet import Segment
+
+    cfg = from_dict({"vip": VIP, "scheduler": "sh", "backends": [
+        {"name": f"b{i + 1}", "address": backend_address(i)} for i in range(topo.backends)]})
+    scheduler = cfg.balancer().scheduler
+    picks = {scheduler.pick(Segment(4, ipaddress.ip_address(a).packed, b"", 0, 0, 0, (), 0)).name
+             for a in topo.client_addresses}
+    if len(picks) != 2:
+        raise RuntimeError(f"client addresses {topo.client_addresses} hash to one backend; change them")
+
+
+def _wait_for_servers(topo: Topology, backends: int) -> None:
+    for i in range(backends):
+        for _ in range(100):
+            ss = topo.exec(f"b{i + 1}", "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout
+            if ss.strip():
+                break
+            time.sleep(0.05)
+
+
+def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: Path,
+              progress: Progress) -> dict:
+    config = tmp / f"{mode}.toml"
+    config.write_text(config_text(mode, settings.backends))
+    before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
+    worker = Worker(topo, config, out / f"worker-{mode}.log")
+    samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}
+    try:
+        for _ in range(settings.repeat):
+            for size in settings.sizes_mb:
+                fetch = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP,
+                                  "--port", str(PORT), "--size", str(int(size * 1e6)), "--pause", "0.2",
+                                  capture_output=True)
+                result = json.loads(fetch.stdout)
+                if "error" in result or result["received"] != result["size"]:
+                    raise RuntimeError(f"{mode}: download of {size} MB failed: {result}")
+                samples[size].append(result)
+                progress.step(f"{mode} {size:g} MB")
+    finally:
+        stats = worker.stop()
+    after = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
+    sizes = {}
+    for size, runs in samples.items():
+        seconds = [r["seconds"] for r in runs]
+        mbit = [r["mbit_s"] for r in runs]
+        mean_s, ci_s = mean_ci(seconds)
+        mean_mbit, ci_mbit = mean_ci(mbit)
+        sizes[str(size)] = {"mean_s": mean_s, "ci_s": ci_s, "mean_mbit_s": mean_mbit, "ci_mbit_s": ci_mbit,
+                            "samples_s": seconds, "samples_mbit_s": mbit}
+    return {"sizes": sizes, "join_failures": sum(after) - sum(before), "worker": stats}
+
+
+def _table(results: dict) -> str:
+    lines = [f"{'size MB':>8} | " + " | ".join(f"{m + ' Mbit/s (95% CI)':>26}" for m in MODES) + " |  ratio"]
+    sizes = results["modes"]["mplb"]["sizes"]
+    for size in sizes:
+        cells, means = [], []
+        for mode in MODES:
+            entry = results["modes"][mode]["sizes"][size]
+            means.append(entry["mean_mbit_s"])
+            cells.append(f"{entry['mean_mbit_s']:12.1f} ± {entry['ci_mbit_s']:5.1f}  "
+                         f"({entry['mean_s']:5.2f} s)")
+        lines.append(f"{float(size):>8g} | " + " | ".join(f"{c:>26}" for c in cells)
+                     + f" | {means[1] / means[0]:6.2f}")
+    lines.append(f"ratio at {results['ratio_size_mb']:g} MB: {results['ratio']:.2f}; "
+                 + ", ".join(f"{m} join failures (backend MPJoinNoTokenFound): {n}"
+                             for m, n in results["join_failures"].items()))
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, color in zip(MODES, ("tab:red", "tab:blue")):
+        sizes = results["modes"][mode]["sizes"]
+        x = [float(s) for s in sizes]
+        label = "MPTCP-unaware LB (address hash)" if mode == "unaware" else "MPLB (mplb-nfq)"
+        ax_time.errorbar(x, [v["mean_s"] for v in sizes.values()], yerr=[_finite(v["ci_s"]) for v in sizes.values()],
+                         marker="o", color=color, capsize=3, label=label)
+        ax_rate.errorbar(x, [v["mean_mbit_s"] for v in sizes.values()],
+                         yerr=[_finite(v["ci_mbit_s"]) for v in sizes.values()], marker="o", color=color,
+                         capsize=3, label=label)
+    for ax, ylabel in ((ax_time, "download time (s)"), (ax_rate, "throughput (Mbit/s)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("file size (MB)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"MPTCP through a load balancer: 2 x {results['settings']['rate_mbit']} Mbit/s, "
+                 f"mean and 95% CI over {results['settings']['repeat']} runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finite(value: float) -> float:
+    return 0.0 if math.isnan(value) else value

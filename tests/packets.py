@@ -1,0 +1,42 @@
+"""Build IPv4/IPv6 TCP packets with MPTCP options for the tests (checksums are not needed here)."""
+from __future__ import annotations
+
+import ipaddress
+
+SYN, ACK, PSH = 0x02, 0x10, 0x08
+
+
+def tcp(src: str, dst: str, sport: int = 40000, dport: int = 80, flags: int = SYN,
+        options: bytes = b"", payload: bytes = b"") -> bytes:
+    options += b"\x01" * (-len(options) % 4)  # NOP padding to a 32-bit boundary
+    doff = (20 + len(options)) // 4
+    header = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (1000).to_bytes(4, "big")
+              + (0).to_bytes(4, "big") + bytes([doff << 4, flags]) + (65535).to_bytes(2, "big") + b"\0\0\0\0")
+    segment = header + options + payload
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if s.version == 4:
+        return (bytes([0x45, 0]) + (20 + len(segment)).to_bytes(2, "big") + b"\0\0\x40\0\x40\x06\0\0"
+                + s.packed + d.packed + segment)
+    return (bytes([0x60, 0, 0, 0]) + len(segment).to_bytes(2, "big") + b"\x06\x40" + s.packed + d.packed
+            + segment)
+
+
+def mp_capable(version: int = 1, flags: int = 0x01, sender: bytes | None = None, receiver: bytes | None = None,
+               data_len: int | None = None, checksum: int | None = None) -> bytes:
+    body = bytes([0x00 | version, flags])
+    for part in (sender, receiver):
+        if part is not None:
+            body += part
+    if data_len is not None:
+        body += data_len.to_bytes(2, "big")
+    if checksum is not None:
+        body += checksum.to_bytes(2, "big")
+    return bytes([30, 2 + len(body)]) + body
+
+
+def mp_join_syn(token: int, nonce: int = 0x11223344, address_id: int = 1, backup: bool = False) -> bytes:
+    return bytes([30, 12, 0x10 | int(backup), address_id]) + token.to_bytes(4, "big") + nonce.to_bytes(4, "big")
+
+
+CLIENT_KEY = bytes.fromhex("1fdb5df328bc3def")
+SERVER_KEY = bytes.fromhex("29a6c86981ad933c")

@@ -1,0 +1,148 @@
+import random
+
+import pytest
+
+from mplb_nfq.balancer import LEARNED, REJECT, Backend, Balancer, ExpiringTable
+from mplb_nfq.packet import Malformed, parse_ip, token_of_key
+from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+
+VIP = "10.0.100.1"
+BACKENDS = [Backend("b1", "10.0.9.11", 0x101, 101), Backend("b2", "10.0.9.12", 0x102, 102),
+            Backend("b3", "10.0.9.13", 0x103, 103)]
+SERVER_TOKEN = token_of_key(SERVER_KEY, 1)
+
+
+def syn(src="10.0.1.2", sport=40000, options=mp_capable()):
+    return parse_ip(tcp(src, VIP, sport, 80, SYN, options))
+
+
+def third_ack(src="10.0.1.2", sport=40000, flags=ACK, data_len=None):
+    return parse_ip(tcp(src, VIP, sport, 80, flags, mp_capable(1, 0x01, CLIENT_KEY, SERVER_KEY, data_len)))
+
+
+def join(src="10.0.2.2", sport=50000, token=SERVER_TOKEN):
+    return parse_ip(tcp(src, VIP, sport, 80, SYN, mp_join_syn(token)))
+
+
+def test_round_robin_spreads_new_connections_in_order():
+    lb = Balancer(BACKENDS, "rr")
+    marks = [lb.decide(syn(sport=40000 + i), 0, 0).mark for i in range(6)]
+    assert marks == [0x101, 0x102, 0x103, 0x101, 0x102, 0x103]
+
+
+def test_plain_tcp_syn_is_balanced_like_mp_capable():
+    lb = Balancer(BACKENDS, "rr")
+    verdicts = [lb.decide(syn(sport=40000 + i, options=b""), 0, 0) for i in range(3)]
+    assert [v.mark for v in verdicts] == [0x101, 0x102, 0x103] and verdicts[0].kind == "syn"
+
+
+def test_source_hash_gives_one_client_one_backend():
+    lb = Balancer(BACKENDS, "sh")
+    first = lb.decide(syn(sport=40000), 0, 0).mark
+    assert all(lb.decide(syn(sport=40001 + i), 0, 0).mark == first for i in range(10))
+    marks = {lb.decide(syn(src=f"10.0.{i}.2"), 0, 0).mark for i in range(1, 40)}
+    assert len(marks) == 3
+
+
+def test_retransmitted_syn_keeps_its_backend():
+    lb = Balancer(BACKENDS, "rr")
+    first = lb.decide(syn(), 0, 0)
+    again = lb.decide(syn(), 0, 1)
+    assert again.mark == first.mark and again.kind == "syn_retransmit"
+
+
+def test_third_ack_learns_the_server_token_and_the_join_follows_it():
+    lb = Balancer(BACKENDS, "rr")
+    lb.decide(syn(sport=39999), 0, 0)  # another connection, so that the next one is on b2
+    chosen = lb.decide(syn(), 0, 0).mark
+    learned = lb.decide(third_ack(), chosen, 0.001)
+    assert learned.token == SERVER_TOKEN and learned.mark == chosen | LEARNED and learned.kind == "third_ack"
+    subflow = lb.decide(join(), 0, 0.002)
+    assert subflow.mark == chosen == 0x102 and subflow.kind == "join_hit"
+
+
+def test_first_data_packet_repeating_the_keys_installs_nothing_twice():
+    lb = Balancer(BACKENDS, "rr")
+    mark = lb.decide(syn(), 0, 0).mark
+    assert lb.decide(third_ack(), mark, 0).token == SERVER_TOKEN
+    repeat = lb.decide(third_ack(flags=ACK | PSH, data_len=100), mark | LEARNED, 0)
+    assert repeat.token is None and repeat.kind == "third_ack_repeat" and repeat.mark == mark | LEARNED
+
+
+def test_lost_third_ack_the_data_packet_teaches_the_token():
+    lb = Balancer(BACKENDS, "rr")
+    mark = lb.decide(syn(), 0, 0).mark
+    verdict = lb.decide(third_ack(flags=ACK | PSH, data_len=100), mark, 0)
+    assert verdict.token == SERVER_TOKEN and lb.decide(join(), 0, 0).mark == mark
+
+
+def test_third_ack_without_mark_uses_the_flow_table():
+    lb = Balancer(BACKENDS, "rr")
+    mark = lb.decide(syn(), 0, 0).mark
+    assert lb.decide(third_ack(), 0, 0).mark == mark | LEARNED
+
+
+def test_third_ack_of_an_unknown_flow_is_accepted_unchanged():
+    verdict = Balancer(BACKENDS).decide(third_ack(), 0, 0)
+    assert verdict.accept and verdict.mark == 0 and verdict.token is None and verdict.kind == "ack_without_flow"
+
+
+@pytest.mark.parametrize("policy,accept,mark", [("drop", False, 0), ("reset", True, REJECT)])
+def test_unknown_join_policies(policy, accept, mark):
+    verdict = Balancer(BACKENDS, unknown_join=policy).decide(join(token=0x12345678), 0, 0)
+    assert (verdict.accept, verdict.mark, verdict.kind) == (accept, mark, "join_miss")
+
+
+def test_unknown_join_random_policy_picks_any_backend():
+    lb = Balancer(BACKENDS, unknown_join="random", rng=random.Random(7))
+    marks = {lb.decide(join(sport=50000 + i, token=0x1000 + i), 0, 0).mark for i in range(60)}
+    assert marks == {0x101, 0x102, 0x103}
+
+
+def test_unaware_mode_schedules_joins_as_new_connections_and_learns_nothing():
+    lb = Balancer(BACKENDS[:2], "rr", mptcp_aware=False)
+    first = lb.decide(syn(), 0, 0).mark
+    ack = lb.decide(third_ack(), first, 0)
+    assert ack.token is None and ack.mark == first | LEARNED
+    subflow = lb.decide(join(), 0, 0)
+    assert subflow.kind == "join_unaware" and subflow.mark != first
+
+
+def test_malformed_and_non_tcp_are_accepted_unchanged_and_counted():
+    lb = Balancer(BACKENDS)
+    assert lb.decide(Malformed("x"), 0x55, 0) == lb.decide(Malformed("y"), 0x55, 0)
+    assert lb.decide(Malformed("x"), 0x55, 0).mark == 0x55
+    assert lb.decide(None, 0, 0).kind == "not_tcp"
+    assert lb.counts["malformed"] == 3 and lb.counts["not_tcp"] == 1
+
+
+def test_tokens_expire():
+    lb = Balancer(BACKENDS, token_ttl=10)
+    mark = lb.decide(syn(), 0, 0).mark
+    lb.decide(third_ack(), mark, 0)
+    assert lb.decide(join(sport=1), 0, 9.9).kind == "join_hit"
+    assert lb.decide(join(sport=2), 0, 10.1).kind == "join_miss"
+
+
+def test_expiring_table_is_bounded_and_evicts_oldest():
+    table = ExpiringTable(capacity=3, ttl=100)
+    for i in range(5):
+        table.put(i, str(i), now=i)
+    assert len(table) == 3 and table.evicted == 2
+    assert table.get(0, 5) is None and table.get(4, 5) == "4"
+    table.put(2, "again", now=6)  # refreshed: now the newest
+    table.put(5, "5", now=7)
+    assert table.get(3, 8) is None and table.get(2, 8) == "again"
+
+
+def test_expiring_table_drops_expired_entries_on_insert():
+    table = ExpiringTable(capacity=100, ttl=1)
+    for i in range(50):
+        table.put(i, i, now=0)
+    table.put("late", 1, now=5)
+    assert len(table) == 1 and table.items(5) == [("late", 1)]
+
+
+def test_no_backends_is_refused():
+    with pytest.raises(ValueError):
+        Balancer([])

@@ -1,0 +1,126 @@
+import pytest
+from cryptography.hazmat.primitives import hashes
+
+from mplb_nfq.packet import (CAP_FLAG_A, CAP_FLAG_C, CAP_FLAG_H, MP_CAPABLE, MP_JOIN, Malformed, Segment,
+                             parse_ip, server_token, token_of_key)
+from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+
+
+def oracle_token(key: bytes, algorithm) -> int:
+    digest = hashes.Hash(algorithm)
+    digest.update(key)
+    return int.from_bytes(digest.finalize()[:4], "big")
+
+
+def test_v0_token_is_sha1_of_key_as_in_rfc6824_capture():
+    assert token_of_key(bytes.fromhex("967d2770b6960552"), 0) == 0xE47F0142
+
+
+@pytest.mark.parametrize("key", [CLIENT_KEY, SERVER_KEY, bytes(8), b"\xff" * 8])
+def test_tokens_match_an_independent_hash_implementation(key):
+    assert token_of_key(key, 1) == oracle_token(key, hashes.SHA256())
+    assert token_of_key(key, 0) == oracle_token(key, hashes.SHA1())
+
+
+@pytest.mark.parametrize("src,dst", [("10.0.1.2", "10.0.100.1"), ("2001:db8::2", "2001:db8:100::1")])
+def test_plain_syn(src, dst):
+    seg = parse_ip(tcp(src, dst, 40000, 80, SYN, b"\x02\x04\x05\xb4"))
+    assert isinstance(seg, Segment)
+    assert (seg.version, seg.sport, seg.dport, seg.is_syn) == (4 if "." in src else 6, 40000, 80, True)
+    assert seg.options == ((2, b"\x02\x04\x05\xb4"),)
+    assert seg.mptcp_subtype is None and seg.capable is None and seg.join is None
+
+
+def test_v1_mp_capable_every_length():
+    syn = parse_ip(tcp("10.0.1.2", "10.0.100.1", options=mp_capable(1, CAP_FLAG_H)))
+    assert syn.capable.sender_key is None and syn.capable.hmac_sha and syn.mptcp_subtype == MP_CAPABLE
+    synack = parse_ip(tcp("10.0.100.1", "10.0.1.2", flags=SYN | ACK, options=mp_capable(1, CAP_FLAG_H, SERVER_KEY)))
+    assert synack.capable.sender_key == SERVER_KEY and synack.capable.receiver_key is None
+    ack = parse_ip(tcp("10.0.1.2", "10.0.100.1", flags=ACK, options=mp_capable(1, CAP_FLAG_H, CLIENT_KEY, SERVER_KEY)))
+    assert (ack.capable.sender_key, ack.capable.receiver_key) == (CLIENT_KEY, SERVER_KEY)
+    assert server_token(ack.capable) == token_of_key(SERVER_KEY, 1)
+    data = parse_ip(tcp("10.0.1.2", "10.0.100.1", flags=ACK | PSH, payload=b"x" * 16,
+                        options=mp_capable(1, CAP_FLAG_H, CLIENT_KEY, SERVER_KEY, data_len=16)))
+    assert data.capable.data_len == 16 and data.payload_len == 16
+    assert server_token(data.capable) == server_token(ack.capable)
+    with_csum = parse_ip(tcp("10.0.1.2", "10.0.100.1", flags=ACK, options=mp_capable(
+        1, CAP_FLAG_A | CAP_FLAG_H, CLIENT_KEY, SERVER_KEY, data_len=16, checksum=0xBEEF)))
+    assert with_csum.capable.checksum_required and with_csum.capable.data_len == 16
+
+
+def test_v0_mp_capable_and_flag_bits():
+    syn = parse_ip(tcp("10.0.1.2", "10.0.100.1", options=mp_capable(0, CAP_FLAG_A | CAP_FLAG_H, CLIENT_KEY)))
+    assert syn.capable.version == 0 and syn.capable.sender_key == CLIENT_KEY and syn.capable.checksum_required
+    ack = parse_ip(tcp("10.0.1.2", "10.0.100.1", flags=ACK,
+                       options=mp_capable(0, CAP_FLAG_C | CAP_FLAG_H, CLIENT_KEY, SERVER_KEY)))
+    assert ack.capable.no_subflows_to_source and not ack.capable.checksum_required
+    assert server_token(ack.capable) == token_of_key(SERVER_KEY, 0)
+
+
+def test_mp_join_syn_fields():
+    seg = parse_ip(tcp("10.0.2.2", "10.0.100.1", options=mp_join_syn(0xDEADBEEF, 0x01020304, 7, True)))
+    assert seg.mptcp_subtype == MP_JOIN
+    assert (seg.join.token, seg.join.nonce, seg.join.address_id, seg.join.backup) == (0xDEADBEEF, 0x01020304, 7, True)
+
+
+def test_only_the_first_mptcp_option_counts_like_nftables():
+    options = mp_join_syn(0x1234) + mp_capable(1, CAP_FLAG_H)
+    seg = parse_ip(tcp("10.0.2.2", "10.0.100.1", options=options))
+    assert seg.join.token == 0x1234 and seg.capable is None and len(seg.options) == 2
+
+
+def test_non_tcp_and_fragments_are_not_ours():
+    udp = bytearray(tcp("10.0.1.2", "10.0.100.1"))
+    udp[9] = 17
+    assert parse_ip(bytes(udp)) is None
+    fragment = bytearray(tcp("10.0.1.2", "10.0.100.1"))
+    fragment[6:8] = (0x0010).to_bytes(2, "big")
+    assert parse_ip(bytes(fragment)) is None
+
+
+GOOD = tcp("10.0.1.2", "10.0.100.1", options=mp_capable(1, CAP_FLAG_H))
+
+
+def with_options(options: bytes) -> bytes:
+    return tcp("10.0.1.2", "10.0.100.1", options=options)
+
+
+@pytest.mark.parametrize("packet,reason", [
+    (b"", "empty"),
+    (GOOD[:19], "truncated IPv4"),
+    (bytes([0x44]) + GOOD[1:], "header length 16"),
+    (GOOD[:20] + GOOD[20:35], "truncated TCP"),
+    (bytes([0x70]) + GOOD[1:], "IP version 7"),
+    (tcp("2001:db8::1", "2001:db8::2")[:39], "truncated IPv6"),
+    (GOOD[:32] + bytes([0x40]) + GOOD[33:], "data offset 16"),
+    (GOOD[:32] + bytes([0xF0]) + GOOD[33:], "beyond the packet"),
+    (with_options(b"\x02\x00\x00\x00"), "length 0"),
+    (with_options(b"\x02\x01\x00\x00"), "length 1"),
+    (with_options(b"\x02\x08\x00\x00"), "overruns"),
+    (with_options(b"\x01\x01\x01\x02"), "without length"),
+    (with_options(b"\x1e\x02"), "MPTCP option length 2"),
+    (with_options(bytes([30, 8, 0x01, 0x81, 1, 2, 3, 4])), "MP_CAPABLE v1 length 8"),
+    (with_options(bytes([30, 12, 0x05, 0x81]) + bytes(8)), "MP_CAPABLE version 5"),
+    (with_options(bytes([30, 4, 0x00, 0x81])), "MP_CAPABLE v0 length 4"),
+    (with_options(bytes([30, 16, 0x10, 1]) + bytes(12)), "MP_JOIN SYN length 16"),
+    (with_options(bytes([30, 13, 0x10, 1]) + bytes(9)), "MP_JOIN length 13"),
+    (with_options(bytes([30, 3, 0x20])), "DSS length 3"),
+    (with_options(bytes([30, 8, 0x20, 0x05]) + bytes(4)), "does not match its flags"),
+    (with_options(bytes([30, 9, 0x30]) + bytes(6)), "ADD_ADDR length 9"),
+    (with_options(bytes([30, 5, 0x80, 0, 0])), "subtype 8 length 5"),
+])
+def test_malformed_input_gives_a_reason_never_an_exception(packet, reason):
+    result = parse_ip(packet)
+    assert isinstance(result, Malformed), result
+    assert reason in result.reason
+
+
+@pytest.mark.parametrize("options", [
+    bytes([30, 8, 0x20, 0x01]) + bytes(4),  # DSS, 4-byte data ACK
+    bytes([30, 20, 0x20, 0x05]) + bytes(16),  # DSS, data ACK + 4-byte DSN + csum
+    bytes([30, 3, 0xF0]),  # experimental subtype: ignored, not malformed
+    bytes([30, 6, 0xE0, 0, 0, 0]),  # unknown subtype 14: ignored
+    bytes([30, 4, 0x80, 0x00]),  # MP_TCPRST
+])
+def test_other_mptcp_subtypes_of_valid_length(options):
+    assert isinstance(parse_ip(with_options(options)), Segment)

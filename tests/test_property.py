@@ -1,0 +1,58 @@
+"""Property tests: no input, random or mutated from real captures, makes the parser or the core raise."""
+import random
+
+from conftest import CAPTURES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mplb_nfq.balancer import Backend, Balancer, Verdict
+from mplb_nfq.inspect import read_packets
+from mplb_nfq.packet import Malformed, Segment, parse_ip
+from packets import SYN, tcp
+
+REAL = [ip for pcap in sorted(CAPTURES.glob("*.pcap")) for _, ip in read_packets(str(pcap)) if ip]
+BACKENDS = [Backend("b1", "10.0.9.11", 0x101, 101), Backend("b2", "10.0.9.12", 0x102, 102)]
+
+
+def check(packet: bytes, lb: Balancer) -> None:
+    result = parse_ip(packet)
+    assert result is None or isinstance(result, (Segment, Malformed))
+    verdict = lb.decide(result, 0, 0.0)
+    assert isinstance(verdict, Verdict)
+    if isinstance(result, Malformed):
+        assert verdict.accept and verdict.mark == 0 and result.reason
+
+
+@given(st.binary(max_size=120))
+def test_random_bytes(packet):
+    check(packet, Balancer(BACKENDS))
+
+
+@given(st.binary(max_size=40), st.sampled_from([4, 6]), st.integers(0, 255))
+def test_random_tcp_options_behind_a_valid_header(options, family, flags):
+    src, dst = ("10.0.1.2", "10.0.100.1") if family == 4 else ("2001:db8::2", "2001:db8::1")
+    check(tcp(src, dst, flags=flags, options=options), Balancer(BACKENDS))
+
+
+@given(st.integers(0, 255), st.integers(0, 40), st.binary(max_size=40), st.sampled_from([SYN, 0x10, 0x18]))
+def test_kind_30_with_any_subtype_and_length(subtype_byte, length, body, flags):
+    option = bytes([30, length, subtype_byte]) + body
+    check(tcp("10.0.1.2", "10.0.100.1", flags=flags, options=option[:40]), Balancer(BACKENDS))
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.integers(0, 1499), st.integers(0, 255)),
+                                                    max_size=8), st.integers(0, 1500))
+def test_mutated_real_packets(index, flips, cut):
+    packet = bytearray(REAL[index])
+    for position, value in flips:
+        if position < len(packet):
+            packet[position] = value
+    check(bytes(packet[:cut]), Balancer(BACKENDS))
+
+
+def test_every_truncation_of_every_real_packet():
+    lb = Balancer(BACKENDS, rng=random.Random(1))
+    for packet in REAL:
+        for cut in range(len(packet) + 1):
+            check(packet[:cut], lb)
