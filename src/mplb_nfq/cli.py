@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="install the data path and run the queue worker in the foreground")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
 
+    p = sub.add_parser("cleanup", help="remove every kernel object of a config (after a crashed worker)")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+
     p = sub.add_parser("check", help="what this kernel supports; with -c, validate a config too")
     p.add_argument("-c", "--config")
     p.add_argument("--json", action="store_true")
@@ -54,6 +57,13 @@ def cmd_run(args) -> int:
     from .worker import run
 
     return run(load(args.config))
+
+
+def cmd_cleanup(args) -> int:
+    from .kernel import Dataplane
+
+    Dataplane(load(args.config)).remove()
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -104,5 +114,5 @@ def cmd_lab(args) -> int:
     return run_lab(settings, out_dir=args.out, as_json=args.json)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "render-nft": cmd_render_nft, "inspect": cmd_inspect,
+COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "check": cmd_check, "render-nft": cmd_render_nft, "inspect": cmd_inspect,
             "lab": cmd_lab}

@@ -4,6 +4,7 @@ They translate the config and the core's decisions into kernel state and hold no
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import shutil
@@ -105,83 +106,80 @@ def token_element(token: int, mark: int, timeout: int) -> str:
 
 @dataclass
 class Dataplane:
-    """What the worker installs, so that stopping removes exactly that."""
+    """The kernel objects of one config: the nft table, the xtables queue rule, routes and rules.
+
+    All of them are named by the config (table name, queue number, marks, tables, rule priority),
+    so `remove` takes away exactly mplb-nfq's own objects, also those a killed worker left behind.
+    """
 
     cfg: Config
     nft: Nft = field(default_factory=Nft)
     native_queue: bool = False
-    created_table: bool = False
-    xt_rule: list[str] | None = None
-    xt_created_mangle: bool = False
-    installed_rules: list[dict] = field(default_factory=list)
-    installed_routes: list[dict] = field(default_factory=list)
 
     @property
     def queue_mode(self) -> str:
         return "native nft queue" if self.native_queue else "xtables NFQUEUE on mark bit"
 
+    @property
+    def _family(self) -> int:
+        return socket.AF_INET6 if self.cfg.family == 6 else socket.AF_INET
+
     def install(self) -> None:
         cfg = self.cfg
         native = {"auto": None, "native": True, "xtables": False}[cfg.queue_mode]
         self.native_queue = native_queue_supported(self.nft) if native is None else native
-        table = f"inet {cfg.table_name}"
-        if self.nft.try_run(f"list table {table}"):
-            log.info("nft table %s exists: using it as it is", table)
+        if self.nft.try_run(f"list table inet {cfg.table_name}"):
+            log.info("nft table inet %s exists: adopting it with its token map", cfg.table_name)
         else:
             self.nft.run(render_ruleset(cfg, self.native_queue))
-            self.created_table = True
         if not self.native_queue:
-            self._install_xtables_rule()
+            self._xtables("-C") or self._xtables("-A", check=True)
         self._install_routing()
         log.info("queue %d, mode: %s", cfg.queue, self.queue_mode)
 
-    def _install_xtables_rule(self) -> None:
-        binary = iptables_binary(self.cfg)
+    def _xtables(self, action: str, check: bool = False) -> bool:
         rule = xtables_rule(self.cfg)
-        table, chain, spec = rule[:2], rule[2], rule[3:]
-        family = "ip6" if self.cfg.family == 6 else "ip"
-        had_mangle = self.nft.try_run(f"list table {family} mangle")
-        if subprocess.run([binary, *table, "-C", chain, *spec], capture_output=True).returncode == 0:
-            return  # already there (left by a killed worker): keep it, leave it on stop
-        done = subprocess.run([binary, *table, "-A", chain, *spec], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise KernelError(f"{binary}: {done.stderr.strip()}")
-        self.xt_rule = [binary, *rule]
-        self.xt_created_mangle = not had_mangle
+        done = subprocess.run([iptables_binary(self.cfg), *rule[:2], action, *rule[2:]],
+                              capture_output=True, text=True)
+        if check and done.returncode != 0:
+            raise KernelError(f"{iptables_binary(self.cfg)} {action}: {done.stderr.strip()}")
+        return done.returncode == 0
+
+    def _routes(self) -> list[dict]:
+        cfg = self.cfg
+        dst = f"{cfg.vip}/{128 if cfg.family == 6 else 32}"
+        routes = [dict(dst=dst, gateway=b.address, table=b.table, family=self._family) for b in cfg.backends]
+        # Fail open: a packet the worker never marked still reaches a backend, by a stateless
+        # hash of its addresses and ports, as a plain L4 balancer would.
+        multipath = [{"gateway": b.address} for b in cfg.backends]
+        routes.append(dict(dst=dst, table=self.fallback_table, family=self._family, multipath=multipath))
+        return routes
+
+    @property
+    def fallback_table(self) -> int:
+        return self.cfg.backends[0].table - 1
+
+    def _rules(self) -> list[dict]:
+        cfg = self.cfg
+        rules = [dict(family=self._family, table=b.table, priority=cfg.rule_priority, fwmark=b.mark,
+                      fwmask=BACKEND_MASK) for b in cfg.backends]
+        rules.append(dict(family=self._family, table=self.fallback_table, priority=cfg.rule_priority + 1,
+                          dst=cfg.vip, dst_len=128 if cfg.family == 6 else 32))
+        return rules
 
     def _install_routing(self) -> None:
         from pyroute2 import IPRoute
-
-        cfg = self.cfg
-        family = socket.AF_INET6 if cfg.family == 6 else socket.AF_INET
-        width = 128 if cfg.family == 6 else 32
-        fallback = cfg.backends[0].table - 1
-        with IPRoute() as ipr:
-            for backend in cfg.backends:
-                route = dict(dst=f"{cfg.vip}/{width}", gateway=backend.address, table=backend.table,
-                             family=family)
-                ipr.route("replace", **route)
-                self.installed_routes.append(route)
-                self._add_rule(ipr, dict(family=family, table=backend.table, priority=cfg.rule_priority,
-                                         fwmark=backend.mark, fwmask=BACKEND_MASK))
-            # Fail open: a packet the worker never marked still reaches a backend, by a
-            # stateless hash of its addresses and ports, as a plain L4 balancer would.
-            multipath = [{"gateway": b.address} for b in cfg.backends]
-            route = dict(dst=f"{cfg.vip}/{width}", table=fallback, family=family, multipath=multipath)
-            ipr.route("replace", **route)
-            self.installed_routes.append(route)
-            self._add_rule(ipr, dict(family=family, table=fallback, priority=cfg.rule_priority + 1,
-                                     dst=cfg.vip, dst_len=width))
-
-    def _add_rule(self, ipr, rule: dict) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        try:
-            ipr.rule("add", **rule)
-        except NetlinkError as e:
-            if e.code != 17:  # EEXIST: left by an earlier worker
-                raise
-        self.installed_rules.append(rule)
+        with IPRoute() as ipr:
+            for route in self._routes():
+                ipr.route("replace", **route)
+            for rule in self._rules():
+                try:
+                    ipr.rule("add", **rule)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise
 
     def add_tokens(self, tokens: list[tuple[int, int]]) -> None:
         """Install token -> backend mark in the kernel map, in one batch."""
@@ -198,25 +196,25 @@ class Dataplane:
         from pyroute2.netlink.exceptions import NetlinkError
 
         with IPRoute() as ipr:
-            for rule in reversed(self.installed_rules):
-                try:
-                    ipr.rule("del", **rule)
-                except NetlinkError:
-                    pass
-            for route in reversed(self.installed_routes):
+            for rule in self._rules():
+                while True:  # a rule added twice by hand would leave a copy behind
+                    try:
+                        ipr.rule("del", **rule)
+                    except NetlinkError:
+                        break
+            for route in self._routes():
                 try:
                     ipr.route("del", **route)
                 except NetlinkError:
                     pass
-        self.installed_rules.clear()
-        self.installed_routes.clear()
-        if self.xt_rule:
-            binary, table, chain, spec = self.xt_rule[0], self.xt_rule[1:3], self.xt_rule[3], self.xt_rule[4:]
-            subprocess.run([binary, *table, "-D", chain, *spec], capture_output=True)
-            if self.xt_created_mangle:
-                family = "ip6" if self.cfg.family == 6 else "ip"
-                self.nft.try_run(f"delete table {family} mangle")
-            self.xt_rule = None
-        if self.created_table:
-            self.nft.run(f"delete table inet {self.cfg.table_name}")
-            self.created_table = False
+        try:
+            while self._xtables("-D"):
+                pass
+        except KernelError:
+            pass  # no iptables binary: no rule of ours either
+        family = "ip6" if self.cfg.family == 6 else "ip"
+        mangle = self.nft.json(f"list table {family} mangle") if self.nft.try_run(
+            f"list table {family} mangle") else {}
+        if mangle and not any("rule" in item for item in mangle.get("nftables", [])):
+            self.nft.try_run(f"delete table {family} mangle")  # iptables-nft made it for our rule alone
+        self.nft.try_run(f"delete table inet {self.cfg.table_name}")

@@ -1,0 +1,181 @@
+"""The data path on the real kernel: nftables, NFQUEUE, conntrack, policy routing and Linux MPTCP,
+in network namespaces made (and removed) here. Needs root."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mplb_nfq.lab import PORT, Worker, config_text
+from mplb_nfq.netns import VIP, Topology, leftover_namespaces
+
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and nftables")]
+MB = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def topo():
+    with Topology(backends=2) as t:
+        for name in t.backend_names:
+            t.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name in t.backend_names:
+            for _ in range(100):
+                if t.exec(name, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip():
+                    break
+                time.sleep(0.05)
+        yield t
+    assert not [n for n in leftover_namespaces() if t.tag in n]
+
+
+@pytest.fixture
+def worker(topo, tmp_path):
+    """Start the worker in the LB namespace with a mode of the lab; stop it (and clean up) after."""
+    started = []
+
+    def start(mode="mplb"):
+        config = tmp_path / f"{mode}.toml"
+        config.write_text(config_text(mode, 2))
+        w = Worker(topo, config, tmp_path / f"{mode}.log")
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.stop()
+        topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(w.config_path))
+
+
+def fetch(topo, *sizes, pause=0.0):
+    args = [a for s in sizes for a in ("--size", str(s))]
+    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),
+                    "--pause", str(pause), *args, capture_output=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def counters(topo):
+    return {name: topo.nstat(name) for name in topo.backend_names}
+
+
+def delta(before, after, key):
+    return {name: after[name].get(key, 0) - before[name].get(key, 0) for name in before}
+
+
+def nft_counters(topo):
+    data = json.loads(topo.exec("lb", "nft", "-j", "list", "counters", "table", "inet", "mplb",
+                                capture_output=True).stdout)
+    return {c["counter"]["name"]: c["counter"]["packets"] for c in data["nftables"] if "counter" in c}
+
+
+def test_both_subflows_of_a_connection_land_on_one_backend(topo, worker):
+    worker("mplb")
+    before = counters(topo)
+    (result,) = fetch(topo, 5 * MB)
+    after = counters(topo)
+    assert result["received"] == 5 * MB
+    capable = delta(before, after, "MPTcpExtMPCapableSYNRX")
+    joined = delta(before, after, "MPTcpExtMPJoinAckRx")
+    (backend,) = [name for name, n in capable.items() if n == 1]
+    assert joined[backend] == 1, f"the join did not complete on {backend}: {joined}"
+    assert sum(capable.values()) == 1 and sum(joined.values()) == 1
+    assert sum(delta(before, after, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+
+
+def test_unaware_balancer_sends_the_join_elsewhere_and_it_is_reset(topo, worker):
+    worker("unaware")
+    before = counters(topo)
+    (result,) = fetch(topo, 2 * MB)
+    after = counters(topo)
+    assert result["received"] == 2 * MB  # the connection survives on its first subflow
+    capable = delta(before, after, "MPTcpExtMPCapableSYNRX")
+    missed = delta(before, after, "MPTcpExtMPJoinNoTokenFound")
+    (home,) = [name for name, n in capable.items() if n == 1]
+    (other,) = [name for name in capable if name != home]
+    assert missed[other] >= 1 and missed[home] == 0
+    assert sum(delta(before, after, "MPTcpExtMPJoinAckRx").values()) == 0
+
+
+def test_only_handshake_packets_reach_the_worker(topo, worker):
+    w = worker("mplb")
+    connections = 4
+    rx_before = int(topo.exec("lb", "cat", "/sys/class/net/l1/statistics/rx_packets", capture_output=True).stdout) + \
+        int(topo.exec("lb", "cat", "/sys/class/net/l2/statistics/rx_packets", capture_output=True).stdout)
+    results = fetch(topo, *[3 * MB] * connections, pause=0.1)
+    assert [r["received"] for r in results] == [3 * MB] * connections
+    rx_after = int(topo.exec("lb", "cat", "/sys/class/net/l1/statistics/rx_packets", capture_output=True).stdout) + \
+        int(topo.exec("lb", "cat", "/sys/class/net/l2/statistics/rx_packets", capture_output=True).stdout)
+    nft = nft_counters(topo)
+    stats = w.stop()
+    queued = nft["queued_syn"] + nft["queued_capable"]
+    assert stats["packets"] == queued, (stats, nft)
+    # per connection: its SYN, its third ACK (and maybe the first data packet, racing the ACK's
+    # verdict); per join: its SYN only while its token is not yet in the kernel map
+    assert stats["kinds"]["mp_capable_syn"] == connections
+    assert stats["kinds"]["third_ack"] == connections
+    assert stats["kinds"].get("join_hit", 0) + nft["join_kernel_hit"] == connections
+    assert queued <= 4 * connections
+    client_packets = rx_after - rx_before
+    assert client_packets > 100 * queued, f"{client_packets} packets from the client, {queued} queued"
+
+
+def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worker):
+    w = worker("mplb")
+    before = counters(topo)
+    download = topo.python("client", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT), "--size", str(20 * MB),
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.8)
+    w.proc.send_signal(signal.SIGKILL)
+    w.proc.wait()
+    out, _ = download.communicate(timeout=60)
+    result = json.loads(out)
+    assert result["received"] == 20 * MB, result
+    assert sum(delta(before, counters(topo), "MPTcpExtMPJoinNoTokenFound").values()) == 0
+    # with no worker listening, the queue is bypassed: new connections still get through
+    (later,) = fetch(topo, 1 * MB)
+    assert later["received"] == 1 * MB
+
+
+def test_stopping_the_worker_removes_what_it_installed(topo, worker):
+    def state():
+        return (topo.exec("lb", "nft", "list", "tables", capture_output=True).stdout,
+                topo.exec("lb", "ip", "rule", capture_output=True).stdout,
+                topo.exec("lb", "ip", "route", "show", "table", "all", capture_output=True).stdout)
+
+    topo.exec("lb", "nft", "add table inet operator_table")  # not ours: must survive
+    try:
+        pristine = state()
+        w = worker("mplb")
+        tables, rules, routes = state()
+        assert "inet mplb" in tables and "fwmark 0x100/0xffff lookup 100" in rules and "table 101" in routes
+        w.stop()
+        assert state() == pristine
+    finally:
+        topo.exec("lb", "nft", "delete table inet operator_table")
+
+
+def test_render_nft_output_loads_with_plain_nft(topo, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(config_text("mplb", 2))
+    rendered = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "render-nft", "-c", str(config),
+                         capture_output=True).stdout
+    path = tmp_path / "mplb.nft"
+    path.write_text(rendered)
+    try:
+        topo.exec("lb", "nft", "-f", str(path))
+        listing = topo.exec("lb", "nft", "list", "table", "inet", "mplb", capture_output=True).stdout
+        assert f"{VIP} . {PORT}" in listing and "map tokens" in listing
+    finally:
+        topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
+
+
+def test_check_reports_the_queue_mode(topo):
+    report = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "check", "--json",
+                                  capture_output=True, check=False).stdout)
+    assert report["features"]["nft token map"]["ok"]
+    expected = "native nft queue" if report["features"]["nft queue statement"]["ok"] else "xtables NFQUEUE on mark bit"
+    assert report["queue_mode"] == expected

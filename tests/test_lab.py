@@ -1,0 +1,46 @@
+"""The paper's experiment, quick: MPLB must double the throughput of an MPTCP-unaware balancer."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mplb_nfq.netns import leftover_namespaces
+
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and nftables")]
+
+
+def test_quick_lab_doubles_throughput_and_leaves_nothing_behind(tmp_path):
+    before = set(leftover_namespaces())
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert results["ratio"] >= 1.8, results["ratio"]
+    assert results["join_failures"]["mplb"] == 0
+    assert results["join_failures"]["unaware"] >= results["settings"]["repeat"]
+    for mode in ("unaware", "mplb"):
+        for entry in results["modes"][mode]["sizes"].values():
+            assert len(entry["samples_s"]) == results["settings"]["repeat"]
+            assert entry["ci_s"] >= 0
+    assert (tmp_path / "lab.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "results.json").read_text())["ratio"] == results["ratio"]
+    assert set(leftover_namespaces()) == before
+
+
+def test_interrupted_lab_removes_its_namespaces(tmp_path):
+    before = set(leftover_namespaces())
+    lab = subprocess.Popen([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--out", str(tmp_path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(100):  # wait until the lab is downloading
+        if len(set(leftover_namespaces()) - before) >= 5:
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert set(leftover_namespaces()) - before, "the lab made no namespaces"
+    subprocess.run(["sleep", "2"])
+    lab.terminate()
+    _, err = lab.communicate(timeout=60)
+    assert lab.returncode == 130, err[-2000:]
+    assert set(leftover_namespaces()) == before
