@@ -10,7 +10,7 @@ import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Generic, Hashable, TypeVar
+from typing import Generic, Hashable, NamedTuple, TypeVar
 
 from .packet import Malformed, Segment, server_token
 
@@ -32,8 +32,7 @@ class Backend:
     table: int
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     accept: bool
     mark: int
     kind: str  # what the packet was, for the counters

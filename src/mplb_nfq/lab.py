@@ -227,6 +227,7 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes_mb = results["settings"]["sizes_mb"]
     for mode, color in zip(MODES, ("tab:red", "tab:blue")):
         sizes = results["modes"][mode]["sizes"]
         x = [float(s) for s in sizes]
@@ -238,6 +239,8 @@ def _plot(results: dict, path: Path) -> None:
                          capsize=3, label=label)
     for ax, ylabel in ((ax_time, "download time (s)"), (ax_rate, "throughput (Mbit/s)")):
         ax.set_xscale("log")
+        ax.set_xticks(sizes_mb, [f"{s:g}" for s in sizes_mb])
+        ax.minorticks_off()
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)

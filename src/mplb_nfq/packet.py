@@ -5,7 +5,9 @@ Pure: bytes in, a `Segment` (or a `Malformed` saying why) out. Never raises on b
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 OPT_EOL, OPT_NOP, OPT_MPTCP = 0, 1, 30
@@ -22,8 +24,7 @@ ADD_ADDR_LENGTHS = (8, 10, 16, 18, 20, 22, 28, 30)
 FIXED_LENGTHS = {MP_JOIN: (12, 16, 24), MP_PRIO: (3, 4), MP_FAIL: (12,), MP_FASTCLOSE: (12,), MP_TCPRST: (4,)}
 
 
-@dataclass(frozen=True, slots=True)
-class MpCapable:
+class MpCapable(NamedTuple):
     version: int
     flags: int
     sender_key: bytes | None  # 8 bytes, absent in a v1 SYN
@@ -43,16 +44,14 @@ class MpCapable:
         return bool(self.flags & CAP_FLAG_H)
 
 
-@dataclass(frozen=True, slots=True)
-class MpJoinSyn:
+class MpJoinSyn(NamedTuple):
     backup: bool
     address_id: int
     token: int  # receiver token, as a 32-bit number (wire order, big-endian)
     nonce: int
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     version: int  # IP version: 4 or 6
     src: bytes  # packed addresses (4 or 16 bytes)
     dst: bytes
@@ -85,7 +84,12 @@ def token_of_key(key: bytes, version: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def parse_ip(buf: bytes | memoryview) -> Segment | Malformed | None:
+IPV4_HEADER = struct.Struct("!BxHxxHxB2x4s4s")  # version/ihl, total length, fragment, protocol, src, dst
+IPV6_HEADER = struct.Struct("!B3xHBx16s16s")  # version, payload length, next header, src, dst
+TCP_PORTS = struct.Struct("!HH")
+
+
+def parse_ip(buf: bytes) -> Segment | Malformed | None:
     """Parse an IP packet. None: well-formed but not TCP (nothing for us to do)."""
     n = len(buf)
     if n < 1:
@@ -94,55 +98,53 @@ def parse_ip(buf: bytes | memoryview) -> Segment | Malformed | None:
     if version == 4:
         if n < 20:
             return Malformed("truncated IPv4 header")
-        ihl = (buf[0] & 0x0F) * 4
-        total = int.from_bytes(buf[2:4], "big")
+        first, total, fragment, protocol, src, dst = IPV4_HEADER.unpack_from(buf)
+        ihl = (first & 0x0F) * 4
         if ihl < 20 or ihl > n:
             return Malformed(f"bad IPv4 header length {ihl}")
         if total < ihl:
             return Malformed(f"IPv4 total length {total} below header length")
-        if int.from_bytes(buf[6:8], "big") & 0x1FFF:
-            return None  # a non-first fragment carries no TCP header
-        if buf[9] != 6:
-            return None
-        return _parse_tcp(4, bytes(buf[12:16]), bytes(buf[16:20]), buf[ihl:min(n, total)], total - ihl)
+        if fragment & 0x1FFF or protocol != 6:
+            return None  # not TCP, or a non-first fragment, which carries no TCP header
+        return _parse_tcp(buf, ihl, min(n, total), 4, src, dst)
     if version == 6:
         if n < 40:
             return Malformed("truncated IPv6 header")
-        if buf[6] != 6:
+        _, payload, next_header, src, dst = IPV6_HEADER.unpack_from(buf)
+        if next_header != 6:
             return None  # extension headers ahead of TCP: not a handshake packet we steer
-        total = 40 + int.from_bytes(buf[4:6], "big")
-        return _parse_tcp(6, bytes(buf[8:24]), bytes(buf[24:40]), buf[40:min(n, total)], total - 40)
+        return _parse_tcp(buf, 40, min(n, 40 + payload), 6, src, dst)
     return Malformed(f"IP version {version}")
 
 
-def _parse_tcp(version: int, src: bytes, dst: bytes, tcp: bytes | memoryview,
-               l4_len: int) -> Segment | Malformed:
-    if len(tcp) < 20:
+def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: bytes) -> Segment | Malformed:
+    """The TCP header at buf[start:end] (end: where the IP packet says it stops, or the capture does)."""
+    if end - start < 20:
         return Malformed("truncated TCP header")
-    doff = (tcp[12] >> 4) * 4
+    doff = (buf[start + 12] >> 4) * 4
     if doff < 20:
         return Malformed(f"TCP data offset {doff} below 20")
-    if doff > len(tcp):
+    if start + doff > end:
         return Malformed(f"TCP data offset {doff} beyond the packet")
-    flags = tcp[13]
-    options: list[tuple[int, bytes]] = []
-    mptcp: bytes | None = None
-    i = 20
-    while i < doff:
-        kind = tcp[i]
+    flags = buf[start + 13]
+    options = []
+    mptcp = None
+    i, options_end = start + 20, start + doff
+    while i < options_end:
+        kind = buf[i]
         if kind == OPT_EOL:
             break
         if kind == OPT_NOP:
             i += 1
             continue
-        if i + 1 >= doff:
+        if i + 1 >= options_end:
             return Malformed(f"TCP option {kind} without length")
-        length = tcp[i + 1]
+        length = buf[i + 1]
         if length < 2:
             return Malformed(f"TCP option {kind} length {length}")
-        if i + length > doff:
+        if i + length > options_end:
             return Malformed(f"TCP option {kind} length {length} overruns the header")
-        opt = bytes(tcp[i:i + length])
+        opt = buf[i:i + length]
         options.append((kind, opt))
         if kind == OPT_MPTCP and mptcp is None:
             mptcp = opt
@@ -153,8 +155,8 @@ def _parse_tcp(version: int, src: bytes, dst: bytes, tcp: bytes | memoryview,
         if isinstance(found, Malformed):
             return found
         subtype, capable, join = found
-    return Segment(version, src, dst, int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big"),
-                   flags, tuple(options), max(0, l4_len - doff), subtype, capable, join)
+    sport, dport = TCP_PORTS.unpack_from(buf, start)
+    return Segment(version, src, dst, sport, dport, flags, tuple(options), end - start - doff, subtype, capable, join)
 
 
 def _parse_mptcp(opt: bytes, flags: int) -> tuple[int, MpCapable | None, MpJoinSyn | None] | Malformed:

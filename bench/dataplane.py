@@ -1,0 +1,64 @@
+"""The data path on the real kernel: packets queued per MPTCP connection and worker CPU per queued packet.
+
+    .venv/bin/python bench/dataplane.py [--connections 300] [--size 20000]
+
+Builds the lab topology (no rate limit), runs the worker, opens N MPTCP connections (each with a
+second subflow), then reads the worker's own counters, the nft counters and the worker
+process's CPU time from /proc.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mplb_nfq.lab import PORT, Worker, config_text
+from mplb_nfq.netns import VIP, Topology
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--connections", type=int, default=300)
+    parser.add_argument("--size", type=int, default=20_000, help="bytes per download")
+    args = parser.parse_args()
+    with Topology(rate_mbit=None) as topo, tempfile.TemporaryDirectory() as tmp:
+        for name in topo.backend_names:
+            topo.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT))
+        time.sleep(1)
+        config = Path(tmp, "mplb.toml")
+        config.write_text(config_text("mplb", topo.backends))
+        worker = Worker(topo, config, Path(tmp, "worker.log"))
+        cpu_before = cpu_seconds(worker.proc.pid)
+        started = time.monotonic()
+        out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),
+                        "--pause", "0.01", *[a for _ in range(args.connections) for a in ("--size", str(args.size))],
+                        capture_output=True).stdout
+        elapsed = time.monotonic() - started
+        time.sleep(0.5)
+        cpu = cpu_seconds(worker.proc.pid) - cpu_before
+        nft = json.loads(topo.exec("lb", "nft", "-j", "list", "counters", "table", "inet", "mplb",
+                                   capture_output=True).stdout)
+        counters = {c["counter"]["name"]: c["counter"]["packets"] for c in nft["nftables"] if "counter" in c}
+        joins = sum(topo.nstat(b).get("MPTcpExtMPJoinAckRx", 0) for b in topo.backend_names)
+        stats = worker.stop()
+    ok = sum(1 for line in out.splitlines() if json.loads(line).get("received") == args.size)
+    queued = stats["packets"]
+    print(f"connections completed        {ok}/{args.connections} in {elapsed:.1f} s; joins completed {joins}")
+    print(f"packets queued               {queued} ({queued / args.connections:.2f} per MPTCP connection)")
+    print(f"  by kind                    {stats['kinds']}")
+    print(f"  joins steered in kernel    {counters['join_kernel_hit']} of {args.connections}")
+    print(f"worker CPU per queued packet {stats['decide_us_per_packet']} µs parse + decide, "
+          f"{stats['verdict_us_per_packet']} µs verdict syscall (the kernel forwards the packet in it), "
+          f"{cpu / queued * 1e6:.1f} µs for the whole process (incl. token installs)")
+
+
+if __name__ == "__main__":
+    main()
