@@ -61,6 +61,34 @@ def test_third_ack_learns_the_server_token_and_the_join_follows_it():
     assert subflow.mark == chosen == 0x102 and subflow.kind == "join_hit"
 
 
+def synack(src="10.0.1.2", sport=40000, key=SERVER_KEY, version=1):
+    return parse_ip(tcp(VIP, src, 80, sport, SYN | ACK, mp_capable(version, 0x01, key)))
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_syn_ack_teaches_the_token_one_round_trip_before_the_third_ack(version):
+    lb = Balancer(BACKENDS, "rr")
+    chosen = lb.decide(syn(), 0, 0).mark
+    learned = lb.decide(synack(version=version), chosen, 0.001)
+    assert learned.kind == "syn_ack" and learned.token == token_of_key(SERVER_KEY, version)
+    assert learned.mark == chosen | LEARNED
+    assert lb.decide(join(token=learned.token), 0, 0.002).mark == chosen
+
+
+def test_syn_ack_without_mark_finds_its_flow_reversed():
+    lb = Balancer(BACKENDS, "rr")
+    chosen = lb.decide(syn(), 0, 0).mark
+    assert lb.decide(synack(), 0, 0).mark == chosen | LEARNED
+
+
+def test_third_ack_after_the_syn_ack_installs_nothing_twice():
+    lb = Balancer(BACKENDS, "rr")
+    chosen = lb.decide(syn(), 0, 0).mark
+    lb.decide(synack(), chosen, 0)
+    again = lb.decide(third_ack(), chosen, 0)
+    assert again.token is None and again.kind == "third_ack_repeat"
+
+
 def test_first_data_packet_repeating_the_keys_installs_nothing_twice():
     lb = Balancer(BACKENDS, "rr")
     mark = lb.decide(syn(), 0, 0).mark
@@ -84,7 +112,7 @@ def test_third_ack_without_mark_uses_the_flow_table():
 
 def test_third_ack_of_an_unknown_flow_is_accepted_unchanged():
     verdict = Balancer(BACKENDS).decide(third_ack(), 0, 0)
-    assert verdict.accept and verdict.mark == 0 and verdict.token is None and verdict.kind == "ack_without_flow"
+    assert verdict.accept and verdict.mark == 0 and verdict.token is None and verdict.kind == "capable_without_flow"
 
 
 @pytest.mark.parametrize("policy,accept,mark", [("drop", False, 0), ("reset", True, REJECT)])

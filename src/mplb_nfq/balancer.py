@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Generic, Hashable, NamedTuple, TypeVar
 
-from .packet import Malformed, Segment, server_token
+from .packet import TCP_SYN, Malformed, Segment, token_of_key
 
 # Mark layout: low 16 bits name the backend; high bits are flags.
 BACKEND_MASK = 0x0000FFFF
@@ -138,8 +138,15 @@ class Balancer:
             return Verdict(True, mark, "malformed")  # safe: the kernel routes it as it would without us
         if segment.is_syn:
             return self._on_syn(segment, now)
-        if segment.capable is not None and segment.capable.receiver_key is not None:
-            return self._on_third_ack(segment, mark, now)
+        capable = segment.capable
+        if capable is None:
+            return Verdict(True, mark, "other")
+        if segment.flags & TCP_SYN:  # the backend's SYN-ACK: its key is the server's
+            if capable.sender_key is not None:
+                flow = (segment.dst, segment.dport, segment.src, segment.sport)
+                return self._learn(capable.sender_key, capable.version, flow, mark, now, "syn_ack")
+        elif capable.receiver_key is not None:  # the third ACK, or the first data packet, repeating both keys
+            return self._learn(capable.receiver_key, capable.version, segment.flow, mark, now, "third_ack")
         return Verdict(True, mark, "other")
 
     def _on_syn(self, segment: Segment, now: float) -> Verdict:
@@ -163,14 +170,14 @@ class Balancer:
         self.flows.put(segment.flow, backend, now)
         return Verdict(True, backend.mark, kind)
 
-    def _on_third_ack(self, segment: Segment, mark: int, now: float) -> Verdict:
-        backend = self.backend_of(mark) or self.flows.get(segment.flow, now)
+    def _learn(self, server_key: bytes, version: int, flow: tuple, mark: int, now: float, kind: str) -> Verdict:
+        backend = self.backend_of(mark) or self.flows.get(flow, now)
         if backend is None:
-            return Verdict(True, mark, "ack_without_flow")  # e.g. opened while no worker listened
+            return Verdict(True, mark, "capable_without_flow")  # e.g. opened while no worker listened
         if not self.mptcp_aware:
-            return Verdict(True, backend.mark | LEARNED, "third_ack")
-        token = server_token(segment.capable)
-        if self.tokens.get(token, now) is backend:  # the first data packet repeating the keys
-            return Verdict(True, backend.mark | LEARNED, "third_ack_repeat")
+            return Verdict(True, backend.mark | LEARNED, kind)
+        token = token_of_key(server_key, version)
+        if self.tokens.get(token, now) is backend:  # already learned (SYN-ACK, then a racing ACK)
+            return Verdict(True, backend.mark | LEARNED, kind + "_repeat")
         self.tokens.put(token, backend, now)
-        return Verdict(True, backend.mark | LEARNED, "third_ack", token)
+        return Verdict(True, backend.mark | LEARNED, kind, token)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .balancer import Balancer
+from .balancer import LEARNED, Balancer
 from .config import Config
 from .packet import TCP_ACK, TCP_SYN, Malformed, Segment, parse_ip, token_of_key
 
@@ -105,10 +105,13 @@ def inspect_packets(packets, cfg: Config | None = None) -> dict:
             continue
         counts["tcp"] += 1
         verdict = None
-        if balancer is not None and (segment.is_syn or segment.capable is not None):
-            verdict = balancer.decide(segment, marks.get(segment.flow, 0), ts)
+        connection = min(segment.flow, (segment.dst, segment.dport, segment.src, segment.sport))
+        mark = marks.get(connection, 0)
+        # what the ruleset would queue: SYNs, and MP_CAPABLE packets until the token is learned
+        if balancer is not None and (segment.is_syn or (segment.capable is not None and not mark & LEARNED)):
+            verdict = balancer.decide(segment, mark, ts)
             if verdict.accept:
-                marks[segment.flow] = verdict.mark
+                marks[connection] = verdict.mark
         chosen = balancer.backend_of(verdict.mark) if verdict is not None and verdict.accept else None
         _track(segment, number, by_flow, connections, joins, chosen.name if chosen else None, verdict)
     for join in joins:

@@ -217,10 +217,3 @@ def _check_other_subtype(subtype: int, opt: bytes) -> str | None:
     if subtype == REMOVE_ADDR:
         return None if length >= 4 else f"REMOVE_ADDR length {length}"
     return None  # unknown and experimental subtypes are ignored, as RFC 8684 says
-
-
-def server_token(capable: MpCapable) -> int | None:
-    """The server's token from a client's third ACK (or its first data packet): both keys present."""
-    if capable.receiver_key is None:
-        return None
-    return token_of_key(capable.receiver_key, capable.version)
