@@ -34,7 +34,7 @@ def main() -> None:
             topo.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT))
         time.sleep(1)
         config = Path(tmp, "mplb.toml")
-        config.write_text(config_text("mplb", topo.backends))
+        config.write_text(config_text("mplb", topo.backends, Path(tmp)))
         worker = Worker(topo, config, Path(tmp, "worker.log"))
         cpu_before = cpu_seconds(worker.proc.pid)
         started = time.monotonic()

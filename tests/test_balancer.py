@@ -2,13 +2,26 @@ import random
 
 import pytest
 
-from mplb_nfq.balancer import LEARNED, REJECT, Backend, Balancer, ExpiringTable
+import ipaddress
+
+from mplb_nfq.balancer import JOIN, LEARNED, REJECT, Backend, Balancer, ExpiringTable, Service
 from mplb_nfq.packet import Malformed, parse_ip, token_of_key
 from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 VIP = "10.0.100.1"
-BACKENDS = [Backend("b1", "10.0.9.11", 0x101, 101), Backend("b2", "10.0.9.12", 0x102, 102),
-            Backend("b3", "10.0.9.13", 0x103, 103)]
+
+
+def backends(n=3):
+    return [Backend(f"b{i}", (f"10.0.9.1{i}",), 0x100 + i, 100 + i) for i in range(1, n + 1)]
+
+
+def lb(scheduler="rr", n=3, unknown_join="random", mptcp_aware=True, persistence=0, **kwargs):
+    service = Service("web", (ipaddress.ip_address(VIP).packed,), (80,), backends(n), scheduler, unknown_join,
+                      mptcp_aware, persistence)
+    return Balancer([service], **kwargs)
+
+
+BACKENDS = backends()
 SERVER_TOKEN = token_of_key(SERVER_KEY, 1)
 
 
@@ -25,40 +38,40 @@ def join(src="10.0.2.2", sport=50000, token=SERVER_TOKEN):
 
 
 def test_round_robin_spreads_new_connections_in_order():
-    lb = Balancer(BACKENDS, "rr")
-    marks = [lb.decide(syn(sport=40000 + i), 0, 0).mark for i in range(6)]
+    balancer = lb("rr")
+    marks = [balancer.decide(syn(sport=40000 + i), 0, 0).mark for i in range(6)]
     assert marks == [0x101, 0x102, 0x103, 0x101, 0x102, 0x103]
 
 
 def test_plain_tcp_syn_is_balanced_like_mp_capable():
-    lb = Balancer(BACKENDS, "rr")
-    verdicts = [lb.decide(syn(sport=40000 + i, options=b""), 0, 0) for i in range(3)]
+    balancer = lb("rr")
+    verdicts = [balancer.decide(syn(sport=40000 + i, options=b""), 0, 0) for i in range(3)]
     assert [v.mark for v in verdicts] == [0x101, 0x102, 0x103] and verdicts[0].kind == "syn"
 
 
 def test_source_hash_gives_one_client_one_backend():
-    lb = Balancer(BACKENDS, "sh")
-    first = lb.decide(syn(sport=40000), 0, 0).mark
-    assert all(lb.decide(syn(sport=40001 + i), 0, 0).mark == first for i in range(10))
-    marks = {lb.decide(syn(src=f"10.0.{i}.2"), 0, 0).mark for i in range(1, 40)}
+    balancer = lb("sh")
+    first = balancer.decide(syn(sport=40000), 0, 0).mark
+    assert all(balancer.decide(syn(sport=40001 + i), 0, 0).mark == first for i in range(10))
+    marks = {balancer.decide(syn(src=f"10.0.{i}.2"), 0, 0).mark for i in range(1, 40)}
     assert len(marks) == 3
 
 
 def test_retransmitted_syn_keeps_its_backend():
-    lb = Balancer(BACKENDS, "rr")
-    first = lb.decide(syn(), 0, 0)
-    again = lb.decide(syn(), 0, 1)
+    balancer = lb("rr")
+    first = balancer.decide(syn(), 0, 0)
+    again = balancer.decide(syn(), 0, 1)
     assert again.mark == first.mark and again.kind == "syn_retransmit"
 
 
 def test_third_ack_learns_the_server_token_and_the_join_follows_it():
-    lb = Balancer(BACKENDS, "rr")
-    lb.decide(syn(sport=39999), 0, 0)  # another connection, so that the next one is on b2
-    chosen = lb.decide(syn(), 0, 0).mark
-    learned = lb.decide(third_ack(), chosen, 0.001)
+    balancer = lb("rr")
+    balancer.decide(syn(sport=39999), 0, 0)  # another connection, so that the next one is on b2
+    chosen = balancer.decide(syn(), 0, 0).mark
+    learned = balancer.decide(third_ack(), chosen, 0.001)
     assert learned.token == SERVER_TOKEN and learned.mark == chosen | LEARNED and learned.kind == "third_ack"
-    subflow = lb.decide(join(), 0, 0.002)
-    assert subflow.mark == chosen == 0x102 and subflow.kind == "join_hit"
+    subflow = balancer.decide(join(), 0, 0.002)
+    assert chosen == 0x102 and subflow.mark == chosen | JOIN and subflow.kind == "join_hit"
 
 
 def synack(src="10.0.1.2", sport=40000, key=SERVER_KEY, version=1):
@@ -67,89 +80,89 @@ def synack(src="10.0.1.2", sport=40000, key=SERVER_KEY, version=1):
 
 @pytest.mark.parametrize("version", [0, 1])
 def test_syn_ack_teaches_the_token_one_round_trip_before_the_third_ack(version):
-    lb = Balancer(BACKENDS, "rr")
-    chosen = lb.decide(syn(), 0, 0).mark
-    learned = lb.decide(synack(version=version), chosen, 0.001)
+    balancer = lb("rr")
+    chosen = balancer.decide(syn(), 0, 0).mark
+    learned = balancer.decide(synack(version=version), chosen, 0.001)
     assert learned.kind == "syn_ack" and learned.token == token_of_key(SERVER_KEY, version)
     assert learned.mark == chosen | LEARNED
-    assert lb.decide(join(token=learned.token), 0, 0.002).mark == chosen
+    assert balancer.decide(join(token=learned.token), 0, 0.002).mark == chosen | JOIN
 
 
 def test_syn_ack_without_mark_finds_its_flow_reversed():
-    lb = Balancer(BACKENDS, "rr")
-    chosen = lb.decide(syn(), 0, 0).mark
-    assert lb.decide(synack(), 0, 0).mark == chosen | LEARNED
+    balancer = lb("rr")
+    chosen = balancer.decide(syn(), 0, 0).mark
+    assert balancer.decide(synack(), 0, 0).mark == chosen | LEARNED
 
 
 def test_third_ack_after_the_syn_ack_installs_nothing_twice():
-    lb = Balancer(BACKENDS, "rr")
-    chosen = lb.decide(syn(), 0, 0).mark
-    lb.decide(synack(), chosen, 0)
-    again = lb.decide(third_ack(), chosen, 0)
+    balancer = lb("rr")
+    chosen = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(synack(), chosen, 0)
+    again = balancer.decide(third_ack(), chosen, 0)
     assert again.token is None and again.kind == "third_ack_repeat"
 
 
 def test_first_data_packet_repeating_the_keys_installs_nothing_twice():
-    lb = Balancer(BACKENDS, "rr")
-    mark = lb.decide(syn(), 0, 0).mark
-    assert lb.decide(third_ack(), mark, 0).token == SERVER_TOKEN
-    repeat = lb.decide(third_ack(flags=ACK | PSH, data_len=100), mark | LEARNED, 0)
+    balancer = lb("rr")
+    mark = balancer.decide(syn(), 0, 0).mark
+    assert balancer.decide(third_ack(), mark, 0).token == SERVER_TOKEN
+    repeat = balancer.decide(third_ack(flags=ACK | PSH, data_len=100), mark | LEARNED, 0)
     assert repeat.token is None and repeat.kind == "third_ack_repeat" and repeat.mark == mark | LEARNED
 
 
 def test_lost_third_ack_the_data_packet_teaches_the_token():
-    lb = Balancer(BACKENDS, "rr")
-    mark = lb.decide(syn(), 0, 0).mark
-    verdict = lb.decide(third_ack(flags=ACK | PSH, data_len=100), mark, 0)
-    assert verdict.token == SERVER_TOKEN and lb.decide(join(), 0, 0).mark == mark
+    balancer = lb("rr")
+    mark = balancer.decide(syn(), 0, 0).mark
+    verdict = balancer.decide(third_ack(flags=ACK | PSH, data_len=100), mark, 0)
+    assert verdict.token == SERVER_TOKEN and balancer.decide(join(), 0, 0).mark == mark | JOIN
 
 
 def test_third_ack_without_mark_uses_the_flow_table():
-    lb = Balancer(BACKENDS, "rr")
-    mark = lb.decide(syn(), 0, 0).mark
-    assert lb.decide(third_ack(), 0, 0).mark == mark | LEARNED
+    balancer = lb("rr")
+    mark = balancer.decide(syn(), 0, 0).mark
+    assert balancer.decide(third_ack(), 0, 0).mark == mark | LEARNED
 
 
 def test_third_ack_of_an_unknown_flow_is_accepted_unchanged():
-    verdict = Balancer(BACKENDS).decide(third_ack(), 0, 0)
+    verdict = lb().decide(third_ack(), 0, 0)
     assert verdict.accept and verdict.mark == 0 and verdict.token is None and verdict.kind == "capable_without_flow"
 
 
 @pytest.mark.parametrize("policy,accept,mark", [("drop", False, 0), ("reset", True, REJECT)])
 def test_unknown_join_policies(policy, accept, mark):
-    verdict = Balancer(BACKENDS, unknown_join=policy).decide(join(token=0x12345678), 0, 0)
+    verdict = lb(unknown_join=policy).decide(join(token=0x12345678), 0, 0)
     assert (verdict.accept, verdict.mark, verdict.kind) == (accept, mark, "join_miss")
 
 
 def test_unknown_join_random_policy_picks_any_backend():
-    lb = Balancer(BACKENDS, unknown_join="random", rng=random.Random(7))
-    marks = {lb.decide(join(sport=50000 + i, token=0x1000 + i), 0, 0).mark for i in range(60)}
-    assert marks == {0x101, 0x102, 0x103}
+    balancer = lb(unknown_join="random", rng=random.Random(7))
+    marks = {balancer.decide(join(sport=50000 + i, token=0x1000 + i), 0, 0).mark for i in range(60)}
+    assert marks == {0x101 | JOIN, 0x102 | JOIN, 0x103 | JOIN}
 
 
 def test_unaware_mode_schedules_joins_as_new_connections_and_learns_nothing():
-    lb = Balancer(BACKENDS[:2], "rr", mptcp_aware=False)
-    first = lb.decide(syn(), 0, 0).mark
-    ack = lb.decide(third_ack(), first, 0)
+    balancer = lb("rr", n=2, mptcp_aware=False)
+    first = balancer.decide(syn(), 0, 0).mark
+    ack = balancer.decide(third_ack(), first, 0)
     assert ack.token is None and ack.mark == first | LEARNED
-    subflow = lb.decide(join(), 0, 0)
+    subflow = balancer.decide(join(), 0, 0)
     assert subflow.kind == "join_unaware" and subflow.mark != first
 
 
 def test_malformed_and_non_tcp_are_accepted_unchanged_and_counted():
-    lb = Balancer(BACKENDS)
-    assert lb.decide(Malformed("x"), 0x55, 0) == lb.decide(Malformed("y"), 0x55, 0)
-    assert lb.decide(Malformed("x"), 0x55, 0).mark == 0x55
-    assert lb.decide(None, 0, 0).kind == "not_tcp"
-    assert lb.counts["malformed"] == 3 and lb.counts["not_tcp"] == 1
+    balancer = lb()
+    assert balancer.decide(Malformed("x"), 0x55, 0) == balancer.decide(Malformed("y"), 0x55, 0)
+    assert balancer.decide(Malformed("x"), 0x55, 0).mark == 0x55
+    assert balancer.decide(None, 0, 0).kind == "not_tcp"
+    assert balancer.counts["malformed"] == 3 and balancer.counts["not_tcp"] == 1
 
 
 def test_tokens_expire():
-    lb = Balancer(BACKENDS, token_ttl=10)
-    mark = lb.decide(syn(), 0, 0).mark
-    lb.decide(third_ack(), mark, 0)
-    assert lb.decide(join(sport=1), 0, 9.9).kind == "join_hit"
-    assert lb.decide(join(sport=2), 0, 10.1).kind == "join_miss"
+    balancer = lb(token_ttl=10)
+    mark = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(third_ack(), mark, 0)
+    assert balancer.decide(join(sport=1), 0, 9.9).kind == "join_hit"
+    assert balancer.decide(join(sport=2), 0, 10.1).kind == "join_miss"
 
 
 def test_expiring_table_is_bounded_and_evicts_oldest():

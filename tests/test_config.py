@@ -1,58 +1,129 @@
+import copy
+
 import pytest
 
 from mplb_nfq.config import ConfigError, from_dict, load
+from mplb_nfq.health import Hysteresis
 
-GOOD = {"vip": "10.0.100.1", "ports": [80, 443],
-        "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
+GOOD = {
+    "services": [{"name": "web", "vip": "10.0.100.1", "ports": [80, 443], "scheduler": "maglev",
+                  "persistence": 300, "backends": ["b1", "b2"]},
+                 {"name": "v6", "vips": ["2001:db8::100"], "ports": [80], "backends": ["b2"]}],
+    "backends": [{"name": "b1", "address": "10.0.9.11", "weight": 3},
+                 {"name": "b2", "addresses": ["10.0.9.12", "2001:db8::12"]}],
+    "health": {"interval": 1, "rise": 3, "fall": 2, "mptcp": True},
+    "metrics": {"address": "127.0.0.1:9900"},
+}
 
 
-def with_(**changes):
-    data = {**GOOD, **changes}
-    return {k: v for k, v in data.items() if v is not None}
+def changed(path: str, value):
+    """GOOD with one key set (a.b.0.c); value None removes it."""
+    data = copy.deepcopy(GOOD)
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    if value is None:
+        del node[int(last) if last.isdigit() else last]
+    elif last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
 
 
-def test_good_config_derives_marks_and_tables():
+def test_good_config():
     cfg = from_dict(GOOD)
-    assert [(b.name, b.mark, b.table) for b in cfg.backends] == [("b1", 0x100, 100), ("b2", 0x101, 101)]
-    assert cfg.ports == (80, 443) and cfg.scheduler == "rr" and cfg.unknown_join == "random"
-    assert cfg.balancer().backends[1].address == "10.0.9.12"
+    assert [(b.name, b.mark, b.table, b.weight) for b in cfg.backends] == [("b1", 0x100, 1000, 3), ("b2", 0x101, 1001, 1)]
+    web, v6 = cfg.services
+    assert web.vips == ("10.0.100.1",) and web.ports == (80, 443) and web.scheduler == "maglev"
+    assert web.persistence == 300 and v6.vips == ("2001:db8::100",) and v6.backends == ("b2",)
+    assert cfg.health.rise == 3 and cfg.health.mptcp and cfg.metrics_address == "127.0.0.1:9900"
+    assert cfg.fallback_table == 999
+    services = cfg.build_services()
+    assert services[0].backends[1] is services[1].backends[0]  # one backend object per name
 
 
-@pytest.mark.parametrize("data,key,reason", [
-    (with_(vip="10.0.100.300"), "vip", "IPv4 or IPv6 address"),
-    (with_(vip=None), "vip", "IPv4 or IPv6 address"),
-    (with_(ports=[0]), "ports", "TCP ports"),
-    (with_(ports=[80, 80]), "ports", "twice"),
-    (with_(scheduler="fastest"), "scheduler", "one of rr, sh"),
-    (with_(unknown_join="guess"), "unknown_join", "one of random, drop, reset"),
-    (with_(mptcp_aware="yes"), "mptcp_aware", "true or false"),
-    (with_(backends=[]), "backends", "at least one"),
-    (with_(backends=[{"name": "b1", "address": "10.0.9.11"}, {"name": "b1", "address": "10.0.9.12"}]),
-     "backends[1].name", "duplicate backend 'b1'"),
-    (with_(backends=[{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.11"}]),
-     "backends[1].address", "duplicate backend address"),
-    (with_(backends=[{"name": "b1", "address": "10.0.100.1"}]), "backends[0].address", "cannot be the VIP"),
-    (with_(backends=[{"name": "b1", "address": "2001:db8::1"}]), "backends[0].address", "address family"),
-    (with_(backends=[{"name": "b 1", "address": "10.0.9.11"}]), "backends[0].name", "letters"),
-    (with_(backends=[{"name": "b1", "address": "10.0.9.11", "wieght": 3}]), "backends[0].wieght", "unknown key"),
-    (with_(kernel={"queue": 70000}), "kernel.queue", "0 to 65535"),
-    (with_(kernel={"queue_mode": "fast"}), "kernel.queue_mode", "auto, native or xtables"),
-    (with_(kernel={"mark_base": 0xFFFF}), "kernel.mark_base", "do not fit"),
-    (with_(limits={"token_timeout": 0}), "limits.token_timeout", "integer from 1"),
-    (with_(colour="blue"), "colour", "unknown key"),
+@pytest.mark.parametrize("path,value,key,reason", [
+    ("services.0.vip", "10.0.100.300", "services[0].vip", "IPv4 or IPv6 address"),
+    ("services.0.vip", "10.0.9.11", "services[0].vip", "real address of backend 'b1'"),
+    ("services.0.ports", [0], "services[0].ports", "TCP ports"),
+    ("services.0.ports", [80, 80], "services[0].ports", "twice"),
+    ("services.1.vips", ["10.0.100.1"], "services[1].ports", "also served by 'web'"),
+    ("services.0.scheduler", "fastest", "services[0].scheduler", "one of rr, wrr, lc, sh, maglev"),
+    ("services.0.unknown_join", "guess", "services[0].unknown_join", "one of random, drop, reset"),
+    ("services.0.mptcp_aware", "yes", "services[0].mptcp_aware", "true or false"),
+    ("services.0.backends", ["b1", "b9"], "services[0].backends", "unknown backend 'b9'"),
+    ("services.1.backends", ["b1"], "services[1].backends", "no IPv6 address"),
+    ("services.0.maglev_size", 1000, "services[0].maglev_size", "prime"),
+    ("services.1.name", "web", "services[1].name", "duplicate service 'web'"),
+    ("services", [], "services", "at least one"),
+    ("backends.1.name", "b1", "backends[1].name", "duplicate backend 'b1'"),
+    ("backends.1.addresses", ["10.0.9.11"], "backends[1].address", "duplicate backend address"),
+    ("backends.1.addresses", ["10.0.9.12", "10.0.9.13"], "backends[1].addresses", "one address per family"),
+    ("backends.0.name", "b 1", "backends[0].name", "letters"),
+    ("backends.0.wieght", 3, "backends[0].wieght", "unknown key"),
+    ("backends.0.weight", -1, "backends[0].weight", "integer from 0"),
+    ("backends.0.mark", 0x101, "backends[1].mark", None),
+    ("kernel.queue", 70000, "kernel.queue", "0 to 65535"),
+    ("kernel.queue_mode", "fast", "kernel.queue_mode", "one of auto, native, xtables"),
+    ("kernel.mark_base", 0xFFF0, "kernel.max_backends", "overlap the flag bits"),
+    ("kernel.table_base", 250, "kernel.table_base", "reserved"),
+    ("limits.token_timeout", 0, "limits.token_timeout", "integer from 1"),
+    ("health.timeout", 5, "health.timeout", "longer than the interval"),
+    ("metrics.address", "localhost", "metrics.address", "HOST:PORT"),
+    ("control.socket", "relative.sock", "control.socket", "absolute path"),
+    ("colour", "blue", "colour", "unknown key"),
 ])
-def test_bad_config_is_refused_naming_file_key_and_reason(data, key, reason):
+def test_bad_config_is_refused_naming_file_key_and_reason(path, value, key, reason):
+    data = changed(path, value)
+    if path == "backends.0.mark":  # b1 explicitly takes the mark b2 then also claims
+        data["backends"][1]["mark"] = 0x101
+        reason = "overlaps backend 'b1'"
     with pytest.raises(ConfigError) as e:
         from_dict(data, "/etc/x.toml")
-    assert (e.value.path, e.value.key) == ("/etc/x.toml", key)
+    assert (e.value.path, e.value.key) == ("/etc/x.toml", key), str(e.value)
     assert reason in e.value.reason and str(e.value).startswith(f"/etc/x.toml: {key}: ")
+
+
+def test_a_backend_in_no_service_is_refused():
+    data = changed("services.1.backends", ["b2"])
+    data["services"][0]["backends"] = ["b2"]
+    with pytest.raises(ConfigError, match="backends\\[0\\].name: backend 'b1' is in no service"):
+        from_dict(data)
 
 
 def test_load_reports_unreadable_and_invalid_toml(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
-    bad.write_text("vip = \n")
+    bad.write_text("services = \n")
     with pytest.raises(ConfigError, match="not valid TOML") as e:
         load(bad)
     assert e.value.path == str(bad)
+
+
+def test_example_config_in_deploy_is_valid():
+    from pathlib import Path
+
+    cfg = load(Path(__file__).parents[1] / "deploy" / "config.example.toml")
+    assert cfg.services and cfg.backends
+
+
+def test_reload_keeps_the_marks_of_running_backends():
+    cfg = from_dict(GOOD)
+    running = {b.name: b.mark for b in cfg.backends}  # b1 0x100, b2 0x101
+    data = changed("backends.0", {"name": "b3", "address": "10.0.9.13"})  # b1 removed, b3 added first
+    data["services"][0]["backends"] = ["b3", "b2"]
+    new = from_dict(data).with_stable_marks(running)
+    marks = {b.name: (b.mark, b.table) for b in new.backends}
+    assert marks["b2"] == (0x101, 1001)  # kept, although b2 is now first in the file
+    assert marks["b3"][0] not in running.values()
+
+
+def test_health_hysteresis_rise_and_fall():
+    h = Hysteresis(rise=2, fall=3)
+    assert [h.record(ok) for ok in (False, False, True, False, False)] == [None, None, None, None, None]
+    assert h.record(False) is False and not h.up
+    assert h.record(True) is None and h.record(False) is None
+    assert h.record(True) is None and h.record(True) is True and h.up

@@ -6,7 +6,9 @@ from conftest import CAPTURES
 from mplb_nfq.cli import main
 from mplb_nfq.inspect import inspect_file, inspect_packets, ip_payload, read_packets
 
-CONFIG = """vip = "10.1.2.2"
+CONFIG = """[[services]]
+name = "ssh"
+vips = ["10.1.1.2", "10.1.2.2"]
 ports = [22]
 [[backends]]
 name = "b1"

@@ -39,7 +39,7 @@ def worker(topo, tmp_path):
 
     def start(mode="mplb"):
         config = tmp_path / f"{mode}.toml"
-        config.write_text(config_text(mode, 2))
+        config.write_text(config_text(mode, 2, tmp_path))
         w = Worker(topo, config, tmp_path / f"{mode}.log")
         started.append(w)
         return w
@@ -151,7 +151,7 @@ def test_stopping_the_worker_removes_what_it_installed(topo, worker):
         pristine = state()
         w = worker("mplb")
         tables, rules, routes = state()
-        assert "inet mplb" in tables and "fwmark 0x100/0xffff lookup 100" in rules and "table 101" in routes
+        assert "inet mplb" in tables and "fwmark 0x100/0xffff lookup 1000" in rules and "table 1001" in routes
         w.stop()
         assert state() == pristine
     finally:
@@ -160,7 +160,7 @@ def test_stopping_the_worker_removes_what_it_installed(topo, worker):
 
 def test_render_nft_output_loads_with_plain_nft(topo, tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text(config_text("mplb", 2))
+    config.write_text(config_text("mplb", 2, tmp_path))
     rendered = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "render-nft", "-c", str(config),
                          capture_output=True).stdout
     path = tmp_path / "mplb.nft"

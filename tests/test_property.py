@@ -5,13 +5,23 @@ from conftest import CAPTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mplb_nfq.balancer import Backend, Balancer, Verdict
+from mplb_nfq.balancer import Backend, Balancer, Service, Verdict
 from mplb_nfq.inspect import read_packets
 from mplb_nfq.packet import Malformed, Segment, parse_ip
 from packets import SYN, tcp
 
 REAL = [ip for pcap in sorted(CAPTURES.glob("*.pcap")) for _, ip in read_packets(str(pcap)) if ip]
-BACKENDS = [Backend("b1", "10.0.9.11", 0x101, 101), Backend("b2", "10.0.9.12", 0x102, 102)]
+# every endpoint of the captures and of the generated packets is a VIP, so that every packet
+# reaches the scheduler and the token logic, not just the parser
+ENDPOINTS = {(s.dst, s.dport) for s in map(parse_ip, REAL) if isinstance(s, Segment)} | {
+    (s.src, s.sport) for s in map(parse_ip, REAL) if isinstance(s, Segment)}
+VIPS = tuple({vip for vip, _ in ENDPOINTS}) + (bytes([10, 0, 100, 1]), bytes.fromhex("20010db8" + "0" * 23 + "1"))
+PORTS = tuple({port for _, port in ENDPOINTS} | {80})
+
+
+def balancer(rng=None) -> Balancer:
+    backends = [Backend("b1", ("10.0.9.11",), 0x101, 101), Backend("b2", ("10.0.9.12",), 0x102, 102)]
+    return Balancer([Service("all", VIPS, PORTS, backends)], rng=rng)
 
 
 def check(packet: bytes, lb: Balancer) -> None:
@@ -25,19 +35,19 @@ def check(packet: bytes, lb: Balancer) -> None:
 
 @given(st.binary(max_size=120))
 def test_random_bytes(packet):
-    check(packet, Balancer(BACKENDS))
+    check(packet, balancer())
 
 
 @given(st.binary(max_size=40), st.sampled_from([4, 6]), st.integers(0, 255))
 def test_random_tcp_options_behind_a_valid_header(options, family, flags):
     src, dst = ("10.0.1.2", "10.0.100.1") if family == 4 else ("2001:db8::2", "2001:db8::1")
-    check(tcp(src, dst, flags=flags, options=options), Balancer(BACKENDS))
+    check(tcp(src, dst, flags=flags, options=options), balancer())
 
 
 @given(st.integers(0, 255), st.integers(0, 40), st.binary(max_size=40), st.sampled_from([SYN, 0x10, 0x18]))
 def test_kind_30_with_any_subtype_and_length(subtype_byte, length, body, flags):
     option = bytes([30, length, subtype_byte]) + body
-    check(tcp("10.0.1.2", "10.0.100.1", flags=flags, options=option[:40]), Balancer(BACKENDS))
+    check(tcp("10.0.1.2", "10.0.100.1", flags=flags, options=option[:40]), balancer())
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
@@ -48,11 +58,11 @@ def test_mutated_real_packets(index, flips, cut):
     for position, value in flips:
         if position < len(packet):
             packet[position] = value
-    check(bytes(packet[:cut]), Balancer(BACKENDS))
+    check(bytes(packet[:cut]), balancer())
 
 
 def test_every_truncation_of_every_real_packet():
-    lb = Balancer(BACKENDS, rng=random.Random(1))
+    lb = balancer(random.Random(1))
     for packet in REAL:
         for cut in range(len(packet) + 1):
             check(packet[:cut], lb)

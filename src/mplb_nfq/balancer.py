@@ -7,36 +7,21 @@ only record of tokens not yet installed in the kernel map).
 from __future__ import annotations
 
 import random
-import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Hashable, NamedTuple, TypeVar
 
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
+from .schedulers import make_scheduler
 
 # Mark layout: low 16 bits name the backend; high bits are flags.
 BACKEND_MASK = 0x0000FFFF
 LEARNED = 0x40000000  # kept in ct mark: this connection's token is known, stop queueing its MP_CAPABLE
 REJECT = 0x20000000  # transient: nftables answers the packet with a TCP reset
 QUEUE = 0x10000000  # transient: xtables NFQUEUE rule queues packets carrying it
+JOIN = 0x08000000  # kept in ct mark: this flow is an added subflow (MP_JOIN), not a new connection
 
-SCHEDULERS = ("rr", "sh")
 UNKNOWN_JOIN_POLICIES = ("random", "drop", "reset")
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    address: str
-    mark: int
-    table: int
-
-
-class Verdict(NamedTuple):
-    accept: bool
-    mark: int
-    kind: str  # what the packet was, for the counters
-    token: int | None = None  # learned: install token -> mark in the kernel map
 
 
 K = TypeVar("K", bound=Hashable)
@@ -83,45 +68,84 @@ class ExpiringTable(Generic[K, V]):
         return [(k, v) for k, (v, expires) in self._entries.items() if expires > now]
 
 
-class RoundRobin:
-    def __init__(self, backends: list[Backend]):
-        self.backends, self._next = backends, 0
+@dataclass(eq=False)
+class Backend:
+    name: str
+    addresses: tuple[str, ...]  # real addresses, at most one per family
+    mark: int
+    table: int
+    weight: int = 1
+    healthy: bool = True
+    drained: bool = False  # by the operator: no new connections, joins of existing ones still come
+    retired: bool = False  # gone from the config: drained until its connections are gone
+    active: int = 0  # connections (conntrack's count, plus those placed since)
+    subflows: int = 0
 
-    def pick(self, segment: Segment) -> Backend:
-        backend = self.backends[self._next % len(self.backends)]
-        self._next += 1
-        return backend
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.drained and not self.retired and self.weight > 0
+
+    @property
+    def state(self) -> str:
+        if self.retired:
+            return "retired"
+        if self.drained or self.weight == 0:
+            return "draining"
+        return "up" if self.healthy else "down"
 
 
-class SourceHash:
-    """IPVS `sh`: the client address alone picks the backend (stateless affinity)."""
+@dataclass(eq=False)
+class Service:
+    name: str
+    vips: tuple[bytes, ...]  # packed addresses
+    ports: tuple[int, ...]
+    backends: list[Backend]
+    scheduler: str = "rr"
+    unknown_join: str = "random"
+    mptcp_aware: bool = True
+    persistence: float = 0.0  # seconds of source-address affinity (IPVS persistence); 0: off
+    maglev_size: int = 65537
+    picker: object = field(init=False)
+    affinity: ExpiringTable[bytes, Backend] = field(init=False)
 
-    def __init__(self, backends: list[Backend]):
-        self.backends = backends
-
-    def pick(self, segment: Segment) -> Backend:
-        return self.backends[zlib.crc32(segment.src) % len(self.backends)]
+    def __post_init__(self):
+        self.picker = make_scheduler(self.scheduler, self.maglev_size)
+        self.affinity = ExpiringTable(1_000_000, self.persistence)
 
 
-def make_scheduler(name: str, backends: list[Backend]) -> RoundRobin | SourceHash:
-    return {"rr": RoundRobin, "sh": SourceHash}[name](backends)
+class Verdict(NamedTuple):
+    accept: bool
+    mark: int
+    kind: str  # what the packet was, for the counters
+    token: int | None = None  # learned: install token -> mark in the kernel map
 
 
 class Balancer:
-    def __init__(self, backends: list[Backend], scheduler: str = "rr", unknown_join: str = "random",
-                 mptcp_aware: bool = True, flow_capacity: int = 1_000_000, flow_ttl: float = 7200.0,
+    def __init__(self, services: list[Service], flow_capacity: int = 1_000_000, flow_ttl: float = 7200.0,
                  token_capacity: int = 1_000_000, token_ttl: float = 7200.0, rng: random.Random | None = None):
-        if not backends:
-            raise ValueError("at least one backend is needed")
-        self.backends = backends
-        self.scheduler = make_scheduler(scheduler, backends)
-        self.unknown_join = unknown_join
-        self.mptcp_aware = mptcp_aware
         self.flows: ExpiringTable[tuple, Backend] = ExpiringTable(flow_capacity, flow_ttl)
         self.tokens: ExpiringTable[int, Backend] = ExpiringTable(token_capacity, token_ttl)
         self.rng = rng or random.Random()
-        self.by_mark = {b.mark: b for b in backends}
         self.counts: Counter[str] = Counter()
+        self.update(services)
+
+    def update(self, services: list[Service], retired: list[Backend] = ()) -> None:
+        """Take a new set of services (a reload); learned flows and tokens stay. Retired backends
+        (gone from the config) get no new connections but still take their connections' joins."""
+        if not services or not all(s.backends for s in services):
+            raise ValueError("every service needs at least one backend")
+        previous = {s.name: s for s in getattr(self, "services", [])}
+        for service in services:  # clients keep their backend across a reload
+            if service.name in previous and service.persistence == previous[service.name].persistence:
+                service.affinity = previous[service.name].affinity
+        self.services = services
+        self._service_at = {(vip, port): s for s in services for vip in s.vips for port in s.ports}
+        self.by_mark = {b.mark: b for b in retired}
+        self.by_mark.update({b.mark: b for s in services for b in s.backends})
+
+    @property
+    def backends(self) -> list[Backend]:
+        return list(self.by_mark.values())
 
     def backend_of(self, mark: int) -> Backend | None:
         return self.by_mark.get(mark & BACKEND_MASK)
@@ -137,7 +161,10 @@ class Balancer:
         if isinstance(segment, Malformed):
             return Verdict(True, mark, "malformed")  # safe: the kernel routes it as it would without us
         if segment.is_syn:
-            return self._on_syn(segment, now)
+            service = self._service_at.get((segment.dst, segment.dport))
+            if service is None:
+                return Verdict(True, mark, "no_service")
+            return self._on_syn(service, segment, now)
         capable = segment.capable
         if capable is None:
             return Verdict(True, mark, "other")
@@ -149,32 +176,55 @@ class Balancer:
             return self._learn(capable.receiver_key, capable.version, segment.flow, mark, now, "third_ack")
         return Verdict(True, mark, "other")
 
-    def _on_syn(self, segment: Segment, now: float) -> Verdict:
+    def _on_syn(self, service: Service, segment: Segment, now: float) -> Verdict:
         known = self.flows.get(segment.flow, now)  # a retransmitted SYN keeps its backend
         if known is not None:
             return Verdict(True, known.mark, "syn_retransmit")
-        if segment.join is not None and self.mptcp_aware:
+        if segment.join is not None and service.mptcp_aware:
             backend = self.tokens.get(segment.join.token, now)
-            if backend is not None:
-                kind = "join_hit"
-            elif self.unknown_join == "random":
-                backend, kind = self.rng.choice(self.backends), "join_miss"
-            elif self.unknown_join == "drop":
+            if backend is not None:  # even to a drained backend: the connection lives there
+                backend.subflows += 1
+                self.flows.put(segment.flow, backend, now)
+                return Verdict(True, backend.mark | JOIN, "join_hit")
+            if service.unknown_join == "drop":
                 return Verdict(False, 0, "join_miss")
-            else:
+            if service.unknown_join == "reset":
                 return Verdict(True, REJECT, "join_miss")
+            candidates = [b for b in service.backends if b.available] or service.backends
+            backend = self.rng.choice(candidates)
+            self.flows.put(segment.flow, backend, now)
+            return Verdict(True, backend.mark | JOIN, "join_miss")
         else:
-            backend = self.scheduler.pick(segment)
+            backend = self._schedule(service, segment, now)
+            if backend is None:
+                return Verdict(True, REJECT, "no_backend")
             kind = "join_unaware" if segment.join is not None else (
                 "mp_capable_syn" if segment.capable is not None else "syn")
+            backend.active += 1
         self.flows.put(segment.flow, backend, now)
         return Verdict(True, backend.mark, kind)
+
+    def _schedule(self, service: Service, segment: Segment, now: float) -> Backend | None:
+        if service.persistence:
+            sticky = service.affinity.get(segment.src, now)
+            if sticky is not None and sticky.available:
+                service.affinity.put(segment.src, sticky, now)
+                return sticky
+        candidates = [b for b in service.backends if b.available]
+        if not candidates:
+            return None
+        key = segment.src + segment.sport.to_bytes(2, "big") + segment.dst + segment.dport.to_bytes(2, "big")
+        backend = service.picker.pick(key, segment.src, candidates)
+        if service.persistence:
+            service.affinity.put(segment.src, backend, now)
+        return backend
 
     def _learn(self, server_key: bytes, version: int, flow: tuple, mark: int, now: float, kind: str) -> Verdict:
         backend = self.backend_of(mark) or self.flows.get(flow, now)
         if backend is None:
             return Verdict(True, mark, "capable_without_flow")  # e.g. opened while no worker listened
-        if not self.mptcp_aware:
+        service = self._service_at.get((flow[2], flow[3]))
+        if service is not None and not service.mptcp_aware:
             return Verdict(True, backend.mark | LEARNED, kind)
         token = token_of_key(server_key, version)
         if self.tokens.get(token, now) is backend:  # already learned (SYN-ACK, then a racing ACK)

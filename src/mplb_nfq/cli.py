@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load
 
@@ -17,6 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="install the data path and run the queue worker in the foreground")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+
+    p = sub.add_parser("status", help="services, backends, tokens and queue of the running worker")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="to find the control socket")
+    p.add_argument("--json", action="store_true")
+
+    for name, text in (("drain", "no new connections to BACKEND; its connections keep their subflows"),
+                       ("undrain", "BACKEND takes new connections again")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("backend")
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="to find the control socket")
+
+    p = sub.add_parser("reload", help="re-read the config in the running worker (as SIGHUP does)")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
 
     p = sub.add_parser("cleanup", help="remove every kernel object of a config (after a crashed worker)")
@@ -59,6 +73,49 @@ def cmd_run(args) -> int:
     return run(load(args.config))
 
 
+def _control(args, command: str, **request) -> dict | None:
+    from .control import request as send
+
+    path = load(args.config).control_socket
+    try:
+        answer = send(path, command, **request)
+    except OSError as e:
+        print(f"mplb-nfq: no worker answers on {path}: {e.strerror or e}", file=sys.stderr)
+        return None
+    if not answer.get("ok"):
+        print(f"mplb-nfq: {command}: {answer.get('error')}", file=sys.stderr)
+        return None
+    return answer
+
+
+def cmd_status(args) -> int:
+    from .status import render_status
+
+    answer = _control(args, "status")
+    if answer is None:
+        return 1
+    print(json.dumps(answer, indent=2) if args.json else render_status(answer))
+    return 0
+
+
+def cmd_drain(args) -> int:
+    answer = _control(args, args.command, backend=args.backend)
+    if answer is None:
+        return 1
+    print(f"{answer['backend']}: {answer['state']}")
+    return 0
+
+
+def cmd_reload(args) -> int:
+    answer = _control(args, "reload", path=str(Path(args.config).resolve()))
+    if answer is None:
+        return 1
+    retired = f", retired (draining until their connections end): {', '.join(answer['retired'])}" \
+        if answer["retired"] else ""
+    print(f"reloaded: {answer['services']} services, {answer['backends']} backends{retired}")
+    return 0
+
+
 def cmd_cleanup(args) -> int:
     from .kernel import Dataplane
 
@@ -72,7 +129,7 @@ def cmd_check(args) -> int:
     report = kernel_report()
     if args.config:
         cfg = load(args.config)
-        report["config"] = {"path": cfg.path, "vip": cfg.vip, "ports": list(cfg.ports),
+        report["config"] = {"path": cfg.path, "services": [s.name for s in cfg.services],
                             "backends": [b.name for b in cfg.backends], "valid": True}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -81,7 +138,7 @@ def cmd_check(args) -> int:
             print(f"{'ok ' if item['ok'] else 'NO '} {name:28} {item['detail']}")
         print(f"queue mode that `run` would use: {report['queue_mode']}")
         if args.config:
-            print(f"config {cfg.path}: valid ({len(cfg.backends)} backends)")
+            print(f"config {cfg.path}: valid ({len(cfg.services)} services, {len(cfg.backends)} backends)")
     return 0 if report["usable"] else 1
 
 
@@ -114,5 +171,6 @@ def cmd_lab(args) -> int:
     return run_lab(settings, out_dir=args.out, as_json=args.json)
 
 
-COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "check": cmd_check, "render-nft": cmd_render_nft, "inspect": cmd_inspect,
+COMMANDS = {"run": cmd_run, "status": cmd_status, "drain": cmd_drain, "undrain": cmd_drain, "reload": cmd_reload,
+            "cleanup": cmd_cleanup, "check": cmd_check, "render-nft": cmd_render_nft, "inspect": cmd_inspect,
             "lab": cmd_lab}

@@ -1,4 +1,7 @@
-"""The one TOML config file: read, validate (file, key and reason on every error), build the core."""
+"""The one TOML config file: read, validate (file, key and reason on every error), build the core.
+
+Nothing here touches the kernel: a file is wholly valid before anything is installed.
+"""
 from __future__ import annotations
 
 import ipaddress
@@ -6,7 +9,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .balancer import BACKEND_MASK, SCHEDULERS, UNKNOWN_JOIN_POLICIES, Backend, Balancer
+from .balancer import BACKEND_MASK, UNKNOWN_JOIN_POLICIES, Backend, Balancer, Service
+from .schedulers import MAGLEV_DEFAULT_SIZE, SCHEDULERS
+
+RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
 
 
 class ConfigError(ValueError):
@@ -16,37 +22,97 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    addresses: tuple[str, ...]
+    weight: int
+    mark: int
+    table: int
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    vips: tuple[str, ...]
+    ports: tuple[int, ...]
+    backends: tuple[str, ...]
+    scheduler: str
+    unknown_join: str
+    mptcp_aware: bool
+    persistence: int
+    maglev_size: int
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    enabled: bool = True
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    port: int | None = None  # default: the first port of the backend's first service
+    mptcp: bool = False  # the check must complete an MPTCP handshake (not fall back to TCP)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
-    vip: str
-    ports: tuple[int, ...]
-    backends: tuple[Backend, ...]
-    scheduler: str = "rr"
-    unknown_join: str = "random"
-    mptcp_aware: bool = True
+    services: tuple[ServiceConfig, ...]
+    backends: tuple[BackendConfig, ...]
+    health: HealthConfig = HealthConfig()
     queue: int = 0
     queue_mode: str = "auto"  # auto | native | xtables
     table_name: str = "mplb"
+    mark_base: int = 0x100
+    table_base: int = 1000
+    max_backends: int = 256
     rule_priority: int = 1000
     flow_capacity: int = 1_000_000
     token_capacity: int = 1_000_000
     token_timeout: int = 7200
+    metrics_address: str | None = "127.0.0.1:9842"
+    control_socket: str = "/run/mplb-nfq/control.sock"
+    conntrack_interval: float = 2.0
 
     @property
-    def family(self) -> int:
-        return ipaddress.ip_address(self.vip).version
+    def vips(self) -> list[str]:
+        return [vip for s in self.services for vip in s.vips]
+
+    @property
+    def fallback_table(self) -> int:
+        return self.table_base - 1
+
+    def with_stable_marks(self, running: dict[str, int]) -> "Config":
+        """This config with the marks that running backends already have (a reload must not
+        move a backend's connections: conntrack holds their marks). New backends take free marks."""
+        import dataclasses
+
+        taken = set(running.values())
+        free = (m for m in range(self.mark_base, self.mark_base + self.max_backends) if m not in taken)
+        backends = []
+        for b in self.backends:
+            mark = running.get(b.name)
+            if mark is None:
+                mark = b.mark if b.mark not in taken else next(free)
+                taken.add(mark)
+            backends.append(dataclasses.replace(b, mark=mark, table=self.table_base + mark - self.mark_base))
+        return dataclasses.replace(self, backends=tuple(backends))
+
+    def build_services(self, existing: dict[str, Backend] | None = None) -> list[Service]:
+        """The core's services. Backends already running (a reload) keep their object and state."""
+        existing = dict(existing or {})
+        backends: dict[str, Backend] = {}
+        for b in self.backends:
+            backend = existing.get(b.name) or Backend(b.name, b.addresses, b.mark, b.table)
+            backend.addresses, backend.weight, backend.retired = b.addresses, b.weight, False
+            backends[b.name] = backend
+        return [Service(s.name, tuple(ipaddress.ip_address(v).packed for v in s.vips), s.ports,
+                        [backends[n] for n in s.backends], s.scheduler, s.unknown_join, s.mptcp_aware,
+                        s.persistence, s.maglev_size) for s in self.services]
 
     def balancer(self, **overrides) -> Balancer:
-        return Balancer(list(self.backends), scheduler=self.scheduler, unknown_join=self.unknown_join,
-                        mptcp_aware=self.mptcp_aware, flow_capacity=self.flow_capacity,
-                        token_capacity=self.token_capacity, token_ttl=self.token_timeout,
-                        flow_ttl=self.token_timeout, **overrides)
-
-
-TOP_KEYS = {"vip", "ports", "scheduler", "unknown_join", "mptcp_aware", "backends", "kernel", "limits"}
-KERNEL_KEYS = {"queue", "queue_mode", "table_name", "mark_base", "table_base", "rule_priority"}
-LIMIT_KEYS = {"flow_capacity", "token_capacity", "token_timeout"}
-BACKEND_KEYS = {"name", "address"}
+        return Balancer(self.build_services(), flow_capacity=self.flow_capacity, flow_ttl=self.token_timeout,
+                        token_capacity=self.token_capacity, token_ttl=self.token_timeout, **overrides)
 
 
 def load(path: str | Path) -> Config:
@@ -61,100 +127,221 @@ def load(path: str | Path) -> Config:
     return from_dict(data, path)
 
 
-def from_dict(data: dict, path: str = "<config>") -> Config:
-    def fail(key: str, reason: str):
-        raise ConfigError(path, key, reason)
+class _Reader:
+    """Typed access to one TOML table, failing with the file and the full key."""
 
-    def unknown(table: dict, allowed: set, prefix: str):
+    def __init__(self, path: str, table, prefix: str, allowed: set[str]):
+        self.path, self.prefix = path, prefix
+        if not isinstance(table, dict):
+            self.fail("", "must be a table")
+        self.table = table
         for key in table:
             if key not in allowed:
-                fail(prefix + key, f"unknown key (known: {', '.join(sorted(allowed))})")
+                self.fail(key, f"unknown key (known: {', '.join(sorted(allowed))})")
 
-    def integer(table: dict, key: str, default: int, low: int, high: int, prefix: str = "") -> int:
-        value = table.get(key, default)
+    def fail(self, key: str, reason: str):
+        full = f"{self.prefix}.{key}" if self.prefix and key else (self.prefix or key)
+        raise ConfigError(self.path, full, reason)
+
+    def integer(self, key: str, default: int | None, low: int, high: int) -> int:
+        value = self.table.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            fail(prefix + key, f"must be an integer from {low} to {high}, got {value!r}")
+            self.fail(key, f"must be an integer from {low} to {high}, got {value!r}")
         return value
 
-    def choice(key: str, default: str, allowed: tuple) -> str:
-        value = data.get(key, default)
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self.table.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            self.fail(key, f"must be a number from {low} to {high}, got {value!r}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.table.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, key: str, default: str, allowed: tuple) -> str:
+        value = self.table.get(key, default)
         if value not in allowed:
-            fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+            self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
         return value
 
-    unknown(data, TOP_KEYS, "")
-    vip = _address(data.get("vip"), "vip", fail)
-    ports = data.get("ports", [80])
-    if not isinstance(ports, list) or not ports or not all(
-            isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports):
-        fail("ports", f"must be a non-empty list of TCP ports (1-65535), got {ports!r}")
-    if len(set(ports)) != len(ports):
-        fail("ports", "a port is listed twice")
-    kernel = data.get("kernel", {})
-    limits = data.get("limits", {})
-    for name, table, keys in (("kernel", kernel, KERNEL_KEYS), ("limits", limits, LIMIT_KEYS)):
-        if not isinstance(table, dict):
-            fail(name, "must be a table")
-        unknown(table, keys, name + ".")
-    mark_base = integer(kernel, "mark_base", 0x100, 1, BACKEND_MASK, "kernel.")
-    table_base = integer(kernel, "table_base", 100, 2, 0xFFFFFFF0, "kernel.")  # table_base - 1: fail-open routes
-    queue_mode = kernel.get("queue_mode", "auto")
-    if queue_mode not in ("auto", "native", "xtables"):
-        fail("kernel.queue_mode", f"must be auto, native or xtables, got {queue_mode!r}")
-    table_name = kernel.get("table_name", "mplb")
-    if not isinstance(table_name, str) or not table_name.replace("_", "").isalnum():
-        fail("kernel.table_name", f"must be letters, digits and _, got {table_name!r}")
+    def name(self, key: str, default: str | None = None) -> str:
+        value = self.table.get(key, default)
+        if not isinstance(value, str) or not value or not value.replace("-", "").replace("_", "").isalnum():
+            self.fail(key, f"must be a name of letters, digits, - and _, got {value!r}")
+        return value
 
-    raw_backends = data.get("backends")
-    if not isinstance(raw_backends, list) or not raw_backends:
-        fail("backends", "at least one [[backends]] entry is needed")
-    if mark_base + len(raw_backends) - 1 > BACKEND_MASK:
-        fail("kernel.mark_base", f"{len(raw_backends)} backends do not fit below 0x{BACKEND_MASK:x}")
-    backends, names, addresses = [], set(), set()
-    for i, b in enumerate(raw_backends):
-        prefix = f"backends[{i}]."
-        if not isinstance(b, dict):
-            fail(f"backends[{i}]", "must be a table")
-        unknown(b, BACKEND_KEYS, prefix)
-        name = b.get("name")
-        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
-            fail(prefix + "name", f"must be a name of letters, digits, - and _, got {name!r}")
-        if name in names:
-            fail(prefix + "name", f"duplicate backend {name!r}")
-        address = _address(b.get("address"), prefix + "address", fail)
-        if address == vip:
-            fail(prefix + "address", "the backend's real address cannot be the VIP")
-        if address in addresses:
-            fail(prefix + "address", f"duplicate backend address {address}")
-        if ipaddress.ip_address(address).version != ipaddress.ip_address(vip).version:
-            fail(prefix + "address", f"{address} is not of the VIP's address family")
-        names.add(name)
-        addresses.add(address)
-        backends.append(Backend(name, address, mark_base + i, table_base + i))
+    def addresses(self, key: str, single: str | None = None) -> tuple[str, ...]:
+        """`key` as a list of addresses, or `single` as one address."""
+        if single and single in self.table:
+            if key in self.table:
+                self.fail(key, f"give {single} or {key}, not both")
+            raw, shown = [self.table[single]], single
+        else:
+            raw, shown = self.table.get(key), key
+        if not isinstance(raw, list) or not raw:
+            self.fail(shown, f"must be an IPv4 or IPv6 address{' (or a list)' if single else ' list'}, got {raw!r}")
+        result = []
+        for value in raw:
+            try:
+                result.append(str(ipaddress.ip_address(value)))
+            except (ValueError, TypeError):
+                self.fail(shown, f"must be an IPv4 or IPv6 address, got {value!r}")
+        if len(set(result)) != len(result):
+            self.fail(shown, "an address is listed twice")
+        return tuple(result)
+
+
+TOP_KEYS = {"services", "backends", "health", "kernel", "limits", "metrics", "control"}
+SERVICE_KEYS = {"name", "vip", "vips", "ports", "backends", "scheduler", "unknown_join", "mptcp_aware",
+                "persistence", "maglev_size"}
+BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark"}
+HEALTH_KEYS = {"enabled", "interval", "timeout", "rise", "fall", "port", "mptcp"}
+KERNEL_KEYS = {"queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
+               "conntrack_interval"}
+LIMIT_KEYS = {"flow_capacity", "token_capacity", "token_timeout"}
+
+
+def from_dict(data: dict, path: str = "<config>") -> Config:
+    _Reader(path, data, "", TOP_KEYS)  # refuses unknown top-level keys
+    kernel = _Reader(path, data.get("kernel", {}), "kernel", KERNEL_KEYS)
+    limits = _Reader(path, data.get("limits", {}), "limits", LIMIT_KEYS)
+    metrics = _Reader(path, data.get("metrics", {}), "metrics", {"address"})
+    control = _Reader(path, data.get("control", {}), "control", {"socket"})
+    health = _Reader(path, data.get("health", {}), "health", HEALTH_KEYS)
+
+    mark_base = kernel.integer("mark_base", 0x100, 1, BACKEND_MASK)
+    max_backends = kernel.integer("max_backends", 256, 1, 4096)
+    if mark_base + max_backends - 1 > BACKEND_MASK:
+        kernel.fail("max_backends", f"marks 0x{mark_base:x} + {max_backends} overlap the flag bits "
+                                    f"(backend marks live below 0x{BACKEND_MASK + 1:x})")
+    table_base = kernel.integer("table_base", 1000, 2, 0xFFFF0000)
+    tables = range(table_base - 1, table_base + max_backends)
+    if RESERVED_TABLES & set(tables):
+        kernel.fail("table_base", f"routing tables {tables.start}-{tables.stop - 1} include a reserved "
+                                  f"one (0, 253 default, 254 main, 255 local)")
+    table_name = kernel.table.get("table_name", "mplb")
+    if not isinstance(table_name, str) or not table_name.replace("_", "").isalnum():
+        kernel.fail("table_name", f"must be letters, digits and _, got {table_name!r}")
+
+    backends = _backends(path, data.get("backends"), mark_base, max_backends, table_base)
+    services = _services(path, data.get("services"), {b.name: b for b in backends})
+    used = {n for s in services for n in s.backends}
+    for i, b in enumerate(backends):
+        if b.name not in used:
+            raise ConfigError(path, f"backends[{i}].name", f"backend {b.name!r} is in no service")
+
+    metrics_address = metrics.table.get("address", "127.0.0.1:9842")
+    if metrics_address:
+        host, _, port = str(metrics_address).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            metrics.fail("address", f"must be HOST:PORT (or \"\" for no metrics), got {metrics_address!r}")
+    socket_path = control.table.get("socket", "/run/mplb-nfq/control.sock")
+    if not isinstance(socket_path, str) or not socket_path.startswith("/"):
+        control.fail("socket", f"must be an absolute path, got {socket_path!r}")
+    interval = health.number("interval", 2.0, 0.05, 3600)
+    timeout = health.number("timeout", min(1.0, interval), 0.01, 3600)
+    if timeout > interval:
+        health.fail("timeout", f"{timeout} s is longer than the interval ({interval} s)")
 
     return Config(
-        path=path, vip=vip, ports=tuple(ports), backends=tuple(backends),
-        scheduler=choice("scheduler", "rr", SCHEDULERS),
-        unknown_join=choice("unknown_join", "random", UNKNOWN_JOIN_POLICIES),
-        mptcp_aware=_boolean(data, "mptcp_aware", True, fail),
-        queue=integer(kernel, "queue", 0, 0, 65535, "kernel."),
-        queue_mode=queue_mode, table_name=table_name,
-        rule_priority=integer(kernel, "rule_priority", 1000, 1, 32764, "kernel."),
-        flow_capacity=integer(limits, "flow_capacity", 1_000_000, 1, 100_000_000, "limits."),
-        token_capacity=integer(limits, "token_capacity", 1_000_000, 1, 100_000_000, "limits."),
-        token_timeout=integer(limits, "token_timeout", 7200, 1, 30 * 86400, "limits."),
+        path=path, services=tuple(services), backends=tuple(backends),
+        health=HealthConfig(health.boolean("enabled", True), interval, timeout, health.integer("rise", 2, 1, 100),
+                            health.integer("fall", 3, 1, 100),
+                            health.integer("port", None, 1, 65535) if "port" in health.table else None,
+                            health.boolean("mptcp", False)),
+        queue=kernel.integer("queue", 0, 0, 65535),
+        queue_mode=kernel.choice("queue_mode", "auto", ("auto", "native", "xtables")),
+        table_name=table_name, mark_base=mark_base, table_base=table_base, max_backends=max_backends,
+        rule_priority=kernel.integer("rule_priority", 1000, 1, 32764),
+        conntrack_interval=kernel.number("conntrack_interval", 2.0, 0.1, 3600),
+        flow_capacity=limits.integer("flow_capacity", 1_000_000, 1, 100_000_000),
+        token_capacity=limits.integer("token_capacity", 1_000_000, 1, 100_000_000),
+        token_timeout=limits.integer("token_timeout", 7200, 1, 30 * 86400),
+        metrics_address=metrics_address or None, control_socket=socket_path,
     )
 
 
-def _address(value, key: str, fail) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except (ValueError, TypeError):
-        fail(key, f"must be an IPv4 or IPv6 address, got {value!r}")
+def _backends(path: str, raw, mark_base: int, max_backends: int, table_base: int) -> list[BackendConfig]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(path, "backends", "at least one [[backends]] entry is needed")
+    if len(raw) > max_backends:
+        raise ConfigError(path, "backends", f"{len(raw)} backends, kernel.max_backends is {max_backends}")
+    readers = [_Reader(path, b, f"backends[{i}]", BACKEND_KEYS) for i, b in enumerate(raw)]
+    explicit: dict[int, str] = {}
+    for r in readers:
+        if "mark" in r.table:
+            mark = r.integer("mark", None, mark_base, mark_base + max_backends - 1)
+            if mark in explicit:
+                r.fail("mark", f"mark 0x{mark:x} overlaps backend {explicit[mark]!r}")
+            explicit[mark] = r.table.get("name")
+    free = (m for m in range(mark_base, mark_base + max_backends) if m not in explicit)
+    result, names, owners = [], set(), {}
+    for r in readers:
+        name = r.name("name")
+        if name in names:
+            r.fail("name", f"duplicate backend {name!r}")
+        addresses = r.addresses("addresses", single="address")
+        if len({ipaddress.ip_address(a).version for a in addresses}) != len(addresses):
+            r.fail("addresses", "at most one address per family (IPv4, IPv6)")
+        for a in addresses:
+            if a in owners:
+                r.fail("address", f"duplicate backend address {a} (also {owners[a]!r})")
+            owners[a] = name
+        mark = r.table["mark"] if "mark" in r.table else next(free)
+        names.add(name)
+        result.append(BackendConfig(name, addresses, r.integer("weight", 1, 0, 65535), mark,
+                                    table_base + mark - mark_base))
+    return result
 
 
-def _boolean(data: dict, key: str, default: bool, fail) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        fail(key, f"must be true or false, got {value!r}")
-    return value
+def _services(path: str, raw, backends: dict[str, BackendConfig]) -> list[ServiceConfig]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(path, "services", "at least one [[services]] entry is needed")
+    result, names, endpoints = [], set(), {}
+    all_addresses = {a: b.name for b in backends.values() for a in b.addresses}
+    for i, table in enumerate(raw):
+        r = _Reader(path, table, f"services[{i}]", SERVICE_KEYS)
+        name = r.name("name", f"service{i}")
+        if name in names:
+            r.fail("name", f"duplicate service {name!r}")
+        vips = r.addresses("vips", single="vip")
+        key = "vip" if "vip" in r.table else "vips"
+        for vip in vips:
+            if vip in all_addresses:
+                r.fail(key, f"VIP {vip} is the real address of backend {all_addresses[vip]!r}")
+        ports = r.table.get("ports", [80])
+        if not isinstance(ports, list) or not ports or not all(
+                isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports):
+            r.fail("ports", f"must be a non-empty list of TCP ports (1-65535), got {ports!r}")
+        if len(set(ports)) != len(ports):
+            r.fail("ports", "a port is listed twice")
+        for vip in vips:
+            for port in ports:
+                if (vip, port) in endpoints:
+                    r.fail("ports", f"{vip} port {port} is also served by {endpoints[(vip, port)]!r}")
+                endpoints[(vip, port)] = name
+        members = r.table.get("backends", list(backends))
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            r.fail("backends", f"must be a non-empty list of backend names, got {members!r}")
+        for m in members:
+            if m not in backends:
+                r.fail("backends", f"unknown backend {m!r} (defined: {', '.join(backends)})")
+            families = {ipaddress.ip_address(a).version for a in backends[m].addresses}
+            for vip in vips:
+                if ipaddress.ip_address(vip).version not in families:
+                    r.fail("backends", f"backend {m!r} has no IPv{ipaddress.ip_address(vip).version} "
+                                       f"address for VIP {vip}")
+        if len(set(members)) != len(members):
+            r.fail("backends", "a backend is listed twice")
+        maglev_size = r.integer("maglev_size", MAGLEV_DEFAULT_SIZE, 3, 10_000_019)
+        if any(maglev_size % d == 0 for d in range(2, int(maglev_size ** 0.5) + 1)):
+            r.fail("maglev_size", f"must be a prime, got {maglev_size}")
+        names.add(name)
+        result.append(ServiceConfig(
+            name, vips, tuple(ports), tuple(members), r.choice("scheduler", "rr", SCHEDULERS),
+            r.choice("unknown_join", "random", UNKNOWN_JOIN_POLICIES), r.boolean("mptcp_aware", True),
+            r.integer("persistence", 0, 0, 86400 * 7), maglev_size))
+    return result

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from .balancer import BACKEND_MASK, LEARNED, QUEUE, REJECT
+from .balancer import BACKEND_MASK, LEARNED, QUEUE, REJECT, Backend
 from .config import Config
 
 log = logging.getLogger("mplb_nfq.kernel")
@@ -71,29 +71,39 @@ def queue_statement(cfg: Config, native: bool) -> str:
     return f"meta mark set meta mark | 0x{QUEUE:08x}"
 
 
-def render_ruleset(cfg: Config, native: bool) -> str:
+WORKER_COMMENT = "mplb-nfq: installed by the worker, removed when it stops"
+OPERATOR_COMMENT = "mplb-nfq: installed by the operator, the worker only fills it"
+
+
+def vip_elements(cfg: Config, version: int) -> list[str]:
+    return [f"{vip} . {port}" for s in cfg.services for vip in s.vips for port in s.ports
+            if ipaddress.ip_address(vip).version == version]
+
+
+def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
     template = Template((NFT_DIR / "mplb.nft").read_text())
 
     def elements(version: int) -> str:
-        if ipaddress.ip_address(cfg.vip).version != version:
-            return ""
-        return "elements = { " + ", ".join(f"{cfg.vip} . {p}" for p in cfg.ports) + " }"
+        found = vip_elements(cfg, version)
+        return "elements = { " + ", ".join(found) + " }" if found else ""
 
     return template.substitute(
-        table=cfg.table_name, vip4_elements=elements(4), vip6_elements=elements(6),
+        table=cfg.table_name, comment=WORKER_COMMENT if by_worker else OPERATOR_COMMENT,
+        vip4_elements=elements(4), vip6_elements=elements(6),
         token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
         queue_statement=queue_statement(cfg, native))
 
 
 def xtables_rule(cfg: Config) -> list[str]:
+    """The NFQUEUE rule, for iptables and ip6tables alike."""
     return ["-t", "mangle", "PREROUTING", "-m", "mark", "--mark", f"0x{QUEUE:x}/0x{QUEUE:x}",
             "-m", "comment", "--comment", XT_COMMENT,
             "-j", "NFQUEUE", "--queue-num", str(cfg.queue), "--queue-bypass"]
 
 
-def iptables_binary(cfg: Config) -> str:
-    name = "ip6tables" if cfg.family == 6 else "iptables"
+def iptables_binary(version: int) -> str:
+    name = "ip6tables" if version == 6 else "iptables"
     for candidate in (f"{name}-nft", name, f"{name}-legacy"):
         if shutil.which(candidate):
             return candidate
@@ -104,82 +114,147 @@ def token_element(token: int, mark: int, timeout: int) -> str:
     return f"0x{token:08x} timeout {timeout}s : 0x{mark:x}"
 
 
+def families(cfg: Config) -> set[int]:
+    return {ipaddress.ip_address(vip).version for vip in cfg.vips}
+
+
+def _af(version: int) -> int:
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+def _host(address: str) -> str:
+    return f"{address}/{128 if ipaddress.ip_address(address).version == 6 else 32}"
+
+
+def routing_plan(cfg: Config, retired: list[tuple[Backend, list[str]]] = ()) -> tuple[list[dict], list[dict]]:
+    """The routes and rules of a config: per backend a table routing each of its VIPs to its real
+    address and a fwmark rule; per VIP a fail-open multipath route. Retired backends (gone from
+    the config, connections still open) keep theirs."""
+    members: list[tuple[int, int, list[str], tuple[str, ...]]] = []  # mark, table, vips, addresses
+    for b in cfg.backends:
+        vips = [vip for s in cfg.services if b.name in s.backends for vip in s.vips]
+        members.append((b.mark, b.table, vips, b.addresses))
+    members += [(b.mark, b.table, vips, b.addresses) for b, vips in retired]
+    routes, rules = [], []
+    for mark, table, vips, addresses in members:
+        for version in sorted({ipaddress.ip_address(v).version for v in vips}):
+            gateway = next(a for a in addresses if ipaddress.ip_address(a).version == version)
+            routes += [dict(dst=_host(v), gateway=gateway, table=table, family=_af(version))
+                       for v in vips if ipaddress.ip_address(v).version == version]
+            rules.append(dict(family=_af(version), table=table, priority=cfg.rule_priority, fwmark=mark,
+                              fwmask=BACKEND_MASK))
+    for s in cfg.services:
+        for vip in s.vips:
+            version = ipaddress.ip_address(vip).version
+            # Fail open: a packet the worker never marked still reaches a backend, by a stateless
+            # hash of its addresses and ports, as a plain L4 balancer would.
+            gateways = [a for name in s.backends for a in next(b for b in cfg.backends if b.name == name).addresses
+                        if ipaddress.ip_address(a).version == version]
+            routes.append(dict(dst=_host(vip), table=cfg.fallback_table, family=_af(version),
+                               multipath=[{"gateway": g} for g in gateways]))
+            rules.append(dict(family=_af(version), table=cfg.fallback_table, priority=cfg.rule_priority + 1,
+                              dst=vip, dst_len=128 if version == 6 else 32))
+    return routes, rules
+
+
+def _same(a: dict, b: dict) -> bool:
+    return sorted(a.items(), key=str) == sorted(b.items(), key=str)
+
+
 @dataclass
 class Dataplane:
     """The kernel objects of one config: the nft table, the xtables queue rule, routes and rules.
 
     All of them are named by the config (table name, queue number, marks, tables, rule priority),
     so `remove` takes away exactly mplb-nfq's own objects, also those a killed worker left behind.
+    A table that the operator installed (from `render-nft`) is filled, never deleted.
     """
 
     cfg: Config
     nft: Nft = field(default_factory=Nft)
     native_queue: bool = False
+    table_owner: str = "worker"
+    routes: list[dict] = field(default_factory=list)
+    rules: list[dict] = field(default_factory=list)
 
     @property
     def queue_mode(self) -> str:
         return "native nft queue" if self.native_queue else "xtables NFQUEUE on mark bit"
 
-    @property
-    def _family(self) -> int:
-        return socket.AF_INET6 if self.cfg.family == 6 else socket.AF_INET
-
     def install(self) -> None:
         cfg = self.cfg
         native = {"auto": None, "native": True, "xtables": False}[cfg.queue_mode]
         self.native_queue = native_queue_supported(self.nft) if native is None else native
-        if self.nft.try_run(f"list table inet {cfg.table_name}"):
-            log.info("nft table inet %s exists: adopting it with its token map", cfg.table_name)
+        listing = self._table_listing()
+        if listing is None:
+            self.nft.run(render_ruleset(cfg, self.native_queue, by_worker=True))
         else:
-            self.nft.run(render_ruleset(cfg, self.native_queue))
+            self.table_owner = "worker" if WORKER_COMMENT in listing else "operator"
+            log.info("nft table inet %s exists (%s's): adopting it with its token map", cfg.table_name,
+                     self.table_owner)
+            self.sync_vips(cfg)
         if not self.native_queue:
-            self._xtables("-C") or self._xtables("-A", check=True)
-        self._install_routing()
+            for version in families(cfg):
+                self._xtables(version, "-C") or self._xtables(version, "-A", check=True)
+        self.sync_routing(cfg)
         log.info("queue %d, mode: %s", cfg.queue, self.queue_mode)
 
-    def _xtables(self, action: str, check: bool = False) -> bool:
+    def _table_listing(self) -> str | None:
+        self.nft._nft.set_terse_output(True)  # no set elements: the token map may be large
+        try:
+            rc, out, _ = self.nft._nft.cmd(f"list table inet {self.cfg.table_name}")
+        finally:
+            self.nft._nft.set_terse_output(False)
+        return out if rc == 0 else None
+
+    def _xtables(self, version: int, action: str, check: bool = False) -> bool:
+        binary = iptables_binary(version)
         rule = xtables_rule(self.cfg)
-        done = subprocess.run([iptables_binary(self.cfg), *rule[:2], action, *rule[2:]],
-                              capture_output=True, text=True)
+        done = subprocess.run([binary, *rule[:2], action, *rule[2:]], capture_output=True, text=True)
         if check and done.returncode != 0:
-            raise KernelError(f"{iptables_binary(self.cfg)} {action}: {done.stderr.strip()}")
+            raise KernelError(f"{binary} {action}: {done.stderr.strip()}")
         return done.returncode == 0
 
-    def _routes(self) -> list[dict]:
-        cfg = self.cfg
-        dst = f"{cfg.vip}/{128 if cfg.family == 6 else 32}"
-        routes = [dict(dst=dst, gateway=b.address, table=b.table, family=self._family) for b in cfg.backends]
-        # Fail open: a packet the worker never marked still reaches a backend, by a stateless
-        # hash of its addresses and ports, as a plain L4 balancer would.
-        multipath = [{"gateway": b.address} for b in cfg.backends]
-        routes.append(dict(dst=dst, table=self.fallback_table, family=self._family, multipath=multipath))
-        return routes
+    def sync_vips(self, cfg: Config) -> None:
+        """Make the VIP sets hold exactly the config's VIP . port pairs (add first, then delete)."""
+        table = cfg.table_name
+        for version in (4, 6):
+            name = f"vip{version}"
+            wanted = set(vip_elements(cfg, version))
+            current = set()
+            for item in self.nft.json(f"list set inet {table} {name}").get("nftables", []):
+                for element in item.get("set", {}).get("elem", []):
+                    addr, port = element["concat"]
+                    current.add(f"{addr} . {port}")
+            if wanted - current:
+                self.nft.run(f"add element inet {table} {name} {{ {', '.join(sorted(wanted - current))} }}")
+            if current - wanted:
+                self.nft.run(f"delete element inet {table} {name} {{ {', '.join(sorted(current - wanted))} }}")
+        self.cfg = cfg
 
-    @property
-    def fallback_table(self) -> int:
-        return self.cfg.backends[0].table - 1
-
-    def _rules(self) -> list[dict]:
-        cfg = self.cfg
-        rules = [dict(family=self._family, table=b.table, priority=cfg.rule_priority, fwmark=b.mark,
-                      fwmask=BACKEND_MASK) for b in cfg.backends]
-        rules.append(dict(family=self._family, table=self.fallback_table, priority=cfg.rule_priority + 1,
-                          dst=cfg.vip, dst_len=128 if cfg.family == 6 else 32))
-        return rules
-
-    def _install_routing(self) -> None:
+    def sync_routing(self, cfg: Config, retired: list[tuple[Backend, list[str]]] = ()) -> None:
+        """Install the routes and rules of `cfg` (and of retired backends), remove those no longer wanted."""
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
+        routes, rules = routing_plan(cfg, retired)
         with IPRoute() as ipr:
-            for route in self._routes():
+            for route in routes:
                 ipr.route("replace", **route)
-            for rule in self._rules():
-                try:
-                    ipr.rule("add", **rule)
-                except NetlinkError as e:
-                    if e.code != errno.EEXIST:
-                        raise
+            for rule in rules:
+                if not any(_same(rule, old) for old in self.rules):
+                    try:
+                        ipr.rule("add", **rule)
+                    except NetlinkError as e:
+                        if e.code != errno.EEXIST:
+                            raise
+            for rule in self.rules:
+                if not any(_same(rule, new) for new in rules):
+                    _quietly(ipr.rule, "del", **rule)
+            for route in self.routes:
+                if not any(route["dst"] == new["dst"] and route["table"] == new["table"] for new in routes):
+                    _quietly(ipr.route, "del", **route)
+        self.routes, self.rules, self.cfg = routes, rules, cfg
 
     def add_tokens(self, tokens: list[tuple[int, int]]) -> None:
         """Install token -> backend mark in the kernel map, in one batch."""
@@ -193,28 +268,35 @@ class Dataplane:
 
     def remove(self) -> None:
         from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
 
+        routes, rules = routing_plan(self.cfg)
         with IPRoute() as ipr:
-            for rule in self._rules():
-                while True:  # a rule added twice by hand would leave a copy behind
-                    try:
-                        ipr.rule("del", **rule)
-                    except NetlinkError:
-                        break
-            for route in self._routes():
-                try:
-                    ipr.route("del", **route)
-                except NetlinkError:
+            for rule in self.rules + rules:
+                while _quietly(ipr.rule, "del", **rule):  # a rule added twice would leave a copy behind
                     pass
-        try:
-            while self._xtables("-D"):
-                pass
-        except KernelError:
-            pass  # no iptables binary: no rule of ours either
-        family = "ip6" if self.cfg.family == 6 else "ip"
-        mangle = self.nft.json(f"list table {family} mangle") if self.nft.try_run(
-            f"list table {family} mangle") else {}
-        if mangle and not any("rule" in item for item in mangle.get("nftables", [])):
-            self.nft.try_run(f"delete table {family} mangle")  # iptables-nft made it for our rule alone
-        self.nft.try_run(f"delete table inet {self.cfg.table_name}")
+            for route in self.routes + routes:
+                _quietly(ipr.route, "del", **route)
+        self.routes, self.rules = [], []
+        for version in (4, 6):
+            try:
+                while self._xtables(version, "-D"):
+                    pass
+            except KernelError:
+                continue  # no iptables binary: no rule of ours either
+            family = "ip6" if version == 6 else "ip"
+            if self.nft.try_run(f"list table {family} mangle"):
+                mangle = self.nft.json(f"list table {family} mangle")
+                if not any("rule" in item for item in mangle.get("nftables", [])):
+                    self.nft.try_run(f"delete table {family} mangle")  # iptables-nft made it for our rule alone
+        if self.table_owner == "worker":
+            self.nft.try_run(f"delete table inet {self.cfg.table_name}")
+
+
+def _quietly(call, *args, **kwargs) -> bool:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        call(*args, **kwargs)
+        return True
+    except NetlinkError:
+        return False

@@ -58,8 +58,11 @@ def mean_ci(samples: list[float]) -> tuple[float, float]:
     return mean, t_critical(len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
 
 
-def config_text(mode: str, backends: int) -> str:
-    lines = [f'vip = "{VIP}"', f"ports = [{PORT}]", MODES[mode]]
+def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extra: str = "") -> str:
+    """The worker's config for one of the lab's modes; its control socket lives in run_dir."""
+    lines = ['[[services]]', 'name = "lab"', f'vip = "{VIP}"', f"ports = [{PORT}]", MODES[mode],
+             f'[control]\nsocket = "{run_dir / "control.sock"}"', f'[metrics]\naddress = "{metrics}"',
+             "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", extra]
     for i in range(backends):
         lines.append(f'[[backends]]\nname = "b{i + 1}"\naddress = "{backend_address(i)}"')
     return "\n".join(lines) + "\n"
@@ -149,14 +152,10 @@ def _check_unaware_splits(topo: Topology) -> None:
     """As in the paper, the client's two addresses must hash to different backends."""
     import ipaddress
 
-    from .config import from_dict
-    from .packet import Segment
+    from .schedulers import SourceHash
 
-    cfg = from_dict({"vip": VIP, "scheduler": "sh", "backends": [
-        {"name": f"b{i + 1}", "address": backend_address(i)} for i in range(topo.backends)]})
-    scheduler = cfg.balancer().scheduler
-    picks = {scheduler.pick(Segment(4, ipaddress.ip_address(a).packed, b"", 0, 0, 0, (), 0)).name
-             for a in topo.client_addresses}
+    backends = [f"b{i + 1}" for i in range(topo.backends)]
+    picks = {SourceHash().pick(b"", ipaddress.ip_address(a).packed, backends) for a in topo.client_addresses}
     if len(picks) != 2:
         raise RuntimeError(f"client addresses {topo.client_addresses} hash to one backend; change them")
 
@@ -173,7 +172,7 @@ def _wait_for_servers(topo: Topology, backends: int) -> None:
 def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: Path,
               progress: Progress) -> dict:
     config = tmp / f"{mode}.toml"
-    config.write_text(config_text(mode, settings.backends))
+    config.write_text(config_text(mode, settings.backends, tmp))
     before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
     worker = Worker(topo, config, out / f"worker-{mode}.log")
     samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}

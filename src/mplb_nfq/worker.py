@@ -1,29 +1,44 @@
-"""The NFQUEUE worker: packet from the queue -> core decision -> verdict; tokens to the kernel map after."""
+"""The worker: NFQUEUE packets -> core decision -> verdict; then, off the hot path, tokens to the
+kernel map, health checks, conntrack counts, the control socket, reloads and metrics."""
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import select
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
-from .balancer import BACKEND_MASK, Balancer
-from .config import Config
+from .balancer import BACKEND_MASK, JOIN, REJECT, Backend
+from .config import Config, ConfigError, load
 from .kernel import Dataplane
 from .packet import parse_ip
 
 log = logging.getLogger("mplb_nfq.worker")
+LATENCY_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
+RESTART_ONLY = ("queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
+                "metrics_address", "control_socket")
+LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 
 
 class Worker:
-    def __init__(self, cfg: Config, balancer: Balancer, dataplane: Dataplane, clock=time.monotonic):
-        self.cfg, self.balancer, self.dataplane, self.clock = cfg, balancer, dataplane, clock
+    def __init__(self, cfg: Config, dataplane: Dataplane, clock=time.monotonic):
+        self.cfg, self.dataplane, self.clock = cfg, dataplane, clock
+        self.balancer = cfg.balancer()
+        self.retired: dict[str, tuple[Backend, list[str]]] = {}
         self.pending_tokens: list[tuple[int, int]] = []
         self.stats: Counter[str] = Counter()
         self.decide_ns = self.verdict_ns = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
         self.stopping = False
+        self.reload_requested = False
+        self.health = None
+        self.started = time.time()
 
+    # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
         """NetfilterQueue callback: the verdict goes first, whatever happens."""
         started = time.thread_time_ns()
@@ -38,16 +53,20 @@ class Worker:
         if verdict.accept:
             packet.set_mark(verdict.mark)
             packet.accept()
-            self.stats["accepted"] += 1
+            self.stats["reject" if verdict.mark & REJECT else "accept"] += 1
         else:
             packet.drop()
-            self.stats["dropped"] += 1
+            self.stats["drop"] += 1
         if verdict.token is not None:
-            self.pending_tokens.append((verdict.token, verdict.mark & BACKEND_MASK))
+            self.pending_tokens.append((verdict.token, (verdict.mark & BACKEND_MASK) | JOIN))
         # The verdict's sendmsg also runs the rest of the packet's path in the kernel (the
         # remaining hooks, routing, the transmit): counted apart from our own work.
+        done = time.thread_time_ns()
         self.decide_ns += decided - started
-        self.verdict_ns += time.thread_time_ns() - decided
+        self.verdict_ns += done - decided
+        seconds = (decided - started) / 1e9
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
 
     def flush_tokens(self) -> None:
         if not self.pending_tokens:
@@ -60,51 +79,219 @@ class Worker:
             log.error("token install failed (%d tokens): %s", len(batch), e)
             self.stats["token_install_errors"] += len(batch)
 
-    def serve(self) -> None:
-        from netfilterqueue import NetfilterQueue
+    # -- operations --------------------------------------------------------------------------
+    def backends(self) -> dict[str, Backend]:
+        return {b.name: b for s in self.balancer.services for b in s.backends}
 
-        queue = NetfilterQueue()
-        queue.bind(self.cfg.queue, self.handle, max_len=4096)
-        poller = select.poll()
-        poller.register(queue.get_fd(), select.POLLIN)
-        log.info("worker listening on queue %d", self.cfg.queue)
+    def set_health(self, name: str, up: bool, error: str | None) -> None:
+        backend = self.backends().get(name)
+        if backend is not None:
+            backend.healthy = up
+
+    def health_targets(self) -> list[tuple[str, str, int]]:
+        port = self.cfg.health.port
+        targets = []
+        for b in self.cfg.backends:
+            first = next(s for s in self.cfg.services if b.name in s.backends)
+            targets.append((b.name, b.addresses[0], port or first.ports[0]))
+        return targets
+
+    def drain(self, name: str, drained: bool) -> dict:
+        backend = self.backends().get(name)
+        if backend is None:
+            return {"ok": False, "error": f"no backend {name!r} (known: {', '.join(self.backends())})"}
+        backend.drained = drained
+        log.info("backend %s %s", name, "drained" if drained else "undrained")
+        return {"ok": True, "backend": name, "state": backend.state}
+
+    def reload(self, path: str | None = None) -> dict:
+        path = path or self.cfg.path
         try:
-            while not self.stopping:
-                if poller.poll(200):
-                    queue.run(block=False)
-                self.flush_tokens()
-        finally:
-            queue.unbind()
-            self.flush_tokens()
+            new = load(path)
+        except ConfigError as e:
+            log.error("reload refused, the running config stays: %s", e)
+            return {"ok": False, "error": str(e)}
+        changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.cfg, k)]
+        if changed:
+            error = f"{path}: {', '.join(changed)}: cannot change on reload (restart the worker)"
+            log.error("reload refused, the running config stays: %s", error)
+            return {"ok": False, "error": error}
+        running = self.backends()
+        running_marks = {n: b.mark for n, b in running.items()}
+        running_marks.update({n: b.mark for n, (b, _) in self.retired.items()})
+        new = new.with_stable_marks(running_marks)
+        old_vips = {b.name: [vip for s in self.cfg.services if b.name in s.backends for vip in s.vips]
+                    for b in self.cfg.backends}
+        services = new.build_services({**running, **{n: b for n, (b, _) in self.retired.items()}})
+        kept = {b.name for b in new.backends}
+        for name, backend in running.items():
+            if name not in kept:
+                backend.retired = True
+                self.retired[name] = (backend, old_vips.get(name, []))
+                log.info("backend %s retired: no new connections, kept until its connections end", name)
+        for name in kept:
+            self.retired.pop(name, None)
+        self.balancer.update(services, [b for b, _ in self.retired.values()])
+        self.dataplane.sync_vips(new)
+        self.dataplane.sync_routing(new, list(self.retired.values()))
+        self.cfg = new
+        log.info("reloaded %s: %d services, %d backends, %d retired", path, len(new.services), len(new.backends),
+                 len(self.retired))
+        return {"ok": True, "services": len(new.services), "backends": len(new.backends),
+                "retired": sorted(self.retired)}
+
+    def refresh_conntrack(self) -> None:
+        """Active connections and subflows per backend, counted from conntrack marks."""
+        from pyroute2 import NFCTSocket
+
+        connections: Counter[int] = Counter()
+        subflows: Counter[int] = Counter()
+        try:
+            with NFCTSocket() as ct:
+                for entry in ct.dump():
+                    mark = entry.get_attr("CTA_MARK") or 0
+                    if not mark & BACKEND_MASK:
+                        continue
+                    state = entry.get_nested("CTA_PROTOINFO", "CTA_PROTOINFO_TCP", "CTA_PROTOINFO_TCP_STATE")
+                    if state not in LIVE_TCP_STATES:
+                        continue
+                    (subflows if mark & JOIN else connections)[mark & BACKEND_MASK] += 1
+        except Exception as e:
+            log.warning("conntrack count failed: %s", e)
+            return
+        for mark, backend in self.balancer.by_mark.items():
+            backend.active, backend.subflows = connections[mark], subflows[mark]
+        done = [n for n, (b, _) in self.retired.items() if b.active == 0 and b.subflows == 0]
+        if done:
+            for name in done:
+                log.info("backend %s: no connections left, its routes are removed", name)
+                del self.retired[name]
+            self.balancer.update(self.balancer.services, [b for b, _ in self.retired.values()])
+            self.dataplane.sync_routing(self.cfg, list(self.retired.values()))
+
+    def status(self) -> dict:
+        drops = queue_drops(self.cfg.queue)
+        services = []
+        for s in self.cfg.services:
+            running = self.backends()
+            services.append({
+                "name": s.name, "vips": list(s.vips), "ports": list(s.ports), "scheduler": s.scheduler,
+                "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
+                "backends": [backend_status(running[n]) for n in s.backends]})
+        return {"ok": True, "services": services,
+                "retired": [backend_status(b) for b, _ in self.retired.values()],
+                "tokens_tracked": len(self.balancer.tokens), "flows_tracked": len(self.balancer.flows),
+                "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "queue_drops": drops,
+                "table_owner": self.dataplane.table_owner, "uptime_s": round(time.time() - self.started, 1),
+                "packets": self.report()}
+
+    def control(self, request: dict) -> dict:
+        command = request["command"]
+        if command == "status":
+            return self.status()
+        if command in ("drain", "undrain"):
+            return self.drain(str(request.get("backend")), command == "drain")
+        if command == "reload":
+            return self.reload(request.get("path"))
+        return {"ok": False, "error": f"unknown command {command!r} (status, drain, undrain, reload)"}
 
     def report(self) -> dict:
-        handled = self.stats["accepted"] + self.stats["dropped"] + self.stats["errors"]
+        handled = sum(self.stats[k] for k in ("accept", "reject", "drop", "errors"))
         return {"packets": handled, **self.stats, "kinds": dict(self.balancer.counts),
                 "tokens_tracked": len(self.balancer.tokens), "flows_tracked": len(self.balancer.flows),
                 "decide_us_per_packet": round(self.decide_ns / 1000 / handled, 2) if handled else None,
                 "verdict_us_per_packet": round(self.verdict_ns / 1000 / handled, 2) if handled else None,
                 "queue_mode": self.dataplane.queue_mode}
 
+    # -- the loop ----------------------------------------------------------------------------
+    def serve(self) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        from .control import ControlServer
+
+        queue = NetfilterQueue()
+        queue.bind(self.cfg.queue, self.handle, max_len=4096)
+        control = ControlServer(self.cfg.control_socket, self.control)
+        poller = select.poll()
+        poller.register(queue.get_fd(), select.POLLIN)
+        poller.register(control.fileno(), select.POLLIN)
+        next_count = 0.0
+        log.info("worker listening on queue %d, control socket %s", self.cfg.queue, self.cfg.control_socket)
+        try:
+            while not self.stopping:
+                for fd, _ in poller.poll(200):
+                    if fd == control.fileno():
+                        control.serve_ready()
+                    else:
+                        queue.run(block=False)
+                self.flush_tokens()
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload()
+                if time.monotonic() >= next_count:
+                    self.refresh_conntrack()
+                    next_count = time.monotonic() + self.cfg.conntrack_interval
+        finally:
+            queue.unbind()
+            control.close()
+            self.flush_tokens()
+
+
+def backend_status(b: Backend) -> dict:
+    return {"name": b.name, "addresses": list(b.addresses), "state": b.state, "healthy": b.healthy,
+            "weight": b.weight, "drained": b.drained, "mark": f"0x{b.mark:x}", "table": b.table,
+            "connections": b.active, "subflows": b.subflows}
+
+
+def queue_drops(queue: int) -> dict:
+    """From /proc/net/netfilter/nfnetlink_queue: packets dropped because the queue was full, or
+    because the worker's socket buffer was."""
+    try:
+        for line in Path("/proc/net/netfilter/nfnetlink_queue").read_text().splitlines():
+            fields = line.split()
+            if int(fields[0]) == queue:
+                return {"queue_full": int(fields[5]), "socket_full": int(fields[6]), "waiting": int(fields[2])}
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"queue_full": 0, "socket_full": 0, "waiting": 0}
+
 
 def run(cfg: Config) -> int:
+    from .health import HealthChecker
+
     dataplane = Dataplane(cfg)
-    worker = Worker(cfg, cfg.balancer(), dataplane)
+    worker = Worker(cfg, dataplane)
 
     def stop(signum, frame):
         worker.stopping = True
+
+    def reload(signum, frame):
+        worker.reload_requested = True
 
     def dump(signum, frame):
         print(json.dumps({"event": "stats", **worker.report()}), flush=True)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     signal.signal(signal.SIGUSR1, dump)
     try:
         dataplane.install()
-        print(json.dumps({"event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode}),
-              flush=True)
+        if cfg.metrics_address:
+            from .metrics import serve_metrics
+
+            serve_metrics(worker, cfg.metrics_address)
+        if cfg.health.enabled:
+            h = cfg.health
+            worker.health = HealthChecker(h.interval, h.timeout, h.rise, h.fall, h.mptcp, worker.health_targets,
+                                          worker.set_health)
+            worker.health.start()
+        print(json.dumps({"event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode,
+                          "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True)
         worker.serve()
     finally:
+        if worker.health:
+            worker.health.stop()
         dataplane.remove()
     print(json.dumps({"event": "stopped", **worker.report()}), flush=True)
     return 0

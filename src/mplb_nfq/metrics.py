@@ -1,0 +1,111 @@
+"""Prometheus metrics, read from the worker's state at scrape time (nothing is added to the hot path
+but a histogram bucket). Names `mplb_*`, base units, `_total` counters; labels are bounded
+(kinds, backends, services), never client addresses or tokens."""
+from __future__ import annotations
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+JOIN_RESULTS = {"join_hit": "hit", "join_miss": "miss", "join_collision": "collision"}
+
+
+class WorkerCollector:
+    def __init__(self, worker):
+        self.worker = worker
+        self._nft = None
+
+    def _nft_counters(self) -> dict[str, int]:
+        from .kernel import Nft
+
+        if self._nft is None:
+            self._nft = Nft()  # its own libnftables context: the worker's is used by its own thread
+        data = self._nft.json(f"list counters table inet {self.worker.cfg.table_name}")
+        return {c["counter"]["name"]: c["counter"]["packets"] for c in data.get("nftables", []) if "counter" in c}
+
+    def collect(self):
+        w = self.worker
+        kinds = dict(w.balancer.counts)
+
+        queued = CounterMetricFamily("mplb_queued_packets", "Packets the worker took from the queue, by kind",
+                                     labels=["kind"])
+        for kind, n in sorted(kinds.items()):
+            queued.add_metric([kind], n)
+        yield queued
+
+        verdicts = CounterMetricFamily("mplb_verdicts", "Verdicts given, by verdict", labels=["verdict"])
+        for verdict in ("accept", "reject", "drop"):
+            verdicts.add_metric([verdict], w.stats[verdict])
+        yield verdicts
+
+        errors = CounterMetricFamily("mplb_worker_errors", "Packets accepted unchanged after a decision failed")
+        errors.add_metric([], w.stats["errors"])
+        yield errors
+
+        try:
+            nft = self._nft_counters()
+        except Exception:
+            nft = {}
+        lookups = CounterMetricFamily("mplb_join_lookups", "MP_JOIN token lookups, by result and where",
+                                      labels=["result", "path"])
+        for kind, result in JOIN_RESULTS.items():
+            lookups.add_metric([result, "worker"], kinds.get(kind, 0))
+        lookups.add_metric(["hit", "kernel"], nft.get("join_kernel_hit", 0))
+        yield lookups
+
+        diverted = CounterMetricFamily("mplb_nft_queued_packets", "Packets the nft ruleset sent to the queue",
+                                       labels=["rule"])
+        for name in ("queued_syn", "queued_synack", "queued_capable"):
+            diverted.add_metric([name.removeprefix("queued_")], nft.get(name, 0))
+        yield diverted
+
+        tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds")
+        tokens.add_metric([], len(w.balancer.tokens))
+        yield tokens
+        installed = CounterMetricFamily("mplb_tokens_installed", "Tokens installed in the kernel map")
+        installed.add_metric([], w.stats["tokens_installed"])
+        yield installed
+
+        connections = GaugeMetricFamily("mplb_backend_connections", "Active MPTCP/TCP connections per backend",
+                                        labels=["service", "backend"])
+        subflows = GaugeMetricFamily("mplb_backend_subflows", "Active added subflows (MP_JOIN) per backend",
+                                     labels=["service", "backend"])
+        up = GaugeMetricFamily("mplb_backend_up", "1 when the backend's health check passes",
+                               labels=["service", "backend"])
+        weight = GaugeMetricFamily("mplb_backend_weight", "The backend's weight", labels=["service", "backend"])
+        draining = GaugeMetricFamily("mplb_backend_draining", "1 when the backend takes no new connections",
+                                     labels=["service", "backend"])
+        for service in w.balancer.services:
+            for b in service.backends:
+                labels = [service.name, b.name]
+                connections.add_metric(labels, b.active)
+                subflows.add_metric(labels, b.subflows)
+                up.add_metric(labels, int(b.healthy))
+                weight.add_metric(labels, b.weight)
+                draining.add_metric(labels, int(not b.available and b.healthy))
+        yield from (connections, subflows, up, weight, draining)
+
+        from .worker import LATENCY_BUCKETS, queue_drops
+
+        drops = CounterMetricFamily("mplb_nfqueue_dropped_packets", "Packets the kernel dropped at the queue",
+                                    labels=["reason"])
+        found = queue_drops(w.cfg.queue)
+        drops.add_metric(["queue_full"], found["queue_full"])
+        drops.add_metric(["socket_full"], found["socket_full"])
+        yield drops
+
+        buckets, total = [], 0
+        for bound, count in zip(list(LATENCY_BUCKETS) + [float("inf")], w.latency_counts):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        latency = HistogramMetricFamily("mplb_packet_processing_seconds",
+                                        "CPU time to parse and decide one queued packet")
+        latency.add_metric([], buckets, w.latency_sum)
+        yield latency
+
+
+def serve_metrics(worker, address: str) -> None:
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(worker))
+    start_http_server(int(port), addr=host.strip("[]"), registry=registry)

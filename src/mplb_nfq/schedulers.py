@@ -1,0 +1,127 @@
+"""Schedulers: which backend a new connection goes to. Pure; each picks among the candidates it is
+given (the service's backends that are healthy, not drained and of weight > 0)."""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Protocol, Sequence
+
+SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
+MAGLEV_DEFAULT_SIZE = 65537
+
+
+class Candidate(Protocol):
+    name: str
+    weight: int
+    active: int
+
+
+class RoundRobin:
+    def __init__(self, **_):
+        self._next = 0
+
+    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+        backend = candidates[self._next % len(candidates)]
+        self._next += 1
+        return backend
+
+
+class WeightedRoundRobin:
+    """Smooth weighted round robin (as nginx): weights 5,1,1 give a a b a c a a, not a a a a a b c."""
+
+    def __init__(self, **_):
+        self._current: dict[str, int] = {}
+
+    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+        total = 0
+        best = None
+        for backend in candidates:
+            current = self._current.get(backend.name, 0) + backend.weight
+            self._current[backend.name] = current
+            total += backend.weight
+            if best is None or current > self._current[best.name]:
+                best = backend
+        self._current[best.name] -= total
+        return best
+
+
+class LeastConnections:
+    """IPVS wlc: the fewest active connections per unit of weight; ties go round robin."""
+
+    def __init__(self, **_):
+        self._turn = 0
+
+    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+        self._turn += 1
+        n = len(candidates)
+        order = [candidates[(self._turn + i) % n] for i in range(n)]
+        return min(order, key=lambda b: b.active / b.weight)
+
+
+class SourceHash:
+    """IPVS sh: the client address alone picks the backend (stateless affinity)."""
+
+    def __init__(self, **_):
+        pass
+
+    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+        return candidates[zlib.crc32(client) % len(candidates)]
+
+
+def _hash64(data: bytes, salt: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, salt=salt).digest(), "big")
+
+
+class Maglev:
+    """Maglev consistent hashing (Eisenbud et al., NSDI 2016) of the connection's 5-tuple.
+
+    A lookup table of prime size M is filled by the backends' permutations, in turns weighted by
+    their weights; removing one of N backends moves about 1/N of the keys.
+    """
+
+    def __init__(self, table_size: int = MAGLEV_DEFAULT_SIZE, **_):
+        if table_size < 2 or any(table_size % d == 0 for d in range(2, int(table_size ** 0.5) + 1)):
+            raise ValueError(f"maglev table size {table_size} is not a prime")
+        self.size = table_size
+        self._built_for: tuple | None = None
+        self._table: list[int] = []
+
+    def _build(self, candidates: Sequence[Candidate]) -> None:
+        m = self.size
+        names = [b.name.encode() for b in candidates]
+        offsets = [_hash64(n, b"offset") % m for n in names]
+        skips = [_hash64(n, b"skip") % (m - 1) + 1 for n in names]
+        weights = [b.weight for b in candidates]
+        top = max(weights)
+        following = [0] * len(names)
+        table = [-1] * m
+        filled = 0
+        credit = [0] * len(names)
+        while True:
+            for i in range(len(names)):
+                credit[i] += weights[i]
+                if credit[i] < top:
+                    continue  # a lighter backend takes a turn only every top/weight rounds
+                credit[i] -= top
+                slot = (offsets[i] + following[i] * skips[i]) % m
+                while table[slot] >= 0:
+                    following[i] += 1
+                    slot = (offsets[i] + following[i] * skips[i]) % m
+                table[slot] = i
+                following[i] += 1
+                filled += 1
+                if filled == m:
+                    self._table = table
+                    return
+
+    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+        signature = tuple((b.name, b.weight) for b in candidates)
+        if signature != self._built_for:
+            self._build(candidates)
+            self._built_for = signature
+        return candidates[self._table[zlib.crc32(key) % self.size]]
+
+
+def make_scheduler(name: str, maglev_size: int = MAGLEV_DEFAULT_SIZE):
+    return {"rr": RoundRobin, "wrr": WeightedRoundRobin, "lc": LeastConnections, "sh": SourceHash,
+            "maglev": Maglev}[name](table_size=maglev_size)
