@@ -9,7 +9,6 @@ process's CPU time from /proc.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time

@@ -1,7 +1,59 @@
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Real MPTCP captures from tcpdump's test suite (BSD licence, see captures/LICENSE.tcpdump).
 CAPTURES = Path(__file__).parent / "captures"
+
+
+def start_server(topo, name):
+    from mplb_nfq.lab import PORT
+
+    proc = topo.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if topo.exec(name, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip():
+            break
+        time.sleep(0.05)
+    topo.servers[name] = proc
+    return proc
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """The lab topology (client, LB, switch, 2 backends serving downloads), one per test module."""
+    from mplb_nfq.netns import Topology, leftover_namespaces
+
+    with Topology(backends=2) as t:
+        t.servers = {}
+        for name in t.backend_names:
+            start_server(t, name)
+        yield t
+    assert not [n for n in leftover_namespaces() if t.tag in n]
+
+
+@pytest.fixture
+def worker(topo, tmp_path):
+    """start(mode, extra TOML, or a whole config text) runs the worker in the LB namespace; it is
+    stopped and cleaned up after."""
+    from mplb_nfq.lab import Worker, config_text
+
+    started = []
+
+    def start(mode="mplb", extra="", text=None):
+        config = tmp_path / f"{mode}.toml"
+        config.write_text(text or config_text(mode, 2, tmp_path, extra=extra))
+        w = Worker(topo, config, tmp_path / f"{mode}.log")
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.stop()
+        topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(w.config_path))

@@ -34,7 +34,8 @@ def changed(path: str, value):
 
 def test_good_config():
     cfg = from_dict(GOOD)
-    assert [(b.name, b.mark, b.table, b.weight) for b in cfg.backends] == [("b1", 0x100, 1000, 3), ("b2", 0x101, 1001, 1)]
+    assert [(b.name, b.mark, b.table, b.weight) for b in cfg.backends] == [
+        ("b1", 0x100, 1000, 3), ("b2", 0x101, 1001, 1)]
     web, v6 = cfg.services
     assert web.vips == ("10.0.100.1",) and web.ports == (80, 443) and web.scheduler == "maglev"
     assert web.persistence == 300 and v6.vips == ("2001:db8::100",) and v6.backends == ("b2",)

@@ -1,75 +1,16 @@
 """The data path on the real kernel: nftables, NFQUEUE, conntrack, policy routing and Linux MPTCP,
 in network namespaces made (and removed) here. Needs root."""
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 
-import pytest
+from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, nft_counters
 
-from mplb_nfq.lab import PORT, Worker, config_text
-from mplb_nfq.netns import VIP, Topology, leftover_namespaces
+from mplb_nfq.lab import PORT, config_text
+from mplb_nfq.netns import VIP
 
-pytestmark = [pytest.mark.kernel,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and nftables")]
-MB = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def topo():
-    with Topology(backends=2) as t:
-        for name in t.backend_names:
-            t.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT),
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for name in t.backend_names:
-            for _ in range(100):
-                if t.exec(name, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip():
-                    break
-                time.sleep(0.05)
-        yield t
-    assert not [n for n in leftover_namespaces() if t.tag in n]
-
-
-@pytest.fixture
-def worker(topo, tmp_path):
-    """Start the worker in the LB namespace with a mode of the lab; stop it (and clean up) after."""
-    started = []
-
-    def start(mode="mplb"):
-        config = tmp_path / f"{mode}.toml"
-        config.write_text(config_text(mode, 2, tmp_path))
-        w = Worker(topo, config, tmp_path / f"{mode}.log")
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        if w.proc.poll() is None:
-            w.stop()
-        topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(w.config_path))
-
-
-def fetch(topo, *sizes, pause=0.0):
-    args = [a for s in sizes for a in ("--size", str(s))]
-    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),
-                    "--pause", str(pause), *args, capture_output=True).stdout
-    return [json.loads(line) for line in out.splitlines()]
-
-
-def counters(topo):
-    return {name: topo.nstat(name) for name in topo.backend_names}
-
-
-def delta(before, after, key):
-    return {name: after[name].get(key, 0) - before[name].get(key, 0) for name in before}
-
-
-def nft_counters(topo):
-    data = json.loads(topo.exec("lb", "nft", "-j", "list", "counters", "table", "inet", "mplb",
-                                capture_output=True).stdout)
-    return {c["counter"]["name"]: c["counter"]["packets"] for c in data["nftables"] if "counter" in c}
+pytestmark = KERNEL
 
 
 def test_both_subflows_of_a_connection_land_on_one_backend(topo, worker):
@@ -126,8 +67,7 @@ def test_only_handshake_packets_reach_the_worker(topo, worker):
 def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worker):
     w = worker("mplb")
     before = counters(topo)
-    download = topo.python("client", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT), "--size", str(20 * MB),
-                           stdout=subprocess.PIPE, text=True)
+    download = fetch_in_background(topo, 20 * MB)
     time.sleep(0.8)
     w.proc.send_signal(signal.SIGKILL)
     w.proc.wait()

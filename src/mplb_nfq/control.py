@@ -76,10 +76,10 @@ def _read_line(conn: socket.socket) -> bytes:
     return data
 
 
-def request(path: str, command: str, **args) -> dict:
+def request(socket_path: str, command: str, **args) -> dict:
     """Send one command to a running worker."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10.0)
-        s.connect(path)
+        s.connect(socket_path)
         s.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
         return json.loads(_read_line(s))

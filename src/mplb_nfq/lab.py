@@ -90,7 +90,7 @@ class Worker:
     """The balancer worker running in the lab's LB namespace."""
 
     def __init__(self, topo: Topology, config_path: Path, log_path: Path):
-        self.config_path = config_path
+        self.config_path, self.log_path = config_path, log_path
         self.log = open(log_path, "w")
         self.proc = topo.popen("lb", sys.executable, "-m", "mplb_nfq", "run", "-c", str(config_path),
                                stdout=subprocess.PIPE, stderr=self.log, text=True)

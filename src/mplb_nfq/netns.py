@@ -138,6 +138,13 @@ class Topology:
     def python(self, role: str, module: str, *args: str, **kwargs) -> subprocess.Popen:
         return self.popen(role, sys.executable, "-m", module, *args, **kwargs)
 
+    def subflow_endpoint(self, present: bool) -> None:
+        """Add or remove the client's second address as a subflow endpoint: adding it makes the
+        client's path manager open a subflow on every MPTCP connection, the open ones included."""
+        self.exec("client", "ip", "mptcp", "endpoint", "flush")
+        if present:
+            self.exec("client", "ip", "mptcp", "endpoint", "add", self.client_addresses[1], "dev", "c2", "subflow")
+
     def nstat(self, role: str) -> dict[str, int]:
         """The MPTCP counters of one namespace (absolute values, no shared history file)."""
         out = self.exec(role, "nstat", "-asz", env={**os.environ, "NSTAT_HISTORY": "/dev/null"},

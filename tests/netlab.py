@@ -1,0 +1,46 @@
+"""Helpers for the kernel tests: downloads through the lab topology, backend counters."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mplb_nfq.lab import PORT
+from mplb_nfq.netns import VIP
+
+KERNEL = [pytest.mark.kernel,
+          pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and nftables")]
+MB = 1_000_000
+
+
+def fetch(topo, *sizes, pause=0.0):
+    args = [a for s in sizes for a in ("--size", str(s))]
+    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),
+                    "--pause", str(pause), *args, capture_output=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def fetch_in_background(topo, size):
+    return topo.python("client", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT), "--size", str(size),
+                       stdout=subprocess.PIPE, text=True)
+
+
+def counters(topo):
+    return {name: topo.nstat(name) for name in topo.backend_names}
+
+
+def delta(before, after, key):
+    return {name: after[name].get(key, 0) - before[name].get(key, 0) for name in before}
+
+
+def nft_counters(topo):
+    data = json.loads(topo.exec("lb", "nft", "-j", "list", "counters", "table", "inet", "mplb",
+                                capture_output=True).stdout)
+    return {c["counter"]["name"]: c["counter"]["packets"] for c in data["nftables"] if "counter" in c}
+
+
+def serving(before, after):
+    """The backend that accepted the one new MPTCP connection between two counter readings."""
+    (name,) = [n for n, v in delta(before, after, "MPTcpExtMPCapableSYNRX").items() if v == 1]
+    return name
