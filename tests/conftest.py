@@ -45,9 +45,9 @@ def worker(topo, tmp_path):
 
     started = []
 
-    def start(mode="mplb", extra="", text=None):
+    def start(mode="mplb", extra="", text=None, metrics=""):
         config = tmp_path / f"{mode}.toml"
-        config.write_text(text or config_text(mode, 2, tmp_path, extra=extra))
+        config.write_text(text or config_text(mode, 2, tmp_path, metrics=metrics, extra=extra))
         w = Worker(topo, config, tmp_path / f"{mode}.log")
         started.append(w)
         return w

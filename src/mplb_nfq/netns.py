@@ -12,8 +12,10 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 VIP = "10.0.100.1"
+BACKEND_SETUP = Path(__file__).resolve().parent / "backend-setup.sh"
 LB_BACKEND_SIDE = "10.0.9.1"
 
 
@@ -73,9 +75,7 @@ class Topology:
             cmds += [f"link add eth0 netns {b} type veth peer name b{i + 1} netns {switch}",
                      f"-n {switch} link set b{i + 1} master br0", f"-n {switch} link set b{i + 1} up",
                      f"-n {b} addr add {backend_address(i)}/24 dev eth0", f"-n {b} link set eth0 up",
-                     f"-n {b} link set lo up", f"-n {b} addr add {VIP}/32 dev lo",
-                     f"-n {b} route add default via {LB_BACKEND_SIDE}",
-                     f"-n {b} mptcp limits set subflows 4 add_addr_accepted 4"]
+                     f"-n {b} link set lo up", f"-n {b} route add default via {LB_BACKEND_SIDE}"]
         cmds += [
             f"-n {switch} link set br0 up", f"-n {switch} link set lb up",
             f"-n {client} addr add {c1}/24 dev c1", f"-n {client} addr add {c2}/24 dev c2",
@@ -102,10 +102,8 @@ class Topology:
         for n in [lb, client]:
             self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)
             self.sysctl(n, "net.ipv4.conf.default.rp_filter", 0)
-        for i in range(self.backends):
-            b = self.ns(f"b{i + 1}")
-            self.sysctl(b, "net.ipv4.conf.all.arp_ignore", 1)
-            self.sysctl(b, "net.ipv4.conf.all.arp_announce", 2)
+        for i in range(self.backends):  # as an operator prepares a backend
+            run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP], capture_output=True)
         if self.rate_mbit:
             for ns, dev in ((lb, "l1"), (lb, "l2"), (client, "c1"), (client, "c2")):
                 run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",

@@ -1,0 +1,55 @@
+"""The Grafana dashboard, for real: a real Prometheus (Debian's) scrapes a worker carrying MPTCP
+traffic, and every panel query of the dashboard returns data through Prometheus' HTTP API."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from netlab import KERNEL, MB, fetch
+
+pytestmark = KERNEL
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+QUERY = """import json, sys, urllib.parse, urllib.request
+url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": sys.argv[1]})
+print(urllib.request.urlopen(url, timeout=5).read().decode())"""
+
+
+def query(topo, expr):
+    out = topo.exec("lb", sys.executable, "-c", QUERY, expr, capture_output=True).stdout
+    return json.loads(out)
+
+
+def test_every_dashboard_panel_returns_data_from_a_real_prometheus(topo, worker, tmp_path):
+    assert shutil.which("prometheus"), "Debian's prometheus package is needed (./dev installs it)"
+    worker("mplb", extra="[kernel]\nconntrack_interval = 0.5\n", metrics="127.0.0.1:9842")
+    scrape = (DEPLOY / "prometheus" / "prometheus.yml").read_text().replace("15s", "1s")
+    (tmp_path / "prometheus.yml").write_text(scrape)
+    prometheus = topo.popen("lb", "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                            f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.listen-address=127.0.0.1:9090",
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    try:
+        for _ in range(150):  # Prometheus starts scraping a few seconds after it answers
+            try:
+                if query(topo, 'up{job="mplb-nfq"}')["data"]["result"]:
+                    break
+            except (json.JSONDecodeError, RuntimeError, KeyError):
+                pass
+            time.sleep(0.2)
+        for _ in range(3):  # traffic between scrapes, so that rates have samples to work on
+            assert [r["received"] for r in fetch(topo, 2 * MB, 2 * MB)] == [2 * MB] * 2
+            time.sleep(1.2)
+        dashboard = json.loads((DEPLOY / "grafana" / "mplb-nfq.json").read_text())
+        assert len(dashboard["panels"]) >= 10
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", "30s")
+                answer = query(topo, expr)
+                assert answer["status"] == "success", (panel["title"], answer)
+                assert answer["data"]["result"], f"panel {panel['title']!r}: no data for {expr}"
+        up = query(topo, 'up{job="mplb-nfq"}')["data"]["result"]
+        assert up and up[0]["value"][1] == "1"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=10)
