@@ -44,3 +44,17 @@ def serving(before, after):
     """The backend that accepted the one new MPTCP connection between two counter readings."""
     (name,) = [n for n, v in delta(before, after, "MPTcpExtMPCapableSYNRX").items() if v == 1]
     return name
+
+
+def inject(topo, packets, repeat=1, seconds=30.0):
+    """Send raw IP packets from the client namespace; returns how many were sent."""
+    script = os.path.join(os.path.dirname(__file__), "inject.py")
+    out = topo.exec("client", sys.executable, script, "--repeat", str(repeat), "--seconds", str(seconds),
+                    input="\n".join(p.hex() for p in packets) + "\n", capture_output=True).stdout
+    return int(out)
+
+
+def worker_stats(topo, w):
+    status = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "status", "--json", "-c",
+                                  str(w.config_path), capture_output=True).stdout)
+    return status

@@ -6,14 +6,26 @@ import ipaddress
 SYN, ACK, PSH = 0x02, 0x10, 0x08
 
 
+def _checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def tcp(src: str, dst: str, sport: int = 40000, dport: int = 80, flags: int = SYN,
-        options: bytes = b"", payload: bytes = b"") -> bytes:
+        options: bytes = b"", payload: bytes = b"", seq: int = 1000, ack: int = 0) -> bytes:
+    """An IP packet holding one TCP segment, with a correct TCP checksum (header checksum: the kernel's)."""
     options += b"\x01" * (-len(options) % 4)  # NOP padding to a 32-bit boundary
     doff = (20 + len(options)) // 4
-    header = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (1000).to_bytes(4, "big")
-              + (0).to_bytes(4, "big") + bytes([doff << 4, flags]) + (65535).to_bytes(2, "big") + b"\0\0\0\0")
+    header = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + seq.to_bytes(4, "big")
+              + ack.to_bytes(4, "big") + bytes([(doff & 0xF) << 4, flags]) + (65535).to_bytes(2, "big") + b"\0\0\0\0")
     segment = header + options + payload
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    pseudo = s.packed + d.packed + (len(segment).to_bytes(2, "big") + b"\0\x06" if s.version == 4
+                                    else len(segment).to_bytes(4, "big") + b"\0\0\0\x06")
+    segment = segment[:16] + _checksum(pseudo + segment).to_bytes(2, "big") + segment[18:]
     if s.version == 4:
         return (bytes([0x45, 0]) + (20 + len(segment)).to_bytes(2, "big") + b"\0\0\x40\0\x40\x06\0\0"
                 + s.packed + d.packed + segment)

@@ -187,3 +187,42 @@ def test_expiring_table_drops_expired_entries_on_insert():
 def test_no_backends_is_refused():
     with pytest.raises(ValueError):
         Balancer([])
+
+
+# Two real 8-byte keys whose tokens collide (found by a birthday search): v1 SHA-256, v0 SHA-1.
+COLLIDING = {1: (bytes.fromhex("000000000000c66f"), bytes.fromhex("000000000000e658")),
+             0: (bytes.fromhex("0000010000000036"), bytes.fromhex("0000010000012645"))}
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_the_colliding_keys_do_collide(version):
+    first, second = COLLIDING[version]
+    assert first != second and token_of_key(first, version) == token_of_key(second, version)
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_token_collision_between_backends_is_detected_and_its_joins_refused_not_misrouted(version):
+    balancer = lb("rr")
+    key_a, key_b = COLLIDING[version]
+    token = token_of_key(key_a, version)
+    mark_a = balancer.decide(syn(sport=40000), 0, 0).mark
+    mark_b = balancer.decide(syn(sport=40001), 0, 0).mark
+    assert mark_a != mark_b
+    assert balancer.decide(synack(sport=40000, key=key_a, version=version), mark_a, 0).token == token
+    collision = balancer.decide(synack(sport=40001, key=key_b, version=version), mark_b, 0)
+    assert collision.kind == "token_collision" and collision.token == token  # the worker removes it from the map
+    assert collision.mark == mark_b | LEARNED  # the connection itself is unaffected
+    ack = parse_ip(tcp("10.0.1.2", VIP, 40001, 80, ACK, mp_capable(version, 0x01, CLIENT_KEY, key_b)))
+    again = balancer.decide(ack, mark_b, 0)  # its third ACK: nothing more to do
+    assert again.token is None and again.kind == "token_collision_repeat"
+    refused = balancer.decide(join(token=token), 0, 0)
+    assert (refused.mark, refused.kind) == (REJECT, "join_collision")
+    assert balancer.counts["token_collision"] == 1
+
+
+def test_same_token_on_the_same_backend_is_no_collision():
+    balancer = lb("rr", n=1)
+    mark = balancer.decide(syn(sport=40000), 0, 0).mark
+    balancer.decide(synack(sport=40000, key=COLLIDING[1][0]), mark, 0)
+    verdict = balancer.decide(synack(sport=40001, key=COLLIDING[1][1]), balancer.decide(syn(sport=40001), 0, 0).mark, 0)
+    assert verdict.kind == "syn_ack_repeat"

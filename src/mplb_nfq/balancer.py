@@ -113,11 +113,16 @@ class Service:
         self.affinity = ExpiringTable(1_000_000, self.persistence)
 
 
+# Held in the token table for a token that two live connections on different backends share: a
+# join carrying it could belong to either, so it is refused (TCP reset) rather than misrouted.
+AMBIGUOUS = Backend("(token collision)", (), 0, 0)
+
+
 class Verdict(NamedTuple):
     accept: bool
     mark: int
     kind: str  # what the packet was, for the counters
-    token: int | None = None  # learned: install token -> mark in the kernel map
+    token: int | None = None  # learned: install token -> mark in the kernel map (a collision: remove it)
 
 
 class Balancer:
@@ -182,6 +187,8 @@ class Balancer:
             return Verdict(True, known.mark, "syn_retransmit")
         if segment.join is not None and service.mptcp_aware:
             backend = self.tokens.get(segment.join.token, now)
+            if backend is AMBIGUOUS:
+                return Verdict(True, REJECT, "join_collision")
             if backend is not None:  # even to a drained backend: the connection lives there
                 backend.subflows += 1
                 self.flows.put(segment.flow, backend, now)
@@ -227,7 +234,13 @@ class Balancer:
         if service is not None and not service.mptcp_aware:
             return Verdict(True, backend.mark | LEARNED, kind)
         token = token_of_key(server_key, version)
-        if self.tokens.get(token, now) is backend:  # already learned (SYN-ACK, then a racing ACK)
+        known = self.tokens.get(token, now)
+        if known is backend:  # already learned (SYN-ACK, then a racing ACK)
             return Verdict(True, backend.mark | LEARNED, kind + "_repeat")
+        if known is AMBIGUOUS:
+            return Verdict(True, backend.mark | LEARNED, "token_collision_repeat")
+        if known is not None:  # another connection, on another backend, has the same token
+            self.tokens.put(token, AMBIGUOUS, now)
+            return Verdict(True, backend.mark | LEARNED, "token_collision", token)
         self.tokens.put(token, backend, now)
         return Verdict(True, backend.mark | LEARNED, kind, token)

@@ -261,6 +261,21 @@ class Dataplane:
         elements = ", ".join(token_element(t, m, self.cfg.token_timeout) for t, m in tokens)
         self.nft.run(f"add element inet {self.cfg.table_name} tokens {{ {elements} }}")
 
+    def remove_tokens(self, tokens: list[int]) -> int:
+        """Delete tokens from the kernel map, one by one (a missing one fails alone); how many went."""
+        table = self.cfg.table_name
+        return sum(self.nft.try_run(f"delete element inet {table} tokens {{ 0x{t:08x} }}") for t in tokens)
+
+    def read_tokens(self) -> list[tuple[int, int, float]]:
+        """(token, mark, seconds left) of every element of the kernel token map."""
+        data = self.nft.json(f"list map inet {self.cfg.table_name} tokens")
+        found = []
+        for item in data.get("nftables", []):
+            for key, mark in item.get("map", {}).get("elem", []):
+                element = key["elem"] if isinstance(key, dict) else {"val": key}
+                found.append((int(element["val"]), int(mark), float(element.get("expires", self.cfg.token_timeout))))
+        return found
+
     def counters(self) -> dict[str, int]:
         data = self.nft.json(f"list counters table inet {self.cfg.table_name}")
         return {c["counter"]["name"]: c["counter"]["packets"]

@@ -94,7 +94,7 @@ class Worker:
         self.log = open(log_path, "w")
         self.proc = topo.popen("lb", sys.executable, "-m", "mplb_nfq", "run", "-c", str(config_path),
                                stdout=subprocess.PIPE, stderr=self.log, text=True)
-        ready = json.loads(self.proc.stdout.readline() or '{"event": "died"}')
+        self.ready = ready = json.loads(self.proc.stdout.readline() or '{"event": "died"}')
         if ready.get("event") != "ready":
             self.proc.wait()
             raise RuntimeError(f"the worker did not start; see {log_path}")

@@ -29,6 +29,7 @@ class Worker:
         self.balancer = cfg.balancer()
         self.retired: dict[str, tuple[Backend, list[str]]] = {}
         self.pending_tokens: list[tuple[int, int]] = []
+        self.pending_forget: list[int] = []
         self.stats: Counter[str] = Counter()
         self.decide_ns = self.verdict_ns = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -58,7 +59,10 @@ class Worker:
             packet.drop()
             self.stats["drop"] += 1
         if verdict.token is not None:
-            self.pending_tokens.append((verdict.token, (verdict.mark & BACKEND_MASK) | JOIN))
+            if verdict.kind == "token_collision":
+                self.pending_forget.append(verdict.token)
+            else:
+                self.pending_tokens.append((verdict.token, (verdict.mark & BACKEND_MASK) | JOIN))
         # The verdict's sendmsg also runs the rest of the packet's path in the kernel (the
         # remaining hooks, routing, the transmit): counted apart from our own work.
         done = time.thread_time_ns()
@@ -69,6 +73,10 @@ class Worker:
         self.latency_sum += seconds
 
     def flush_tokens(self) -> None:
+        if self.pending_forget:  # collisions: the kernel must stop steering these joins
+            forget, self.pending_forget = self.pending_forget, []
+            self.pending_tokens = [t for t in self.pending_tokens if t[0] not in forget]
+            self.stats["tokens_forgotten"] += self.dataplane.remove_tokens(forget)
         if not self.pending_tokens:
             return
         batch, self.pending_tokens = self.pending_tokens, []
@@ -78,6 +86,17 @@ class Worker:
         except Exception as e:  # the core still knows them; joins that miss the map get queued
             log.error("token install failed (%d tokens): %s", len(batch), e)
             self.stats["token_install_errors"] += len(batch)
+
+    def adopt_tokens(self) -> int:
+        """A restarted worker rebuilds its token table from the kernel map it finds."""
+        now, ttl = self.clock(), self.balancer.tokens.ttl
+        adopted = 0
+        for token, mark, left in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
+            backend = self.balancer.backend_of(mark)
+            if backend is not None:
+                self.balancer.tokens.put(token, backend, now - max(0.0, ttl - left))
+                adopted += 1
+        return adopted
 
     # -- operations --------------------------------------------------------------------------
     def backends(self) -> dict[str, Backend]:
@@ -277,6 +296,10 @@ def run(cfg: Config) -> int:
     signal.signal(signal.SIGUSR1, dump)
     try:
         dataplane.install()
+        adopted = worker.adopt_tokens()
+        if adopted:
+            log.info("adopted %d tokens from the kernel map", adopted)
+        worker.refresh_conntrack()
         if cfg.metrics_address:
             from .metrics import serve_metrics
 
@@ -286,7 +309,7 @@ def run(cfg: Config) -> int:
             worker.health = HealthChecker(h.interval, h.timeout, h.rise, h.fall, h.mptcp, worker.health_targets,
                                           worker.set_health)
             worker.health.start()
-        print(json.dumps({"event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode,
+        print(json.dumps({"event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode, "adopted": adopted,
                           "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True)
         worker.serve()
     finally:

@@ -1,0 +1,112 @@
+"""Robustness on the real kernel: worker restarts, malformed packets, token collisions, floods."""
+import json
+import signal
+import threading
+import time
+
+from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, inject, serving, worker_stats
+from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
+
+from mplb_nfq.lab import PORT, Worker
+from mplb_nfq.netns import VIP
+from mplb_nfq.packet import token_of_key
+
+pytestmark = KERNEL
+FAST = "[kernel]\nconntrack_interval = 0.3\n"
+COLLIDING = (bytes.fromhex("000000000000c66f"), bytes.fromhex("000000000000e658"))  # one SHA-256 token
+
+
+def kinds(topo, w):
+    return worker_stats(topo, w)["packets"]["kinds"]
+
+
+def test_a_restarted_worker_adopts_the_kernel_state_and_a_new_subflow_finds_its_backend(topo, worker, tmp_path):
+    w = worker("mplb", extra=FAST)
+    topo.subflow_endpoint(False)
+    try:
+        before = counters(topo)
+        download = fetch_in_background(topo, 30 * MB)
+        time.sleep(0.7)
+        home = serving(before, counters(topo))
+        w.proc.send_signal(signal.SIGKILL)
+        w.proc.wait()
+        time.sleep(0.3)
+        again = Worker(topo, w.config_path, tmp_path / "restarted.log")
+        assert again.ready["adopted"] >= 1  # the token of the open connection, from the kernel map
+        topo.subflow_endpoint(True)  # a new subflow of the connection opened before the restart
+        assert json.loads(download.communicate(timeout=60)[0])["received"] == 30 * MB
+        end = counters(topo)
+        assert delta(before, end, "MPTcpExtMPJoinAckRx")[home] == 1
+        assert sum(delta(before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+        assert worker_stats(topo, again)["tokens_tracked"] >= 1
+        again.stop()
+    finally:
+        topo.subflow_endpoint(True)
+
+
+def test_malformed_packets_get_a_safe_verdict_are_counted_and_the_worker_lives_on(topo, worker):
+    w = worker("mplb")
+    bad_options = [bytes([30, 2]), bytes([30, 8, 0x01, 0x81, 1, 2, 3, 4]), bytes([30, 13, 0x10, 1]) + bytes(9),
+                   bytes([30, 3, 0x20]), bytes([2, 1, 0, 0]), bytes([30, 12, 0x05, 0x81]) + bytes(8)]
+    packets = [tcp("10.0.1.60", VIP, 20000 + i, PORT, SYN, options) for i, options in enumerate(bad_options)]
+    assert inject(topo, packets) == len(bad_options)
+    time.sleep(0.5)
+    stats = worker_stats(topo, w)
+    assert stats["packets"]["kinds"].get("malformed", 0) >= 4  # those nftables queues (option length 1 it cannot)
+    assert stats["packets"].get("errors", 0) == 0 and w.proc.poll() is None
+    assert [r["received"] for r in fetch(topo, MB)] == [MB]
+
+
+def test_a_token_collision_is_counted_and_its_joins_are_reset_not_misrouted(topo, worker):
+    w = worker("mplb")
+    topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")  # our ACKs are forged
+    try:
+        client = "10.0.1.50"  # no host owns it: the backends' answers die at the LB, no RST comes back
+        inject(topo, [tcp(client, VIP, 50001, PORT, SYN), tcp(client, VIP, 50002, PORT, SYN)])
+        time.sleep(0.3)
+        inject(topo, [tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY, key), seq=1001, ack=1)
+                      for port, key in ((50001, COLLIDING[0]), (50002, COLLIDING[1]))])
+        time.sleep(0.5)
+        seen = kinds(topo, w)
+        assert seen.get("third_ack") == 1 and seen.get("token_collision") == 1
+        token = token_of_key(COLLIDING[0], 1)
+        listing = topo.exec("lb", "nft", "list", "map", "inet", "mplb", "tokens", capture_output=True).stdout
+        assert str(token) not in listing  # not steered by the kernel any more
+        inject(topo, [tcp("10.0.2.50", VIP, 50003, PORT, SYN, mp_join_syn(token))])
+        time.sleep(0.3)
+        assert kinds(topo, w).get("join_collision") == 1
+        rejected = json.loads(topo.exec("lb", "nft", "-j", "list", "counter", "inet", "mplb", "rejected",
+                                        capture_output=True).stdout)["nftables"][1]["counter"]["packets"]
+        assert rejected == 1  # answered with a TCP reset
+    finally:
+        topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+
+def test_syn_and_join_floods_keep_memory_bounded_and_let_real_connections_through(topo, worker):
+    w = worker("mplb", extra="[limits]\nflow_capacity = 2000\ntoken_capacity = 2000\n")
+    rss_before = rss_kib(w.proc.pid)
+    syns = [tcp(f"10.0.1.{100 + i % 100}", VIP, 1024 + i, PORT, SYN, mp_capable()) for i in range(5000)]
+    joins = [tcp(f"10.0.2.{100 + i % 100}", VIP, 1024 + i, PORT, SYN, mp_join_syn(0x10000000 + i * 7919))
+             for i in range(5000)]
+    flood = threading.Thread(target=inject, args=(topo, syns + joins), kwargs={"repeat": 3, "seconds": 8})
+    flood.start()
+    time.sleep(0.2)
+    results = fetch(topo, MB, MB)  # real clients, during the flood
+    flood.join()
+    time.sleep(0.5)
+    assert [r.get("received") for r in results] == [MB, MB]
+    stats = worker_stats(topo, w)
+    assert stats["flows_tracked"] <= 2000 and stats["tokens_tracked"] <= 2000
+    handled = stats["packets"]["packets"]
+    dropped = stats["queue_drops"]["queue_full"] + stats["queue_drops"]["socket_full"]
+    assert handled + dropped >= 10000, (handled, dropped)  # every flood packet was either decided or counted
+    grown = rss_kib(w.proc.pid) - rss_before
+    print(f"flood: {handled} decided, {dropped} dropped at the queue, worker RSS +{grown} KiB")
+    assert grown < 50_000, "the worker's memory grew by more than 50 MB"
+    assert w.proc.poll() is None
