@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
-from mplb_nfq.balancer import Backend, Balancer  # noqa: E402
+from mplb_nfq.balancer import Backend, Balancer, Service  # noqa: E402
 from mplb_nfq.packet import parse_ip, token_of_key  # noqa: E402
 
 OPTIONS = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07"  # mss, sackOK, TS, wscale
@@ -21,7 +21,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=200_000)
     n = parser.parse_args().n
-    backends = [Backend(f"b{i}", f"10.0.9.{i}", 0x100 + i, 100 + i) for i in range(4)]
+    backends = [Backend(f"b{i}", (f"10.0.9.{i}",), 0x100 + i, 1000 + i) for i in range(4)]
+    service = Service("web", (bytes([10, 0, 100, 1]),), (80,), backends)
     token = token_of_key(SERVER_KEY, 1)
     cases = {
         "MP_CAPABLE SYN": [tcp("10.0.1.2", "10.0.100.1", 1024 + i % 60000, 80, SYN, OPTIONS + mp_capable())
@@ -34,7 +35,7 @@ def main() -> None:
     }
     print(f"{'packet':16} {'parse µs':>9} {'parse+decide µs':>16}")
     for name, packets in cases.items():
-        lb = Balancer(backends, flow_capacity=10_000)
+        lb = Balancer([service], flow_capacity=10_000)
         lb.decide(parse_ip(cases["third ACK"][0]), 0x100, 0)
         started = time.perf_counter()
         for i in range(n):

@@ -32,7 +32,7 @@ def test_tcp_fields_and_options_agree_with_dpkt(pcap):
         assert (ours.sport, ours.dport, ours.flags) == (segment.sport, segment.dport, segment.flags)
         theirs = [(kind, data) for kind, data in dpkt.tcp.parse_opts(segment.opts)
                   if kind not in (dpkt.tcp.TCP_OPT_NOP, dpkt.tcp.TCP_OPT_EOL)]
-        assert [(kind, opt[2:]) for kind, opt in ours.options] == theirs
+        assert [(kind, opt[2:]) for kind, opt in ours.option_list] == theirs
         checked += 1
     assert checked > 0 or pcap.name == "mptcp-dss-oobr.pcap"
 

@@ -27,7 +27,7 @@ def test_plain_syn(src, dst):
     seg = parse_ip(tcp(src, dst, 40000, 80, SYN, b"\x02\x04\x05\xb4"))
     assert isinstance(seg, Segment)
     assert (seg.version, seg.sport, seg.dport, seg.is_syn) == (4 if "." in src else 6, 40000, 80, True)
-    assert seg.options == ((2, b"\x02\x04\x05\xb4"),)
+    assert seg.option_list == ((2, b"\x02\x04\x05\xb4"),)
     assert seg.mptcp_subtype is None and seg.capable is None and seg.join is None
 
 
@@ -66,7 +66,7 @@ def test_mp_join_syn_fields():
 def test_only_the_first_mptcp_option_counts_like_nftables():
     options = mp_join_syn(0x1234) + mp_capable(1, CAP_FLAG_H)
     seg = parse_ip(tcp("10.0.2.2", "10.0.100.1", options=options))
-    assert seg.join.token == 0x1234 and seg.capable is None and len(seg.options) == 2
+    assert seg.join.token == 0x1234 and seg.capable is None and len(seg.option_list) == 2
 
 
 def test_non_tcp_and_fragments_are_not_ours():

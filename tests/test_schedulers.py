@@ -6,7 +6,7 @@ import pytest
 
 from mplb_nfq.balancer import JOIN, REJECT, Backend, Balancer, Service
 from mplb_nfq.packet import parse_ip, token_of_key
-from mplb_nfq.schedulers import LeastConnections, Maglev, RoundRobin, SourceHash, WeightedRoundRobin
+from mplb_nfq.schedulers import Flow, LeastConnections, Maglev, RoundRobin, SourceHash, WeightedRoundRobin
 from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 
@@ -17,8 +17,10 @@ class B:
     active: int = 0
 
 
-def picks(scheduler, candidates, n, key=lambda i: i.to_bytes(4, "big"), client=lambda i: b"\x0a\0\0\x01"):
-    return [scheduler.pick(key(i), client(i), candidates).name for i in range(n)]
+def picks(scheduler, candidates, n, client=lambda i: b"\x0a\0\0\x01"):
+    """n connections from client(i), port i, to one VIP."""
+    return [scheduler.pick(Flow(client(i), i % 65536, b"\x0a\0\x64\x01", 80 + i // 65536), candidates).name
+            for i in range(n)]
 
 
 def test_round_robin():
@@ -34,9 +36,10 @@ def test_weighted_round_robin_is_smooth_and_proportional():
 
 def test_least_connections_follows_live_counts_per_weight():
     a, b, c = B("a", 1, 10), B("b", 1, 2), B("c", 4, 12)  # c: 3 per unit of weight
-    assert LeastConnections().pick(b"", b"", [a, b, c]).name == "b"
+    flow = Flow(b"\x0a\0\0\x01", 1, b"\x0a\0\x64\x01", 80)
+    assert LeastConnections().pick(flow, [a, b, c]).name == "b"
     b.active = 20
-    assert LeastConnections().pick(b"", b"", [a, b, c]).name == "c"
+    assert LeastConnections().pick(flow, [a, b, c]).name == "c"
 
 
 def test_least_connections_spreads_ties():

@@ -220,8 +220,7 @@ class Balancer:
         candidates = [b for b in service.backends if b.available]
         if not candidates:
             return None
-        key = segment.src + segment.sport.to_bytes(2, "big") + segment.dst + segment.dport.to_bytes(2, "big")
-        backend = service.picker.pick(key, segment.src, candidates)
+        backend = service.picker.pick(segment, candidates)
         if service.persistence:
             service.affinity.put(segment.src, backend, now)
         return backend

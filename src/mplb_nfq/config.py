@@ -68,6 +68,7 @@ class Config:
     max_backends: int = 256
     rule_priority: int = 1000
     flow_capacity: int = 1_000_000
+    flow_timeout: int = 60
     token_capacity: int = 1_000_000
     token_timeout: int = 7200
     metrics_address: str | None = "127.0.0.1:9842"
@@ -111,7 +112,7 @@ class Config:
                         s.persistence, s.maglev_size) for s in self.services]
 
     def balancer(self, **overrides) -> Balancer:
-        return Balancer(self.build_services(), flow_capacity=self.flow_capacity, flow_ttl=self.token_timeout,
+        return Balancer(self.build_services(), flow_capacity=self.flow_capacity, flow_ttl=self.flow_timeout,
                         token_capacity=self.token_capacity, token_ttl=self.token_timeout, **overrides)
 
 
@@ -201,7 +202,7 @@ BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark"}
 HEALTH_KEYS = {"enabled", "interval", "timeout", "rise", "fall", "port", "mptcp"}
 KERNEL_KEYS = {"queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
                "conntrack_interval"}
-LIMIT_KEYS = {"flow_capacity", "token_capacity", "token_timeout"}
+LIMIT_KEYS = {"flow_capacity", "flow_timeout", "token_capacity", "token_timeout"}
 
 
 def from_dict(data: dict, path: str = "<config>") -> Config:
@@ -258,6 +259,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         rule_priority=kernel.integer("rule_priority", 1000, 1, 32764),
         conntrack_interval=kernel.number("conntrack_interval", 2.0, 0.1, 3600),
         flow_capacity=limits.integer("flow_capacity", 1_000_000, 1, 100_000_000),
+        flow_timeout=limits.integer("flow_timeout", 60, 1, 86400),
         token_capacity=limits.integer("token_capacity", 1_000_000, 1, 100_000_000),
         token_timeout=limits.integer("token_timeout", 7200, 1, 30 * 86400),
         metrics_address=metrics_address or None, control_socket=socket_path,

@@ -152,10 +152,12 @@ def _check_unaware_splits(topo: Topology) -> None:
     """As in the paper, the client's two addresses must hash to different backends."""
     import ipaddress
 
-    from .schedulers import SourceHash
+    from .schedulers import Flow, SourceHash
 
     backends = [f"b{i + 1}" for i in range(topo.backends)]
-    picks = {SourceHash().pick(b"", ipaddress.ip_address(a).packed, backends) for a in topo.client_addresses}
+    vip = ipaddress.ip_address(VIP).packed
+    picks = {SourceHash().pick(Flow(ipaddress.ip_address(a).packed, 0, vip, PORT), backends)
+             for a in topo.client_addresses}
     if len(picks) != 2:
         raise RuntimeError(f"client addresses {topo.client_addresses} hash to one backend; change them")
 

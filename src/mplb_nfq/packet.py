@@ -58,7 +58,7 @@ class Segment(NamedTuple):
     sport: int
     dport: int
     flags: int
-    options: tuple[tuple[int, bytes], ...]  # (kind, whole option incl. kind and length)
+    options: bytes  # the TCP options as on the wire (validated); option_list splits them
     payload_len: int
     mptcp_subtype: int | None = None  # of the first MPTCP option, as nftables matches it
     capable: MpCapable | None = None
@@ -71,6 +71,18 @@ class Segment(NamedTuple):
     @property
     def flow(self) -> tuple[bytes, int, bytes, int]:
         return (self.src, self.sport, self.dst, self.dport)
+
+    @property
+    def option_list(self) -> tuple[tuple[int, bytes], ...]:
+        """(kind, whole option incl. kind and length) for every option but NOP and EOL."""
+        found, raw, i = [], self.options, 0
+        while i < len(raw) and raw[i] != OPT_EOL:
+            if raw[i] == OPT_NOP:
+                i += 1
+                continue
+            found.append((raw[i], raw[i:i + raw[i + 1]]))
+            i += raw[i + 1]
+        return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +139,6 @@ def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: 
     if start + doff > end:
         return Malformed(f"TCP data offset {doff} beyond the packet")
     flags = buf[start + 13]
-    options = []
     mptcp = None
     i, options_end = start + 20, start + doff
     while i < options_end:
@@ -144,10 +155,8 @@ def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: 
             return Malformed(f"TCP option {kind} length {length}")
         if i + length > options_end:
             return Malformed(f"TCP option {kind} length {length} overruns the header")
-        opt = buf[i:i + length]
-        options.append((kind, opt))
         if kind == OPT_MPTCP and mptcp is None:
-            mptcp = opt
+            mptcp = buf[i:i + length]
         i += length
     subtype = capable = join = None
     if mptcp is not None:
@@ -156,7 +165,8 @@ def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: 
             return found
         subtype, capable, join = found
     sport, dport = TCP_PORTS.unpack_from(buf, start)
-    return Segment(version, src, dst, sport, dport, flags, tuple(options), end - start - doff, subtype, capable, join)
+    return Segment(version, src, dst, sport, dport, flags, buf[start + 20:start + doff], end - start - doff, subtype,
+                   capable, join)
 
 
 def _parse_mptcp(opt: bytes, flags: int) -> tuple[int, MpCapable | None, MpJoinSyn | None] | Malformed:

@@ -1,10 +1,11 @@
 """Schedulers: which backend a new connection goes to. Pure; each picks among the candidates it is
-given (the service's backends that are healthy, not drained and of weight > 0)."""
+given (the service's backends that are healthy, not drained and of weight > 0) for a connection
+(anything with the `src`, `sport`, `dst`, `dport` of its first packet)."""
 from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 MAGLEV_DEFAULT_SIZE = 65537
@@ -16,11 +17,19 @@ class Candidate(Protocol):
     active: int
 
 
+class Flow(NamedTuple):
+    """A connection as the schedulers see it (a parsed Segment fits as well)."""
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+
+
 class RoundRobin:
     def __init__(self, **_):
         self._next = 0
 
-    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+    def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         backend = candidates[self._next % len(candidates)]
         self._next += 1
         return backend
@@ -32,7 +41,7 @@ class WeightedRoundRobin:
     def __init__(self, **_):
         self._current: dict[str, int] = {}
 
-    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+    def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         total = 0
         best = None
         for backend in candidates:
@@ -51,7 +60,7 @@ class LeastConnections:
     def __init__(self, **_):
         self._turn = 0
 
-    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+    def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         self._turn += 1
         n = len(candidates)
         order = [candidates[(self._turn + i) % n] for i in range(n)]
@@ -64,8 +73,8 @@ class SourceHash:
     def __init__(self, **_):
         pass
 
-    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
-        return candidates[zlib.crc32(client) % len(candidates)]
+    def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
+        return candidates[zlib.crc32(flow.src) % len(candidates)]
 
 
 def _hash64(data: bytes, salt: bytes) -> int:
@@ -114,11 +123,12 @@ class Maglev:
                     self._table = table
                     return
 
-    def pick(self, key: bytes, client: bytes, candidates: Sequence[Candidate]) -> Candidate:
+    def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         signature = tuple((b.name, b.weight) for b in candidates)
         if signature != self._built_for:
             self._build(candidates)
             self._built_for = signature
+        key = flow.src + flow.sport.to_bytes(2, "big") + flow.dst + flow.dport.to_bytes(2, "big")
         return candidates[self._table[zlib.crc32(key) % self.size]]
 
 

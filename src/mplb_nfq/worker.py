@@ -3,10 +3,14 @@ kernel map, health checks, conntrack counts, the control socket, reloads and met
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
+import multiprocessing
+import os
 import select
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,18 +24,18 @@ log = logging.getLogger("mplb_nfq.worker")
 LATENCY_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 RESTART_ONLY = ("queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
                 "metrics_address", "control_socket")
-LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
+LIVE_TCP_STATES = range(1, 7)
+BATCH = 256  # packets handled between two turns of the housekeeping (tokens, control, counts)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 
 
 class Worker:
-    def __init__(self, cfg: Config, dataplane: Dataplane, clock=time.monotonic):
+    def __init__(self, cfg: Config, dataplane: Dataplane, clock=time.perf_counter):
         self.cfg, self.dataplane, self.clock = cfg, dataplane, clock
         self.balancer = cfg.balancer()
         self.retired: dict[str, tuple[Backend, list[str]]] = {}
         self.pending_tokens: list[tuple[int, int]] = []
         self.pending_forget: list[int] = []
         self.stats: Counter[str] = Counter()
-        self.decide_ns = self.verdict_ns = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.stopping = False
@@ -42,15 +46,15 @@ class Worker:
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
         """NetfilterQueue callback: the verdict goes first, whatever happens."""
-        started = time.thread_time_ns()
+        started = time.perf_counter()
         try:
-            verdict = self.balancer.decide(parse_ip(packet.get_payload()), packet.get_mark(), self.clock())
+            verdict = self.balancer.decide(parse_ip(packet.get_payload()), packet.get_mark(), started)
         except Exception:  # a bug must not stall the queue: accept unchanged and count it
             log.exception("decision failed; packet accepted unchanged")
             self.stats["errors"] += 1
             packet.accept()
             return
-        decided = time.thread_time_ns()
+        seconds = time.perf_counter() - started
         if verdict.accept:
             packet.set_mark(verdict.mark)
             packet.accept()
@@ -63,12 +67,6 @@ class Worker:
                 self.pending_forget.append(verdict.token)
             else:
                 self.pending_tokens.append((verdict.token, (verdict.mark & BACKEND_MASK) | JOIN))
-        # The verdict's sendmsg also runs the rest of the packet's path in the kernel (the
-        # remaining hooks, routing, the transmit): counted apart from our own work.
-        done = time.thread_time_ns()
-        self.decide_ns += decided - started
-        self.verdict_ns += done - decided
-        seconds = (decided - started) / 1e9
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
@@ -159,27 +157,10 @@ class Worker:
         return {"ok": True, "services": len(new.services), "backends": len(new.backends),
                 "retired": sorted(self.retired)}
 
-    def refresh_conntrack(self) -> None:
-        """Active connections and subflows per backend, counted from conntrack marks."""
-        from pyroute2 import NFCTSocket
-
-        connections: Counter[int] = Counter()
-        subflows: Counter[int] = Counter()
-        try:
-            with NFCTSocket() as ct:
-                for entry in ct.dump():
-                    mark = entry.get_attr("CTA_MARK") or 0
-                    if not mark & BACKEND_MASK:
-                        continue
-                    state = entry.get_nested("CTA_PROTOINFO", "CTA_PROTOINFO_TCP", "CTA_PROTOINFO_TCP_STATE")
-                    if state not in LIVE_TCP_STATES:
-                        continue
-                    (subflows if mark & JOIN else connections)[mark & BACKEND_MASK] += 1
-        except Exception as e:
-            log.warning("conntrack count failed: %s", e)
-            return
+    def apply_conntrack_counts(self, connections: dict[int, int], subflows: dict[int, int]) -> None:
+        """Active connections and subflows per backend mark, as conntrack counted them."""
         for mark, backend in self.balancer.by_mark.items():
-            backend.active, backend.subflows = connections[mark], subflows[mark]
+            backend.active, backend.subflows = connections.get(mark, 0), subflows.get(mark, 0)
         done = [n for n, (b, _) in self.retired.items() if b.active == 0 and b.subflows == 0]
         if done:
             for name in done:
@@ -218,42 +199,100 @@ class Worker:
         handled = sum(self.stats[k] for k in ("accept", "reject", "drop", "errors"))
         return {"packets": handled, **self.stats, "kinds": dict(self.balancer.counts),
                 "tokens_tracked": len(self.balancer.tokens), "flows_tracked": len(self.balancer.flows),
-                "decide_us_per_packet": round(self.decide_ns / 1000 / handled, 2) if handled else None,
-                "verdict_us_per_packet": round(self.verdict_ns / 1000 / handled, 2) if handled else None,
+                "decide_us_per_packet": round(self.latency_sum * 1e6 / handled, 2) if handled else None,
                 "queue_mode": self.dataplane.queue_mode}
 
     # -- the loop ----------------------------------------------------------------------------
-    def serve(self) -> None:
+    def serve(self, ready=lambda: None) -> None:
         from netfilterqueue import NetfilterQueue
 
         from .control import ControlServer
 
+        # The counter starts first: a child must not inherit the queue's socket, or a killed
+        # worker would leave the queue bound to nobody reading, and no bypass.
+        counts, counter_end = multiprocessing.Pipe(duplex=False)
+        counter = multiprocessing.Process(target=count_conntrack, args=(counter_end, self.cfg.conntrack_interval),
+                                          name="mplb-nfq conntrack counter", daemon=True)
+        counter.start()
         queue = NetfilterQueue()
         queue.bind(self.cfg.queue, self.handle, max_len=4096)
         control = ControlServer(self.cfg.control_socket, self.control)
+        batch = BoundedReader(queue.get_fd(), BATCH)
         poller = select.poll()
-        poller.register(queue.get_fd(), select.POLLIN)
-        poller.register(control.fileno(), select.POLLIN)
-        next_count = 0.0
+        for fd in (queue.get_fd(), control.fileno(), counts.fileno()):
+            poller.register(fd, select.POLLIN)
         log.info("worker listening on queue %d, control socket %s", self.cfg.queue, self.cfg.control_socket)
+        ready()
         try:
             while not self.stopping:
                 for fd, _ in poller.poll(200):
                     if fd == control.fileno():
                         control.serve_ready()
+                    elif fd == counts.fileno():
+                        self.apply_conntrack_counts(*counts.recv())
                     else:
-                        queue.run(block=False)
+                        batch.left = BATCH
+                        queue.run_socket(batch)
                 self.flush_tokens()
                 if self.reload_requested:
                     self.reload_requested = False
                     self.reload()
-                if time.monotonic() >= next_count:
-                    self.refresh_conntrack()
-                    next_count = time.monotonic() + self.cfg.conntrack_interval
         finally:
             queue.unbind()
             control.close()
+            counter.kill()
             self.flush_tokens()
+
+
+class BoundedReader:
+    """The queue's socket as NetfilterQueue.run_socket reads it, but ending a read loop after
+    `left` packets: under a flood, tokens, reloads and the control socket still get their turn."""
+
+    def __init__(self, fd: int, left: int):
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.sock.setblocking(False)
+        self.left = left
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.left -= 1
+        return self.sock.recv(size)
+
+
+def count_conntrack(out, interval: float) -> None:
+    """In a process of its own, so that a large conntrack table never stalls the queue: count the
+    live entries per backend mark, connections and added subflows apart, every interval."""
+    import ctypes
+
+    from pyroute2 import NFCTSocket
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    while True:
+        started = time.monotonic()
+        connections: Counter[int] = Counter()
+        subflows: Counter[int] = Counter()
+        try:
+            with NFCTSocket() as ct:
+                for entry in ct.dump():
+                    mark = entry.get_attr("CTA_MARK") or 0
+                    if not mark & BACKEND_MASK:
+                        continue
+                    state = entry.get_nested("CTA_PROTOINFO", "CTA_PROTOINFO_TCP", "CTA_PROTOINFO_TCP_STATE")
+                    if state in LIVE_TCP_STATES:
+                        (subflows if mark & JOIN else connections)[mark & BACKEND_MASK] += 1
+            out.send((dict(connections), dict(subflows)))
+        except (BrokenPipeError, EOFError):
+            return
+        except Exception as e:
+            log.warning("conntrack count failed: %s", e)
+        # A large table takes long to read: wait at least 4 times as long as the reading took,
+        # so that counting never takes more than a fifth of a core.
+        time.sleep(max(interval, 4 * (time.monotonic() - started)))
 
 
 def backend_status(b: Backend) -> dict:
@@ -299,7 +338,6 @@ def run(cfg: Config) -> int:
         adopted = worker.adopt_tokens()
         if adopted:
             log.info("adopted %d tokens from the kernel map", adopted)
-        worker.refresh_conntrack()
         if cfg.metrics_address:
             from .metrics import serve_metrics
 
@@ -309,9 +347,9 @@ def run(cfg: Config) -> int:
             worker.health = HealthChecker(h.interval, h.timeout, h.rise, h.fall, h.mptcp, worker.health_targets,
                                           worker.set_health)
             worker.health.start()
-        print(json.dumps({"event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode, "adopted": adopted,
-                          "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True)
-        worker.serve()
+        worker.serve(ready=lambda: print(json.dumps({
+            "event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode, "adopted": adopted,
+            "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True))
     finally:
         if worker.health:
             worker.health.stop()

@@ -1,0 +1,43 @@
+"""Connect latency (SYN -> SYN-ACK -> connected) to an address, as percentiles.
+
+    python connect_latency.py HOST PORT COUNT RATE [THREADS]    (RATE: connections/s, 0 = as fast as possible)
+Prints one JSON line: count, rate reached, p50 and p99 in microseconds."""
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+
+host, port, count, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+threads = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+samples: list[float] = []
+lock = threading.Lock()
+
+
+def run(n: int) -> None:
+    interval = threads / rate if rate else 0.0
+    next_at = time.perf_counter()
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
+        started = time.perf_counter()
+        s.connect((host, port))
+        elapsed = time.perf_counter() - started
+        s.close()
+        with lock:
+            samples.append(elapsed)
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+started = time.perf_counter()
+workers = [threading.Thread(target=run, args=(count // threads,)) for _ in range(threads)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+total = time.perf_counter() - started
+cuts = statistics.quantiles(samples, n=100)
+print(json.dumps({"count": len(samples), "rate": len(samples) / total, "p50_us": cuts[49] * 1e6,
+                  "p99_us": cuts[98] * 1e6}))

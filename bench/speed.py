@@ -1,0 +1,166 @@
+"""Speed of the data path, side by side in one run, on the lab topology without rate limits.
+
+    .venv/bin/python bench/speed.py
+
+1. queued handshake packets per second, one worker, against the binding's floor (a worker that
+   accepts without looking): a generator in the client namespace floods MP_CAPABLE SYNs, third
+   ACKs and MP_JOIN SYNs;
+2. added delay of the handshake (SYN and SYN-ACK both go through the worker), p50 and p99, at low
+   and high connection rates, against the same path with nothing queued;
+3. bulk throughput through the LB against plain forwarding, and the packets that reached
+   userspace during a 100 MB transfer;
+4. userspace memory per tracked connection (bench/memory.py).
+"""
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "tests"))
+
+from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
+
+from mplb_nfq.lab import PORT, Worker, config_text  # noqa: E402
+from mplb_nfq.netns import VIP, Topology, backend_address  # noqa: E402
+
+MB = 1_000_000
+
+
+def handshake_flood(flows: int, first_port: int) -> list[bytes]:
+    """Per flow: a SYN, its third ACK, a join (unknown token). New ports each time: fresh flows."""
+    packets = []
+    for i in range(flows):
+        client, port = f"10.0.{1 + i % 2}.{50 + i // 2 % 150}", first_port + i // 300
+        key = (i + 1).to_bytes(8, "big")
+        packets += [tcp(client, VIP, port, PORT, SYN, mp_capable()),
+                    tcp(client, VIP, port, PORT, ACK, mp_capable(1, 1, CLIENT_KEY, key), seq=1001, ack=1),
+                    tcp(f"10.0.3.{50 + i // 2 % 150}", VIP, port, PORT, SYN, mp_join_syn(0x20000000 + i))]
+    return packets
+
+
+def flood(topo, packets, seconds) -> subprocess.Popen:
+    proc = topo.popen("client", sys.executable, str(BENCH.parent / "tests" / "inject.py"), "--repeat", "1",
+                      "--seconds", str(seconds), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc.stdin.write("\n".join(p.hex() for p in packets) + "\n")
+    proc.stdin.close()
+    return proc
+
+
+def measure_rate(topo, count, first_port, seconds=3.0, settle=1.0) -> float:
+    """Packets per second the queue's consumer handled while the generator saturates it with
+    fresh flows (a flow whose SYN was decided is steered by its conntrack mark, not queued again)."""
+    gen = flood(topo, handshake_flood(60000, first_port), settle + seconds + 1)
+    time.sleep(settle)
+    first, started = count(), time.monotonic()
+    time.sleep(seconds)
+    rate = (count() - first) / (time.monotonic() - started)
+    gen.wait(timeout=60)
+    return rate
+
+
+def queued_total(pid: int) -> int:
+    """Packets queue 0 has handed out (id_sequence), read in the namespace of process pid."""
+    for line in Path(f"/proc/{pid}/net/netfilter/nfnetlink_queue").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == "0":
+            return int(fields[7])
+    return 0
+
+
+def queue_rates(topo, run: Path) -> tuple[float, float]:
+    config = run / "mplb.toml"
+    config.write_text(config_text("mplb", 2, run, extra="[limits]\nflow_capacity = 100000\n"))
+    topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
+    worker = Worker(topo, config, run / "worker.log")
+    ours = measure_rate(topo, lambda: queued_total(worker.proc.pid), 1024)
+    worker.proc.send_signal(signal.SIGKILL)  # leave the ruleset in place for the floor worker
+    worker.proc.wait()
+    floor_proc = topo.popen("lb", sys.executable, str(BENCH / "floor.py"), stdout=subprocess.PIPE, text=True)
+    floor_proc.stdout.readline()
+    floor = measure_rate(topo, lambda: queued_total(floor_proc.pid), 20000)
+    floor_proc.send_signal(signal.SIGTERM)
+    floor_proc.wait(timeout=10)
+    topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(config))
+    topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
+    return ours, floor
+
+
+def latency(topo, count, rate, threads=1) -> dict:
+    out = topo.exec("client", sys.executable, str(BENCH / "connect_latency.py"), VIP, str(PORT), str(count),
+                    str(rate), str(threads), capture_output=True).stdout
+    return json.loads(out)
+
+
+def fetch(topo, size) -> float:
+    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),
+                    "--size", str(size), capture_output=True).stdout
+    return json.loads(out)["mbit_s"]
+
+
+def nft_queued(topo) -> int:
+    data = json.loads(topo.exec("lb", "nft", "-j", "list", "counters", "table", "inet", "mplb",
+                                capture_output=True).stdout)
+    return sum(c["counter"]["packets"] for c in data["nftables"] if "counter" in c
+               and c["counter"]["name"].startswith("queued_"))
+
+
+def main() -> None:
+    report = {}
+    with Topology(rate_mbit=None) as topo, tempfile.TemporaryDirectory(prefix="mplb-bench-") as tmp:
+        run = Path(tmp)
+        for name in topo.backend_names:
+            topo.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT), stdout=subprocess.DEVNULL)
+        time.sleep(1)
+        config = run / "lat.toml"
+        config.write_text(config_text("mplb", 2, run))
+        worker = Worker(topo, config, run / "lat.log")
+        queued = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
+        worker.stop()
+        # the same path with nothing queued: a fixed route to one backend, no ruleset
+        topo.exec("lb", "ip", "route", "add", f"{VIP}/32", "via", backend_address(0))
+        plain = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
+        report["handshake_delay"] = {}
+        for load in ("low", "high"):
+            added = {q: queued[load][q] - plain[load][q] for q in ("p50_us", "p99_us")}
+            report["handshake_delay"][load] = {"rate": round(queued[load]["rate"]), **{
+                k: round(v) for k, v in added.items()}, "queued": queued[load], "plain": plain[load]}
+            print(f"added handshake delay at {queued[load]['rate']:.0f} conn/s: p50 {added['p50_us']:.0f} µs, "
+                  f"p99 {added['p99_us']:.0f} µs (connect p50 {queued[load]['p50_us']:.0f} vs "
+                  f"{plain[load]['p50_us']:.0f} µs)", flush=True)
+
+        plain_mbit, lb_mbit = [], []
+        for _ in range(5):  # interleaved, so that drift on this shared machine hits both alike
+            plain_mbit.append(fetch(topo, 200 * MB))
+            topo.exec("lb", "ip", "route", "del", f"{VIP}/32")
+            worker = Worker(topo, config, run / "bulk.log")
+            before = nft_queued(topo)
+            lb_mbit.append(fetch(topo, 200 * MB))
+            middle = nft_queued(topo)
+            fetch(topo, 100 * MB)
+            per_100mb = nft_queued(topo) - middle
+            worker.stop()
+            topo.exec("lb", "ip", "route", "add", f"{VIP}/32", "via", backend_address(0))
+        ratio = statistics.median(lb_mbit) / statistics.median(plain_mbit)
+        report["bulk"] = {"lb_mbit_s": lb_mbit, "plain_mbit_s": plain_mbit, "ratio": round(ratio, 3),
+                          "queued_per_100MB_transfer": per_100mb, "queued_per_200MB_connection": middle - before}
+        print(f"bulk throughput (median of 5): through the LB {statistics.median(lb_mbit):.0f} Mbit/s, plain "
+              f"forwarding {statistics.median(plain_mbit):.0f} Mbit/s (ratio {ratio:.3f}); packets queued during "
+              f"a 100 MB transfer: {per_100mb}", flush=True)
+        ours, floor = queue_rates(topo, run)
+        report["queue"] = {"worker_pps": round(ours), "floor_pps": round(floor), "ratio": round(ours / floor, 3)}
+        print(f"queued handshake packets/s: worker {ours:,.0f}, binding floor {floor:,.0f} "
+              f"({ours / floor:.0%} of the floor)", flush=True)
+
+    memory = subprocess.run([sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True).stdout
+    print(memory.strip())
+    report["memory"] = memory.strip().splitlines()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
