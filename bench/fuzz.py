@@ -54,7 +54,8 @@ def mutate(rng: random.Random, seed: bytes, seeds: list[bytes]) -> bytes:
             data = data[:rng.randint(0, len(data))]
         elif choice < 0.75 and len(data) > 40:  # splice a random option-like run into the TCP header
             at = rng.randint(20, min(len(data), 60))
-            data[at:at] = bytes([rng.choice([0, 1, 2, 30, 30, 30]), rng.randrange(48)]) + rng.randbytes(rng.randrange(12))
+            kind = rng.choice([0, 1, 2, 30, 30, 30])
+            data[at:at] = bytes([kind, rng.randrange(48)]) + rng.randbytes(rng.randrange(12))
         elif choice < 0.85:
             other = rng.choice(seeds)
             cut = rng.randint(0, min(len(data), len(other)))

@@ -45,9 +45,9 @@ def worker(topo, tmp_path):
 
     started = []
 
-    def start(mode="mplb", extra="", text=None, metrics=""):
+    def start(mode="mplb", extra="", text=None, metrics="", kernel=""):
         config = tmp_path / f"{mode}.toml"
-        config.write_text(text or config_text(mode, 2, tmp_path, metrics=metrics, extra=extra))
+        config.write_text(text or config_text(mode, 2, tmp_path, metrics=metrics, extra=extra, kernel=kernel))
         w = Worker(topo, config, tmp_path / f"{mode}.log")
         started.append(w)
         return w

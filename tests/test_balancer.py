@@ -1,12 +1,11 @@
+import ipaddress
 import random
 
 import pytest
-
-import ipaddress
+from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.balancer import JOIN, LEARNED, REJECT, Backend, Balancer, ExpiringTable, Service
 from mplb_nfq.packet import Malformed, parse_ip, token_of_key
-from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 VIP = "10.0.100.1"
 

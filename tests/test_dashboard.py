@@ -23,7 +23,7 @@ def query(topo, expr):
 
 def test_every_dashboard_panel_returns_data_from_a_real_prometheus(topo, worker, tmp_path):
     assert shutil.which("prometheus"), "Debian's prometheus package is needed (./dev installs it)"
-    worker("mplb", extra="[kernel]\nconntrack_interval = 0.5\n", metrics="127.0.0.1:9842")
+    worker("mplb", kernel="conntrack_interval = 0.5", metrics="127.0.0.1:9842")
     scrape = (DEPLOY / "prometheus" / "prometheus.yml").read_text().replace("15s", "1s")
     (tmp_path / "prometheus.yml").write_text(scrape)
     prometheus = topo.popen("lb", "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",

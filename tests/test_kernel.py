@@ -5,6 +5,7 @@ import signal
 import sys
 import time
 
+import pytest
 from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, nft_counters
 
 from mplb_nfq.lab import PORT, config_text
@@ -13,10 +14,18 @@ from mplb_nfq.netns import VIP
 pytestmark = KERNEL
 
 
-def test_both_subflows_of_a_connection_land_on_one_backend(topo, worker):
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def family(request, topo):
+    """Run a test over IPv4 and over IPv6: the client's second address of that family opens the subflows."""
+    topo.subflow_endpoint(True, request.param)
+    yield request.param
+    topo.subflow_endpoint(True, 4)
+
+
+def test_both_subflows_of_a_connection_land_on_one_backend(topo, worker, family):
     worker("mplb")
     before = counters(topo)
-    (result,) = fetch(topo, 5 * MB)
+    (result,) = fetch(topo, 5 * MB, family=family)
     after = counters(topo)
     assert result["received"] == 5 * MB
     capable = delta(before, after, "MPTcpExtMPCapableSYNRX")
@@ -27,10 +36,10 @@ def test_both_subflows_of_a_connection_land_on_one_backend(topo, worker):
     assert sum(delta(before, after, "MPTcpExtMPJoinNoTokenFound").values()) == 0
 
 
-def test_unaware_balancer_sends_the_join_elsewhere_and_it_is_reset(topo, worker):
+def test_unaware_balancer_sends_the_join_elsewhere_and_it_is_reset(topo, worker, family):
     worker("unaware")
     before = counters(topo)
-    (result,) = fetch(topo, 2 * MB)
+    (result,) = fetch(topo, 2 * MB, family=family)
     after = counters(topo)
     assert result["received"] == 2 * MB  # the connection survives on its first subflow
     capable = delta(before, after, "MPTcpExtMPCapableSYNRX")
@@ -41,12 +50,12 @@ def test_unaware_balancer_sends_the_join_elsewhere_and_it_is_reset(topo, worker)
     assert sum(delta(before, after, "MPTcpExtMPJoinAckRx").values()) == 0
 
 
-def test_only_handshake_packets_reach_the_worker(topo, worker):
+def test_only_handshake_packets_reach_the_worker(topo, worker, family):
     w = worker("mplb")
     connections = 4
     rx_before = int(topo.exec("lb", "cat", "/sys/class/net/l1/statistics/rx_packets", capture_output=True).stdout) + \
         int(topo.exec("lb", "cat", "/sys/class/net/l2/statistics/rx_packets", capture_output=True).stdout)
-    results = fetch(topo, *[3 * MB] * connections, pause=0.1)
+    results = fetch(topo, *[3 * MB] * connections, pause=0.1, family=family)
     assert [r["received"] for r in results] == [3 * MB] * connections
     rx_after = int(topo.exec("lb", "cat", "/sys/class/net/l1/statistics/rx_packets", capture_output=True).stdout) + \
         int(topo.exec("lb", "cat", "/sys/class/net/l2/statistics/rx_packets", capture_output=True).stdout)
@@ -64,10 +73,10 @@ def test_only_handshake_packets_reach_the_worker(topo, worker):
     assert client_packets > 100 * queued, f"{client_packets} packets from the client, {queued} queued"
 
 
-def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worker):
+def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worker, family):
     w = worker("mplb")
     before = counters(topo)
-    download = fetch_in_background(topo, 20 * MB)
+    download = fetch_in_background(topo, 20 * MB, family=family)
     time.sleep(0.8)
     w.proc.send_signal(signal.SIGKILL)
     w.proc.wait()
@@ -76,7 +85,7 @@ def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worke
     assert result["received"] == 20 * MB, result
     assert sum(delta(before, counters(topo), "MPTcpExtMPJoinNoTokenFound").values()) == 0
     # with no worker listening, the queue is bypassed: new connections still get through
-    (later,) = fetch(topo, 1 * MB)
+    (later,) = fetch(topo, 1 * MB, family=family)
     assert later["received"] == 1 * MB
 
 

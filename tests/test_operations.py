@@ -13,7 +13,7 @@ from mplb_nfq.lab import MODES, PORT
 from mplb_nfq.netns import VIP, backend_address
 
 pytestmark = KERNEL
-FAST = "[kernel]\nconntrack_interval = 0.3\n"
+FAST = "conntrack_interval = 0.3\n"
 
 
 def cli(topo, *args, check=True):
@@ -39,7 +39,7 @@ def wait_for(condition, timeout, step=0.1):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
-def config(run_dir, backends, extra=FAST):
+def config(run_dir, backends, extra="[kernel]\n" + FAST):
     lines = ["[[services]]", 'name = "lab"', f'vip = "{VIP}"', f"ports = [{PORT}]", MODES["mplb"],
              f"backends = {json.dumps(backends)}",
              f'[control]\nsocket = "{run_dir / "control.sock"}"', '[metrics]\naddress = ""',
@@ -50,7 +50,7 @@ def config(run_dir, backends, extra=FAST):
 
 
 def test_status_shows_services_backends_and_live_counts(topo, worker):
-    w = worker("mplb", extra=FAST)
+    w = worker("mplb", kernel=FAST)
     sock = status(topo, w)
     assert sock["queue_mode"] in ("native nft queue", "xtables NFQUEUE on mark bit")
     path = [line for line in w.config_path.read_text().splitlines() if line.startswith("socket")][0].split('"')[1]
@@ -72,7 +72,7 @@ def test_status_shows_services_backends_and_live_counts(topo, worker):
 
 
 def test_drained_backend_takes_no_new_connection_but_new_subflows_of_its_own(topo, worker):
-    w = worker("mplb", extra=FAST)
+    w = worker("mplb", kernel=FAST)
     topo.subflow_endpoint(False)
     try:
         before = counters(topo)

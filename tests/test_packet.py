@@ -1,9 +1,18 @@
 import pytest
 from cryptography.hazmat.primitives import hashes
-
-from mplb_nfq.packet import (CAP_FLAG_A, CAP_FLAG_C, CAP_FLAG_H, MP_CAPABLE, MP_JOIN, Malformed, Segment,
-                             parse_ip, token_of_key)
 from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+
+from mplb_nfq.packet import (
+    CAP_FLAG_A,
+    CAP_FLAG_C,
+    CAP_FLAG_H,
+    MP_CAPABLE,
+    MP_JOIN,
+    Malformed,
+    Segment,
+    parse_ip,
+    token_of_key,
+)
 
 
 def oracle_token(key: bytes, algorithm) -> int:

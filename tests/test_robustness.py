@@ -12,7 +12,7 @@ from mplb_nfq.netns import VIP
 from mplb_nfq.packet import token_of_key
 
 pytestmark = KERNEL
-FAST = "[kernel]\nconntrack_interval = 0.3\n"
+FAST = "conntrack_interval = 0.3\n"
 COLLIDING = (bytes.fromhex("000000000000c66f"), bytes.fromhex("000000000000e658"))  # one SHA-256 token
 
 
@@ -21,7 +21,7 @@ def kinds(topo, w):
 
 
 def test_a_restarted_worker_adopts_the_kernel_state_and_a_new_subflow_finds_its_backend(topo, worker, tmp_path):
-    w = worker("mplb", extra=FAST)
+    w = worker("mplb", kernel=FAST)
     topo.subflow_endpoint(False)
     try:
         before = counters(topo)

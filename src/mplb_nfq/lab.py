@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .netns import VIP, Topology, backend_address
+from .netns import CLIENT, VIP, VIP6, Topology, backend_address
 
 PORT = 8080
 MODES = {  # name -> config lines that make the mode
@@ -58,13 +58,16 @@ def mean_ci(samples: list[float]) -> tuple[float, float]:
     return mean, t_critical(len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
 
 
-def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extra: str = "") -> str:
-    """The worker's config for one of the lab's modes; its control socket lives in run_dir."""
-    lines = ['[[services]]', 'name = "lab"', f'vip = "{VIP}"', f"ports = [{PORT}]", MODES[mode],
+def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extra: str = "",
+                kernel: str = "") -> str:
+    """The worker's config for one of the lab's modes: one dual-stack service (VIP and VIP6) on
+    the backends' IPv4 and IPv6 addresses; its control socket lives in run_dir."""
+    lines = ['[[services]]', 'name = "lab"', f'vips = ["{VIP}", "{VIP6}"]', f"ports = [{PORT}]", MODES[mode],
              f'[control]\nsocket = "{run_dir / "control.sock"}"', f'[metrics]\naddress = "{metrics}"',
-             "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", extra]
+             "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", f"[kernel]\n{kernel}", extra]
     for i in range(backends):
-        lines.append(f'[[backends]]\nname = "b{i + 1}"\naddress = "{backend_address(i)}"')
+        lines.append(f'[[backends]]\nname = "b{i + 1}"\n'
+                     f'addresses = ["{backend_address(i)}", "{backend_address(i, 6)}"]')
     return "\n".join(lines) + "\n"
 
 
@@ -149,17 +152,18 @@ def _interrupt(signum, frame):
 
 
 def _check_unaware_splits(topo: Topology) -> None:
-    """As in the paper, the client's two addresses must hash to different backends."""
+    """As in the paper, the client's two addresses (of each family) must hash to different backends."""
     import ipaddress
 
     from .schedulers import Flow, SourceHash
 
     backends = [f"b{i + 1}" for i in range(topo.backends)]
-    vip = ipaddress.ip_address(VIP).packed
-    picks = {SourceHash().pick(Flow(ipaddress.ip_address(a).packed, 0, vip, PORT), backends)
-             for a in topo.client_addresses}
-    if len(picks) != 2:
-        raise RuntimeError(f"client addresses {topo.client_addresses} hash to one backend; change them")
+    for version, vip in ((4, VIP), (6, VIP6)):
+        target = ipaddress.ip_address(vip).packed
+        picks = {SourceHash().pick(Flow(ipaddress.ip_address(a).packed, 0, target, PORT), backends)
+                 for a in CLIENT[version]}
+        if len(picks) != 2:
+            raise RuntimeError(f"client addresses {CLIENT[version]} hash to one backend; change them")
 
 
 def _wait_for_servers(topo: Topology, backends: int) -> None:

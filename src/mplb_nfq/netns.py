@@ -14,13 +14,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VIP = "10.0.100.1"
+VIP, VIP6 = "10.0.100.1", "fd00:100::1"
+CLIENT = {4: ("10.0.1.2", "10.0.2.2"), 6: ("fd00:1::2", "fd00:2::4")}  # split by the `sh` hash
+CLIENT_NETS = {4: ("10.0.1.0/24", "10.0.2.0/24"), 6: ("fd00:1::/64", "fd00:2::/64")}
+LB_CLIENT_SIDE = {4: ("10.0.1.1", "10.0.2.1"), 6: ("fd00:1::1", "fd00:2::1")}
+LB_BACKEND_SIDE = {4: "10.0.9.1", 6: "fd00:9::1"}
+CLIENT_ON_SWITCH = {4: "10.0.9.100", 6: "fd00:9::100"}  # direct server return only
 BACKEND_SETUP = Path(__file__).resolve().parent / "backend-setup.sh"
-LB_BACKEND_SIDE = "10.0.9.1"
 
 
-def backend_address(i: int) -> str:
-    return f"10.0.9.{11 + i}"
+def backend_address(i: int, version: int = 4) -> str:
+    return f"10.0.9.{11 + i}" if version == 4 else f"fd00:9::{11 + i}"
 
 
 @dataclass
@@ -28,7 +32,8 @@ class Topology:
     backends: int = 2
     rate_mbit: int | None = 50
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
-    client_addresses: tuple[str, str] = ("10.0.1.2", "10.0.2.2")
+    direct_return: bool = False
+    client_addresses: tuple[str, str] = CLIENT[4]
     built: bool = False
 
     def ns(self, role: str) -> str:
@@ -60,8 +65,6 @@ class Topology:
 
     def _build(self) -> None:
         client, lb, switch = self.ns("client"), self.ns("lb"), self.ns("switch")
-        c1, c2 = self.client_addresses
-        l1, l2 = c1.rsplit(".", 1)[0] + ".1", c2.rsplit(".", 1)[0] + ".1"
         cmds = [f"netns add {n}" for n in self.namespaces]
         cmds += [
             f"link add c1 netns {client} type veth peer name l1 netns {lb}",
@@ -70,40 +73,55 @@ class Topology:
             f"-n {switch} link add br0 type bridge",
             f"-n {switch} link set lb master br0",
         ]
+        if self.direct_return:  # the backends' answers reach the client through the switch, not the LB
+            cmds += [f"link add cr netns {client} type veth peer name cr netns {switch}",
+                     f"-n {switch} link set cr master br0", f"-n {switch} link set cr up",
+                     f"-n {client} addr add {CLIENT_ON_SWITCH[4]}/24 dev cr",
+                     f"-n {client} addr add {CLIENT_ON_SWITCH[6]}/64 dev cr nodad", f"-n {client} link set cr up"]
         for i in range(self.backends):
             b = self.ns(f"b{i + 1}")
             cmds += [f"link add eth0 netns {b} type veth peer name b{i + 1} netns {switch}",
                      f"-n {switch} link set b{i + 1} master br0", f"-n {switch} link set b{i + 1} up",
-                     f"-n {b} addr add {backend_address(i)}/24 dev eth0", f"-n {b} link set eth0 up",
-                     f"-n {b} link set lo up", f"-n {b} route add default via {LB_BACKEND_SIDE}"]
-        cmds += [
-            f"-n {switch} link set br0 up", f"-n {switch} link set lb up",
-            f"-n {client} addr add {c1}/24 dev c1", f"-n {client} addr add {c2}/24 dev c2",
-            f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
-            f"-n {client} route add default via {l1} dev c1",
-            f"-n {client} rule add from {c2} table 102 priority 100",
-            f"-n {client} route add default via {l2} dev c2 table 102",
-            f"-n {client} mptcp limits set subflows 4 add_addr_accepted 4",
-            f"-n {client} mptcp endpoint add {c2} dev c2 subflow",
-            f"-n {lb} addr add {l1}/24 dev l1", f"-n {lb} addr add {l2}/24 dev l2",
-            f"-n {lb} addr add {LB_BACKEND_SIDE}/24 dev s0",
-            f"-n {lb} link set l1 up", f"-n {lb} link set l2 up", f"-n {lb} link set s0 up",
-            f"-n {lb} link set lo up",
-        ]
+                     f"-n {b} addr add {backend_address(i)}/24 dev eth0",
+                     f"-n {b} addr add {backend_address(i, 6)}/64 dev eth0 nodad", f"-n {b} link set eth0 up",
+                     f"-n {b} link set lo up", f"-n {b} route add default via {LB_BACKEND_SIDE[4]}",
+                     f"-n {b} route add default via {LB_BACKEND_SIDE[6]}"]
+            if self.direct_return:
+                for version in (4, 6):
+                    for net in CLIENT_NETS[version]:
+                        cmds.append(f"-n {b} route add {net} via {CLIENT_ON_SWITCH[version]}")
+        cmds += [f"-n {switch} link set br0 up", f"-n {switch} link set lb up",
+                 f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
+                 f"-n {client} mptcp limits set subflows 4 add_addr_accepted 4",
+                 f"-n {lb} link set l1 up", f"-n {lb} link set l2 up", f"-n {lb} link set s0 up",
+                 f"-n {lb} link set lo up"]
+        for version, prefix in ((4, "/24"), (6, "/64")):
+            six = " nodad" if version == 6 else ""  # no duplicate address detection: usable at once
+            (c1, c2), (l1, l2) = CLIENT[version], LB_CLIENT_SIDE[version]
+            cmds += [f"-n {client} addr add {c1}{prefix} dev c1{six}", f"-n {client} addr add {c2}{prefix} dev c2{six}",
+                     f"-n {client} route add default via {l1} dev c1",
+                     f"-n {client} route add default via {l2} dev c2 table 102",
+                     f"-n {lb} addr add {l1}{prefix} dev l1{six}", f"-n {lb} addr add {l2}{prefix} dev l2{six}",
+                     f"-n {lb} addr add {LB_BACKEND_SIDE[version]}{prefix} dev s0{six}"]
+        cmds.append(f"-n {client} mptcp endpoint add {CLIENT[4][1]} dev c2 subflow")
         batches: dict[str | None, list[str]] = {}
         for cmd in cmds:
             ns, _, rest = cmd[3:].partition(" ") if cmd.startswith("-n ") else (None, "", cmd)
             batches.setdefault(ns, []).append(rest)
         for ns, lines in batches.items():  # root namespace first: it creates the others
             run(["ip", *(["-n", ns] if ns else []), "-batch", "-"], input="\n".join(lines) + "\n")
+        for version in (4, 6):  # `ip rule` takes its family from -4/-6 only, which a batch cannot set
+            run(["ip", f"-{version}", "-n", client, "rule", "add", "from", CLIENT[version][1], "table", "102",
+                 "priority", "100"])
         for n in self.namespaces:
             self.sysctl(n, "net.mptcp.enabled", 1)
         self.sysctl(lb, "net.ipv4.ip_forward", 1)
+        self.sysctl(lb, "net.ipv6.conf.all.forwarding", 1)
         for n in [lb, client]:
             self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)
             self.sysctl(n, "net.ipv4.conf.default.rp_filter", 0)
         for i in range(self.backends):  # as an operator prepares a backend
-            run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP], capture_output=True)
+            run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP, VIP6], capture_output=True)
         if self.rate_mbit:
             for ns, dev in ((lb, "l1"), (lb, "l2"), (client, "c1"), (client, "c2")):
                 run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
@@ -136,12 +154,12 @@ class Topology:
     def python(self, role: str, module: str, *args: str, **kwargs) -> subprocess.Popen:
         return self.popen(role, sys.executable, "-m", module, *args, **kwargs)
 
-    def subflow_endpoint(self, present: bool) -> None:
+    def subflow_endpoint(self, present: bool, version: int = 4) -> None:
         """Add or remove the client's second address as a subflow endpoint: adding it makes the
         client's path manager open a subflow on every MPTCP connection, the open ones included."""
         self.exec("client", "ip", "mptcp", "endpoint", "flush")
         if present:
-            self.exec("client", "ip", "mptcp", "endpoint", "add", self.client_addresses[1], "dev", "c2", "subflow")
+            self.exec("client", "ip", "mptcp", "endpoint", "add", CLIENT[version][1], "dev", "c2", "subflow")
 
     def nstat(self, role: str) -> dict[str, int]:
         """The MPTCP counters of one namespace (absolute values, no shared history file)."""

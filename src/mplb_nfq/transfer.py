@@ -45,11 +45,17 @@ def _send(conn: socket.socket) -> None:
             pass
 
 
-def fetch(host: str, port: int, size: int, timeout: float = 120.0) -> dict:
+def fetch(host: str, port: int, size: int, timeout: float = 120.0, mapped: bool = False) -> dict:
+    """Download size bytes. An IPv6 host, or mapped=True (an IPv4 host as ::ffff:a.b.c.d), uses an
+    AF_INET6 socket: with IPV6_V6ONLY off, one MPTCP connection can then hold subflows of both
+    families (dual stack)."""
     started = time.monotonic()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP) as s:
+    six = mapped or ":" in host
+    with socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP) as s:
+        if six:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         s.settimeout(timeout)
-        s.connect((host, port))
+        s.connect((f"::ffff:{host}" if mapped else host, port))
         s.sendall(size.to_bytes(8, "big"))
         received = 0
         while True:
@@ -72,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--port", type=int, default=8080)
     f.add_argument("--size", type=int, action="append", required=True, help="bytes; repeat for more")
     f.add_argument("--pause", type=float, default=0.0, help="seconds between downloads")
+    f.add_argument("--mapped", action="store_true", help="IPv4 host through an AF_INET6 socket (dual stack)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.port)
         return 0
     for size in args.size:
         try:
-            result = fetch(args.host, args.port, size)
+            result = fetch(args.host, args.port, size, mapped=args.mapped)
         except OSError as e:
             result = {"size": size, "error": str(e)}
         print(json.dumps(result), flush=True)

@@ -24,8 +24,8 @@ log = logging.getLogger("mplb_nfq.worker")
 LATENCY_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 RESTART_ONLY = ("queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
                 "metrics_address", "control_socket")
-LIVE_TCP_STATES = range(1, 7)
-BATCH = 256  # packets handled between two turns of the housekeeping (tokens, control, counts)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
+LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
+BATCH = 256  # packets handled between two turns of the housekeeping (tokens, control, counts)
 
 
 class Worker:

@@ -1,0 +1,40 @@
+"""Dual-stack affinity: an MPTCP connection opened over IPv4 gets a subflow over IPv6, to the v6 VIP
+of the same service, and the balancer sends it to the same backend (the token has no family)."""
+import json
+
+from netlab import KERNEL, MB, counters, delta, fetch, serving
+
+from mplb_nfq.lab import PORT
+from mplb_nfq.netns import VIP6
+
+pytestmark = KERNEL
+COUNT_V6_JOINS = (f"add table inet probe; add chain inet probe c {{ type filter hook prerouting priority -400; }}; "
+                  f"add rule inet probe c ip6 daddr {VIP6} tcp dport {PORT} tcp flags & (syn | ack) == syn "
+                  f"tcp option mptcp subtype 1 counter")
+
+
+def test_an_ipv6_subflow_of_an_ipv4_connection_reaches_the_same_backend(topo, worker):
+    worker("mplb")
+    topo.subflow_endpoint(False)  # the only extra subflow: the one the server's ADD_ADDR invites
+    for name in topo.backend_names:
+        topo.exec(name, "ip", "mptcp", "endpoint", "add", VIP6, "signal")
+    topo.exec("lb", "nft", COUNT_V6_JOINS)
+    try:
+        before = counters(topo)
+        (result,) = fetch(topo, 10 * MB, mapped=True)  # AF_INET6 socket, IPv4 first subflow
+        after = counters(topo)
+        assert result["received"] == 10 * MB
+        home = serving(before, after)
+        assert delta(before, after, "MPTcpExtAddAddrTx")[home] >= 1  # the backend announced its v6 VIP
+        assert delta(before, after, "MPTcpExtMPJoinAckRx") == {n: int(n == home) for n in topo.backend_names}
+        assert sum(delta(before, after, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+        rules = json.loads(topo.exec("lb", "nft", "-j", "list", "chain", "inet", "probe", "c",
+                                     capture_output=True).stdout)["nftables"]
+        counter = next(e["counter"] for item in rules if "rule" in item for e in item["rule"]["expr"]
+                       if "counter" in e)
+        assert counter["packets"] >= 1  # the join went over IPv6
+    finally:
+        topo.exec("lb", "nft", "delete table inet probe")
+        for name in topo.backend_names:
+            topo.exec(name, "ip", "mptcp", "endpoint", "flush")
+        topo.subflow_endpoint(True)
