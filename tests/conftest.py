@@ -24,17 +24,22 @@ def start_server(topo, name):
     return proc
 
 
-@pytest.fixture(scope="module")
-def topo():
-    """The lab topology (client, LB, switch, 2 backends serving downloads), one per test module."""
+def lab_topology(direct_return=False):
+    """The lab topology (client, LB, switch, 2 backends serving downloads)."""
     from mplb_nfq.netns import Topology, leftover_namespaces
 
-    with Topology(backends=2) as t:
+    with Topology(backends=2, direct_return=direct_return) as t:
         t.servers = {}
         for name in t.backend_names:
             start_server(t, name)
         yield t
     assert not [n for n in leftover_namespaces() if t.tag in n]
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """One lab topology per test module."""
+    yield from lab_topology()
 
 
 @pytest.fixture
@@ -47,7 +52,8 @@ def worker(topo, tmp_path):
 
     def start(mode="mplb", extra="", text=None, metrics="", kernel=""):
         config = tmp_path / f"{mode}.toml"
-        config.write_text(text or config_text(mode, 2, tmp_path, metrics=metrics, extra=extra, kernel=kernel))
+        config.write_text(text or config_text(mode, 2, tmp_path, metrics=metrics, extra=extra, kernel=kernel,
+                                              direct_return=topo.direct_return))
         w = Worker(topo, config, tmp_path / f"{mode}.log")
         started.append(w)
         return w

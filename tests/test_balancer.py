@@ -124,7 +124,7 @@ def test_third_ack_without_mark_uses_the_flow_table():
 
 def test_third_ack_of_an_unknown_flow_is_accepted_unchanged():
     verdict = lb().decide(third_ack(), 0, 0)
-    assert verdict.accept and verdict.mark == 0 and verdict.token is None and verdict.kind == "capable_without_flow"
+    assert verdict.accept and verdict.mark == 0 and verdict.token is None and verdict.kind == "first_without_flow"
 
 
 @pytest.mark.parametrize("policy,accept,mark", [("drop", False, 0), ("reset", True, REJECT)])
@@ -225,3 +225,17 @@ def test_same_token_on_the_same_backend_is_no_collision():
     balancer.decide(synack(sport=40000, key=COLLIDING[1][0]), mark, 0)
     verdict = balancer.decide(synack(sport=40001, key=COLLIDING[1][1]), balancer.decide(syn(sport=40001), 0, 0).mark, 0)
     assert verdict.kind == "syn_ack_repeat"
+
+
+def test_direct_server_return_first_packets_take_the_backend_of_their_syn():
+    """DSR: the SYN is untracked; the first ACK makes a conntrack entry with mark 0 and comes to
+    the worker, which gives it the SYN's backend (and learns the token from its keys)."""
+    balancer = lb("rr")
+    balancer.decide(syn(sport=39999), 0, 0)
+    chosen = balancer.decide(syn(), 0, 0).mark
+    first = balancer.decide(third_ack(), 0, 0.001)
+    assert first.mark == chosen | LEARNED and first.token == SERVER_TOKEN
+    subflow = balancer.decide(join(), 0, 0.002)
+    assert subflow.mark == chosen | JOIN
+    plain = balancer.decide(parse_ip(tcp("10.0.2.2", VIP, 50000, 80, ACK)), 0, 0.003)  # the join's first ACK
+    assert (plain.mark, plain.kind) == (chosen | JOIN, "first_packet")

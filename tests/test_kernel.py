@@ -6,12 +6,20 @@ import sys
 import time
 
 import pytest
+from conftest import lab_topology
 from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, nft_counters
 
 from mplb_nfq.lab import PORT, config_text
 from mplb_nfq.netns import VIP
 
 pytestmark = KERNEL
+
+
+@pytest.fixture(scope="module", params=["routed", "dsr"])
+def topo(request):
+    """Both return paths: through the LB, and direct server return (the backends answer the
+    client through the switch; the LB sees one direction only)."""
+    yield from lab_topology(direct_return=request.param == "dsr")
 
 
 @pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
@@ -61,14 +69,22 @@ def test_only_handshake_packets_reach_the_worker(topo, worker, family):
         int(topo.exec("lb", "cat", "/sys/class/net/l2/statistics/rx_packets", capture_output=True).stdout)
     nft = nft_counters(topo)
     stats = w.stop()
-    queued = nft["queued_syn"] + nft["queued_synack"] + nft["queued_capable"]
+    queued = sum(n for name, n in nft.items() if name.startswith("queued_"))
     assert stats["packets"] == queued, (stats, nft)
-    # per connection: its SYN and the backend's SYN-ACK (the token is learned from its key);
-    # a join goes to the worker only if it beat its token into the kernel map
     kinds = stats["kinds"]
-    assert kinds["mp_capable_syn"] == connections and kinds["syn_ack"] == connections
-    assert kinds.get("join_hit", 0) + nft["join_kernel_hit"] == connections
-    assert queued - kinds.get("join_hit", 0) == 2 * connections, kinds
+    assert kinds["mp_capable_syn"] == connections
+    if topo.direct_return:
+        # the LB sees no SYN-ACK: per connection its SYN and its first ACK (the third ACK, with
+        # both keys); per join its SYN (untracked: the worker must see it) and its first ACK
+        assert kinds["third_ack"] == connections and kinds["join_hit"] == connections
+        assert kinds["first_packet"] == connections
+        assert queued - kinds.get("third_ack_repeat", 0) == 4 * connections, kinds
+    else:
+        # per connection: its SYN and the backend's SYN-ACK (the token is learned from its key);
+        # a join goes to the worker only if it beat its token into the kernel map
+        assert kinds["syn_ack"] == connections
+        assert kinds.get("join_hit", 0) + nft["join_kernel_hit"] == connections
+        assert queued - kinds.get("join_hit", 0) == 2 * connections, kinds
     client_packets = rx_after - rx_before
     assert client_packets > 100 * queued, f"{client_packets} packets from the client, {queued} queued"
 

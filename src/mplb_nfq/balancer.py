@@ -128,7 +128,7 @@ class Verdict(NamedTuple):
 class Balancer:
     def __init__(self, services: list[Service], flow_capacity: int = 1_000_000, flow_ttl: float = 7200.0,
                  token_capacity: int = 1_000_000, token_ttl: float = 7200.0, rng: random.Random | None = None):
-        self.flows: ExpiringTable[tuple, Backend] = ExpiringTable(flow_capacity, flow_ttl)
+        self.flows: ExpiringTable[tuple, int] = ExpiringTable(flow_capacity, flow_ttl)  # flow -> the mark it got
         self.tokens: ExpiringTable[int, Backend] = ExpiringTable(token_capacity, token_ttl)
         self.rng = rng or random.Random()
         self.counts: Counter[str] = Counter()
@@ -170,6 +170,14 @@ class Balancer:
             if service is None:
                 return Verdict(True, mark, "no_service")
             return self._on_syn(service, segment, now)
+        if not mark & BACKEND_MASK and not segment.flags & TCP_SYN:
+            # the first packet of a conntrack entry made mid-stream (direct server return: the
+            # SYN was not tracked): it takes the backend decided for its SYN
+            mark = self.flows.get(segment.flow, now) or 0
+            if not mark:
+                return Verdict(True, 0, "first_without_flow")
+            if segment.capable is None or segment.capable.receiver_key is None:
+                return Verdict(True, mark, "first_packet")
         capable = segment.capable
         if capable is None:
             return Verdict(True, mark, "other")
@@ -184,14 +192,14 @@ class Balancer:
     def _on_syn(self, service: Service, segment: Segment, now: float) -> Verdict:
         known = self.flows.get(segment.flow, now)  # a retransmitted SYN keeps its backend
         if known is not None:
-            return Verdict(True, known.mark, "syn_retransmit")
+            return Verdict(True, known, "syn_retransmit")
         if segment.join is not None and service.mptcp_aware:
             backend = self.tokens.get(segment.join.token, now)
             if backend is AMBIGUOUS:
                 return Verdict(True, REJECT, "join_collision")
             if backend is not None:  # even to a drained backend: the connection lives there
                 backend.subflows += 1
-                self.flows.put(segment.flow, backend, now)
+                self.flows.put(segment.flow, backend.mark | JOIN, now)
                 return Verdict(True, backend.mark | JOIN, "join_hit")
             if service.unknown_join == "drop":
                 return Verdict(False, 0, "join_miss")
@@ -199,7 +207,7 @@ class Balancer:
                 return Verdict(True, REJECT, "join_miss")
             candidates = [b for b in service.backends if b.available] or service.backends
             backend = self.rng.choice(candidates)
-            self.flows.put(segment.flow, backend, now)
+            self.flows.put(segment.flow, backend.mark | JOIN, now)
             return Verdict(True, backend.mark | JOIN, "join_miss")
         else:
             backend = self._schedule(service, segment, now)
@@ -208,7 +216,7 @@ class Balancer:
             kind = "join_unaware" if segment.join is not None else (
                 "mp_capable_syn" if segment.capable is not None else "syn")
             backend.active += 1
-        self.flows.put(segment.flow, backend, now)
+        self.flows.put(segment.flow, backend.mark, now)
         return Verdict(True, backend.mark, kind)
 
     def _schedule(self, service: Service, segment: Segment, now: float) -> Backend | None:
@@ -226,7 +234,7 @@ class Balancer:
         return backend
 
     def _learn(self, server_key: bytes, version: int, flow: tuple, mark: int, now: float, kind: str) -> Verdict:
-        backend = self.backend_of(mark) or self.flows.get(flow, now)
+        backend = self.backend_of(mark or self.flows.get(flow, now) or 0)
         if backend is None:
             return Verdict(True, mark, "capable_without_flow")  # e.g. opened while no worker listened
         service = self._service_at.get((flow[2], flow[3]))

@@ -41,6 +41,7 @@ class ServiceConfig:
     mptcp_aware: bool
     persistence: int
     maglev_size: int
+    direct_return: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class _Reader:
 
 TOP_KEYS = {"services", "backends", "health", "kernel", "limits", "metrics", "control"}
 SERVICE_KEYS = {"name", "vip", "vips", "ports", "backends", "scheduler", "unknown_join", "mptcp_aware",
-                "persistence", "maglev_size"}
+                "persistence", "maglev_size", "direct_return"}
 BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark"}
 HEALTH_KEYS = {"enabled", "interval", "timeout", "rise", "fall", "port", "mptcp"}
 KERNEL_KEYS = {"queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
@@ -345,5 +346,5 @@ def _services(path: str, raw, backends: dict[str, BackendConfig]) -> list[Servic
         result.append(ServiceConfig(
             name, vips, tuple(ports), tuple(members), r.choice("scheduler", "rr", SCHEDULERS),
             r.choice("unknown_join", "random", UNKNOWN_JOIN_POLICIES), r.boolean("mptcp_aware", True),
-            r.integer("persistence", 0, 0, 86400 * 7), maglev_size))
+            r.integer("persistence", 0, 0, 86400 * 7), maglev_size, r.boolean("direct_return", False)))
     return result

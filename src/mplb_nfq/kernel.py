@@ -75,21 +75,22 @@ WORKER_COMMENT = "mplb-nfq: installed by the worker, removed when it stops"
 OPERATOR_COMMENT = "mplb-nfq: installed by the operator, the worker only fills it"
 
 
-def vip_elements(cfg: Config, version: int) -> list[str]:
+def vip_elements(cfg: Config, version: int, direct_return_only: bool = False) -> list[str]:
     return [f"{vip} . {port}" for s in cfg.services for vip in s.vips for port in s.ports
-            if ipaddress.ip_address(vip).version == version]
+            if ipaddress.ip_address(vip).version == version and (s.direct_return or not direct_return_only)]
 
 
 def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
     template = Template((NFT_DIR / "mplb.nft").read_text())
 
-    def elements(version: int) -> str:
-        found = vip_elements(cfg, version)
+    def elements(version: int, direct_return_only: bool = False) -> str:
+        found = vip_elements(cfg, version, direct_return_only)
         return "elements = { " + ", ".join(found) + " }" if found else ""
 
     return template.substitute(
         table=cfg.table_name, comment=WORKER_COMMENT if by_worker else OPERATOR_COMMENT,
-        vip4_elements=elements(4), vip6_elements=elements(6),
+        vip4_elements=elements(4), vip6_elements=elements(6), dsr4_elements=elements(4, True),
+        dsr6_elements=elements(6, True),
         token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
         queue_statement=queue_statement(cfg, native))
@@ -218,9 +219,9 @@ class Dataplane:
     def sync_vips(self, cfg: Config) -> None:
         """Make the VIP sets hold exactly the config's VIP . port pairs (add first, then delete)."""
         table = cfg.table_name
-        for version in (4, 6):
-            name = f"vip{version}"
-            wanted = set(vip_elements(cfg, version))
+        for version, name, direct_only in ((4, "vip4", False), (6, "vip6", False), (4, "dsr4", True),
+                                           (6, "dsr6", True)):
+            wanted = set(vip_elements(cfg, version, direct_only))
             current = set()
             for item in self.nft.json(f"list set inet {table} {name}").get("nftables", []):
                 for element in item.get("set", {}).get("elem", []):

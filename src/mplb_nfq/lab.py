@@ -59,10 +59,11 @@ def mean_ci(samples: list[float]) -> tuple[float, float]:
 
 
 def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extra: str = "",
-                kernel: str = "") -> str:
+                kernel: str = "", direct_return: bool = False) -> str:
     """The worker's config for one of the lab's modes: one dual-stack service (VIP and VIP6) on
     the backends' IPv4 and IPv6 addresses; its control socket lives in run_dir."""
     lines = ['[[services]]', 'name = "lab"', f'vips = ["{VIP}", "{VIP6}"]', f"ports = [{PORT}]", MODES[mode],
+             f"direct_return = {str(direct_return).lower()}",
              f'[control]\nsocket = "{run_dir / "control.sock"}"', f'[metrics]\naddress = "{metrics}"',
              "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", f"[kernel]\n{kernel}", extra]
     for i in range(backends):

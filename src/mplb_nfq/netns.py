@@ -19,7 +19,7 @@ CLIENT = {4: ("10.0.1.2", "10.0.2.2"), 6: ("fd00:1::2", "fd00:2::4")}  # split b
 CLIENT_NETS = {4: ("10.0.1.0/24", "10.0.2.0/24"), 6: ("fd00:1::/64", "fd00:2::/64")}
 LB_CLIENT_SIDE = {4: ("10.0.1.1", "10.0.2.1"), 6: ("fd00:1::1", "fd00:2::1")}
 LB_BACKEND_SIDE = {4: "10.0.9.1", 6: "fd00:9::1"}
-CLIENT_ON_SWITCH = {4: "10.0.9.100", 6: "fd00:9::100"}  # direct server return only
+CLIENT_ON_SWITCH = {4: ("10.0.9.101", "10.0.9.102"), 6: ("fd00:9::101", "fd00:9::102")}  # direct return only
 BACKEND_SETUP = Path(__file__).resolve().parent / "backend-setup.sh"
 
 
@@ -73,11 +73,13 @@ class Topology:
             f"-n {switch} link add br0 type bridge",
             f"-n {switch} link set lb master br0",
         ]
-        if self.direct_return:  # the backends' answers reach the client through the switch, not the LB
-            cmds += [f"link add cr netns {client} type veth peer name cr netns {switch}",
-                     f"-n {switch} link set cr master br0", f"-n {switch} link set cr up",
-                     f"-n {client} addr add {CLIENT_ON_SWITCH[4]}/24 dev cr",
-                     f"-n {client} addr add {CLIENT_ON_SWITCH[6]}/64 dev cr nodad", f"-n {client} link set cr up"]
+        if self.direct_return:  # the backends' answers reach the client through the switch, one port per path
+            for k in (1, 2):
+                cmds += [f"link add cr{k} netns {client} type veth peer name cr{k} netns {switch}",
+                         f"-n {switch} link set cr{k} master br0", f"-n {switch} link set cr{k} up",
+                         f"-n {client} addr add {CLIENT_ON_SWITCH[4][k - 1]}/24 dev cr{k}",
+                         f"-n {client} addr add {CLIENT_ON_SWITCH[6][k - 1]}/64 dev cr{k} nodad",
+                         f"-n {client} link set cr{k} up"]
         for i in range(self.backends):
             b = self.ns(f"b{i + 1}")
             cmds += [f"link add eth0 netns {b} type veth peer name b{i + 1} netns {switch}",
@@ -88,8 +90,8 @@ class Topology:
                      f"-n {b} route add default via {LB_BACKEND_SIDE[6]}"]
             if self.direct_return:
                 for version in (4, 6):
-                    for net in CLIENT_NETS[version]:
-                        cmds.append(f"-n {b} route add {net} via {CLIENT_ON_SWITCH[version]}")
+                    for net, gateway in zip(CLIENT_NETS[version], CLIENT_ON_SWITCH[version]):
+                        cmds.append(f"-n {b} route add {net} via {gateway}")
         cmds += [f"-n {switch} link set br0 up", f"-n {switch} link set lb up",
                  f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
                  f"-n {client} mptcp limits set subflows 4 add_addr_accepted 4",
@@ -103,7 +105,7 @@ class Topology:
                      f"-n {client} route add default via {l2} dev c2 table 102",
                      f"-n {lb} addr add {l1}{prefix} dev l1{six}", f"-n {lb} addr add {l2}{prefix} dev l2{six}",
                      f"-n {lb} addr add {LB_BACKEND_SIDE[version]}{prefix} dev s0{six}"]
-        cmds.append(f"-n {client} mptcp endpoint add {CLIENT[4][1]} dev c2 subflow")
+        cmds.append(f"-n {client} mptcp endpoint add {CLIENT[4][1]} subflow")  # no dev: answers may come elsewhere
         batches: dict[str | None, list[str]] = {}
         for cmd in cmds:
             ns, _, rest = cmd[3:].partition(" ") if cmd.startswith("-n ") else (None, "", cmd)
@@ -117,13 +119,21 @@ class Topology:
             self.sysctl(n, "net.mptcp.enabled", 1)
         self.sysctl(lb, "net.ipv4.ip_forward", 1)
         self.sysctl(lb, "net.ipv6.conf.all.forwarding", 1)
+        if self.direct_return:  # as deploy/sysctl.d/ says: the LB sees one direction of each flow only
+            self.sysctl(lb, "net.netfilter.nf_conntrack_tcp_loose", 1)
+            self.sysctl(lb, "net.netfilter.nf_conntrack_tcp_timeout_max_retrans", 86400)
+            self.sysctl(lb, "net.netfilter.nf_conntrack_tcp_timeout_unacknowledged", 86400)
+        self.sysctl(client, "net.ipv4.conf.all.arp_ignore", 1)  # each return port answers for its own address
         for n in [lb, client]:
             self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)
             self.sysctl(n, "net.ipv4.conf.default.rp_filter", 0)
         for i in range(self.backends):  # as an operator prepares a backend
             run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP, VIP6], capture_output=True)
         if self.rate_mbit:
-            for ns, dev in ((lb, "l1"), (lb, "l2"), (client, "c1"), (client, "c2")):
+            shaped = [(lb, "l1"), (lb, "l2"), (client, "c1"), (client, "c2")]
+            if self.direct_return:
+                shaped += [(switch, "cr1"), (switch, "cr2")]
+            for ns, dev in shaped:
                 run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                      "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "50ms"])
 
@@ -159,7 +169,7 @@ class Topology:
         client's path manager open a subflow on every MPTCP connection, the open ones included."""
         self.exec("client", "ip", "mptcp", "endpoint", "flush")
         if present:
-            self.exec("client", "ip", "mptcp", "endpoint", "add", CLIENT[version][1], "dev", "c2", "subflow")
+            self.exec("client", "ip", "mptcp", "endpoint", "add", CLIENT[version][1], "subflow")
 
     def nstat(self, role: str) -> dict[str, int]:
         """The MPTCP counters of one namespace (absolute values, no shared history file)."""
