@@ -15,9 +15,7 @@ COUNT_V6_JOINS = (f"add table inet probe; add chain inet probe c {{ type filter 
 
 def test_an_ipv6_subflow_of_an_ipv4_connection_reaches_the_same_backend(topo, worker):
     worker("mplb")
-    topo.subflow_endpoint(False)  # the only extra subflow: the one the server's ADD_ADDR invites
-    for name in topo.backend_names:
-        topo.exec(name, "ip", "mptcp", "endpoint", "add", VIP6, "signal")
+    topo.dual_stack_paths()  # the only extra subflow: to the IPv6 VIP the server's ADD_ADDR announces
     topo.exec("lb", "nft", COUNT_V6_JOINS)
     try:
         before = counters(topo)
@@ -35,6 +33,4 @@ def test_an_ipv6_subflow_of_an_ipv4_connection_reaches_the_same_backend(topo, wo
         assert counter["packets"] >= 1  # the join went over IPv6
     finally:
         topo.exec("lb", "nft", "delete table inet probe")
-        for name in topo.backend_names:
-            topo.exec(name, "ip", "mptcp", "endpoint", "flush")
-        topo.subflow_endpoint(True)
+        topo.dual_stack_paths(on=False)

@@ -44,3 +44,17 @@ def test_interrupted_lab_removes_its_namespaces(tmp_path):
     _, err = lab.communicate(timeout=60)
     assert lab.returncode == 130, err[-2000:]
     assert set(leftover_namespaces()) == before
+
+
+def test_quick_lab_dual_stack_with_direct_server_return(tmp_path):
+    """The dual-stack client (IPv4 connection, IPv6 second subflow to the VIP the backends
+    announce) behind a DSR balancer: MPLB loses no join, the unaware balancer loses every one."""
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--family", "dual", "--dsr",
+                           "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert results["settings"]["family"] == "dual" and results["settings"]["direct_return"]
+    assert results["join_failures"]["mplb"] == 0
+    assert results["join_failures"]["unaware"] >= 2
+    assert results["ratio"] >= 1.4, results["ratio"]

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", help="file sizes in MB, comma-separated")
     p.add_argument("--repeat", type=int, help="downloads per size and mode")
     p.add_argument("--out", default="lab-results", help="directory for results.json and the plot")
+    p.add_argument("--family", choices=("4", "6", "dual"), default="4",
+                   help="IPv4, IPv6, or dual stack (an IPv4 connection, its second subflow over IPv6)")
+    p.add_argument("--dsr", action="store_true", help="direct server return: answers bypass the LB")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -168,6 +171,7 @@ def cmd_lab(args) -> int:
         settings.sizes_mb = [float(s) for s in args.sizes.split(",")]
     if args.repeat:
         settings.repeat = args.repeat
+    settings.family, settings.direct_return = args.family, args.dsr
     return run_lab(settings, out_dir=args.out, as_json=args.json)
 
 

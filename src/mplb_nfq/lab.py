@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .netns import CLIENT, VIP, VIP6, Topology, backend_address
+from .netns import CLIENT, DUAL_STACK_V6, VIP, VIP6, Topology, backend_address
 
 PORT = 8080
 MODES = {  # name -> config lines that make the mode
@@ -36,6 +36,8 @@ class LabSettings:
     repeat: int = 5
     backends: int = 2
     rate_mbit: int = 50
+    family: str = "4"  # 4, 6, or dual: an IPv4 connection whose second subflow is IPv6
+    direct_return: bool = False  # the backends answer the client directly, not through the LB
 
     @classmethod
     def quick(cls) -> "LabSettings":
@@ -115,7 +117,7 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
-    topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit)
+    topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit, direct_return=settings.direct_return)
     results = {"settings": asdict(settings), "modes": {}}
     progress = Progress(len(MODES) * len(settings.sizes_mb) * settings.repeat)
     try:
@@ -125,6 +127,7 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
             topo.python(f"b{i + 1}", "mplb_nfq.transfer", "serve", "--port", str(PORT),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_servers(topo, settings.backends)
+        _set_paths(topo, settings.family)
         with tempfile.TemporaryDirectory(prefix="mplb-lab-") as tmp:
             for mode in MODES:
                 results["modes"][mode] = _run_mode(topo, mode, settings, Path(tmp), out, progress)
@@ -159,12 +162,23 @@ def _check_unaware_splits(topo: Topology) -> None:
     from .schedulers import Flow, SourceHash
 
     backends = [f"b{i + 1}" for i in range(topo.backends)]
-    for version, vip in ((4, VIP), (6, VIP6)):
-        target = ipaddress.ip_address(vip).packed
-        picks = {SourceHash().pick(Flow(ipaddress.ip_address(a).packed, 0, target, PORT), backends)
-                 for a in CLIENT[version]}
+    for pair in (CLIENT[4], CLIENT[6], (CLIENT[4][0], DUAL_STACK_V6)):
+        picks = {SourceHash().pick(Flow(ipaddress.ip_address(a).packed, 0, b"", PORT), backends) for a in pair}
         if len(picks) != 2:
-            raise RuntimeError(f"client addresses {CLIENT[version]} hash to one backend; change them")
+            raise RuntimeError(f"client addresses {pair} hash to one backend; change them")
+
+
+def _set_paths(topo: Topology, family: str) -> None:
+    """Which second subflow the client opens: from its second address of the family, or (dual
+    stack) towards the IPv6 VIP each backend announces with ADD_ADDR."""
+    if family == "dual":
+        topo.dual_stack_paths()
+    else:
+        topo.subflow_endpoint(True, int(family))
+
+
+def _fetch_target(family: str) -> list[str]:
+    return {"4": [VIP], "6": [VIP6], "dual": [VIP, "--mapped"]}[family]
 
 
 def _wait_for_servers(topo: Topology, backends: int) -> None:
@@ -179,14 +193,15 @@ def _wait_for_servers(topo: Topology, backends: int) -> None:
 def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: Path,
               progress: Progress) -> dict:
     config = tmp / f"{mode}.toml"
-    config.write_text(config_text(mode, settings.backends, tmp))
+    config.write_text(config_text(mode, settings.backends, tmp, direct_return=settings.direct_return))
     before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
     worker = Worker(topo, config, out / f"worker-{mode}.log")
     samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}
     try:
         for _ in range(settings.repeat):
             for size in settings.sizes_mb:
-                fetch = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP,
+                fetch = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch",
+                                  *_fetch_target(settings.family),
                                   "--port", str(PORT), "--size", str(int(size * 1e6)), "--pause", "0.2",
                                   capture_output=True)
                 result = json.loads(fetch.stdout)
@@ -251,7 +266,10 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"MPTCP through a load balancer: 2 x {results['settings']['rate_mbit']} Mbit/s, "
+    settings = results["settings"]
+    shape = {"4": "IPv4", "6": "IPv6", "dual": "dual stack"}[settings["family"]] + (
+        ", direct server return" if settings["direct_return"] else "")
+    fig.suptitle(f"MPTCP through a load balancer ({shape}): 2 x {settings['rate_mbit']} Mbit/s, "
                  f"mean and 95% CI over {results['settings']['repeat']} runs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 VIP, VIP6 = "10.0.100.1", "fd00:100::1"
 CLIENT = {4: ("10.0.1.2", "10.0.2.2"), 6: ("fd00:1::2", "fd00:2::4")}  # split by the `sh` hash
+DUAL_STACK_V6 = "fd00:2::2"  # the client's IPv6 source on path 2 in dual stack; split from CLIENT[4][0] by `sh`
 CLIENT_NETS = {4: ("10.0.1.0/24", "10.0.2.0/24"), 6: ("fd00:1::/64", "fd00:2::/64")}
 LB_CLIENT_SIDE = {4: ("10.0.1.1", "10.0.2.1"), 6: ("fd00:1::1", "fd00:2::1")}
 LB_BACKEND_SIDE = {4: "10.0.9.1", 6: "fd00:9::1"}
@@ -163,6 +164,20 @@ class Topology:
 
     def python(self, role: str, module: str, *args: str, **kwargs) -> subprocess.Popen:
         return self.popen(role, sys.executable, "-m", module, *args, **kwargs)
+
+    def dual_stack_paths(self, on: bool = True) -> None:
+        """Dual stack: no subflow endpoint of the client's own; the backends announce the IPv6 VIP
+        (ADD_ADDR), and the client reaches it over path 2 from an IPv6 address. on=False undoes it."""
+        self.subflow_endpoint(not on)
+        for name in self.backend_names:
+            self.exec(name, "ip", "mptcp", "endpoint", *(("add", VIP6, "signal") if on else ("flush",)))
+        if on:
+            self.exec("client", "ip", "addr", "add", f"{DUAL_STACK_V6}/64", "dev", "c2", "nodad")
+            self.exec("client", "ip", "route", "add", VIP6, "via", LB_CLIENT_SIDE[6][1], "dev", "c2",
+                      "src", DUAL_STACK_V6)
+        else:
+            self.exec("client", "ip", "route", "del", VIP6)
+            self.exec("client", "ip", "addr", "del", f"{DUAL_STACK_V6}/64", "dev", "c2")
 
     def subflow_endpoint(self, present: bool, version: int = 4) -> None:
         """Add or remove the client's second address as a subflow endpoint: adding it makes the
