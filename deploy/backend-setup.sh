@@ -17,6 +17,10 @@ done
 sysctl -q -w net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
 sysctl -q -w net.ipv4.conf.lo.arp_ignore=1 net.ipv4.conf.lo.arp_announce=2
 
+# Loose reverse-path filtering: with a tunnel from the LB (or direct server return), packets
+# arrive on one interface from sources routed through another.
+sysctl -q -w net.ipv4.conf.all.rp_filter=2
+
 # MPTCP on, and room for the subflows a client adds (and the addresses it announces).
 sysctl -q -w net.mptcp.enabled=1
 ip mptcp limits set subflows 4 add_addr_accepted 4

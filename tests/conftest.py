@@ -24,11 +24,11 @@ def start_server(topo, name):
     return proc
 
 
-def lab_topology(direct_return=False):
+def lab_topology(direct_return=False, tunnel=None):
     """The lab topology (client, LB, switch, 2 backends serving downloads)."""
     from mplb_nfq.netns import Topology, leftover_namespaces
 
-    with Topology(backends=2, direct_return=direct_return) as t:
+    with Topology(backends=2, direct_return=direct_return, tunnel=tunnel) as t:
         t.servers = {}
         for name in t.backend_names:
             start_server(t, name)
@@ -53,7 +53,7 @@ def worker(topo, tmp_path):
     def start(mode="mplb", extra="", text=None, metrics="", kernel=""):
         config = tmp_path / f"{mode}.toml"
         config.write_text(text or config_text(mode, 2, tmp_path, metrics=metrics, extra=extra, kernel=kernel,
-                                              direct_return=topo.direct_return))
+                                              direct_return=topo.direct_return, tunnel=topo.tunnel))
         w = Worker(topo, config, tmp_path / f"{mode}.log")
         started.append(w)
         return w

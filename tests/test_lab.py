@@ -58,3 +58,16 @@ def test_quick_lab_dual_stack_with_direct_server_return(tmp_path):
     assert results["join_failures"]["mplb"] == 0
     assert results["join_failures"]["unaware"] >= 2
     assert results["ratio"] >= 1.4, results["ratio"]
+
+
+def test_quick_lab_through_vxlan_tunnels(tmp_path):
+    """Backends behind a router, each reached through a VXLAN tunnel: the same doubling."""
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--tunnel", "vxlan",
+                           "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert results["settings"]["tunnel"] == "vxlan"
+    assert results["join_failures"] == {"unaware": results["join_failures"]["unaware"], "mplb": 0}
+    assert results["join_failures"]["unaware"] >= 2
+    assert results["ratio"] >= 1.6, results["ratio"]

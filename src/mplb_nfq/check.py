@@ -12,6 +12,25 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _tunnel_support() -> dict[str, str | None]:
+    """Create and delete a device of each tunnel kind: None where it works, else the error."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    found = {}
+    with IPRoute() as ipr:
+        for kind, extra in (("vxlan", {"vxlan_id": 4242, "vxlan_port": 4789}), ("ipip", {})):
+            try:
+                ipr.link("add", ifname="mplbprobe0", kind=kind, **extra)
+                found[kind] = None
+            except NetlinkError as e:
+                found[kind] = f"not in this kernel ({e.args[1] if len(e.args) > 1 else e})"
+            finally:
+                for index in ipr.link_lookup(ifname="mplbprobe0"):
+                    ipr.link("del", index=index)
+    return found
+
+
 def kernel_report() -> dict:
     features: dict[str, dict] = {}
 
@@ -30,11 +49,23 @@ def kernel_report() -> dict:
                              "{ typeof tcp option @30,32,32 : meta mark; flags timeout; }")
         nft.try_run("delete table inet mplb_probe_map")
         feature("nft token map", tokens, "map on tcp option @30,32,32 with timeouts")
+        dsr = nft.try_run("add table inet mplb_probe_raw; add chain inet mplb_probe_raw c; "
+                          "add rule inet mplb_probe_raw c tcp flags & (syn | ack) == syn notrack")
+        nft.try_run("delete table inet mplb_probe_raw")
+        loose = _read("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
+        feature("direct server return", dsr and loose == "1",
+                f"notrack {'works' if dsr else 'refused'}; nf_conntrack_tcp_loose = {loose}")
     except (OSError, ImportError) as e:
         native = False
         feature("libnftables", False, f"cannot load: {e} (apt install libnftables1)")
     xt = next((b for b in ("iptables-nft", "iptables", "iptables-legacy") if shutil.which(b)), None)
     feature("xtables NFQUEUE", xt is not None, xt or "no iptables binary (apt install iptables)")
+    ip6xt = next((b for b in ("ip6tables-nft", "ip6tables") if shutil.which(b)), None)
+    feature("IPv6", Path("/proc/net/if_inet6").exists() and (native or ip6xt is not None),
+            f"IPv6 stack {'on' if Path('/proc/net/if_inet6').exists() else 'off'}; queue rule via "
+            f"{'nft' if native else ip6xt or 'nothing (apt install iptables)'}")
+    for kind, detail in _tunnel_support().items():
+        feature(f"tunnel {kind}", detail is None, detail or "can create the device")
     mptcp = _read("/proc/sys/net/mptcp/enabled")
     feature("MPTCP", mptcp == "1", f"net.mptcp.enabled = {mptcp}")
     feature("conntrack", Path("/proc/sys/net/netfilter/nf_conntrack_max").exists(),

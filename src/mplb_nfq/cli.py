@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", choices=("4", "6", "dual"), default="4",
                    help="IPv4, IPv6, or dual stack (an IPv4 connection, its second subflow over IPv6)")
     p.add_argument("--dsr", action="store_true", help="direct server return: answers bypass the LB")
+    p.add_argument("--tunnel", choices=("vxlan", "ipip"), help="backends behind a router, through tunnels (IPv4)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -171,7 +172,10 @@ def cmd_lab(args) -> int:
         settings.sizes_mb = [float(s) for s in args.sizes.split(",")]
     if args.repeat:
         settings.repeat = args.repeat
-    settings.family, settings.direct_return = args.family, args.dsr
+    if args.tunnel and (args.family != "4" or args.dsr):
+        print("mplb-nfq lab: --tunnel goes with IPv4 and the return path through the LB", file=sys.stderr)
+        return 2
+    settings.family, settings.direct_return, settings.tunnel = args.family, args.dsr, args.tunnel
     return run_lab(settings, out_dir=args.out, as_json=args.json)
 
 

@@ -24,10 +24,18 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class BackendConfig:
     name: str
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]  # where the LB sends the VIP's packets (on a tunnel: the inner address)
     weight: int
     mark: int
     table: int
+    tunnel: str = "none"  # none (same segment) | vxlan | ipip
+    remote: str | None = None  # the backend's tunnel endpoint, reached by routing
+    vni: int | None = None  # VXLAN network identifier
+
+    @property
+    def device(self) -> str | None:
+        """The LB's tunnel device towards this backend."""
+        return None if self.tunnel == "none" else f"mplbt{self.mark:x}"
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,13 @@ class _Reader:
             self.fail(key, f"must be a name of letters, digits, - and _, got {value!r}")
         return value
 
+    def address(self, key: str) -> str:
+        value = self.table.get(key)
+        try:
+            return str(ipaddress.ip_address(value))
+        except (ValueError, TypeError):
+            self.fail(key, f"must be an IPv4 or IPv6 address, got {value!r}")
+
     def addresses(self, key: str, single: str | None = None) -> tuple[str, ...]:
         """`key` as a list of addresses, or `single` as one address."""
         if single and single in self.table:
@@ -199,7 +214,8 @@ class _Reader:
 TOP_KEYS = {"services", "backends", "health", "kernel", "limits", "metrics", "control"}
 SERVICE_KEYS = {"name", "vip", "vips", "ports", "backends", "scheduler", "unknown_join", "mptcp_aware",
                 "persistence", "maglev_size", "direct_return"}
-BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark"}
+BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark", "tunnel", "remote", "vni"}
+TUNNELS = ("none", "vxlan", "ipip")
 HEALTH_KEYS = {"enabled", "interval", "timeout", "rise", "fall", "port", "mptcp"}
 KERNEL_KEYS = {"queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
                "conntrack_interval"}
@@ -295,8 +311,18 @@ def _backends(path: str, raw, mark_base: int, max_backends: int, table_base: int
             owners[a] = name
         mark = r.table["mark"] if "mark" in r.table else next(free)
         names.add(name)
+        tunnel = r.choice("tunnel", "none", TUNNELS)
+        remote = None
+        if tunnel != "none":
+            remote = r.address("remote")
+            if ipaddress.ip_address(remote).version != 4 or any(
+                    ipaddress.ip_address(a).version != 4 for a in addresses):
+                r.fail("remote", "tunnels carry IPv4 to an IPv4 endpoint here")
+        elif "remote" in r.table or "vni" in r.table:
+            r.fail("remote" if "remote" in r.table else "vni", "only with a tunnel")
+        vni = r.integer("vni", mark, 1, 0xFFFFFF) if tunnel == "vxlan" else None
         result.append(BackendConfig(name, addresses, r.integer("weight", 1, 0, 65535), mark,
-                                    table_base + mark - mark_base))
+                                    table_base + mark - mark_base, tunnel, remote, vni))
     return result
 
 

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from .balancer import BACKEND_MASK, LEARNED, QUEUE, REJECT, Backend
-from .config import Config
+from .balancer import BACKEND_MASK, LEARNED, QUEUE, REJECT
+from .config import BackendConfig, Config
 
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent / "nft"
 XT_COMMENT = "mplb-nfq"
+MAIN_TABLE = 254
+RTNH_F_ONLINK = 4
+VXLAN_PORT = 4789
 
 
 class KernelError(RuntimeError):
@@ -127,35 +130,65 @@ def _host(address: str) -> str:
     return f"{address}/{128 if ipaddress.ip_address(address).version == 6 else 32}"
 
 
-def routing_plan(cfg: Config, retired: list[tuple[Backend, list[str]]] = ()) -> tuple[list[dict], list[dict]]:
-    """The routes and rules of a config: per backend a table routing each of its VIPs to its real
-    address and a fwmark rule; per VIP a fail-open multipath route. Retired backends (gone from
-    the config, connections still open) keep theirs."""
-    members: list[tuple[int, int, list[str], tuple[str, ...]]] = []  # mark, table, vips, addresses
-    for b in cfg.backends:
-        vips = [vip for s in cfg.services if b.name in s.backends for vip in s.vips]
-        members.append((b.mark, b.table, vips, b.addresses))
-    members += [(b.mark, b.table, vips, b.addresses) for b, vips in retired]
+def _hop(b: BackendConfig, version: int) -> dict:
+    """How the LB reaches backend b in one address family: a gateway on a shared segment, or
+    through its tunnel device (VXLAN: to its inner address, on link; IPIP: the device alone)."""
+    address = next(a for a in b.addresses if ipaddress.ip_address(a).version == version)
+    if b.tunnel == "ipip":
+        return {"dev": b.device}
+    if b.tunnel == "vxlan":
+        return {"gateway": address, "dev": b.device, "onlink": True}
+    return {"gateway": address}
+
+
+def routing_plan(cfg: Config, retired: list[tuple[BackendConfig, list[str]]] = ()) -> tuple[list[dict], list[dict]]:
+    """The routes and rules of a config: per backend a table routing each of its VIPs to it and a
+    fwmark rule (a tunnelled backend also gets a host route to its inner address, for its health
+    checks); per VIP a fail-open multipath route. Retired backends (gone from the config,
+    connections still open) keep theirs."""
+    members = [(b, [vip for s in cfg.services if b.name in s.backends for vip in s.vips]) for b in cfg.backends]
     routes, rules = [], []
-    for mark, table, vips, addresses in members:
+    for b, vips in members + list(retired):
         for version in sorted({ipaddress.ip_address(v).version for v in vips}):
-            gateway = next(a for a in addresses if ipaddress.ip_address(a).version == version)
-            routes += [dict(dst=_host(v), gateway=gateway, table=table, family=_af(version))
+            routes += [dict(dst=_host(v), table=b.table, family=_af(version), **_hop(b, version))
                        for v in vips if ipaddress.ip_address(v).version == version]
-            rules.append(dict(family=_af(version), table=table, priority=cfg.rule_priority, fwmark=mark,
+            rules.append(dict(family=_af(version), table=b.table, priority=cfg.rule_priority, fwmark=b.mark,
                               fwmask=BACKEND_MASK))
+        if b.device:
+            routes += [dict(dst=_host(a), table=MAIN_TABLE, family=_af(ipaddress.ip_address(a).version), dev=b.device)
+                       for a in b.addresses]
+    by_name = {b.name: b for b in cfg.backends}
     for s in cfg.services:
         for vip in s.vips:
             version = ipaddress.ip_address(vip).version
             # Fail open: a packet the worker never marked still reaches a backend, by a stateless
             # hash of its addresses and ports, as a plain L4 balancer would.
-            gateways = [a for name in s.backends for a in next(b for b in cfg.backends if b.name == name).addresses
-                        if ipaddress.ip_address(a).version == version]
             routes.append(dict(dst=_host(vip), table=cfg.fallback_table, family=_af(version),
-                               multipath=[{"gateway": g} for g in gateways]))
+                               multipath=[_hop(by_name[n], version) for n in s.backends]))
             rules.append(dict(family=_af(version), table=cfg.fallback_table, priority=cfg.rule_priority + 1,
                               dst=vip, dst_len=128 if version == 6 else 32))
     return routes, rules
+
+
+def _identity(route: dict) -> dict:
+    """What names a route of the plan for deletion: its destination in its table."""
+    return {k: route[k] for k in ("dst", "table", "family")}
+
+
+def _netlink(ipr, route: dict) -> dict:
+    """A route of the plan as pyroute2 takes it: device names to indexes, on-link to its flag."""
+    def convert(hop: dict) -> dict:
+        hop = dict(hop)
+        if "dev" in hop:
+            hop["oif"] = ipr.link_lookup(ifname=hop.pop("dev"))[0]
+        if hop.pop("onlink", False):
+            hop["flags"] = RTNH_F_ONLINK
+        return hop
+
+    converted = convert(route)
+    if "multipath" in converted:
+        converted["multipath"] = [convert(h) for h in converted["multipath"]]
+    return converted
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -177,6 +210,7 @@ class Dataplane:
     table_owner: str = "worker"
     routes: list[dict] = field(default_factory=list)
     rules: list[dict] = field(default_factory=list)
+    tunnels: set[str] = field(default_factory=set)  # device names
 
     @property
     def queue_mode(self) -> str:
@@ -197,6 +231,7 @@ class Dataplane:
         if not self.native_queue:
             for version in families(cfg):
                 self._xtables(version, "-C") or self._xtables(version, "-A", check=True)
+        self.sync_tunnels(cfg)
         self.sync_routing(cfg)
         log.info("queue %d, mode: %s", cfg.queue, self.queue_mode)
 
@@ -233,7 +268,32 @@ class Dataplane:
                 self.nft.run(f"delete element inet {table} {name} {{ {', '.join(sorted(current - wanted))} }}")
         self.cfg = cfg
 
-    def sync_routing(self, cfg: Config, retired: list[tuple[Backend, list[str]]] = ()) -> None:
+    def sync_tunnels(self, cfg: Config, retired: list[tuple[BackendConfig, list[str]]] = ()) -> None:
+        """One tunnel device per tunnelled backend (VXLAN: VNI vni, UDP 4789; IPIP), up; the
+        devices of backends gone are deleted, with the routes through them."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        wanted = {b.device: b for b in [*cfg.backends, *(b for b, _ in retired)] if b.device}
+        with IPRoute() as ipr:
+            for name, b in wanted.items():
+                if ipr.link_lookup(ifname=name):
+                    continue
+                try:
+                    if b.tunnel == "vxlan":  # pyroute2 calls the unicast remote "group", as the kernel does
+                        ipr.link("add", ifname=name, kind="vxlan", vxlan_id=b.vni, vxlan_group=b.remote,
+                                 vxlan_port=VXLAN_PORT)
+                    else:
+                        ipr.link("add", ifname=name, kind="ipip", ipip_remote=b.remote)
+                except NetlinkError as e:
+                    raise KernelError(f"backend {b.name}: cannot create its {b.tunnel} device {name}: "
+                                      f"{e.args[1] if len(e.args) > 1 else e} (see `mplb-nfq check`)") from None
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+            for name in self.tunnels - set(wanted):
+                _quietly(ipr.link, "del", index=(ipr.link_lookup(ifname=name) or [0])[0])
+        self.tunnels = set(wanted)
+
+    def sync_routing(self, cfg: Config, retired: list[tuple[BackendConfig, list[str]]] = ()) -> None:
         """Install the routes and rules of `cfg` (and of retired backends), remove those no longer wanted."""
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
@@ -241,7 +301,7 @@ class Dataplane:
         routes, rules = routing_plan(cfg, retired)
         with IPRoute() as ipr:
             for route in routes:
-                ipr.route("replace", **route)
+                ipr.route("replace", **_netlink(ipr, route))
             for rule in rules:
                 if not any(_same(rule, old) for old in self.rules):
                     try:
@@ -254,7 +314,7 @@ class Dataplane:
                     _quietly(ipr.rule, "del", **rule)
             for route in self.routes:
                 if not any(route["dst"] == new["dst"] and route["table"] == new["table"] for new in routes):
-                    _quietly(ipr.route, "del", **route)
+                    _quietly(ipr.route, "del", **_identity(route))
         self.routes, self.rules, self.cfg = routes, rules, cfg
 
     def add_tokens(self, tokens: list[tuple[int, int]]) -> None:
@@ -291,8 +351,11 @@ class Dataplane:
                 while _quietly(ipr.rule, "del", **rule):  # a rule added twice would leave a copy behind
                     pass
             for route in self.routes + routes:
-                _quietly(ipr.route, "del", **route)
-        self.routes, self.rules = [], []
+                _quietly(ipr.route, "del", **_identity(route))
+            for name in self.tunnels | {b.device for b in self.cfg.backends if b.device}:
+                for index in ipr.link_lookup(ifname=name):
+                    _quietly(ipr.link, "del", index=index)
+        self.routes, self.rules, self.tunnels = [], [], set()
         for version in (4, 6):
             try:
                 while self._xtables(version, "-D"):

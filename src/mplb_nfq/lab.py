@@ -17,7 +17,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .netns import CLIENT, DUAL_STACK_V6, VIP, VIP6, Topology, backend_address
+from .netns import (
+    CLIENT,
+    DUAL_STACK_V6,
+    VIP,
+    VIP6,
+    Topology,
+    backend_address,
+    tunnel_address,
+    tunnel_vni,
+    underlay_address,
+)
 
 PORT = 8080
 MODES = {  # name -> config lines that make the mode
@@ -38,6 +48,7 @@ class LabSettings:
     rate_mbit: int = 50
     family: str = "4"  # 4, 6, or dual: an IPv4 connection whose second subflow is IPv6
     direct_return: bool = False  # the backends answer the client directly, not through the LB
+    tunnel: str | None = None  # vxlan or ipip: backends behind a router, each reached through a tunnel
 
     @classmethod
     def quick(cls) -> "LabSettings":
@@ -61,16 +72,22 @@ def mean_ci(samples: list[float]) -> tuple[float, float]:
 
 
 def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extra: str = "",
-                kernel: str = "", direct_return: bool = False) -> str:
+                kernel: str = "", direct_return: bool = False, tunnel: str | None = None) -> str:
     """The worker's config for one of the lab's modes: one dual-stack service (VIP and VIP6) on
-    the backends' IPv4 and IPv6 addresses; its control socket lives in run_dir."""
-    lines = ['[[services]]', 'name = "lab"', f'vips = ["{VIP}", "{VIP6}"]', f"ports = [{PORT}]", MODES[mode],
+    the backends' IPv4 and IPv6 addresses, or, through tunnels, IPv4; its control socket lives
+    in run_dir."""
+    vips = f'["{VIP}"]' if tunnel else f'["{VIP}", "{VIP6}"]'
+    lines = ['[[services]]', 'name = "lab"', f"vips = {vips}", f"ports = [{PORT}]", MODES[mode],
              f"direct_return = {str(direct_return).lower()}",
              f'[control]\nsocket = "{run_dir / "control.sock"}"', f'[metrics]\naddress = "{metrics}"',
              "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", f"[kernel]\n{kernel}", extra]
     for i in range(backends):
-        lines.append(f'[[backends]]\nname = "b{i + 1}"\n'
-                     f'addresses = ["{backend_address(i)}", "{backend_address(i, 6)}"]')
+        if tunnel:
+            where = (f'address = "{tunnel_address(i)}"\ntunnel = "{tunnel}"\nremote = "{underlay_address(i)}"'
+                     + (f"\nvni = {tunnel_vni(i)}" if tunnel == "vxlan" else ""))
+        else:
+            where = f'addresses = ["{backend_address(i)}", "{backend_address(i, 6)}"]'
+        lines.append(f'[[backends]]\nname = "b{i + 1}"\n{where}')
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +134,8 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
-    topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit, direct_return=settings.direct_return)
+    topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit, direct_return=settings.direct_return,
+                    tunnel=settings.tunnel)
     results = {"settings": asdict(settings), "modes": {}}
     progress = Progress(len(MODES) * len(settings.sizes_mb) * settings.repeat)
     try:
@@ -193,7 +211,8 @@ def _wait_for_servers(topo: Topology, backends: int) -> None:
 def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: Path,
               progress: Progress) -> dict:
     config = tmp / f"{mode}.toml"
-    config.write_text(config_text(mode, settings.backends, tmp, direct_return=settings.direct_return))
+    config.write_text(config_text(mode, settings.backends, tmp, direct_return=settings.direct_return,
+                                  tunnel=settings.tunnel))
     before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
     worker = Worker(topo, config, out / f"worker-{mode}.log")
     samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}
@@ -268,7 +287,8 @@ def _plot(results: dict, path: Path) -> None:
         ax.legend()
     settings = results["settings"]
     shape = {"4": "IPv4", "6": "IPv6", "dual": "dual stack"}[settings["family"]] + (
-        ", direct server return" if settings["direct_return"] else "")
+        ", direct server return" if settings["direct_return"] else "") + (
+        f", {settings['tunnel']} tunnels" if settings["tunnel"] else "")
     fig.suptitle(f"MPTCP through a load balancer ({shape}): 2 x {settings['rate_mbit']} Mbit/s, "
                  f"mean and 95% CI over {results['settings']['repeat']} runs")
     fig.tight_layout()

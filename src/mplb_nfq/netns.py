@@ -24,6 +24,23 @@ CLIENT_ON_SWITCH = {4: ("10.0.9.101", "10.0.9.102"), 6: ("fd00:9::101", "fd00:9:
 BACKEND_SETUP = Path(__file__).resolve().parent / "backend-setup.sh"
 
 
+LB_UNDERLAY, ROUTER_UNDERLAY, BACKEND_UNDERLAY_NET = "10.0.8.1", "10.0.8.2", "10.0.64.0/18"
+
+
+def underlay_address(i: int) -> str:
+    """A tunnelled backend's own address, in a subnet of its own behind the router."""
+    return f"10.0.{71 + i}.2"
+
+
+def tunnel_address(i: int) -> str:
+    """A tunnelled backend's address inside its tunnel: where the LB sends the VIP's packets."""
+    return f"172.31.{1 + i}.2"
+
+
+def tunnel_vni(i: int) -> int:
+    return 100 + i
+
+
 def backend_address(i: int, version: int = 4) -> str:
     return f"10.0.9.{11 + i}" if version == 4 else f"fd00:9::{11 + i}"
 
@@ -34,6 +51,7 @@ class Topology:
     rate_mbit: int | None = 50
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     direct_return: bool = False
+    tunnel: str | None = None  # vxlan or ipip: the backends sit behind a router, reached through tunnels
     client_addresses: tuple[str, str] = CLIENT[4]
     built: bool = False
 
@@ -43,7 +61,7 @@ class Topology:
     @property
     def namespaces(self) -> list[str]:
         return [self.ns("client"), self.ns("lb"), self.ns("switch")] + [
-            self.ns(f"b{i + 1}") for i in range(self.backends)]
+            self.ns(f"b{i + 1}") for i in range(self.backends)] + ([self.ns("router")] if self.tunnel else [])
 
     @property
     def backend_names(self) -> list[str]:
@@ -81,18 +99,7 @@ class Topology:
                          f"-n {client} addr add {CLIENT_ON_SWITCH[4][k - 1]}/24 dev cr{k}",
                          f"-n {client} addr add {CLIENT_ON_SWITCH[6][k - 1]}/64 dev cr{k} nodad",
                          f"-n {client} link set cr{k} up"]
-        for i in range(self.backends):
-            b = self.ns(f"b{i + 1}")
-            cmds += [f"link add eth0 netns {b} type veth peer name b{i + 1} netns {switch}",
-                     f"-n {switch} link set b{i + 1} master br0", f"-n {switch} link set b{i + 1} up",
-                     f"-n {b} addr add {backend_address(i)}/24 dev eth0",
-                     f"-n {b} addr add {backend_address(i, 6)}/64 dev eth0 nodad", f"-n {b} link set eth0 up",
-                     f"-n {b} link set lo up", f"-n {b} route add default via {LB_BACKEND_SIDE[4]}",
-                     f"-n {b} route add default via {LB_BACKEND_SIDE[6]}"]
-            if self.direct_return:
-                for version in (4, 6):
-                    for net, gateway in zip(CLIENT_NETS[version], CLIENT_ON_SWITCH[version]):
-                        cmds.append(f"-n {b} route add {net} via {gateway}")
+        cmds += self._tunnelled_backends() if self.tunnel else self._bridged_backends()
         cmds += [f"-n {switch} link set br0 up", f"-n {switch} link set lb up",
                  f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
                  f"-n {client} mptcp limits set subflows 4 add_addr_accepted 4",
@@ -119,6 +126,8 @@ class Topology:
         for n in self.namespaces:
             self.sysctl(n, "net.mptcp.enabled", 1)
         self.sysctl(lb, "net.ipv4.ip_forward", 1)
+        if self.tunnel:
+            self.sysctl(self.ns("router"), "net.ipv4.ip_forward", 1)
         self.sysctl(lb, "net.ipv6.conf.all.forwarding", 1)
         if self.direct_return:  # as deploy/sysctl.d/ says: the LB sees one direction of each flow only
             self.sysctl(lb, "net.netfilter.nf_conntrack_tcp_loose", 1)
@@ -137,6 +146,47 @@ class Topology:
             for ns, dev in shaped:
                 run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                      "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "50ms"])
+
+    def _bridged_backends(self) -> list[str]:
+        """Backends on the LB's segment (the switch), holding the VIPs (IPVS direct routing)."""
+        switch = self.ns("switch")
+        cmds = []
+        for i in range(self.backends):
+            b = self.ns(f"b{i + 1}")
+            cmds += [f"link add eth0 netns {b} type veth peer name b{i + 1} netns {switch}",
+                     f"-n {switch} link set b{i + 1} master br0", f"-n {switch} link set b{i + 1} up",
+                     f"-n {b} addr add {backend_address(i)}/24 dev eth0",
+                     f"-n {b} addr add {backend_address(i, 6)}/64 dev eth0 nodad", f"-n {b} link set eth0 up",
+                     f"-n {b} link set lo up", f"-n {b} route add default via {LB_BACKEND_SIDE[4]}",
+                     f"-n {b} route add default via {LB_BACKEND_SIDE[6]}"]
+            if self.direct_return:
+                for version in (4, 6):
+                    for net, gateway in zip(CLIENT_NETS[version], CLIENT_ON_SWITCH[version]):
+                        cmds.append(f"-n {b} route add {net} via {gateway}")
+        return cmds
+
+    def _tunnelled_backends(self) -> list[str]:
+        """Backends behind a router, each in a subnet of its own, reached through a tunnel whose
+        inner address is tunnel_address(i)."""
+        lb, router = self.ns("lb"), self.ns("router")
+        cmds = [f"link add r0 netns {lb} mtu 1600 type veth peer name rl netns {router} mtu 1600",
+                f"-n {lb} addr add {LB_UNDERLAY}/24 dev r0", f"-n {lb} link set r0 up",
+                f"-n {lb} route add {BACKEND_UNDERLAY_NET} via {ROUTER_UNDERLAY}",
+                f"-n {router} addr add {ROUTER_UNDERLAY}/24 dev rl", f"-n {router} link set rl up",
+                f"-n {router} link set lo up"]
+        cmds += [f"-n {router} route add {net} via {LB_UNDERLAY}" for net in CLIENT_NETS[4]]
+        for i in range(self.backends):
+            b, underlay = self.ns(f"b{i + 1}"), underlay_address(i)
+            gateway = underlay.rsplit(".", 1)[0] + ".1"
+            device = ("type vxlan id {} remote {} dstport 4789".format(tunnel_vni(i), LB_UNDERLAY)
+                      if self.tunnel == "vxlan" else f"type ipip remote {LB_UNDERLAY}")
+            cmds += [f"link add eth0 netns {b} mtu 1600 type veth peer name b{i + 1} netns {router} mtu 1600",
+                     f"-n {router} addr add {gateway}/24 dev b{i + 1}", f"-n {router} link set b{i + 1} up",
+                     f"-n {b} addr add {underlay}/24 dev eth0", f"-n {b} link set eth0 up", f"-n {b} link set lo up",
+                     f"-n {b} route add default via {gateway}",
+                     f"-n {b} link add tun0 {device}", f"-n {b} addr add {tunnel_address(i)}/24 dev tun0",
+                     f"-n {b} link set tun0 up"]
+        return cmds
 
     @staticmethod
     def sysctl(ns: str, key: str, value) -> None:

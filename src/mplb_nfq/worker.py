@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from .balancer import BACKEND_MASK, JOIN, REJECT, Backend
-from .config import Config, ConfigError, load
+from .config import BackendConfig, Config, ConfigError, load
 from .kernel import Dataplane
 from .packet import parse_ip
 
@@ -32,7 +32,7 @@ class Worker:
     def __init__(self, cfg: Config, dataplane: Dataplane, clock=time.perf_counter):
         self.cfg, self.dataplane, self.clock = cfg, dataplane, clock
         self.balancer = cfg.balancer()
-        self.retired: dict[str, tuple[Backend, list[str]]] = {}
+        self.retired: dict[str, tuple[Backend, BackendConfig, list[str]]] = {}  # gone from the config
         self.pending_tokens: list[tuple[int, int]] = []
         self.pending_forget: list[int] = []
         self.stats: Counter[str] = Counter()
@@ -135,22 +135,23 @@ class Worker:
             return {"ok": False, "error": error}
         running = self.backends()
         running_marks = {n: b.mark for n, b in running.items()}
-        running_marks.update({n: b.mark for n, (b, _) in self.retired.items()})
+        running_marks.update({n: b.mark for n, (b, _, _) in self.retired.items()})
         new = new.with_stable_marks(running_marks)
-        old_vips = {b.name: [vip for s in self.cfg.services if b.name in s.backends for vip in s.vips]
-                    for b in self.cfg.backends}
-        services = new.build_services({**running, **{n: b for n, (b, _) in self.retired.items()}})
+        old = {b.name: (b, [vip for s in self.cfg.services if b.name in s.backends for vip in s.vips])
+               for b in self.cfg.backends}
+        services = new.build_services({**running, **{n: b for n, (b, _, _) in self.retired.items()}})
         kept = {b.name for b in new.backends}
         for name, backend in running.items():
             if name not in kept:
                 backend.retired = True
-                self.retired[name] = (backend, old_vips.get(name, []))
+                self.retired[name] = (backend, *old[name])
                 log.info("backend %s retired: no new connections, kept until its connections end", name)
         for name in kept:
             self.retired.pop(name, None)
-        self.balancer.update(services, [b for b, _ in self.retired.values()])
+        self.balancer.update(services, [b for b, _, _ in self.retired.values()])
         self.dataplane.sync_vips(new)
-        self.dataplane.sync_routing(new, list(self.retired.values()))
+        self.dataplane.sync_tunnels(new, self.retired_routes())
+        self.dataplane.sync_routing(new, self.retired_routes())
         self.cfg = new
         log.info("reloaded %s: %d services, %d backends, %d retired", path, len(new.services), len(new.backends),
                  len(self.retired))
@@ -161,13 +162,17 @@ class Worker:
         """Active connections and subflows per backend mark, as conntrack counted them."""
         for mark, backend in self.balancer.by_mark.items():
             backend.active, backend.subflows = connections.get(mark, 0), subflows.get(mark, 0)
-        done = [n for n, (b, _) in self.retired.items() if b.active == 0 and b.subflows == 0]
+        done = [n for n, (b, _, _) in self.retired.items() if b.active == 0 and b.subflows == 0]
         if done:
             for name in done:
                 log.info("backend %s: no connections left, its routes are removed", name)
                 del self.retired[name]
-            self.balancer.update(self.balancer.services, [b for b, _ in self.retired.values()])
-            self.dataplane.sync_routing(self.cfg, list(self.retired.values()))
+            self.balancer.update(self.balancer.services, [b for b, _, _ in self.retired.values()])
+            self.dataplane.sync_routing(self.cfg, self.retired_routes())
+            self.dataplane.sync_tunnels(self.cfg, self.retired_routes())
+
+    def retired_routes(self) -> list[tuple[BackendConfig, list[str]]]:
+        return [(config, vips) for _, config, vips in self.retired.values()]
 
     def status(self) -> dict:
         drops = queue_drops(self.cfg.queue)
@@ -179,7 +184,7 @@ class Worker:
                 "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
                 "backends": [backend_status(running[n]) for n in s.backends]})
         return {"ok": True, "services": services,
-                "retired": [backend_status(b) for b, _ in self.retired.values()],
+                "retired": [backend_status(b) for b, _, _ in self.retired.values()],
                 "tokens_tracked": len(self.balancer.tokens), "flows_tracked": len(self.balancer.flows),
                 "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "queue_drops": drops,
                 "table_owner": self.dataplane.table_owner, "uptime_s": round(time.time() - self.started, 1),
