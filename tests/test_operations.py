@@ -66,7 +66,7 @@ def test_status_shows_services_backends_and_live_counts(topo, worker):
         return next(ln for ln in text.splitlines() if ln.strip().startswith(f"-> {home}")).split()
 
     wait_for(lambda: home_line()[-3:] == ["1", "1", "1"], 5)  # weight, connections, subflows
-    assert home_line()[3] == "up"
+    assert "up" in home_line()
     assert json.loads(download.communicate(timeout=60)[0])["received"] == 40 * MB
     assert status(topo, w)["tokens_tracked"] >= 1
 
@@ -84,6 +84,7 @@ def test_drained_backend_takes_no_new_connection_but_new_subflows_of_its_own(top
         assert [r["received"] for r in fetch(topo, MB, MB, MB)] == [MB] * 3
         after_new = counters(topo)
         assert delta(mid, after_new, "MPTcpExtMPCapableSYNRX")[home] == 0  # new connections went elsewhere
+        time.sleep(1.0)  # the short connections are gone: the client must not add subflows to them, dying
         topo.subflow_endpoint(True)  # the client now adds a subflow to the open connection
         assert json.loads(download.communicate(timeout=60)[0])["received"] == 20 * MB
         end = counters(topo)
@@ -130,6 +131,7 @@ def test_reload_adds_and_removes_backends_during_a_live_transfer(topo, worker, t
         assert states(topo, w)["b2"]["state"] == "up" and "b1" in states(topo, w)  # the running config stays
         w.config_path.write_text(good)
 
+        time.sleep(1.0)  # the short connections are gone: the client must not add subflows to them, dying
         topo.subflow_endpoint(True)  # a new subflow of the transfer still on the removed backend
         assert json.loads(download.communicate(timeout=60)[0])["received"] == 25 * MB
         end = counters(topo)
