@@ -76,7 +76,7 @@ def test_drained_backend_takes_no_new_connection_but_new_subflows_of_its_own(top
     topo.subflow_endpoint(False)
     try:
         before = counters(topo)
-        download = fetch_in_background(topo, 20 * MB)
+        download = fetch_in_background(topo, 30 * MB)
         time.sleep(0.7)
         mid = counters(topo)
         home = serving(before, mid)
@@ -86,7 +86,7 @@ def test_drained_backend_takes_no_new_connection_but_new_subflows_of_its_own(top
         assert delta(mid, after_new, "MPTcpExtMPCapableSYNRX")[home] == 0  # new connections went elsewhere
         time.sleep(1.0)  # the short connections are gone: the client must not add subflows to them, dying
         topo.subflow_endpoint(True)  # the client now adds a subflow to the open connection
-        assert json.loads(download.communicate(timeout=60)[0])["received"] == 20 * MB
+        assert json.loads(download.communicate(timeout=60)[0])["received"] == 30 * MB
         end = counters(topo)
         assert delta(after_new, end, "MPTcpExtMPJoinAckRx")[home] == 1  # it reached the drained backend
         assert sum(delta(before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
@@ -104,7 +104,7 @@ def test_reload_adds_and_removes_backends_during_a_live_transfer(topo, worker, t
     topo.subflow_endpoint(False)
     try:
         before = counters(topo)
-        download = fetch_in_background(topo, 25 * MB)
+        download = fetch_in_background(topo, 40 * MB)
         time.sleep(0.7)
         assert serving(before, counters(topo)) == "b1"
 
@@ -133,7 +133,7 @@ def test_reload_adds_and_removes_backends_during_a_live_transfer(topo, worker, t
 
         time.sleep(1.0)  # the short connections are gone: the client must not add subflows to them, dying
         topo.subflow_endpoint(True)  # a new subflow of the transfer still on the removed backend
-        assert json.loads(download.communicate(timeout=60)[0])["received"] == 25 * MB
+        assert json.loads(download.communicate(timeout=60)[0])["received"] == 40 * MB
         end = counters(topo)
         assert delta(removed, end, "MPTcpExtMPJoinAckRx")["b1"] == 1
         assert sum(delta(before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
