@@ -10,7 +10,7 @@ from conftest import lab_topology
 from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, nft_counters
 
 from mplb_nfq.lab import PORT, config_text
-from mplb_nfq.netns import VIP
+from mplb_nfq.netns import VIP, VIP6
 
 pytestmark = KERNEL
 
@@ -144,3 +144,23 @@ def test_check_reports_the_queue_mode(topo):
     assert report["features"]["nft token map"]["ok"]
     expected = "native nft queue" if report["features"]["nft queue statement"]["ok"] else "xtables NFQUEUE on mark bit"
     assert report["queue_mode"] == expected
+
+
+def test_a_ruleset_the_operator_installed_is_filled_and_never_deleted(topo, worker, tmp_path):
+    config = tmp_path / "operator.toml"
+    config.write_text(config_text("mplb", 2, tmp_path, direct_return=topo.direct_return).replace(
+        f'vips = ["{VIP}", "{VIP6}"]', f'vips = ["{VIP}"]'))  # the file the operator rendered: IPv4 only
+    rendered = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "render-nft", "-c", str(config),
+                         capture_output=True).stdout
+    (tmp_path / "mplb.nft").write_text(rendered)
+    topo.exec("lb", "nft", "-f", str(tmp_path / "mplb.nft"))  # as the distribution's nftables service would
+    try:
+        w = worker("mplb")  # its config has the IPv6 VIP too: the worker fills the sets in
+        (result,) = fetch(topo, MB, family=6)
+        assert result["received"] == MB
+        w.stop()
+        listing = topo.exec("lb", "nft", "list", "table", "inet", "mplb", capture_output=True).stdout
+        assert "installed by the operator" in listing and f"{VIP} . {PORT}" in listing
+        assert f"{VIP6} . {PORT}" in listing
+    finally:
+        topo.exec("lb", "nft", "delete", "table", "inet", "mplb")

@@ -1,5 +1,5 @@
-"""Tunnelled backends: not on the LB's segment but behind a router, each reached through a VXLAN
-tunnel of its own (IPIP where the kernel has it); MPTCP affinity holds through them."""
+"""Tunnelled backends: not on the LB's segment but behind a router, each reached through a tunnel
+of its own, VXLAN or IPIP (where the kernel has it: not this project's); MPTCP affinity holds."""
 import json
 import sys
 
@@ -10,14 +10,22 @@ from netlab import KERNEL, MB, counters, delta, fetch, serving
 pytestmark = KERNEL
 
 
-@pytest.fixture(scope="module")
-def topo():
-    yield from lab_topology(tunnel="vxlan")
+def kernel_has(kind: str) -> bool:
+    from mplb_nfq.check import _tunnel_support
+
+    return _tunnel_support()[kind] is None
+
+
+@pytest.fixture(scope="module", params=["vxlan", "ipip"])
+def topo(request):
+    if not kernel_has(request.param):
+        pytest.skip(f"this kernel cannot make {request.param} devices (`mplb-nfq check` says so)")
+    yield from lab_topology(tunnel=request.param)
 
 
 def test_both_subflows_reach_one_tunnelled_backend_over_a_routed_path(topo, worker):
     w = worker("mplb")
-    devices = topo.exec("lb", "ip", "-d", "link", "show", "type", "vxlan", capture_output=True).stdout
+    devices = topo.exec("lb", "ip", "-d", "link", "show", "type", topo.tunnel, capture_output=True).stdout
     assert "mplbt100" in devices and "remote 10.0.71.2" in devices
     before = counters(topo)
     (result,) = fetch(topo, 5 * MB)

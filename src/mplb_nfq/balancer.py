@@ -64,9 +64,6 @@ class ExpiringTable(Generic[K, V]):
                 break
             del entries[key]
 
-    def items(self, now: float) -> list[tuple[K, V]]:
-        return [(k, v) for k, (v, expires) in self._entries.items() if expires > now]
-
 
 @dataclass(eq=False)
 class Backend:

@@ -58,6 +58,12 @@ class Nft:
             self._nft.set_json_output(False)
 
 
+def nft_counters(nft: Nft, table: str) -> dict[str, int]:
+    """The packet counts of the table's named counters."""
+    data = nft.json(f"list counters table inet {table}")
+    return {c["counter"]["name"]: c["counter"]["packets"] for c in data.get("nftables", []) if "counter" in c}
+
+
 def native_queue_supported(nft: Nft) -> bool:
     """Probe for nft_queue: a rule with `queue` in a throw-away table with no hook."""
     probe = "mplb_probe_queue"
@@ -337,11 +343,6 @@ class Dataplane:
                 found.append((int(element["val"]), int(mark), float(element.get("expires", self.cfg.token_timeout))))
         return found
 
-    def counters(self) -> dict[str, int]:
-        data = self.nft.json(f"list counters table inet {self.cfg.table_name}")
-        return {c["counter"]["name"]: c["counter"]["packets"]
-                for c in data.get("nftables", []) if "counter" in c}
-
     def remove(self) -> None:
         from pyroute2 import IPRoute
 
@@ -367,7 +368,8 @@ class Dataplane:
                 mangle = self.nft.json(f"list table {family} mangle")
                 if not any("rule" in item for item in mangle.get("nftables", [])):
                     self.nft.try_run(f"delete table {family} mangle")  # iptables-nft made it for our rule alone
-        if self.table_owner == "worker":
+        listing = self._table_listing()
+        if listing is not None and WORKER_COMMENT in listing:  # never the one an operator installed
             self.nft.try_run(f"delete table inet {self.cfg.table_name}")
 
 

@@ -16,12 +16,11 @@ class WorkerCollector:
         self._nft = None
 
     def _nft_counters(self) -> dict[str, int]:
-        from .kernel import Nft
+        from .kernel import Nft, nft_counters
 
         if self._nft is None:
             self._nft = Nft()  # its own libnftables context: the worker's is used by its own thread
-        data = self._nft.json(f"list counters table inet {self.worker.cfg.table_name}")
-        return {c["counter"]["name"]: c["counter"]["packets"] for c in data.get("nftables", []) if "counter" in c}
+        return nft_counters(self._nft, self.worker.cfg.table_name)
 
     def collect(self):
         w = self.worker
@@ -65,6 +64,11 @@ class WorkerCollector:
         installed = CounterMetricFamily("mplb_tokens_installed", "Tokens installed in the kernel map")
         installed.add_metric([], w.stats["tokens_installed"])
         yield installed
+        evicted = CounterMetricFamily("mplb_table_evictions", "Entries pushed out of a full table (flood sign)",
+                                      labels=["table"])
+        evicted.add_metric(["flows"], w.balancer.flows.evicted)
+        evicted.add_metric(["tokens"], w.balancer.tokens.evicted)
+        yield evicted
 
         connections = GaugeMetricFamily("mplb_backend_connections", "Active MPTCP/TCP connections per backend",
                                         labels=["service", "backend"])

@@ -13,11 +13,10 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 OPT_EOL, OPT_NOP, OPT_MPTCP = 0, 1, 30
 
 MP_CAPABLE, MP_JOIN, DSS, ADD_ADDR, REMOVE_ADDR, MP_PRIO, MP_FAIL, MP_FASTCLOSE, MP_TCPRST = range(9)
-MP_EXPERIMENTAL = 0xF
 
-# MP_CAPABLE flags byte (RFC 8684 3.1): A checksum required, B extensibility,
+# MP_CAPABLE flags byte (RFC 8684 3.1): A checksum required,
 # C "do not open subflows to my source address", H HMAC-SHA256 (v1) / HMAC-SHA1 (v0).
-CAP_FLAG_A, CAP_FLAG_B, CAP_FLAG_C, CAP_FLAG_H = 0x80, 0x40, 0x20, 0x01
+CAP_FLAG_A, CAP_FLAG_C, CAP_FLAG_H = 0x80, 0x20, 0x01
 
 MP_CAPABLE_LENGTHS = {0: (12, 20), 1: (4, 12, 20, 22, 24)}
 ADD_ADDR_LENGTHS = (8, 10, 16, 18, 20, 22, 28, 30)

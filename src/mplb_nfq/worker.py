@@ -188,6 +188,7 @@ class Worker:
                 "tokens_tracked": len(self.balancer.tokens), "flows_tracked": len(self.balancer.flows),
                 "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "queue_drops": drops,
                 "table_owner": self.dataplane.table_owner, "uptime_s": round(time.time() - self.started, 1),
+                "health_errors": {n: e for n, e in (self.health.last_error if self.health else {}).items() if e},
                 "packets": self.report()}
 
     def control(self, request: dict) -> dict:
