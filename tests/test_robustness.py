@@ -110,3 +110,40 @@ def test_syn_and_join_floods_keep_memory_bounded_and_let_real_connections_throug
     print(f"flood: {handled} decided, {dropped} dropped at the queue, worker RSS +{grown} KiB")
     assert grown < 50_000, "the worker's memory grew by more than 50 MB"
     assert w.proc.poll() is None
+
+
+def queue_counts(pid):
+    """Packets each queue handed out (id_sequence), in the namespace of process pid."""
+    lines = open(f"/proc/{pid}/net/netfilter/nfnetlink_queue").read().splitlines()
+    return {int(line.split()[0]): int(line.split()[7]) for line in lines}
+
+
+def test_two_workers_share_tokens_through_the_kernel_map_and_misroute_no_join(topo, worker):
+    """The queue fan-out hashes addresses, not ports: a join from the client's second address
+    reaches the other worker, often before the first one has put the token in the kernel map.
+    That worker holds it until the token appears there."""
+    w = worker("mplb", kernel="workers = 2\n" + FAST)
+    before = counters(topo)
+    results = fetch(topo, *[MB] * 8, pause=0.1)
+    time.sleep(0.5)
+    after = counters(topo)
+    assert [r["received"] for r in results] == [MB] * 8
+    capable = delta(before, after, "MPTcpExtMPCapableSYNRX")
+    assert delta(before, after, "MPTcpExtMPJoinAckRx") == capable  # every join on its connection's backend
+    assert sum(delta(before, after, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+    per_queue = queue_counts(w.proc.pid)
+    assert per_queue[0] > 0 and per_queue[1] > 0, per_queue  # both workers took packets
+    stats = worker_stats(topo, w)["packets"]
+    assert stats["workers"] == 2 and stats.get("held_expired", 0) == 0
+    assert stats["kinds"].get("join_hit", 0) + stats.get("held_found", 0) >= 1
+    w.proc.send_signal(signal.SIGKILL)  # the others follow the first worker, and the queues are bypassed
+    w.proc.wait()
+    time.sleep(1.0)
+    assert queues_bound(topo) == []
+    assert [r["received"] for r in fetch(topo, MB)] == [MB]
+
+
+def queues_bound(topo):
+    """The queues some process still listens on in the LB namespace."""
+    out = topo.exec("lb", "cat", "/proc/net/netfilter/nfnetlink_queue", capture_output=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()]

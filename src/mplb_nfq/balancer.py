@@ -152,12 +152,20 @@ class Balancer:
     def backend_of(self, mark: int) -> Backend | None:
         return self.by_mark.get(mark & BACKEND_MASK)
 
-    def decide(self, segment: Segment | Malformed | None, mark: int, now: float) -> Verdict:
-        verdict = self._decide(segment, mark, now)
+    def decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool = False) -> Verdict:
+        """hold: a join whose token is unknown yet may wait (kind "join_held"), for another
+        worker may have learned the token and be putting it in the kernel map."""
+        verdict = self._decide(segment, mark, now, hold)
         self.counts[verdict.kind] += 1
         return verdict
 
-    def _decide(self, segment: Segment | Malformed | None, mark: int, now: float) -> Verdict:
+    def learn_token(self, token: int, mark: int, now: float) -> None:
+        """A token another worker learned (read back from the kernel map)."""
+        backend = self.backend_of(mark)
+        if backend is not None and self.tokens.get(token, now) is None:
+            self.tokens.put(token, backend, now)
+
+    def _decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool) -> Verdict:
         if segment is None:
             return Verdict(True, mark, "not_tcp")
         if isinstance(segment, Malformed):
@@ -166,7 +174,7 @@ class Balancer:
             service = self._service_at.get((segment.dst, segment.dport))
             if service is None:
                 return Verdict(True, mark, "no_service")
-            return self._on_syn(service, segment, now)
+            return self._on_syn(service, segment, now, hold)
         if not mark & BACKEND_MASK and not segment.flags & TCP_SYN:
             # the first packet of a conntrack entry made mid-stream (direct server return: the
             # SYN was not tracked): it takes the backend decided for its SYN
@@ -186,7 +194,7 @@ class Balancer:
             return self._learn(capable.receiver_key, capable.version, segment.flow, mark, now, "third_ack")
         return Verdict(True, mark, "other")
 
-    def _on_syn(self, service: Service, segment: Segment, now: float) -> Verdict:
+    def _on_syn(self, service: Service, segment: Segment, now: float, hold: bool) -> Verdict:
         known = self.flows.get(segment.flow, now)  # a retransmitted SYN keeps its backend
         if known is not None:
             return Verdict(True, known, "syn_retransmit")
@@ -198,6 +206,8 @@ class Balancer:
                 backend.subflows += 1
                 self.flows.put(segment.flow, backend.mark | JOIN, now)
                 return Verdict(True, backend.mark | JOIN, "join_hit")
+            if hold:
+                return Verdict(True, 0, "join_held")
             if service.unknown_join == "drop":
                 return Verdict(False, 0, "join_miss")
             if service.unknown_join == "reset":

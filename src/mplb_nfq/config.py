@@ -83,6 +83,9 @@ class Config:
     metrics_address: str | None = "127.0.0.1:9842"
     control_socket: str = "/run/mplb-nfq/control.sock"
     conntrack_interval: float = 2.0
+    workers: int = 1  # processes, one queue each (queue .. queue + workers - 1)
+    hold_ms: int = 50  # how long a worker holds a join whose token it does not know yet
+    hold_max: int = 256  # how many joins it holds at most
 
     @property
     def vips(self) -> list[str]:
@@ -218,7 +221,7 @@ BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark", "tunnel", "rem
 TUNNELS = ("none", "vxlan", "ipip")
 HEALTH_KEYS = {"enabled", "interval", "timeout", "rise", "fall", "port", "mptcp"}
 KERNEL_KEYS = {"queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
-               "conntrack_interval"}
+               "conntrack_interval", "workers", "hold_ms", "hold_max"}
 LIMIT_KEYS = {"flow_capacity", "flow_timeout", "token_capacity", "token_timeout"}
 
 
@@ -275,6 +278,8 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         table_name=table_name, mark_base=mark_base, table_base=table_base, max_backends=max_backends,
         rule_priority=kernel.integer("rule_priority", 1000, 1, 32764),
         conntrack_interval=kernel.number("conntrack_interval", 2.0, 0.1, 3600),
+        workers=kernel.integer("workers", 1, 1, 64), hold_ms=kernel.integer("hold_ms", 50, 0, 10_000),
+        hold_max=kernel.integer("hold_max", 256, 0, 100_000),
         flow_capacity=limits.integer("flow_capacity", 1_000_000, 1, 100_000_000),
         flow_timeout=limits.integer("flow_timeout", 60, 1, 86400),
         token_capacity=limits.integer("token_capacity", 1_000_000, 1, 100_000_000),

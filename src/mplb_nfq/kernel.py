@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -76,7 +77,8 @@ def native_queue_supported(nft: Nft) -> bool:
 
 def queue_statement(cfg: Config, native: bool) -> str:
     if native:
-        return f"queue num {cfg.queue} bypass"
+        queues = f"{cfg.queue}-{cfg.queue + cfg.workers - 1}" if cfg.workers > 1 else str(cfg.queue)
+        return f"queue num {queues} bypass"  # several queues: a hash of the addresses picks one
     return f"meta mark set meta mark | 0x{QUEUE:08x}"
 
 
@@ -109,7 +111,8 @@ def xtables_rule(cfg: Config) -> list[str]:
     """The NFQUEUE rule, for iptables and ip6tables alike."""
     return ["-t", "mangle", "PREROUTING", "-m", "mark", "--mark", f"0x{QUEUE:x}/0x{QUEUE:x}",
             "-m", "comment", "--comment", XT_COMMENT,
-            "-j", "NFQUEUE", "--queue-num", str(cfg.queue), "--queue-bypass"]
+            "-j", "NFQUEUE", *(["--queue-balance", f"{cfg.queue}:{cfg.queue + cfg.workers - 1}"] if cfg.workers > 1
+                               else ["--queue-num", str(cfg.queue)]), "--queue-bypass"]
 
 
 def iptables_binary(version: int) -> str:
@@ -327,6 +330,15 @@ class Dataplane:
         """Install token -> backend mark in the kernel map, in one batch."""
         elements = ", ".join(token_element(t, m, self.cfg.token_timeout) for t, m in tokens)
         self.nft.run(f"add element inet {self.cfg.table_name} tokens {{ {elements} }}")
+
+    def lookup_token(self, token: int) -> int | None:
+        """The mark the kernel map holds for a token, if it holds it (another worker learned it)."""
+        try:  # nft 1.0.6 answers `get element` in its text form only, JSON or not
+            listing = self.nft.run(f"get element inet {self.cfg.table_name} tokens {{ 0x{token:08x} }}")
+        except KernelError:
+            return None  # not (yet) there
+        found = re.search(r"elements = \{[^}]*:\s*(0x[0-9a-f]+)", listing)
+        return int(found.group(1), 16) if found else None
 
     def remove_tokens(self, tokens: list[int]) -> int:
         """Delete tokens from the kernel map, one by one (a missing one fails alone); how many went."""

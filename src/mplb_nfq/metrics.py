@@ -24,7 +24,8 @@ class WorkerCollector:
 
     def collect(self):
         w = self.worker
-        kinds = dict(w.balancer.counts)
+        total = w.totals()
+        kinds, stats = dict(total["kinds"]), total["stats"]
 
         queued = CounterMetricFamily("mplb_queued_packets", "Packets the worker took from the queue, by kind",
                                      labels=["kind"])
@@ -34,11 +35,11 @@ class WorkerCollector:
 
         verdicts = CounterMetricFamily("mplb_verdicts", "Verdicts given, by verdict", labels=["verdict"])
         for verdict in ("accept", "reject", "drop"):
-            verdicts.add_metric([verdict], w.stats[verdict])
+            verdicts.add_metric([verdict], stats[verdict])
         yield verdicts
 
         errors = CounterMetricFamily("mplb_worker_errors", "Packets accepted unchanged after a decision failed")
-        errors.add_metric([], w.stats["errors"])
+        errors.add_metric([], stats["errors"])
         yield errors
 
         try:
@@ -59,10 +60,10 @@ class WorkerCollector:
         yield diverted
 
         tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds")
-        tokens.add_metric([], len(w.balancer.tokens))
+        tokens.add_metric([], total["tokens"])
         yield tokens
         installed = CounterMetricFamily("mplb_tokens_installed", "Tokens installed in the kernel map")
-        installed.add_metric([], w.stats["tokens_installed"])
+        installed.add_metric([], stats["tokens_installed"])
         yield installed
         evicted = CounterMetricFamily("mplb_table_evictions", "Entries pushed out of a full table (flood sign)",
                                       labels=["table"])
@@ -99,12 +100,12 @@ class WorkerCollector:
         yield drops
 
         buckets, total = [], 0
-        for bound, count in zip(list(LATENCY_BUCKETS) + [float("inf")], w.latency_counts):
+        for bound, count in zip(list(LATENCY_BUCKETS) + [float("inf")], total["latency_counts"]):
             total += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
         latency = HistogramMetricFamily("mplb_packet_processing_seconds",
                                         "CPU time to parse and decide one queued packet")
-        latency.add_metric([], buckets, w.latency_sum)
+        latency.add_metric([], buckets, total["latency_sum"])
         yield latency
 
 

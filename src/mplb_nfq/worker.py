@@ -11,6 +11,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,19 +43,34 @@ class Worker:
         self.reload_requested = False
         self.health = None
         self.started = time.time()
+        self.held: list[tuple[object, object, float]] = []  # (packet, segment, deadline)
+        self.peers: list = []  # the first worker's pipes to the others
+        self.broadcast_lock = threading.Lock()
+        self.peer_reports: dict[int, dict] = {}
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
         """NetfilterQueue callback: the verdict goes first, whatever happens."""
         started = time.perf_counter()
         try:
-            verdict = self.balancer.decide(parse_ip(packet.get_payload()), packet.get_mark(), started)
+            segment = parse_ip(packet.get_payload())
+            hold = self.cfg.workers > 1 and len(self.held) < self.cfg.hold_max
+            verdict = self.balancer.decide(segment, packet.get_mark(), started, hold)
+            if verdict.kind == "join_held":  # another worker may be installing its token right now
+                packet.retain()
+                self.held.append((packet, segment, started + self.cfg.hold_ms / 1000))
+                return
         except Exception:  # a bug must not stall the queue: accept unchanged and count it
             log.exception("decision failed; packet accepted unchanged")
             self.stats["errors"] += 1
             packet.accept()
             return
         seconds = time.perf_counter() - started
+        self.give(packet, verdict)
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def give(self, packet, verdict) -> None:
         if verdict.accept:
             packet.set_mark(verdict.mark)
             packet.accept()
@@ -67,8 +83,23 @@ class Worker:
                 self.pending_forget.append(verdict.token)
             else:
                 self.pending_tokens.append((verdict.token, (verdict.mark & BACKEND_MASK) | JOIN))
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
+
+    def release_held(self) -> None:
+        """Held joins: those whose token reached the kernel map go to its backend; those held
+        too long get the unknown-join policy."""
+        now = time.perf_counter()
+        still = []
+        for packet, segment, deadline in self.held:
+            token = segment.join.token
+            mark = self.dataplane.lookup_token(token)
+            if mark is not None:
+                self.balancer.learn_token(token, mark, now)
+            if mark is not None or now >= deadline:
+                self.stats["held_found" if mark is not None else "held_expired"] += 1
+                self.give(packet, self.balancer.decide(segment, 0, now))
+            else:
+                still.append((packet, segment, deadline))
+        self.held = still
 
     def flush_tokens(self) -> None:
         if self.pending_forget:  # collisions: the kernel must stop steering these joins
@@ -104,6 +135,7 @@ class Worker:
         backend = self.backends().get(name)
         if backend is not None:
             backend.healthy = up
+        self.broadcast(("health", name, up, error))
 
     def health_targets(self) -> list[tuple[str, str, int]]:
         port = self.cfg.health.port
@@ -118,10 +150,12 @@ class Worker:
         if backend is None:
             return {"ok": False, "error": f"no backend {name!r} (known: {', '.join(self.backends())})"}
         backend.drained = drained
+        self.broadcast(("drain", name, drained))
         log.info("backend %s %s", name, "drained" if drained else "undrained")
         return {"ok": True, "backend": name, "state": backend.state}
 
-    def reload(self, path: str | None = None) -> dict:
+    def reload(self, path: str | None = None, kernel: bool = True) -> dict:
+        """Re-read the config. kernel=False: the first worker has already changed the kernel."""
         path = path or self.cfg.path
         try:
             new = load(path)
@@ -149,17 +183,22 @@ class Worker:
         for name in kept:
             self.retired.pop(name, None)
         self.balancer.update(services, [b for b, _, _ in self.retired.values()])
-        self.dataplane.sync_vips(new)
-        self.dataplane.sync_tunnels(new, self.retired_routes())
-        self.dataplane.sync_routing(new, self.retired_routes())
+        if kernel:
+            self.dataplane.sync_vips(new)
+            self.dataplane.sync_tunnels(new, self.retired_routes())
+            self.dataplane.sync_routing(new, self.retired_routes())
+            self.broadcast(("reload", path))
         self.cfg = new
         log.info("reloaded %s: %d services, %d backends, %d retired", path, len(new.services), len(new.backends),
                  len(self.retired))
         return {"ok": True, "services": len(new.services), "backends": len(new.backends),
                 "retired": sorted(self.retired)}
 
-    def apply_conntrack_counts(self, connections: dict[int, int], subflows: dict[int, int]) -> None:
+    def apply_conntrack_counts(self, connections: dict[int, int], subflows: dict[int, int],
+                               kernel: bool = True) -> None:
         """Active connections and subflows per backend mark, as conntrack counted them."""
+        if kernel:
+            self.broadcast(("counts", connections, subflows))
         for mark, backend in self.balancer.by_mark.items():
             backend.active, backend.subflows = connections.get(mark, 0), subflows.get(mark, 0)
         done = [n for n, (b, _, _) in self.retired.items() if b.active == 0 and b.subflows == 0]
@@ -168,8 +207,51 @@ class Worker:
                 log.info("backend %s: no connections left, its routes are removed", name)
                 del self.retired[name]
             self.balancer.update(self.balancer.services, [b for b, _, _ in self.retired.values()])
-            self.dataplane.sync_routing(self.cfg, self.retired_routes())
-            self.dataplane.sync_tunnels(self.cfg, self.retired_routes())
+            if kernel:
+                self.dataplane.sync_routing(self.cfg, self.retired_routes())
+                self.dataplane.sync_tunnels(self.cfg, self.retired_routes())
+
+    # -- several workers: the first one runs the kernel, the health checks and the control socket;
+    # -- it passes state changes on to the others, which report their counters back
+    def broadcast(self, message: tuple) -> None:
+        with self.broadcast_lock:  # the health thread sends too
+            for peer in self.peers:
+                try:
+                    peer.send(message)
+                except OSError:
+                    pass
+
+    def apply_message(self, message: tuple) -> None:
+        kind, *args = message
+        if kind == "health":
+            self.set_health(*args)
+        elif kind == "drain":
+            self.drain(*args)
+        elif kind == "reload":
+            self.reload(args[0], kernel=False)
+        elif kind == "counts":
+            self.apply_conntrack_counts(*args, kernel=False)
+        elif kind == "stop":
+            self.stopping = True
+
+    def own_counters(self) -> dict:
+        return {"stats": dict(self.stats), "kinds": dict(self.balancer.counts), "tokens": len(self.balancer.tokens),
+                "flows": len(self.balancer.flows), "latency_counts": list(self.latency_counts),
+                "latency_sum": self.latency_sum}
+
+    def totals(self) -> dict:
+        """The counters of all workers (the first one's and the others' last reports)."""
+        total = {"stats": Counter(self.stats), "kinds": Counter(self.balancer.counts),
+                 "tokens": len(self.balancer.tokens), "flows": len(self.balancer.flows),
+                 "latency_counts": list(self.latency_counts), "latency_sum": self.latency_sum}
+        for report in self.peer_reports.values():
+            total["stats"].update(report["stats"])
+            total["kinds"].update(report["kinds"])
+            total["tokens"] = max(total["tokens"], report["tokens"])  # each worker holds what it saw
+            total["flows"] += report["flows"]
+            total["latency_counts"] = [a + b for a, b in zip(total["latency_counts"], report["latency_counts"])]
+            total["latency_sum"] += report["latency_sum"]
+        return total
 
     def retired_routes(self) -> list[tuple[BackendConfig, list[str]]]:
         return [(config, vips) for _, config, vips in self.retired.values()]
@@ -183,13 +265,14 @@ class Worker:
                 "name": s.name, "vips": list(s.vips), "ports": list(s.ports), "scheduler": s.scheduler,
                 "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
                 "backends": [backend_status(running[n]) for n in s.backends]})
+        report = self.report()
         return {"ok": True, "services": services,
                 "retired": [backend_status(b) for b, _, _ in self.retired.values()],
-                "tokens_tracked": len(self.balancer.tokens), "flows_tracked": len(self.balancer.flows),
+                "tokens_tracked": report["tokens_tracked"], "flows_tracked": report["flows_tracked"],
                 "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "queue_drops": drops,
                 "table_owner": self.dataplane.table_owner, "uptime_s": round(time.time() - self.started, 1),
                 "health_errors": {n: e for n, e in (self.health.last_error if self.health else {}).items() if e},
-                "packets": self.report()}
+                "packets": report}
 
     def control(self, request: dict) -> dict:
         command = request["command"]
@@ -202,52 +285,101 @@ class Worker:
         return {"ok": False, "error": f"unknown command {command!r} (status, drain, undrain, reload)"}
 
     def report(self) -> dict:
-        handled = sum(self.stats[k] for k in ("accept", "reject", "drop", "errors"))
-        return {"packets": handled, **self.stats, "kinds": dict(self.balancer.counts),
-                "tokens_tracked": len(self.balancer.tokens), "flows_tracked": len(self.balancer.flows),
-                "decide_us_per_packet": round(self.latency_sum * 1e6 / handled, 2) if handled else None,
+        total = self.totals()
+        stats = total["stats"]
+        handled = sum(stats[k] for k in ("accept", "reject", "drop", "errors"))
+        return {"packets": handled, **stats, "kinds": dict(total["kinds"]), "tokens_tracked": total["tokens"],
+                "flows_tracked": total["flows"], "workers": self.cfg.workers,
+                "decide_us_per_packet": round(total["latency_sum"] * 1e6 / handled, 2) if handled else None,
                 "queue_mode": self.dataplane.queue_mode}
 
     # -- the loop ----------------------------------------------------------------------------
-    def serve(self, ready=lambda: None) -> None:
+    def serve(self, ready=lambda: None, parent=None, index: int = 0) -> None:
+        """The loop of worker `index` (queue cfg.queue + index). The first one (no parent) also
+        serves the control socket and counts conntrack; the others hear from it through parent."""
         from netfilterqueue import NetfilterQueue
 
         from .control import ControlServer
 
-        # The counter starts first: a child must not inherit the queue's socket, or a killed
-        # worker would leave the queue bound to nobody reading, and no bypass.
-        counts, counter_end = multiprocessing.Pipe(duplex=False)
-        counter = multiprocessing.Process(target=count_conntrack, args=(counter_end, self.cfg.conntrack_interval),
-                                          name="mplb-nfq conntrack counter", daemon=True)
-        counter.start()
+        first = parent is None
+        handlers = {}
+        if first:
+            # The counter starts first: a child must not inherit the queue's socket, or a killed
+            # worker would leave the queue bound to nobody reading, and no bypass.
+            counts, counter_end = multiprocessing.Pipe(duplex=False)
+            counter = multiprocessing.Process(target=count_conntrack, args=(counter_end, self.cfg.conntrack_interval),
+                                              name="mplb-nfq conntrack counter", daemon=True)
+            counter.start()
+            handlers[counts.fileno()] = lambda: self.apply_conntrack_counts(*counts.recv())
+            for peer_index, peer in enumerate(self.peers, 1):
+                handlers[peer.fileno()] = lambda peer=peer, i=peer_index: self.peer_reports.__setitem__(i, peer.recv())
+        else:
+            handlers[parent.fileno()] = lambda: self.apply_message(parent.recv())
         queue = NetfilterQueue()
-        queue.bind(self.cfg.queue, self.handle, max_len=4096)
-        control = ControlServer(self.cfg.control_socket, self.control)
+        queue.bind(self.cfg.queue + index, self.handle, max_len=4096)
         batch = BoundedReader(queue.get_fd(), BATCH)
+
+        def read_queue():
+            batch.left = BATCH
+            queue.run_socket(batch)
+
+        handlers[queue.get_fd()] = read_queue
+        control = ControlServer(self.cfg.control_socket, self.control) if first else None
+        if control:
+            handlers[control.fileno()] = control.serve_ready
         poller = select.poll()
-        for fd in (queue.get_fd(), control.fileno(), counts.fileno()):
+        for fd in handlers:
             poller.register(fd, select.POLLIN)
-        log.info("worker listening on queue %d, control socket %s", self.cfg.queue, self.cfg.control_socket)
+        log.info("worker %d listening on queue %d", index, self.cfg.queue + index)
         ready()
+        next_report = 0.0
         try:
             while not self.stopping:
-                for fd, _ in poller.poll(200):
-                    if fd == control.fileno():
-                        control.serve_ready()
-                    elif fd == counts.fileno():
-                        self.apply_conntrack_counts(*counts.recv())
-                    else:
-                        batch.left = BATCH
-                        queue.run_socket(batch)
+                for fd, _ in poller.poll(2 if self.held else 200):
+                    try:
+                        handlers[fd]()
+                    except (EOFError, OSError) as e:  # a worker or the counter went away
+                        if fd == queue.get_fd():
+                            raise
+                        log.warning("lost a peer: %s", e)
+                        poller.unregister(fd)
                 self.flush_tokens()
+                if self.held:
+                    self.release_held()
                 if self.reload_requested:
                     self.reload_requested = False
                     self.reload()
+                if not first and time.monotonic() >= next_report:
+                    parent.send(self.own_counters())
+                    next_report = time.monotonic() + 0.5
         finally:
+            for packet, segment, _ in self.held:  # never leave a packet without a verdict
+                self.give(packet, self.balancer.decide(segment, 0, time.perf_counter()))
             queue.unbind()
-            control.close()
-            counter.kill()
+            if control:
+                control.close()
+                counter.kill()
             self.flush_tokens()
+
+
+def serve_other_worker(worker: Worker, index: int, parent) -> None:
+    """A worker process beyond the first: its own queue, its own libnftables context."""
+    import ctypes
+
+    from .kernel import Nft
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: stop with the first worker
+
+    def stop(signum, frame):
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first worker decides, and tells us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    worker.dataplane.nft = Nft()  # a forked libnftables socket must not be shared
+    worker.peers, worker.peer_reports = [], {}
+    worker.serve(parent=parent, index=index)
 
 
 class BoundedReader:
@@ -339,11 +471,19 @@ def run(cfg: Config) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
     signal.signal(signal.SIGUSR1, dump)
+    others = []
     try:
         dataplane.install()
         adopted = worker.adopt_tokens()
         if adopted:
             log.info("adopted %d tokens from the kernel map", adopted)
+        for index in range(1, cfg.workers):  # forked before any thread or socket of the first worker
+            mine, theirs = multiprocessing.Pipe()
+            process = multiprocessing.Process(target=serve_other_worker, args=(worker, index, theirs),
+                                              name=f"mplb-nfq worker {index}", daemon=True)
+            process.start()
+            worker.peers.append(mine)
+            others.append(process)
         if cfg.metrics_address:
             from .metrics import serve_metrics
 
@@ -359,6 +499,11 @@ def run(cfg: Config) -> int:
     finally:
         if worker.health:
             worker.health.stop()
+        worker.broadcast(("stop",))
+        for process in others:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
         dataplane.remove()
     print(json.dumps({"event": "stopped", **worker.report()}), flush=True)
     return 0
