@@ -99,10 +99,10 @@ class WorkerCollector:
         drops.add_metric(["socket_full"], found["socket_full"])
         yield drops
 
-        buckets, total = [], 0
+        buckets, cumulative = [], 0
         for bound, count in zip(list(LATENCY_BUCKETS) + [float("inf")], total["latency_counts"]):
-            total += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         latency = HistogramMetricFamily("mplb_packet_processing_seconds",
                                         "CPU time to parse and decide one queued packet")
         latency.add_metric([], buckets, total["latency_sum"])
