@@ -23,15 +23,15 @@ from .packet import parse_ip
 
 log = logging.getLogger("mplb_nfq.worker")
 LATENCY_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
-RESTART_ONLY = ("queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
-                "metrics_address", "control_socket")
+RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "table_base", "max_backends",
+                "rule_priority", "metrics_address", "control_socket")
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 BATCH = 256  # packets handled between two turns of the housekeeping (tokens, control, counts)
 
 
 class Worker:
-    def __init__(self, cfg: Config, dataplane: Dataplane, clock=time.perf_counter):
-        self.cfg, self.dataplane, self.clock = cfg, dataplane, clock
+    def __init__(self, cfg: Config, dataplane: Dataplane):
+        self.cfg, self.dataplane = cfg, dataplane
         self.balancer = cfg.balancer()
         self.retired: dict[str, tuple[Backend, BackendConfig, list[str]]] = {}  # gone from the config
         self.pending_tokens: list[tuple[int, int]] = []
@@ -118,7 +118,7 @@ class Worker:
 
     def adopt_tokens(self) -> int:
         """A restarted worker rebuilds its token table from the kernel map it finds."""
-        now, ttl = self.clock(), self.balancer.tokens.ttl
+        now, ttl = time.perf_counter(), self.balancer.tokens.ttl
         adopted = 0
         for token, mark, left in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
             backend = self.balancer.backend_of(mark)
