@@ -3,6 +3,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,3 +66,19 @@ def worker_stats(topo, w):
     status = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "status", "--json", "-c",
                                   str(w.config_path), capture_output=True).stdout)
     return status
+
+
+@contextmanager
+def one_path_download(topo, size):
+    """A download that starts on one subflow: the client's second address is no subflow endpoint
+    until the test adds it back (topo.subflow_endpoint(True)), which opens a subflow on it then.
+    Yields the process, the backend counters before it and once it runs, and its backend."""
+    topo.subflow_endpoint(False)
+    try:
+        before = counters(topo)
+        process = fetch_in_background(topo, size)
+        time.sleep(0.7)
+        running = counters(topo)
+        yield SimpleNamespace(process=process, before=before, running=running, home=serving(before, running))
+    finally:
+        topo.subflow_endpoint(True)

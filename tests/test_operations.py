@@ -7,7 +7,7 @@ import sys
 import time
 
 from conftest import start_server
-from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, serving
+from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, one_path_download, serving
 
 from mplb_nfq.lab import MODES, PORT
 from mplb_nfq.netns import VIP, backend_address
@@ -73,40 +73,29 @@ def test_status_shows_services_backends_and_live_counts(topo, worker):
 
 def test_drained_backend_takes_no_new_connection_but_new_subflows_of_its_own(topo, worker):
     w = worker("mplb", kernel=FAST)
-    topo.subflow_endpoint(False)
-    try:
-        before = counters(topo)
-        download = fetch_in_background(topo, 30 * MB)
-        time.sleep(0.7)
-        mid = counters(topo)
-        home = serving(before, mid)
+    with one_path_download(topo, 30 * MB) as download:
+        home = download.home
         assert cli(topo, "drain", home, "-c", str(w.config_path)).stdout.strip() == f"{home}: draining"
         assert [r["received"] for r in fetch(topo, MB, MB, MB)] == [MB] * 3
         after_new = counters(topo)
-        assert delta(mid, after_new, "MPTcpExtMPCapableSYNRX")[home] == 0  # new connections went elsewhere
+        assert delta(download.running, after_new, "MPTcpExtMPCapableSYNRX")[home] == 0  # new ones went elsewhere
         time.sleep(1.0)  # the short connections are gone: the client must not add subflows to them, dying
         topo.subflow_endpoint(True)  # the client now adds a subflow to the open connection
-        assert json.loads(download.communicate(timeout=60)[0])["received"] == 30 * MB
+        assert json.loads(download.process.communicate(timeout=60)[0])["received"] == 30 * MB
         end = counters(topo)
         assert delta(after_new, end, "MPTcpExtMPJoinAckRx")[home] == 1  # it reached the drained backend
-        assert sum(delta(before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+        assert sum(delta(download.before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
         assert states(topo, w)[home]["state"] == "draining"
         assert cli(topo, "undrain", home, "-c", str(w.config_path)).stdout.strip() == f"{home}: up"
         again = counters(topo)
         fetch(topo, MB, MB)
         assert delta(again, counters(topo), "MPTcpExtMPCapableSYNRX")[home] >= 1
-    finally:
-        topo.subflow_endpoint(True)
 
 
 def test_reload_adds_and_removes_backends_during_a_live_transfer(topo, worker, tmp_path):
     w = worker("mplb", text=config(tmp_path, ["b1"]))
-    topo.subflow_endpoint(False)
-    try:
-        before = counters(topo)
-        download = fetch_in_background(topo, 40 * MB)
-        time.sleep(0.7)
-        assert serving(before, counters(topo)) == "b1"
+    with one_path_download(topo, 40 * MB) as download:
+        assert download.home == "b1"
 
         w.config_path.write_text(config(tmp_path, ["b1", "b2"]))
         assert "2 backends" in cli(topo, "reload", "-c", str(w.config_path)).stdout
@@ -133,15 +122,13 @@ def test_reload_adds_and_removes_backends_during_a_live_transfer(topo, worker, t
 
         time.sleep(1.0)  # the short connections are gone: the client must not add subflows to them, dying
         topo.subflow_endpoint(True)  # a new subflow of the transfer still on the removed backend
-        assert json.loads(download.communicate(timeout=60)[0])["received"] == 40 * MB
+        assert json.loads(download.process.communicate(timeout=60)[0])["received"] == 40 * MB
         end = counters(topo)
         assert delta(removed, end, "MPTcpExtMPJoinAckRx")["b1"] == 1
-        assert sum(delta(before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+        assert sum(delta(download.before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
         # once its connections are gone, the retired backend and its routes go too
         wait_for(lambda: "b1" not in states(topo, w), 10, step=0.3)
         assert topo.exec("lb", "ip", "route", "show", "table", "1000", capture_output=True).stdout.strip() == ""
-    finally:
-        topo.subflow_endpoint(True)
 
 
 def test_health_failover_and_recovery(topo, worker):

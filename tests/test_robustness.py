@@ -4,7 +4,7 @@ import signal
 import threading
 import time
 
-from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, inject, serving, worker_stats
+from netlab import KERNEL, MB, counters, delta, fetch, inject, one_path_download, worker_stats
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.lab import PORT, Worker
@@ -22,26 +22,19 @@ def kinds(topo, w):
 
 def test_a_restarted_worker_adopts_the_kernel_state_and_a_new_subflow_finds_its_backend(topo, worker, tmp_path):
     w = worker("mplb", kernel=FAST)
-    topo.subflow_endpoint(False)
-    try:
-        before = counters(topo)
-        download = fetch_in_background(topo, 30 * MB)
-        time.sleep(0.7)
-        home = serving(before, counters(topo))
+    with one_path_download(topo, 30 * MB) as download:
         w.proc.send_signal(signal.SIGKILL)
         w.proc.wait()
         time.sleep(0.3)
         again = Worker(topo, w.config_path, tmp_path / "restarted.log")
         assert again.ready["adopted"] >= 1  # the token of the open connection, from the kernel map
         topo.subflow_endpoint(True)  # a new subflow of the connection opened before the restart
-        assert json.loads(download.communicate(timeout=60)[0])["received"] == 30 * MB
+        assert json.loads(download.process.communicate(timeout=60)[0])["received"] == 30 * MB
         end = counters(topo)
-        assert delta(before, end, "MPTcpExtMPJoinAckRx")[home] == 1
-        assert sum(delta(before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+        assert delta(download.before, end, "MPTcpExtMPJoinAckRx")[download.home] == 1
+        assert sum(delta(download.before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
         assert worker_stats(topo, again)["tokens_tracked"] >= 1
         again.stop()
-    finally:
-        topo.subflow_endpoint(True)
 
 
 def test_malformed_packets_get_a_safe_verdict_are_counted_and_the_worker_lives_on(topo, worker):
