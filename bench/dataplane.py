@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mplb_nfq.lab import PORT, Worker, config_text
+from mplb_nfq.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.netns import VIP, Topology
 
 
@@ -34,7 +34,7 @@ def main() -> None:
         time.sleep(1)
         config = Path(tmp, "mplb.toml")
         config.write_text(config_text("mplb", topo.backends, Path(tmp)))
-        worker = Worker(topo, config, Path(tmp, "worker.log"))
+        worker = WorkerProcess(topo, config, Path(tmp, "worker.log"))
         cpu_before = cpu_seconds(worker.proc.pid)
         started = time.monotonic()
         out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),

@@ -25,7 +25,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
-from mplb_nfq.lab import PORT, Worker, config_text  # noqa: E402
+from mplb_nfq.lab import PORT, WorkerProcess, config_text  # noqa: E402
 from mplb_nfq.netns import VIP, Topology, backend_address  # noqa: E402
 
 MB = 1_000_000
@@ -76,7 +76,7 @@ def queue_rates(topo, run: Path) -> tuple[float, float]:
     config = run / "mplb.toml"
     config.write_text(config_text("mplb", 2, run, extra="[limits]\nflow_capacity = 100000\n"))
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
-    worker = Worker(topo, config, run / "worker.log")
+    worker = WorkerProcess(topo, config, run / "worker.log")
     ours = measure_rate(topo, lambda: queued_total(worker.proc.pid), 1024)
     worker.proc.send_signal(signal.SIGKILL)  # leave the ruleset in place for the floor worker
     worker.proc.wait()
@@ -118,7 +118,7 @@ def main() -> None:
         time.sleep(1)
         config = run / "lat.toml"
         config.write_text(config_text("mplb", 2, run))
-        worker = Worker(topo, config, run / "lat.log")
+        worker = WorkerProcess(topo, config, run / "lat.log")
         queued = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
         worker.stop()
         # the same path with nothing queued: a fixed route to one backend, no ruleset
@@ -137,7 +137,7 @@ def main() -> None:
         for _ in range(5):  # interleaved, so that drift on this shared machine hits both alike
             plain_mbit.append(fetch(topo, 200 * MB))
             topo.exec("lb", "ip", "route", "del", f"{VIP}/32")
-            worker = Worker(topo, config, run / "bulk.log")
+            worker = WorkerProcess(topo, config, run / "bulk.log")
             before = nft_queued(topo)
             lb_mbit.append(fetch(topo, 200 * MB))
             middle = nft_queued(topo)

@@ -46,7 +46,7 @@ def topo():
 def worker(topo, tmp_path):
     """start(mode, extra TOML, or a whole config text) runs the worker in the LB namespace; it is
     stopped and cleaned up after."""
-    from mplb_nfq.lab import Worker, config_text
+    from mplb_nfq.lab import WorkerProcess, config_text
 
     started = []
 
@@ -54,7 +54,7 @@ def worker(topo, tmp_path):
         config = tmp_path / f"{mode}.toml"
         config.write_text(text or config_text(mode, 2, tmp_path, metrics=metrics, extra=extra, kernel=kernel,
                                               direct_return=topo.direct_return, tunnel=topo.tunnel))
-        w = Worker(topo, config, tmp_path / f"{mode}.log")
+        w = WorkerProcess(topo, config, tmp_path / f"{mode}.log")
         started.append(w)
         return w
 

@@ -7,7 +7,7 @@ import time
 from netlab import KERNEL, MB, counters, delta, fetch, inject, one_path_download, worker_stats
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
 
-from mplb_nfq.lab import PORT, Worker
+from mplb_nfq.lab import PORT, WorkerProcess
 from mplb_nfq.netns import VIP
 from mplb_nfq.packet import token_of_key
 
@@ -26,7 +26,7 @@ def test_a_restarted_worker_adopts_the_kernel_state_and_a_new_subflow_finds_its_
         w.proc.send_signal(signal.SIGKILL)
         w.proc.wait()
         time.sleep(0.3)
-        again = Worker(topo, w.config_path, tmp_path / "restarted.log")
+        again = WorkerProcess(topo, w.config_path, tmp_path / "restarted.log")
         assert again.ready["adopted"] >= 1  # the token of the open connection, from the kernel map
         topo.subflow_endpoint(True)  # a new subflow of the connection opened before the restart
         assert json.loads(download.process.communicate(timeout=60)[0])["received"] == 30 * MB

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import logging
 import re
 import shutil
@@ -50,13 +51,20 @@ class Nft:
         return self._nft.cmd(commands)[0] == 0
 
     def json(self, commands: str) -> dict:
-        import json
-
         self._nft.set_json_output(True)
         try:
             return json.loads(self.run(commands) or "{}")
         finally:
             self._nft.set_json_output(False)
+
+    def try_terse(self, commands: str) -> str | None:
+        """The listing without set and map elements (the token map may be large); None on error."""
+        self._nft.set_terse_output(True)
+        try:
+            rc, out, _ = self._nft.cmd(commands)
+        finally:
+            self._nft.set_terse_output(False)
+        return out if rc == 0 else None
 
 
 def nft_counters(nft: Nft, table: str) -> dict[str, int]:
@@ -245,12 +253,7 @@ class Dataplane:
         log.info("queue %d, mode: %s", cfg.queue, self.queue_mode)
 
     def _table_listing(self) -> str | None:
-        self.nft._nft.set_terse_output(True)  # no set elements: the token map may be large
-        try:
-            rc, out, _ = self.nft._nft.cmd(f"list table inet {self.cfg.table_name}")
-        finally:
-            self.nft._nft.set_terse_output(False)
-        return out if rc == 0 else None
+        return self.nft.try_terse(f"list table inet {self.cfg.table_name}")
 
     def _xtables(self, version: int, action: str, check: bool = False) -> bool:
         binary = iptables_binary(version)

@@ -109,7 +109,7 @@ class Progress:
         sys.stderr.flush()
 
 
-class Worker:
+class WorkerProcess:
     """The balancer worker running in the lab's LB namespace."""
 
     def __init__(self, topo: Topology, config_path: Path, log_path: Path):
@@ -214,7 +214,7 @@ def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: 
     config.write_text(config_text(mode, settings.backends, tmp, direct_return=settings.direct_return,
                                   tunnel=settings.tunnel))
     before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
-    worker = Worker(topo, config, out / f"worker-{mode}.log")
+    worker = WorkerProcess(topo, config, out / f"worker-{mode}.log")
     samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}
     try:
         for _ in range(settings.repeat):

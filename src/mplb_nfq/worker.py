@@ -258,9 +258,8 @@ class Worker:
 
     def status(self) -> dict:
         drops = queue_drops(self.cfg.queue)
-        services = []
+        services, running = [], self.backends()
         for s in self.cfg.services:
-            running = self.backends()
             services.append({
                 "name": s.name, "vips": list(s.vips), "ports": list(s.ports), "scheduler": s.scheduler,
                 "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
