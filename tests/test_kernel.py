@@ -85,8 +85,10 @@ def test_only_handshake_packets_reach_the_worker(topo, worker, family):
         assert kinds["syn_ack"] == connections
         assert kinds.get("join_hit", 0) + nft["join_kernel_hit"] == connections
         assert queued - kinds.get("join_hit", 0) == 2 * connections, kinds
+    # the exact counts above are the proof; this only checks that bulk traffic did flow (the
+    # client's ACKs, a few hundred per 3 MB once coalesced), none of it queued
     client_packets = rx_after - rx_before
-    assert client_packets > 100 * queued, f"{client_packets} packets from the client, {queued} queued"
+    assert client_packets > 50 * queued, f"{client_packets} packets from the client, {queued} queued"
 
 
 def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worker, family):
