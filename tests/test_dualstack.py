@@ -19,9 +19,9 @@ def test_an_ipv6_subflow_of_an_ipv4_connection_reaches_the_same_backend(topo, wo
     topo.exec("lb", "nft", COUNT_V6_JOINS)
     try:
         before = counters(topo)
-        (result,) = fetch(topo, 10 * MB, mapped=True)  # AF_INET6 socket, IPv4 first subflow
+        (result,) = fetch(topo, 30 * MB, mapped=True)  # AF_INET6 socket, IPv4 first subflow
         after = counters(topo)
-        assert result["received"] == 10 * MB
+        assert result["received"] == 30 * MB
         home = serving(before, after)
         assert delta(before, after, "MPTcpExtAddAddrTx")[home] >= 1  # the backend announced its v6 VIP
         assert delta(before, after, "MPTcpExtMPJoinAckRx") == {n: int(n == home) for n in topo.backend_names}
