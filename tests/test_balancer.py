@@ -183,6 +183,18 @@ def test_expiring_table_drops_expired_entries_on_insert():
     assert len(table) == 1 and table.get("late", 5) == 1
 
 
+def test_expiring_table_refreshed_many_times_keeps_its_bookkeeping_bounded():
+    table = ExpiringTable(capacity=10, ttl=100)
+    for i in range(10_000):
+        table.put("hot", i, now=i * 0.001)
+    table.put("cold", 0, now=11)
+    assert len(table._order) <= 2 * len(table) + 1024
+    assert table.get("hot", 11) == 9_999 and table.evicted == 0
+    for i in range(9):  # the stale copies of "hot" do not count as entries: only "hot" goes
+        table.put(i, i, now=12)
+    assert table.evicted == 1 and table.get("hot", 12) is None and table.get("cold", 12) == 0
+
+
 def test_no_backends_is_refused():
     with pytest.raises(ValueError):
         Balancer([])

@@ -7,7 +7,7 @@ only record of tokens not yet installed in the kernel map).
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, NamedTuple, TypeVar
 
@@ -29,11 +29,18 @@ V = TypeVar("V")
 
 
 class ExpiringTable(Generic[K, V]):
-    """A dict with a cap and a time to live; the oldest entries go first when it is full."""
+    """A dict with a cap and a time to live; the oldest entries go first when it is full.
+
+    Expiry order lives in a deque beside the dict, each entry once per put. Popping a dict from
+    its front would cost a scan over every slot deleted before (CPython iterates over them), 150 µs
+    per put in a full table of 100k; here every operation is O(1) amortised. An entry replaced or
+    deleted stays in the deque, stale, until it reaches the front or a compaction drops it.
+    """
 
     def __init__(self, capacity: int, ttl: float):
         self.capacity, self.ttl = capacity, ttl
-        self._entries: dict[K, tuple[V, float]] = {}
+        self._entries: dict[K, tuple[V, float, K]] = {}  # key -> (value, expiry, key)
+        self._order: deque[tuple[V, float, K]] = deque()  # the same tuples, oldest first
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -49,20 +56,28 @@ class ExpiringTable(Generic[K, V]):
         return entry[0]
 
     def put(self, key: K, value: V, now: float) -> None:
-        self._entries.pop(key, None)  # re-insert so that insertion order stays expiry order
-        self._entries[key] = (value, now + self.ttl)
+        entry = (value, now + self.ttl, key)
+        self._entries[key] = entry
+        self._order.append(entry)
         self.expire(now)
-        while len(self._entries) > self.capacity:
-            del self._entries[next(iter(self._entries))]
-            self.evicted += 1
+        entries, order = self._entries, self._order
+        while len(entries) > self.capacity:
+            oldest = order.popleft()
+            if entries.get(oldest[2]) is oldest:
+                del entries[oldest[2]]
+                self.evicted += 1
+        if len(order) > 2 * len(entries) + 1024:  # mostly stale: keep the deque in proportion
+            self._order = deque(e for e in order if entries.get(e[2]) is e)
 
     def expire(self, now: float) -> None:
-        entries = self._entries
-        while entries:
-            key = next(iter(entries))
-            if entries[key][1] > now:
-                break
-            del entries[key]
+        entries, order = self._entries, self._order
+        while order:
+            oldest = order[0]
+            if entries.get(oldest[2]) is oldest:
+                if oldest[1] > now:
+                    break
+                del entries[oldest[2]]
+            order.popleft()
 
 
 @dataclass(eq=False)
