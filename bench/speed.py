@@ -1,6 +1,6 @@
 """Speed of the data path, side by side in one run, on the lab topology without rate limits.
 
-    .venv/bin/python bench/speed.py
+    .venv/bin/python bench/speed.py [--only delay,bulk,queue,memory]
 
 1. queued handshake packets per second, one worker, against the binding's floor (a worker that
    accepts without looking): a generator in the client namespace floods MP_CAPABLE SYNs, third
@@ -11,6 +11,7 @@
    userspace during a 100 MB transfer;
 4. userspace memory per tracked connection (bench/memory.py).
 """
+import argparse
 import json
 import signal
 import statistics
@@ -110,6 +111,9 @@ def nft_queued(topo) -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="delay,bulk,queue,memory", help="comma-separated parts to run")
+    parts = set(parser.parse_args().only.split(","))
     report = {}
     with Topology(rate_mbit=None) as topo, tempfile.TemporaryDirectory(prefix="mplb-bench-") as tmp:
         run = Path(tmp)
@@ -118,48 +122,64 @@ def main() -> None:
         time.sleep(1)
         config = run / "lat.toml"
         config.write_text(config_text("mplb", 2, run))
-        worker = WorkerProcess(topo, config, run / "lat.log")
-        queued = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
-        worker.stop()
-        # the same path with nothing queued: a fixed route to one backend, no ruleset
-        topo.exec("lb", "ip", "route", "add", f"{VIP}/32", "via", backend_address(0))
-        plain = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
-        report["handshake_delay"] = {}
-        for load in ("low", "high"):
-            added = {q: queued[load][q] - plain[load][q] for q in ("p50_us", "p99_us")}
-            report["handshake_delay"][load] = {"rate": round(queued[load]["rate"]), **{
-                k: round(v) for k, v in added.items()}, "queued": queued[load], "plain": plain[load]}
-            print(f"added handshake delay at {queued[load]['rate']:.0f} conn/s: p50 {added['p50_us']:.0f} µs, "
-                  f"p99 {added['p99_us']:.0f} µs (connect p50 {queued[load]['p50_us']:.0f} vs "
-                  f"{plain[load]['p50_us']:.0f} µs)", flush=True)
-
-        plain_mbit, lb_mbit = [], []
-        for _ in range(5):  # interleaved, so that drift on this shared machine hits both alike
-            plain_mbit.append(fetch(topo, 200 * MB))
-            topo.exec("lb", "ip", "route", "del", f"{VIP}/32")
-            worker = WorkerProcess(topo, config, run / "bulk.log")
-            before = nft_queued(topo)
-            lb_mbit.append(fetch(topo, 200 * MB))
-            middle = nft_queued(topo)
-            fetch(topo, 100 * MB)
-            per_100mb = nft_queued(topo) - middle
-            worker.stop()
-            topo.exec("lb", "ip", "route", "add", f"{VIP}/32", "via", backend_address(0))
-        ratio = statistics.median(lb_mbit) / statistics.median(plain_mbit)
-        report["bulk"] = {"lb_mbit_s": lb_mbit, "plain_mbit_s": plain_mbit, "ratio": round(ratio, 3),
-                          "queued_per_100MB_transfer": per_100mb, "queued_per_200MB_connection": middle - before}
-        print(f"bulk throughput (median of 5): through the LB {statistics.median(lb_mbit):.0f} Mbit/s, plain "
-              f"forwarding {statistics.median(plain_mbit):.0f} Mbit/s (ratio {ratio:.3f}); packets queued during "
-              f"a 100 MB transfer: {per_100mb}", flush=True)
-        ours, floor = queue_rates(topo, run)
-        report["queue"] = {"worker_pps": round(ours), "floor_pps": round(floor), "ratio": round(ours / floor, 3)}
-        print(f"queued handshake packets/s: worker {ours:,.0f}, binding floor {floor:,.0f} "
-              f"({ours / floor:.0%} of the floor)", flush=True)
-
-    memory = subprocess.run([sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True).stdout
-    print(memory.strip())
-    report["memory"] = memory.strip().splitlines()
+        if "delay" in parts:
+            report["handshake_delay"] = handshake_delay(topo, config, run)
+        if "bulk" in parts:
+            report["bulk"] = bulk(topo, config, run)
+        if "queue" in parts:
+            ours, floor = queue_rates(topo, run)
+            report["queue"] = {"worker_pps": round(ours), "floor_pps": round(floor), "ratio": round(ours / floor, 3)}
+            print(f"queued handshake packets/s: worker {ours:,.0f}, binding floor {floor:,.0f} "
+                  f"({ours / floor:.0%} of the floor)", flush=True)
+    if "memory" in parts:
+        memory = subprocess.run([sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True).stdout
+        print(memory.strip())
+        report["memory"] = memory.strip().splitlines()
     print(json.dumps(report))
+
+
+def plain_route(topo, action: str) -> None:
+    """The same path with nothing queued: a fixed route to one backend, no ruleset."""
+    topo.exec("lb", "ip", "route", action, f"{VIP}/32", "via", backend_address(0))
+
+
+def handshake_delay(topo, config, run) -> dict:
+    worker = WorkerProcess(topo, config, run / "lat.log")
+    queued = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
+    worker.stop()
+    plain_route(topo, "add")
+    plain = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
+    plain_route(topo, "del")
+    report = {}
+    for load in ("low", "high"):
+        added = {q: queued[load][q] - plain[load][q] for q in ("p50_us", "p99_us")}
+        report[load] = {"rate": round(queued[load]["rate"]), **{k: round(v) for k, v in added.items()},
+                        "queued": queued[load], "plain": plain[load]}
+        print(f"added handshake delay at {queued[load]['rate']:.0f} conn/s: p50 {added['p50_us']:.0f} µs, "
+              f"p99 {added['p99_us']:.0f} µs (connect p50 {queued[load]['p50_us']:.0f} vs "
+              f"{plain[load]['p50_us']:.0f} µs)", flush=True)
+    return report
+
+
+def bulk(topo, config, run) -> dict:
+    plain_mbit, lb_mbit = [], []
+    for _ in range(5):  # interleaved, so that drift on this shared machine hits both alike
+        plain_route(topo, "add")
+        plain_mbit.append(fetch(topo, 200 * MB))
+        plain_route(topo, "del")
+        worker = WorkerProcess(topo, config, run / "bulk.log")
+        before = nft_queued(topo)
+        lb_mbit.append(fetch(topo, 200 * MB))
+        middle = nft_queued(topo)
+        fetch(topo, 100 * MB)
+        per_100mb = nft_queued(topo) - middle
+        worker.stop()
+    ratio = statistics.median(lb_mbit) / statistics.median(plain_mbit)
+    print(f"bulk throughput (median of 5): through the LB {statistics.median(lb_mbit):.0f} Mbit/s, plain "
+          f"forwarding {statistics.median(plain_mbit):.0f} Mbit/s (ratio {ratio:.3f}); packets queued during "
+          f"a 100 MB transfer: {per_100mb}", flush=True)
+    return {"lb_mbit_s": lb_mbit, "plain_mbit_s": plain_mbit, "ratio": round(ratio, 3),
+            "queued_per_100MB_transfer": per_100mb, "queued_per_200MB_connection": middle - before}
 
 
 if __name__ == "__main__":
