@@ -10,7 +10,7 @@ from mplb_nfq.balancer import JOIN, LEARNED
 from mplb_nfq.config import from_dict
 from mplb_nfq.metrics import WorkerCollector
 from mplb_nfq.packet import token_of_key
-from mplb_nfq.worker import Worker
+from mplb_nfq.worker import TokenWriter, Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
           "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
@@ -54,7 +54,7 @@ def test_verdicts_marks_and_pending_tokens():
     synack = Packet(tcp("10.0.100.1", "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY)), syn.mark)
     w.handle(synack)
     assert synack.mark == 0x100 | LEARNED
-    assert w.pending_tokens == [(token_of_key(SERVER_KEY, 1), 0x100 | JOIN)]  # installed after the verdict
+    assert w.token_writer.take() == [(token_of_key(SERVER_KEY, 1), 0x100 | JOIN)]  # installed after the verdict
     garbage = Packet(b"\x45\x00")
     w.handle(garbage)
     assert garbage.verdict == "accept" and w.balancer.counts["malformed"] == 1
@@ -82,3 +82,13 @@ def test_metrics_expose_every_family_with_bounded_labels():
                  "mplb_packet_processing_seconds_bucket", "mplb_worker_errors_total"):
         assert name in text, name
     assert "10.0.1.2" not in text  # no client address in any label
+
+
+def test_token_writer_batches_installs_and_lets_a_later_collision_win():
+    calls = []
+    dataplane = SimpleNamespace(add_tokens=lambda tokens, nft: calls.append(("add", tokens)),
+                                remove_tokens=lambda tokens, nft: calls.append(("remove", tokens)) or len(tokens))
+    writer = TokenWriter(dataplane)
+    writer.write([(1, 0x101), (2, 0x102), (1, None)], nft=None)
+    assert calls == [("remove", [1]), ("add", [(2, 0x102)])]
+    assert writer.stats == {"tokens_forgotten": 1, "tokens_installed": 1}

@@ -329,10 +329,11 @@ class Dataplane:
                     _quietly(ipr.route, "del", **_identity(route))
         self.routes, self.rules, self.cfg = routes, rules, cfg
 
-    def add_tokens(self, tokens: list[tuple[int, int]]) -> None:
-        """Install token -> backend mark in the kernel map, in one batch."""
+    def add_tokens(self, tokens: list[tuple[int, int]], nft: Nft | None = None) -> None:
+        """Install token -> backend mark in the kernel map, in one batch (nft: a context of the
+        caller's own, for a thread other than the one using self.nft)."""
         elements = ", ".join(token_element(t, m, self.cfg.token_timeout) for t, m in tokens)
-        self.nft.run(f"add element inet {self.cfg.table_name} tokens {{ {elements} }}")
+        (nft or self.nft).run(f"add element inet {self.cfg.table_name} tokens {{ {elements} }}")
 
     def lookup_token(self, token: int) -> int | None:
         """The mark the kernel map holds for a token, if it holds it (another worker learned it)."""
@@ -343,10 +344,10 @@ class Dataplane:
         found = re.search(r"elements = \{[^}]*:\s*(0x[0-9a-f]+)", listing)
         return int(found.group(1), 16) if found else None
 
-    def remove_tokens(self, tokens: list[int]) -> int:
+    def remove_tokens(self, tokens: list[int], nft: Nft | None = None) -> int:
         """Delete tokens from the kernel map, one by one (a missing one fails alone); how many went."""
-        table = self.cfg.table_name
-        return sum(self.nft.try_run(f"delete element inet {table} tokens {{ 0x{t:08x} }}") for t in tokens)
+        table, nft = self.cfg.table_name, nft or self.nft
+        return sum(nft.try_run(f"delete element inet {table} tokens {{ 0x{t:08x} }}") for t in tokens)
 
     def read_tokens(self) -> list[tuple[int, int, float]]:
         """(token, mark, seconds left) of every element of the kernel token map."""

@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import select
 import signal
 import socket
@@ -34,8 +35,7 @@ class Worker:
         self.cfg, self.dataplane = cfg, dataplane
         self.balancer = cfg.balancer()
         self.retired: dict[str, tuple[Backend, BackendConfig, list[str]]] = {}  # gone from the config
-        self.pending_tokens: list[tuple[int, int]] = []
-        self.pending_forget: list[int] = []
+        self.token_writer = TokenWriter(dataplane)
         self.stats: Counter[str] = Counter()
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
@@ -78,11 +78,9 @@ class Worker:
         else:
             packet.drop()
             self.stats["drop"] += 1
-        if verdict.token is not None:
-            if verdict.kind == "token_collision":
-                self.pending_forget.append(verdict.token)
-            else:
-                self.pending_tokens.append((verdict.token, (verdict.mark & BACKEND_MASK) | JOIN))
+        if verdict.token is not None:  # a collision: the kernel must stop steering this token's joins
+            forget = verdict.kind == "token_collision"
+            self.token_writer.jobs.put((verdict.token, None if forget else (verdict.mark & BACKEND_MASK) | JOIN))
 
     def release_held(self) -> None:
         """Held joins: those whose token reached the kernel map go to its backend; those held
@@ -100,21 +98,6 @@ class Worker:
             else:
                 still.append((packet, segment, deadline))
         self.held = still
-
-    def flush_tokens(self) -> None:
-        if self.pending_forget:  # collisions: the kernel must stop steering these joins
-            forget, self.pending_forget = self.pending_forget, []
-            self.pending_tokens = [t for t in self.pending_tokens if t[0] not in forget]
-            self.stats["tokens_forgotten"] += self.dataplane.remove_tokens(forget)
-        if not self.pending_tokens:
-            return
-        batch, self.pending_tokens = self.pending_tokens, []
-        try:
-            self.dataplane.add_tokens(batch)
-            self.stats["tokens_installed"] += len(batch)
-        except Exception as e:  # the core still knows them; joins that miss the map get queued
-            log.error("token install failed (%d tokens): %s", len(batch), e)
-            self.stats["token_install_errors"] += len(batch)
 
     def adopt_tokens(self) -> int:
         """A restarted worker rebuilds its token table from the kernel map it finds."""
@@ -235,13 +218,13 @@ class Worker:
             self.stopping = True
 
     def own_counters(self) -> dict:
-        return {"stats": dict(self.stats), "kinds": dict(self.balancer.counts), "tokens": len(self.balancer.tokens),
-                "flows": len(self.balancer.flows), "latency_counts": list(self.latency_counts),
-                "latency_sum": self.latency_sum}
+        return {"stats": dict(self.stats + self.token_writer.stats), "kinds": dict(self.balancer.counts),
+                "tokens": len(self.balancer.tokens), "flows": len(self.balancer.flows),
+                "latency_counts": list(self.latency_counts), "latency_sum": self.latency_sum}
 
     def totals(self) -> dict:
         """The counters of all workers (the first one's and the others' last reports)."""
-        total = {"stats": Counter(self.stats), "kinds": Counter(self.balancer.counts),
+        total = {"stats": self.stats + self.token_writer.stats, "kinds": Counter(self.balancer.counts),
                  "tokens": len(self.balancer.tokens), "flows": len(self.balancer.flows),
                  "latency_counts": list(self.latency_counts), "latency_sum": self.latency_sum}
         for report in self.peer_reports.values():
@@ -314,15 +297,15 @@ class Worker:
                 handlers[peer.fileno()] = lambda peer=peer, i=peer_index: self.peer_reports.__setitem__(i, peer.recv())
         else:
             handlers[parent.fileno()] = lambda: self.apply_message(parent.recv())
-        queue = NetfilterQueue()
-        queue.bind(self.cfg.queue + index, self.handle, max_len=4096)
-        batch = BoundedReader(queue.get_fd(), BATCH)
+        nfq = NetfilterQueue()
+        nfq.bind(self.cfg.queue + index, self.handle, max_len=4096)
+        batch = BoundedReader(nfq.get_fd(), BATCH)
 
         def read_queue():
             batch.left = BATCH
-            queue.run_socket(batch)
+            nfq.run_socket(batch)
 
-        handlers[queue.get_fd()] = read_queue
+        handlers[nfq.get_fd()] = read_queue
         control = ControlServer(self.cfg.control_socket, self.control) if first else None
         if control:
             handlers[control.fileno()] = control.serve_ready
@@ -330,6 +313,7 @@ class Worker:
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         log.info("worker %d listening on queue %d", index, self.cfg.queue + index)
+        self.token_writer.start()
         ready()
         next_report = 0.0
         try:
@@ -338,11 +322,10 @@ class Worker:
                     try:
                         handlers[fd]()
                     except (EOFError, OSError) as e:  # a worker or the counter went away
-                        if fd == queue.get_fd():
+                        if fd == nfq.get_fd():
                             raise
                         log.warning("lost a peer: %s", e)
                         poller.unregister(fd)
-                self.flush_tokens()
                 if self.held:
                     self.release_held()
                 if self.reload_requested:
@@ -354,11 +337,11 @@ class Worker:
         finally:
             for packet, segment, _ in self.held:  # never leave a packet without a verdict
                 self.give(packet, self.balancer.decide(segment, 0, time.perf_counter()))
-            queue.unbind()
+            nfq.unbind()
             if control:
                 control.close()
                 counter.kill()
-            self.flush_tokens()
+            self.token_writer.stop()
 
 
 def serve_other_worker(worker: Worker, index: int, parent) -> None:
@@ -379,6 +362,57 @@ def serve_other_worker(worker: Worker, index: int, parent) -> None:
     worker.dataplane.nft = Nft()  # a forked libnftables socket must not be shared
     worker.peers, worker.peer_reports = [], {}
     worker.serve(parent=parent, index=index)
+
+
+class TokenWriter(threading.Thread):
+    """Puts learned tokens in the kernel map (and takes colliding ones out) from a thread of its
+    own, with a libnftables context of its own: a batch costs 0.1-0.7 ms, which the verdict loop
+    no longer waits for. ctypes lets go of the GIL while libnftables runs."""
+
+    def __init__(self, dataplane: Dataplane):
+        super().__init__(name="mplb-nfq tokens", daemon=True)
+        self.dataplane = dataplane
+        self.jobs: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()  # None: stop
+        self.stats: Counter[str] = Counter()
+
+    def take(self) -> list[tuple[int, int | None]]:
+        """What is waiting: (token, mark) to install, (token, None) to remove."""
+        taken = []
+        while True:
+            try:
+                taken.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def run(self) -> None:
+        from .kernel import Nft
+
+        nft = Nft()
+        while True:
+            jobs = [self.jobs.get()] + self.take()
+            self.write([job for job in jobs if job is not None], nft)
+            if None in jobs:
+                return
+
+    def write(self, jobs: list[tuple[int, int | None]], nft) -> None:
+        final = dict(jobs)  # per token, the last word: a collision found after the learning wins
+        forget = [token for token, mark in final.items() if mark is None]
+        install = [(token, mark) for token, mark in final.items() if mark is not None]
+        if forget:
+            self.stats["tokens_forgotten"] += self.dataplane.remove_tokens(forget, nft)
+        if install:
+            try:
+                self.dataplane.add_tokens(install, nft)
+                self.stats["tokens_installed"] += len(install)
+            except Exception as e:  # the core still knows them; joins that miss the map get queued
+                log.error("token install failed (%d tokens): %s", len(install), e)
+                self.stats["token_install_errors"] += len(install)
+
+    def stop(self) -> None:
+        """Write what is waiting, then end."""
+        self.jobs.put(None)
+        if self.is_alive():
+            self.join(timeout=10)
 
 
 class BoundedReader:
