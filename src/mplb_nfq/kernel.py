@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from .balancer import BACKEND_MASK, LEARNED, QUEUE, REJECT
+from .balancer import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
 from .config import BackendConfig, Config
 
 log = logging.getLogger("mplb_nfq.kernel")
@@ -110,7 +110,8 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         table=cfg.table_name, comment=WORKER_COMMENT if by_worker else OPERATOR_COMMENT,
         vip4_elements=elements(4), vip6_elements=elements(6), dsr4_elements=elements(4, True),
         dsr6_elements=elements(6, True),
-        token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", reject=f"0x{REJECT:08x}",
+        token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", settled=f"0x{LEARNED | JOIN:08x}",
+        reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
         queue_statement=queue_statement(cfg, native))
 
