@@ -6,13 +6,16 @@
    accepts without looking): a generator in the client namespace floods MP_CAPABLE SYNs, third
    ACKs and MP_JOIN SYNs;
 2. added delay of the handshake (SYN and SYN-ACK both go through the worker), p50 and p99, at low
-   and high connection rates, against the same path with nothing queued;
+   and high connection rates, against the same path with nothing queued; and the share of it that
+   the binding's floor costs on its own;
 3. bulk throughput through the LB against plain forwarding, and the packets that reached
    userspace during a 100 MB transfer;
 4. userspace memory per tracked connection (bench/memory.py).
 """
 import argparse
+import contextlib
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -52,16 +55,25 @@ def flood(topo, packets, seconds) -> subprocess.Popen:
     return proc
 
 
-def measure_rate(topo, count, first_port, seconds=3.0, settle=1.0) -> float:
-    """Packets per second the queue's consumer handled while the generator saturates it with
-    fresh flows (a flow whose SYN was decided is steered by its conntrack mark, not queued again)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_rate(topo, pid, first_port, seconds=3.0, settle=1.0) -> tuple[float, float]:
+    """Packets the queue's consumer (process pid) handled while the generator saturates it with
+    fresh flows (a flow whose SYN was decided is steered by its conntrack mark, not queued
+    again): per second of wall time, and per second of the consumer's own CPU time (what one
+    core given to it alone would do: the generator and the backends share this machine's two)."""
     gen = flood(topo, handshake_flood(60000, first_port), settle + seconds + 1)
     time.sleep(settle)
-    first, started = count(), time.monotonic()
+    first, started, cpu = queued_total(pid), time.monotonic(), cpu_seconds(pid)
     time.sleep(seconds)
-    rate = (count() - first) / (time.monotonic() - started)
+    handled = queued_total(pid) - first
+    rates = handled / (time.monotonic() - started), handled / max(cpu_seconds(pid) - cpu, 0.01)
     gen.wait(timeout=60)
-    return rate
+    return rates
 
 
 def queued_total(pid: int) -> int:
@@ -73,22 +85,32 @@ def queued_total(pid: int) -> int:
     return 0
 
 
-def queue_rates(topo, run: Path) -> tuple[float, float]:
+def queue_rates(topo, run: Path) -> tuple[tuple[float, float], tuple[float, float]]:
     config = run / "mplb.toml"
     config.write_text(config_text("mplb", 2, run, extra="[limits]\nflow_capacity = 100000\n"))
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
     worker = WorkerProcess(topo, config, run / "worker.log")
-    ours = measure_rate(topo, lambda: queued_total(worker.proc.pid), 1024)
-    worker.proc.send_signal(signal.SIGKILL)  # leave the ruleset in place for the floor worker
+    ours = measure_rate(topo, worker.proc.pid, 1024)
+    with floor_instead_of(worker, topo, config) as floor_proc:
+        floor = measure_rate(topo, floor_proc.pid, 20000)
+    topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
+    return ours, floor
+
+
+@contextlib.contextmanager
+def floor_instead_of(worker: WorkerProcess, topo, config: Path):
+    """The binding's floor on the worker's queue and ruleset: the worker is killed (its ruleset
+    stays), the floor worker started; at the end, the floor stopped and the ruleset removed."""
+    worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait()
     floor_proc = topo.popen("lb", sys.executable, str(BENCH / "floor.py"), stdout=subprocess.PIPE, text=True)
     floor_proc.stdout.readline()
-    floor = measure_rate(topo, lambda: queued_total(floor_proc.pid), 20000)
-    floor_proc.send_signal(signal.SIGTERM)
-    floor_proc.wait(timeout=10)
-    topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(config))
-    topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
-    return ours, floor
+    try:
+        yield floor_proc
+    finally:
+        floor_proc.send_signal(signal.SIGTERM)
+        floor_proc.wait(timeout=10)
+        topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(config))
 
 
 def latency(topo, count, rate, threads=1) -> dict:
@@ -127,10 +149,13 @@ def main() -> None:
         if "bulk" in parts:
             report["bulk"] = bulk(topo, config, run)
         if "queue" in parts:
-            ours, floor = queue_rates(topo, run)
-            report["queue"] = {"worker_pps": round(ours), "floor_pps": round(floor), "ratio": round(ours / floor, 3)}
+            (ours, ours_cpu), (floor, floor_cpu) = queue_rates(topo, run)
+            report["queue"] = {"worker_pps": round(ours), "floor_pps": round(floor), "ratio": round(ours / floor, 3),
+                               "worker_per_cpu_second": round(ours_cpu), "floor_per_cpu_second": round(floor_cpu),
+                               "ratio_per_cpu_second": round(ours_cpu / floor_cpu, 3)}
             print(f"queued handshake packets/s: worker {ours:,.0f}, binding floor {floor:,.0f} "
-                  f"({ours / floor:.0%} of the floor)", flush=True)
+                  f"({ours / floor:.0%} of the floor); per second of its own CPU: worker {ours_cpu:,.0f}, "
+                  f"floor {floor_cpu:,.0f} ({ours_cpu / floor_cpu:.0%})", flush=True)
     if "memory" in parts:
         memory = subprocess.run([sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True).stdout
         print(memory.strip())
@@ -144,20 +169,29 @@ def plain_route(topo, action: str) -> None:
 
 
 def handshake_delay(topo, config, run) -> dict:
+    """Connect times through the worker, through the binding's floor on the same ruleset (what
+    NFQUEUE and the binding cost), and on a plain route; the added delay is the first minus the last."""
+    def both_loads() -> dict:
+        return {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
+
     worker = WorkerProcess(topo, config, run / "lat.log")
-    queued = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
-    worker.stop()
+    queued = both_loads()
+    with floor_instead_of(worker, topo, config):
+        floor = both_loads()
     plain_route(topo, "add")
-    plain = {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
+    plain = both_loads()
     plain_route(topo, "del")
     report = {}
     for load in ("low", "high"):
         added = {q: queued[load][q] - plain[load][q] for q in ("p50_us", "p99_us")}
+        by_floor = {q: floor[load][q] - plain[load][q] for q in ("p50_us", "p99_us")}
         report[load] = {"rate": round(queued[load]["rate"]), **{k: round(v) for k, v in added.items()},
-                        "queued": queued[load], "plain": plain[load]}
+                        "floor_added": {k: round(v) for k, v in by_floor.items()},
+                        "queued": queued[load], "floor": floor[load], "plain": plain[load]}
         print(f"added handshake delay at {queued[load]['rate']:.0f} conn/s: p50 {added['p50_us']:.0f} µs, "
-              f"p99 {added['p99_us']:.0f} µs (connect p50 {queued[load]['p50_us']:.0f} vs "
-              f"{plain[load]['p50_us']:.0f} µs)", flush=True)
+              f"p99 {added['p99_us']:.0f} µs; the binding's floor alone adds p50 {by_floor['p50_us']:.0f} µs, "
+              f"p99 {by_floor['p99_us']:.0f} µs (connect p50: worker {queued[load]['p50_us']:.0f}, floor "
+              f"{floor[load]['p50_us']:.0f}, plain {plain[load]['p50_us']:.0f} µs)", flush=True)
     return report
 
 
