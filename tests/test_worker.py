@@ -91,4 +91,4 @@ def test_token_writer_batches_installs_and_lets_a_later_collision_win():
     writer = TokenWriter(dataplane)
     writer.write([(1, 0x101), (2, 0x102), (1, None)], nft=None)
     assert calls == [("remove", [1]), ("add", [(2, 0x102)])]
-    assert writer.stats == {"tokens_forgotten": 1, "tokens_installed": 1}
+    assert +writer.stats == {"tokens_forgotten": 1, "tokens_installed": 1}

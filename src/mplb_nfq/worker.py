@@ -27,7 +27,7 @@ LATENCY_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "table_base", "max_backends",
                 "rule_priority", "metrics_address", "control_socket")
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
-BATCH = 256  # packets handled between two turns of the housekeeping (tokens, control, counts)
+BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
 TOKEN_BATCH_SECONDS = 0.002  # the token writer's shortest interval between two nft calls
 
 
@@ -79,8 +79,8 @@ class Worker:
         else:
             packet.drop()
             self.stats["drop"] += 1
-        if verdict.token is not None:  # a collision: the kernel must stop steering this token's joins
-            forget = verdict.kind == "token_collision"
+        if verdict.token is not None:
+            forget = verdict.kind == "token_collision"  # the kernel must stop steering this token's joins
             self.token_writer.jobs.put((verdict.token, None if forget else (verdict.mark & BACKEND_MASK) | JOIN))
 
     def release_held(self) -> None:
@@ -374,7 +374,8 @@ class TokenWriter(threading.Thread):
         super().__init__(name="mplb-nfq tokens", daemon=True)
         self.dataplane = dataplane
         self.jobs: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()  # None: stop
-        self.stats: Counter[str] = Counter()
+        # every key there from the start: the worker's thread reads it while this one counts
+        self.stats: Counter[str] = Counter(tokens_installed=0, tokens_forgotten=0, token_install_errors=0)
 
     def take(self) -> list[tuple[int, int | None]]:
         """What is waiting: (token, mark) to install, (token, None) to remove."""
