@@ -96,8 +96,6 @@ def token_of_key(key: bytes, version: int) -> int:
 
 
 IPV4_HEADER = struct.Struct("!BxHxxHxB2x4s4s")  # version/ihl, total length, fragment, protocol, src, dst
-# the common case in one call: a 20-byte IPv4 header, then the fixed TCP header up to its flags
-IPV4_TCP_HEADERS = struct.Struct("!BxHxxHxB2x4s4sHH8xBB")
 IPV6_HEADER = struct.Struct("!B3xHBx16s16s")  # version, payload length, next header, src, dst
 TCP_FIXED = struct.Struct("!HH8xBB")  # ports, data offset byte, flags
 
@@ -108,13 +106,6 @@ def parse_ip(buf: bytes) -> Segment | Malformed | None:
     if n < 1:
         return Malformed("empty packet")
     version = buf[0] >> 4
-    if version == 4 and buf[0] == 0x45 and n >= 40:  # no IP options: the fast path
-        _, total, fragment, protocol, src, dst, sport, dport, offset, flags = IPV4_TCP_HEADERS.unpack_from(buf)
-        if fragment & 0x1FFF or protocol != 6:
-            return None
-        if total < 20:
-            return Malformed(f"IPv4 total length {total} below header length")
-        return _parse_tcp(buf, 20, min(n, total), 4, src, dst, (sport, dport, offset, flags))
     if version == 4:
         if n < 20:
             return Malformed("truncated IPv4 header")
@@ -137,13 +128,11 @@ def parse_ip(buf: bytes) -> Segment | Malformed | None:
     return Malformed(f"IP version {version}")
 
 
-def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: bytes,
-               fixed: tuple[int, int, int, int] | None = None) -> Segment | Malformed:
-    """The TCP header at buf[start:end] (end: where the IP packet says it stops, or the capture
-    does); fixed: its ports, data offset byte and flags, when already unpacked."""
+def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: bytes) -> Segment | Malformed:
+    """The TCP header at buf[start:end] (end: where the IP packet says it stops, or the capture does)."""
     if end - start < 20:
         return Malformed("truncated TCP header")
-    sport, dport, offset, flags = fixed or TCP_FIXED.unpack_from(buf, start)
+    sport, dport, offset, flags = TCP_FIXED.unpack_from(buf, start)
     doff = (offset >> 4) * 4
     if doff < 20:
         return Malformed(f"TCP data offset {doff} below 20")
