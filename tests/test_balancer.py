@@ -1,3 +1,4 @@
+import gc
 import ipaddress
 import random
 
@@ -162,6 +163,18 @@ def test_tokens_expire():
     balancer.decide(third_ack(), mark, 0)
     assert balancer.decide(join(sport=1), 0, 9.9).kind == "join_hit"
     assert balancer.decide(join(sport=2), 0, 10.1).kind == "join_miss"
+
+
+def test_learned_tokens_give_the_cyclic_gc_nothing_to_walk():
+    """A full collection walks every tracked object: a million tokens holding backend objects
+    paused the worker for tens of ms. Held as marks, the entries drop out of the GC's lists."""
+    balancer = lb()
+    mark = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(third_ack(), mark, 0)
+    gc.collect()
+    (entry,) = balancer.tokens._entries.values()
+    assert not gc.is_tracked(entry)
+    assert balancer.decide(join(), 0, 1).mark == mark | JOIN
 
 
 def test_expiring_table_is_bounded_and_evicts_oldest():

@@ -127,7 +127,7 @@ class Service:
 
 # Held in the token table for a token that two live connections on different backends share: a
 # join carrying it could belong to either, so it is refused (TCP reset) rather than misrouted.
-AMBIGUOUS = Backend("(token collision)", (), 0, 0)
+AMBIGUOUS = -1
 
 
 class Verdict(NamedTuple):
@@ -141,7 +141,9 @@ class Balancer:
     def __init__(self, services: list[Service], flow_capacity: int = 1_000_000, flow_ttl: float = 7200.0,
                  token_capacity: int = 1_000_000, token_ttl: float = 7200.0, rng: random.Random | None = None):
         self.flows: ExpiringTable[tuple, int] = ExpiringTable(flow_capacity, flow_ttl)  # flow -> the mark it got
-        self.tokens: ExpiringTable[int, Backend] = ExpiringTable(token_capacity, token_ttl)
+        # token -> its backend's mark: entries of plain ints, which the cyclic GC stops tracking, so
+        # that a full collection does not walk a million of them
+        self.tokens: ExpiringTable[int, int] = ExpiringTable(token_capacity, token_ttl)
         self.rng = rng or random.Random()
         self.counts: Counter[str] = Counter()
         self.update(services)
@@ -178,7 +180,7 @@ class Balancer:
         """A token another worker learned (read back from the kernel map)."""
         backend = self.backend_of(mark)
         if backend is not None and self.tokens.get(token, now) is None:
-            self.tokens.put(token, backend, now)
+            self.tokens.put(token, backend.mark, now)
 
     def _decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool) -> Verdict:
         if segment is None:
@@ -214,9 +216,10 @@ class Balancer:
         if known is not None:
             return Verdict(True, known, "syn_retransmit")
         if segment.join is not None and service.mptcp_aware:
-            backend = self.tokens.get(segment.join.token, now)
-            if backend is AMBIGUOUS:
+            known = self.tokens.get(segment.join.token, now)
+            if known == AMBIGUOUS:
                 return Verdict(True, REJECT, "join_collision")
+            backend = None if known is None else self.backend_of(known)
             if backend is not None:  # even to a drained backend: the connection lives there
                 backend.subflows += 1
                 self.flows.put(segment.flow, backend.mark | JOIN, now)
@@ -264,12 +267,12 @@ class Balancer:
             return Verdict(True, backend.mark | LEARNED, kind)
         token = token_of_key(server_key, version)
         known = self.tokens.get(token, now)
-        if known is backend:  # already learned (SYN-ACK, then a racing ACK)
+        if known == backend.mark:  # already learned (SYN-ACK, then a racing ACK)
             return Verdict(True, backend.mark | LEARNED, kind + "_repeat")
-        if known is AMBIGUOUS:
+        if known == AMBIGUOUS:
             return Verdict(True, backend.mark | LEARNED, "token_collision_repeat")
         if known is not None:  # another connection, on another backend, has the same token
             self.tokens.put(token, AMBIGUOUS, now)
             return Verdict(True, backend.mark | LEARNED, "token_collision", token)
-        self.tokens.put(token, backend, now)
+        self.tokens.put(token, backend.mark, now)
         return Verdict(True, backend.mark | LEARNED, kind, token)

@@ -107,7 +107,7 @@ class Worker:
         for token, mark, left in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
             backend = self.balancer.backend_of(mark)
             if backend is not None:
-                self.balancer.tokens.put(token, backend, now - max(0.0, ttl - left))
+                self.balancer.tokens.put(token, backend.mark, now - max(0.0, ttl - left))
                 adopted += 1
         return adopted
 
