@@ -1,6 +1,7 @@
 """Connect latency (SYN -> SYN-ACK -> connected) to an address, as percentiles.
 
-    python connect_latency.py HOST PORT COUNT RATE [THREADS]    (RATE: connections/s, 0 = as fast as possible)
+    python connect_latency.py HOST PORT COUNT RATE [THREADS [PROTOCOL]]
+RATE: connections/s, 0 = as fast as possible; PROTOCOL: mptcp (the default) or tcp.
 Prints one JSON line: count, rate reached, p50 and p99 in microseconds."""
 import json
 import socket
@@ -11,6 +12,7 @@ import time
 
 host, port, count, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 threads = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+protocol = socket.IPPROTO_TCP if len(sys.argv) > 6 and sys.argv[6] == "tcp" else socket.IPPROTO_MPTCP
 samples: list[float] = []
 lock = threading.Lock()
 
@@ -19,7 +21,7 @@ def run(n: int) -> None:
     interval = threads / rate if rate else 0.0
     next_at = time.perf_counter()
     for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, protocol)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
         started = time.perf_counter()
         s.connect((host, port))

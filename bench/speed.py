@@ -5,9 +5,10 @@
 1. queued handshake packets per second, one worker, against the binding's floor (a worker that
    accepts without looking): a generator in the client namespace floods MP_CAPABLE SYNs, third
    ACKs and MP_JOIN SYNs;
-2. added delay of the handshake (SYN and SYN-ACK both go through the worker), p50 and p99, at low
-   and high connection rates, against the same path with nothing queued; and the share of it that
-   the binding's floor costs on its own;
+2. added delay, p50 and p99, at low and high connection rates, against the same path with nothing
+   queued, and the share of it that the binding's floor costs on its own: of a queued SYN alone
+   (a plain TCP connect: its SYN-ACK is not queued), and of an MPTCP handshake (the SYN and the
+   SYN-ACK, which carries the server's key, are both queued);
 3. bulk throughput through the LB against plain forwarding, and the packets that reached
    userspace during a 100 MB transfer;
 4. userspace memory per tracked connection (bench/memory.py).
@@ -85,16 +86,29 @@ def queued_total(pid: int) -> int:
     return 0
 
 
-def queue_rates(topo, run: Path) -> tuple[tuple[float, float], tuple[float, float]]:
+def queue_rates(topo, run: Path, rounds: int = 3) -> dict:
+    """Worker and floor in turn, `rounds` times each (this machine drifts from second to second);
+    the medians, and every round."""
     config = run / "mplb.toml"
     config.write_text(config_text("mplb", 2, run, extra="[limits]\nflow_capacity = 100000\n"))
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
-    worker = WorkerProcess(topo, config, run / "worker.log")
-    ours = measure_rate(topo, worker.proc.pid, 1024)
-    with floor_instead_of(worker, topo, config) as floor_proc:
-        floor = measure_rate(topo, floor_proc.pid, 20000)
+    ours, floor = [], []
+    for i in range(rounds):  # fresh ports each time: new flows, queued again
+        worker = WorkerProcess(topo, config, run / "worker.log")
+        ours.append(measure_rate(topo, worker.proc.pid, 1024 + 400 * i))
+        with floor_instead_of(worker, topo, config) as floor_proc:
+            floor.append(measure_rate(topo, floor_proc.pid, 1224 + 400 * i))
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
-    return ours, floor
+    (wall, cpu), (floor_wall, floor_cpu) = [[statistics.median(r[k] for r in rates) for k in (0, 1)]
+                                            for rates in (ours, floor)]
+    print(f"queued handshake packets/s (median of {rounds}): worker {wall:,.0f}, binding floor {floor_wall:,.0f} "
+          f"({wall / floor_wall:.0%} of the floor); per second of its own CPU: worker {cpu:,.0f}, "
+          f"floor {floor_cpu:,.0f} ({cpu / floor_cpu:.0%})", flush=True)
+    return {"worker_pps": round(wall), "floor_pps": round(floor_wall), "ratio": round(wall / floor_wall, 3),
+            "worker_per_cpu_second": round(cpu), "floor_per_cpu_second": round(floor_cpu),
+            "ratio_per_cpu_second": round(cpu / floor_cpu, 3),
+            "rounds": {"worker": [[round(x) for x in r] for r in ours],
+                       "floor": [[round(x) for x in r] for r in floor]}}
 
 
 @contextlib.contextmanager
@@ -113,9 +127,9 @@ def floor_instead_of(worker: WorkerProcess, topo, config: Path):
         topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(config))
 
 
-def latency(topo, count, rate, threads=1) -> dict:
+def latency(topo, count, rate, threads, protocol) -> dict:
     out = topo.exec("client", sys.executable, str(BENCH / "connect_latency.py"), VIP, str(PORT), str(count),
-                    str(rate), str(threads), capture_output=True).stdout
+                    str(rate), str(threads), protocol, capture_output=True).stdout
     return json.loads(out)
 
 
@@ -149,13 +163,7 @@ def main() -> None:
         if "bulk" in parts:
             report["bulk"] = bulk(topo, config, run)
         if "queue" in parts:
-            (ours, ours_cpu), (floor, floor_cpu) = queue_rates(topo, run)
-            report["queue"] = {"worker_pps": round(ours), "floor_pps": round(floor), "ratio": round(ours / floor, 3),
-                               "worker_per_cpu_second": round(ours_cpu), "floor_per_cpu_second": round(floor_cpu),
-                               "ratio_per_cpu_second": round(ours_cpu / floor_cpu, 3)}
-            print(f"queued handshake packets/s: worker {ours:,.0f}, binding floor {floor:,.0f} "
-                  f"({ours / floor:.0%} of the floor); per second of its own CPU: worker {ours_cpu:,.0f}, "
-                  f"floor {floor_cpu:,.0f} ({ours_cpu / floor_cpu:.0%})", flush=True)
+            report["queue"] = queue_rates(topo, run)
     if "memory" in parts:
         memory = subprocess.run([sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True).stdout
         print(memory.strip())
@@ -168,52 +176,62 @@ def plain_route(topo, action: str) -> None:
     topo.exec("lb", "ip", "route", action, f"{VIP}/32", "via", backend_address(0))
 
 
+CONNECTS = {"tcp": "a queued SYN (TCP connect)", "mptcp": "an MPTCP handshake (SYN and SYN-ACK queued)"}
+LOADS = {"low": (300, 50, 1), "high": (3000, 1000, 2)}  # connections, per second, client threads
+
+
 def handshake_delay(topo, config, run) -> dict:
     """Connect times through the worker, through the binding's floor on the same ruleset (what
     NFQUEUE and the binding cost), and on a plain route; the added delay is the first minus the last."""
-    def both_loads() -> dict:
-        return {"low": latency(topo, 300, 50), "high": latency(topo, 3000, 1000, threads=2)}
+    def every_case() -> dict:
+        return {(protocol, load): latency(topo, *LOADS[load], protocol) for protocol in CONNECTS for load in LOADS}
 
     worker = WorkerProcess(topo, config, run / "lat.log")
-    queued = both_loads()
+    queued = every_case()
     with floor_instead_of(worker, topo, config):
-        floor = both_loads()
+        floor = every_case()
     plain_route(topo, "add")
-    plain = both_loads()
+    plain = every_case()
     plain_route(topo, "del")
     report = {}
-    for load in ("low", "high"):
-        added = {q: queued[load][q] - plain[load][q] for q in ("p50_us", "p99_us")}
-        by_floor = {q: floor[load][q] - plain[load][q] for q in ("p50_us", "p99_us")}
-        report[load] = {"rate": round(queued[load]["rate"]), **{k: round(v) for k, v in added.items()},
-                        "floor_added": {k: round(v) for k, v in by_floor.items()},
-                        "queued": queued[load], "floor": floor[load], "plain": plain[load]}
-        print(f"added handshake delay at {queued[load]['rate']:.0f} conn/s: p50 {added['p50_us']:.0f} µs, "
+    for (protocol, load), ours in queued.items():
+        base = plain[protocol, load]
+        added = {q: ours[q] - base[q] for q in ("p50_us", "p99_us")}
+        by_floor = {q: floor[protocol, load][q] - base[q] for q in ("p50_us", "p99_us")}
+        report[f"{protocol}_{load}"] = {"rate": round(ours["rate"]), **{k: round(v) for k, v in added.items()},
+                                        "floor_added": {k: round(v) for k, v in by_floor.items()},
+                                        "queued": ours, "floor": floor[protocol, load], "plain": base}
+        print(f"added delay of {CONNECTS[protocol]} at {ours['rate']:.0f} conn/s: p50 {added['p50_us']:.0f} µs, "
               f"p99 {added['p99_us']:.0f} µs; the binding's floor alone adds p50 {by_floor['p50_us']:.0f} µs, "
-              f"p99 {by_floor['p99_us']:.0f} µs (connect p50: worker {queued[load]['p50_us']:.0f}, floor "
-              f"{floor[load]['p50_us']:.0f}, plain {plain[load]['p50_us']:.0f} µs)", flush=True)
+              f"p99 {by_floor['p99_us']:.0f} µs (connect p50: worker {ours['p50_us']:.0f}, floor "
+              f"{floor[protocol, load]['p50_us']:.0f}, plain {base['p50_us']:.0f} µs)", flush=True)
     return report
 
 
-def bulk(topo, config, run) -> dict:
+def bulk(topo, config, run, pairs: int = 9, size: int = 500 * MB) -> dict:
+    """Pairs of transfers, plain then through the LB, interleaved so that drift on this shared
+    machine hits both alike; a single transfer varies by +-20% here, hence the medians."""
     plain_mbit, lb_mbit = [], []
-    for _ in range(5):  # interleaved, so that drift on this shared machine hits both alike
+    for _ in range(pairs):
         plain_route(topo, "add")
-        plain_mbit.append(fetch(topo, 200 * MB))
+        plain_mbit.append(fetch(topo, size))
         plain_route(topo, "del")
         worker = WorkerProcess(topo, config, run / "bulk.log")
         before = nft_queued(topo)
-        lb_mbit.append(fetch(topo, 200 * MB))
+        lb_mbit.append(fetch(topo, size))
         middle = nft_queued(topo)
         fetch(topo, 100 * MB)
         per_100mb = nft_queued(topo) - middle
         worker.stop()
     ratio = statistics.median(lb_mbit) / statistics.median(plain_mbit)
-    print(f"bulk throughput (median of 5): through the LB {statistics.median(lb_mbit):.0f} Mbit/s, plain "
-          f"forwarding {statistics.median(plain_mbit):.0f} Mbit/s (ratio {ratio:.3f}); packets queued during "
-          f"a 100 MB transfer: {per_100mb}", flush=True)
-    return {"lb_mbit_s": lb_mbit, "plain_mbit_s": plain_mbit, "ratio": round(ratio, 3),
-            "queued_per_100MB_transfer": per_100mb, "queued_per_200MB_connection": middle - before}
+    pair_ratio = statistics.median(lb / plain for lb, plain in zip(lb_mbit, plain_mbit))
+    print(f"bulk throughput ({pairs} pairs of {size // MB} MB): through the LB {statistics.median(lb_mbit):.0f} "
+          f"Mbit/s, plain forwarding {statistics.median(plain_mbit):.0f} Mbit/s (ratio of the medians {ratio:.3f}, "
+          f"median of the pairs' ratios {pair_ratio:.3f}); packets queued during a 100 MB transfer: {per_100mb}",
+          flush=True)
+    return {"lb_mbit_s": [round(x) for x in lb_mbit], "plain_mbit_s": [round(x) for x in plain_mbit],
+            "ratio": round(ratio, 3), "median_pair_ratio": round(pair_ratio, 3),
+            "queued_per_100MB_transfer": per_100mb, "queued_per_connection": middle - before}
 
 
 if __name__ == "__main__":
