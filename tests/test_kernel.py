@@ -140,6 +140,37 @@ def test_render_nft_output_loads_with_plain_nft(topo, tmp_path):
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
 
 
+TOKEN_MAP_WRITES = """
+from mplb_nfq.kernel import KernelError, TokenMapSocket
+sock = TokenMapSocket()
+sock.add("mplb", [(0x11223344, 0x48000100), (0xDEADBEEF, 0x48000101)], 600)
+sock.add("mplb", [(0x11223344, 0x48000100)], 600)  # the same again: nothing to do
+try:
+    sock.add("mplb", [(0x0BADCAFE, 0x48000100), (0xDEADBEEF, 0x48000100)], 600)  # another mark: refused, all of it
+except KernelError as e:
+    print(e)
+"""
+
+
+def test_the_token_map_socket_adds_what_nft_reads_back_and_refuses_a_changed_mark(topo, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(config_text("mplb", 2, tmp_path))
+    rendered = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "render-nft", "-c", str(config),
+                         capture_output=True).stdout
+    (tmp_path / "mplb.nft").write_text(rendered)
+    topo.exec("lb", "nft", "-f", str(tmp_path / "mplb.nft"))
+    try:
+        refused = topo.exec("lb", sys.executable, "-c", TOKEN_MAP_WRITES, capture_output=True).stdout
+        assert "adding 2 tokens to the map: File exists" in refused
+        listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+                                       capture_output=True).stdout)
+        (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
+        found = {key["elem"]["val"]: (mark, key["elem"]["timeout"]) for key, mark in elements}
+        assert found == {0x11223344: (0x48000100, 600), 0xDEADBEEF: (0x48000101, 600)}
+    finally:
+        topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
+
+
 def test_check_reports_the_queue_mode(topo):
     report = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "check", "--json",
                                   capture_output=True, check=False).stdout)

@@ -86,9 +86,9 @@ def test_metrics_expose_every_family_with_bounded_labels():
 
 def test_token_writer_batches_installs_and_lets_a_later_collision_win():
     calls = []
-    dataplane = SimpleNamespace(add_tokens=lambda tokens, nft: calls.append(("add", tokens)),
+    dataplane = SimpleNamespace(add_tokens=lambda tokens, sock: calls.append(("add", tokens)),
                                 remove_tokens=lambda tokens, nft: calls.append(("remove", tokens)) or len(tokens))
     writer = TokenWriter(dataplane)
-    writer.write([(1, 0x101), (2, 0x102), (1, None)], nft=None)
+    writer.write([(1, 0x101), (2, 0x102), (1, None)], nft=None, sock=None)
     assert calls == [("remove", [1]), ("add", [(2, 0x102)])]
     assert +writer.stats == {"tokens_forgotten": 1, "tokens_installed": 1}

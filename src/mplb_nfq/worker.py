@@ -367,8 +367,8 @@ def serve_other_worker(worker: Worker, index: int, parent) -> None:
 
 class TokenWriter(threading.Thread):
     """Puts learned tokens in the kernel map (and takes colliding ones out) from a thread of its
-    own, with a libnftables context of its own: a batch costs 0.1-0.7 ms, which the verdict loop
-    no longer waits for. ctypes lets go of the GIL while libnftables runs."""
+    own, with a netlink socket and a libnftables context of its own: the verdict loop never waits
+    for a transaction, and neither call holds the GIL while the kernel works."""
 
     def __init__(self, dataplane: Dataplane):
         super().__init__(name="mplb-nfq tokens", daemon=True)
@@ -387,22 +387,25 @@ class TokenWriter(threading.Thread):
                 return taken
 
     def run(self) -> None:
-        from .kernel import Nft
+        from .kernel import Nft, TokenMapSocket
 
-        nft = Nft()
+        nft, sock = Nft(), TokenMapSocket()
         written = 0.0
         while True:
             jobs = [self.jobs.get()]
-            # Under load, tokens are gathered for TOKEN_BATCH_SECONDS: one nft call per token
-            # would cost 0.1 ms each, and wake this thread (and take the GIL) per packet.
+            # Under load, tokens are gathered for TOKEN_BATCH_SECONDS: one transaction per token
+            # would cost 40 µs or more each, and wake this thread (and take the GIL) per packet.
             time.sleep(max(0.0, written + TOKEN_BATCH_SECONDS - time.monotonic()))
             jobs += self.take()
-            self.write([job for job in jobs if job is not None], nft)
+            self.write([job for job in jobs if job is not None], nft, sock)
             written = time.monotonic()
             if None in jobs:
+                sock.close()
                 return
 
-    def write(self, jobs: list[tuple[int, int | None]], nft) -> None:
+    def write(self, jobs: list[tuple[int, int | None]], nft, sock) -> None:
+        """Removals through libnftables (rare, and one by one: a token already gone fails alone);
+        installs through the map socket, in one transaction."""
         final = dict(jobs)  # per token, the last word: a collision found after the learning wins
         forget = [token for token, mark in final.items() if mark is None]
         install = [(token, mark) for token, mark in final.items() if mark is not None]
@@ -410,7 +413,7 @@ class TokenWriter(threading.Thread):
             self.stats["tokens_forgotten"] += self.dataplane.remove_tokens(forget, nft)
         if install:
             try:
-                self.dataplane.add_tokens(install, nft)
+                self.dataplane.add_tokens(install, sock)
                 self.stats["tokens_installed"] += len(install)
             except Exception as e:  # the core still knows them; joins that miss the map get queued
                 log.error("token install failed (%d tokens): %s", len(install), e)
