@@ -1,7 +1,9 @@
 """The worker's packet handling and its metrics, with a stand-in for NetfilterQueue's packet (the
 kernel side is tested in the kernel tests)."""
+import socket
 from types import SimpleNamespace
 
+import pytest
 from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -10,7 +12,7 @@ from mplb_nfq.balancer import JOIN, LEARNED
 from mplb_nfq.config import from_dict
 from mplb_nfq.metrics import WorkerCollector
 from mplb_nfq.packet import token_of_key
-from mplb_nfq.worker import TokenWriter, Worker
+from mplb_nfq.worker import VERDICT_BATCH, QueueReader, TokenWriter, Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
           "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
@@ -50,14 +52,36 @@ def test_verdicts_marks_and_pending_tokens():
     w = worker()
     syn = Packet(tcp("10.0.1.2", "10.0.100.1", 40000, 80, SYN, mp_capable()))
     w.handle(syn)
-    assert syn.verdict == "accept" and syn.mark == 0x100
-    synack = Packet(tcp("10.0.100.1", "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY)), syn.mark)
+    assert syn.verdict is None and w.token_writer.take() == []  # decided, its verdict waits for the batch's
+    synack = Packet(tcp("10.0.100.1", "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY)), 0x100)
     w.handle(synack)
-    assert synack.mark == 0x100 | LEARNED
-    assert w.token_writer.take() == [(token_of_key(SERVER_KEY, 1), 0x100 | JOIN)]  # installed after the verdict
+    assert w.token_writer.take() == []  # a token goes to the kernel map after its packet's verdict
+    w.give_decided()
+    assert (syn.verdict, syn.mark) == ("accept", 0x100) and (synack.verdict, synack.mark) == ("accept", 0x100 | LEARNED)
+    assert w.token_writer.take() == [(token_of_key(SERVER_KEY, 1), 0x100 | JOIN)] and not w.decided
     garbage = Packet(b"\x45\x00")
     w.handle(garbage)
+    w.give_decided()
     assert garbage.verdict == "accept" and w.balancer.counts["malformed"] == 1
+
+
+def test_queue_reader_gives_the_verdicts_when_a_batch_is_full_or_the_queue_is_empty():
+    kernel, queue_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    w = worker()
+    batches = []
+    w.give_decided = lambda: batches.append(len(w.decided)) or w.decided.clear()
+    reader = QueueReader(queue_end.fileno(), VERDICT_BATCH + 5, w)
+    for _ in range(VERDICT_BATCH + 1):
+        kernel.send(b"packet")
+    for _ in range(VERDICT_BATCH + 1):
+        assert reader.recv(100) == b"packet"
+        w.decided.append((None, None))  # as the callback does
+    assert batches == [VERDICT_BATCH]  # given before the next read
+    with pytest.raises(BlockingIOError):
+        reader.recv(100)  # nothing more to read: the one decided since goes out now
+    assert batches == [VERDICT_BATCH, 1]
+    for sock in (kernel, queue_end, reader.sock):
+        sock.close()
 
 
 def test_with_several_workers_an_unknown_join_is_held_then_released_with_the_policy():
@@ -72,6 +96,7 @@ def test_with_several_workers_an_unknown_join_is_held_then_released_with_the_pol
 def test_metrics_expose_every_family_with_bounded_labels():
     w = worker()
     w.handle(Packet(tcp("10.0.1.2", "10.0.100.1", 40000, 80, SYN, mp_capable())))
+    w.give_decided()
     registry = CollectorRegistry()
     registry.register(WorkerCollector(w))
     text = generate_latest(registry).decode()
