@@ -65,21 +65,33 @@ def test_verdicts_marks_and_pending_tokens():
     assert garbage.verdict == "accept" and w.balancer.counts["malformed"] == 1
 
 
-def test_queue_reader_gives_the_verdicts_when_a_batch_is_full_or_the_queue_is_empty():
+def test_queue_reader_gives_a_lone_packet_its_verdict_at_once_and_a_burst_in_batches():
     kernel, queue_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     w = worker()
     batches = []
-    w.give_decided = lambda: batches.append(len(w.decided)) or w.decided.clear()
-    reader = QueueReader(queue_end.fileno(), VERDICT_BATCH + 5, w)
-    for _ in range(VERDICT_BATCH + 1):
-        kernel.send(b"packet")
-    for _ in range(VERDICT_BATCH + 1):
-        assert reader.recv(100) == b"packet"
-        w.decided.append((None, None))  # as the callback does
-    assert batches == [VERDICT_BATCH]  # given before the next read
-    with pytest.raises(BlockingIOError):
-        reader.recv(100)  # nothing more to read: the one decided since goes out now
-    assert batches == [VERDICT_BATCH, 1]
+
+    def give_decided():
+        if w.decided:
+            batches.append(len(w.decided))
+            w.decided.clear()
+
+    w.give_decided = give_decided
+    reader = QueueReader(queue_end.fileno(), 1000, w)
+
+    def read(packets: int) -> None:
+        for _ in range(packets):
+            kernel.send(b"packet")
+        for _ in range(packets):
+            assert reader.recv(100) == b"packet"
+            w.decided.append((None, None))  # as the callback does
+        with pytest.raises(BlockingIOError):
+            reader.recv(100)  # the queue is empty: what was decided since goes out
+
+    read(1)
+    assert batches == [1]
+    batches.clear()
+    read(1 + VERDICT_BATCH + 3)
+    assert batches == [1, VERDICT_BATCH, 3]  # the burst's first at once, then full batches, then the rest
     for sock in (kernel, queue_end, reader.sock):
         sock.close()
 

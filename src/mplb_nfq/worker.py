@@ -441,26 +441,32 @@ class TokenWriter(threading.Thread):
 
 class QueueReader:
     """The queue's socket as NetfilterQueue.run_socket reads it, but ending a read loop after
-    `left` packets (under a flood, tokens, reloads and the control socket still get their turn),
-    and giving the worker's decided packets their verdicts when VERDICT_BATCH of them wait or
-    when the queue has nothing more to read."""
+    `left` packets (under a flood, tokens, reloads and the control socket still get their turn).
+    Before each read it gives the worker's decided packets their verdicts: the first packet read
+    after the queue was found empty at once, so that a lone packet waits for nothing; in a burst,
+    VERDICT_BATCH at a time, or what is left when the queue is empty again."""
 
     def __init__(self, fd: int, left: int, worker: Worker):
         self.sock = socket.socket(fileno=os.dup(fd))
         self.sock.setblocking(False)
         self.left, self.worker = left, worker
+        self.in_a_row = 0  # packets read since the queue was last found empty
 
     def recv(self, size: int) -> bytes:
         if self.left <= 0:
             raise BlockingIOError(errno.EAGAIN, "batch done")
-        if len(self.worker.decided) >= VERDICT_BATCH:
+        decided = self.worker.decided
+        if decided and (self.in_a_row < 2 or len(decided) >= VERDICT_BATCH):
             self.worker.give_decided()
         self.left -= 1
         try:
-            return self.sock.recv(size)
+            packet = self.sock.recv(size)
         except BlockingIOError:
+            self.in_a_row = 0
             self.worker.give_decided()
             raise
+        self.in_a_row += 1
+        return packet
 
 
 def count_conntrack(out, interval: float) -> None:
