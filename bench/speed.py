@@ -208,15 +208,19 @@ def handshake_delay(topo, config, run) -> dict:
     return report
 
 
-def bulk(topo, config, run, pairs: int = 9, size: int = 500 * MB) -> dict:
+def bulk(topo, config, run, pairs: int = 9, size: int = 1000 * MB) -> dict:
     """Pairs of transfers, plain then through the LB, interleaved so that drift on this shared
-    machine hits both alike; a single transfer varies by +-20% here, hence the medians."""
+    machine hits both alike; a single transfer varies by +-20% here, hence the medians. Each
+    starts a second after the path was set up: past the worker's start (its conntrack counter
+    forks, its health checks begin), which would otherwise eat into a transfer of a second."""
     plain_mbit, lb_mbit = [], []
     for _ in range(pairs):
         plain_route(topo, "add")
+        time.sleep(1)
         plain_mbit.append(fetch(topo, size))
         plain_route(topo, "del")
         worker = WorkerProcess(topo, config, run / "bulk.log")
+        time.sleep(1)
         before = nft_queued(topo)
         lb_mbit.append(fetch(topo, size))
         middle = nft_queued(topo)

@@ -137,7 +137,6 @@ class Topology:
         for n in [lb, client]:
             self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)
             self.sysctl(n, "net.ipv4.conf.default.rp_filter", 0)
-        self.sysctl(lb, "net.ipv4.conf.all.accept_local", 1)  # as deploy/sysctl.d/ says
         for i in range(self.backends):  # as an operator prepares a backend
             run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP, VIP6], capture_output=True)
         if self.rate_mbit:

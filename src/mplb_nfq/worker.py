@@ -55,7 +55,7 @@ class Worker:
     def handle(self, packet) -> None:
         """NetfilterQueue callback: decide, and keep the packet for give_decided(). Each verdict
         carries the kernel's forwarding of its packet, which cools the caches: decisions made in
-        a row, verdicts given in a row, handle 45% more packets per CPU-second under load."""
+        a row, then verdicts given in a row, handle a fifth more packets per CPU-second under load."""
         started = time.perf_counter()
         try:
             segment = parse_ip(packet.get_payload())
