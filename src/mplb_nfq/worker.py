@@ -29,7 +29,7 @@ RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "ta
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
 VERDICT_BATCH = 32  # packets decided in a row before their verdicts go out (the queue empty: at once)
-TOKEN_BATCH_SECONDS = 0.002  # the token writer's shortest interval between two nft calls
+TOKEN_BATCH_SECONDS = 0.002  # the token writer's shortest interval between two transactions
 
 
 class Worker:
