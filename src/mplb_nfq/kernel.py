@@ -414,9 +414,10 @@ class Dataplane:
         found = re.search(r"elements = \{[^}]*:\s*(0x[0-9a-f]+)", listing)
         return int(found.group(1), 16) if found else None
 
-    def remove_tokens(self, tokens: list[int], nft: Nft | None = None) -> int:
-        """Delete tokens from the kernel map, one by one (a missing one fails alone); how many went."""
-        table, nft = self.cfg.table_name, nft or self.nft
+    def remove_tokens(self, tokens: list[int], nft: Nft) -> int:
+        """Delete tokens from the kernel map, one by one (a missing one fails alone); how many went.
+        nft: the writer thread's own libnftables context."""
+        table = self.cfg.table_name
         return sum(nft.try_run(f"delete element inet {table} tokens {{ 0x{t:08x} }}") for t in tokens)
 
     def read_tokens(self) -> list[tuple[int, int, float]]:
