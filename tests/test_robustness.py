@@ -4,9 +4,10 @@ import signal
 import threading
 import time
 
-from netlab import KERNEL, MB, counters, delta, fetch, inject, one_path_download, worker_stats
+from netlab import KERNEL, MB, counters, delta, fetch, inject, nft_counters, one_path_download, worker_stats
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
 
+from mplb_nfq.balancer import JOIN, REJECT
 from mplb_nfq.lab import PORT, WorkerProcess
 from mplb_nfq.netns import VIP
 from mplb_nfq.packet import token_of_key
@@ -50,27 +51,31 @@ def test_malformed_packets_get_a_safe_verdict_are_counted_and_the_worker_lives_o
     assert [r["received"] for r in fetch(topo, MB)] == [MB]
 
 
-def test_a_token_collision_is_counted_and_its_joins_are_reset_not_misrouted(topo, worker):
+def test_a_token_collision_is_counted_and_its_joins_are_reset_in_the_kernel_not_misrouted(topo, worker):
     w = worker("mplb")
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")  # our ACKs are forged
     try:
         client = "10.0.1.50"  # no host owns it: the backends' answers die at the LB, no RST comes back
         inject(topo, [tcp(client, VIP, 50001, PORT, SYN), tcp(client, VIP, 50002, PORT, SYN)])
         time.sleep(0.3)
-        inject(topo, [tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY, key), seq=1001, ack=1)
-                      for port, key in ((50001, COLLIDING[0]), (50002, COLLIDING[1]))])
-        time.sleep(0.5)
+        for port, key in ((50001, COLLIDING[0]), (50002, COLLIDING[1])):  # two batches: installed, then refused
+            inject(topo, [tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY, key), seq=1001, ack=1)])
+            time.sleep(0.3)
         seen = kinds(topo, w)
         assert seen.get("third_ack") == 1 and seen.get("token_collision") == 1
         token = token_of_key(COLLIDING[0], 1)
-        listing = topo.exec("lb", "nft", "list", "map", "inet", "mplb", "tokens", capture_output=True).stdout
-        assert str(token) not in listing  # not steered by the kernel any more
+        listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+                                       capture_output=True).stdout)
+        (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
+        assert {key["elem"]["val"]: mark for key, mark in elements} == {token: REJECT}  # for every worker
+        before = counters(topo)
         inject(topo, [tcp("10.0.2.50", VIP, 50003, PORT, SYN, mp_join_syn(token))])
         time.sleep(0.3)
-        assert kinds(topo, w).get("join_collision") == 1
+        assert "join_collision" not in kinds(topo, w)  # answered in the kernel, not queued
         rejected = json.loads(topo.exec("lb", "nft", "-j", "list", "counter", "inet", "mplb", "rejected",
                                         capture_output=True).stdout)["nftables"][1]["counter"]["packets"]
         assert rejected == 1  # answered with a TCP reset
+        assert sum(delta(before, counters(topo), "MPTcpExtMPJoinSynRx").values()) == 0  # no backend saw it
     finally:
         topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
 
@@ -113,8 +118,8 @@ def queue_counts(pid):
 
 def test_two_workers_share_tokens_through_the_kernel_map_and_misroute_no_join(topo, worker):
     """The queue fan-out hashes addresses, not ports: a join from the client's second address
-    reaches the other worker, often before the first one has put the token in the kernel map.
-    That worker holds it until the token appears there."""
+    would reach the other worker. The token is in the kernel map before the SYN-ACK leaves the
+    LB, so the joins never reach a worker: each connection queues its SYN and SYN-ACK, no more."""
     w = worker("mplb", kernel="workers = 2\n" + FAST)
     before = counters(topo)
     results = fetch(topo, *[MB] * 8, pause=0.1)
@@ -124,11 +129,16 @@ def test_two_workers_share_tokens_through_the_kernel_map_and_misroute_no_join(to
     capable = delta(before, after, "MPTcpExtMPCapableSYNRX")
     assert delta(before, after, "MPTcpExtMPJoinAckRx") == capable  # every join on its connection's backend
     assert sum(delta(before, after, "MPTcpExtMPJoinNoTokenFound").values()) == 0
-    per_queue = queue_counts(w.proc.pid)
-    assert per_queue[0] > 0 and per_queue[1] > 0, per_queue  # both workers took packets
+    assert sum(queue_counts(w.proc.pid).values()) == 2 * 8
     stats = worker_stats(topo, w)["packets"]
     assert stats["workers"] == 2 and stats.get("held_expired", 0) == 0
-    assert stats["kinds"].get("join_hit", 0) + stats.get("held_found", 0) >= 1
+    assert nft_counters(topo)["join_kernel_hit"] == 8
+    joins = [tcp(f"10.0.2.{50 + i}", VIP, 50005, PORT, SYN, mp_join_syn(0x5EED0000 + i)) for i in range(16)]
+    inject(topo, joins)  # unknown tokens, from 16 addresses: both queues get some (all in one: p = 2**-15)
+    time.sleep(0.8)
+    per_queue = queue_counts(w.proc.pid)
+    assert min(per_queue.values()) > 0 and sum(per_queue.values()) == 2 * 8 + 16, per_queue
+    assert worker_stats(topo, w)["packets"]["kinds"]["join_miss"] == 16  # both workers' counts, summed
     w.proc.send_signal(signal.SIGKILL)  # the others follow the first worker, and the queues are bypassed
     w.proc.wait()
     time.sleep(1.0)
@@ -140,3 +150,16 @@ def queues_bound(topo):
     """The queues some process still listens on in the LB namespace."""
     out = topo.exec("lb", "cat", "/proc/net/netfilter/nfnetlink_queue", capture_output=True).stdout
     return [int(line.split()[0]) for line in out.splitlines()]
+
+
+def test_with_two_workers_a_join_ahead_of_its_token_is_held_until_the_kernel_map_has_it(topo, worker):
+    w = worker("mplb", kernel="workers = 2\nhold_ms = 5000\n" + FAST)
+    before = counters(topo)
+    inject(topo, [tcp("10.0.2.50", VIP, 50005, PORT, SYN, mp_join_syn(0x5EED1234))])
+    time.sleep(0.6)
+    assert worker_stats(topo, w)["packets"]["kinds"].get("join_held") == 1
+    second = 0x100 + 1  # the second backend's mark
+    topo.exec("lb", "nft", f"add element inet mplb tokens {{ 0x5eed1234 timeout 60s : 0x{second | JOIN:08x} }}")
+    time.sleep(0.6)
+    assert worker_stats(topo, w)["packets"].get("held_found") == 1
+    assert delta(before, counters(topo), "MPTcpExtMPJoinSynRx") == dict(zip(topo.backend_names, (0, 1)))

@@ -1,18 +1,17 @@
 """The worker's packet handling and its metrics, with a stand-in for NetfilterQueue's packet (the
 kernel side is tested in the kernel tests)."""
 import socket
-from types import SimpleNamespace
 
 import pytest
 from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from mplb_nfq.balancer import JOIN, LEARNED
+from mplb_nfq.balancer import AMBIGUOUS, JOIN, LEARNED, REJECT
 from mplb_nfq.config import from_dict
 from mplb_nfq.metrics import WorkerCollector
 from mplb_nfq.packet import token_of_key
-from mplb_nfq.worker import VERDICT_BATCH, QueueReader, TokenWriter, Worker
+from mplb_nfq.worker import VERDICT_BATCH, QueueReader, Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
           "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
@@ -43,26 +42,102 @@ class Packet:
         pass
 
 
+class Dataplane:
+    """The kernel map as the worker writes it: installs in one transaction, which refuses a token
+    the map holds with another mark (another worker's connection), and colliding tokens rejected."""
+
+    queue_mode = "test"
+
+    def __init__(self):
+        self.map: dict[int, int] = {}
+        self.calls: list[tuple] = []
+
+    def add_tokens(self, tokens):
+        self.calls.append(("add", tokens))
+        refused = [t for t, mark in tokens if self.map.get(t, mark) != mark]
+        self.map.update((t, mark) for t, mark in tokens if t not in refused)
+        return refused
+
+    def reject_tokens(self, tokens):
+        self.calls.append(("reject", tokens))
+        self.map.update((t, REJECT) for t in tokens)
+
+    def lookup_token(self, token):
+        return self.map.get(token)
+
+
 def worker(**kernel) -> Worker:
     cfg = from_dict({**CONFIG, "kernel": kernel})
-    return Worker(cfg, SimpleNamespace(queue_mode="test", lookup_token=lambda token: None))
+    return Worker(cfg, Dataplane())
 
 
-def test_verdicts_marks_and_pending_tokens():
+def test_verdicts_marks_and_tokens_in_the_kernel_map_before_the_verdict():
     w = worker()
     syn = Packet(tcp("10.0.1.2", "10.0.100.1", 40000, 80, SYN, mp_capable()))
     w.handle(syn)
-    assert syn.verdict is None and w.token_writer.take() == []  # decided, its verdict waits for the batch's
+    assert syn.verdict is None  # decided, its verdict waits for the batch's
     synack = Packet(tcp("10.0.100.1", "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY)), 0x100)
     w.handle(synack)
-    assert w.token_writer.take() == []  # a token goes to the kernel map after its packet's verdict
+    assert w.dataplane.map == {}
+    token = token_of_key(SERVER_KEY, 1)
+    synack.accept = lambda: verdicts.append(dict(w.dataplane.map))
+    verdicts = []
     w.give_decided()
-    assert (syn.verdict, syn.mark) == ("accept", 0x100) and (synack.verdict, synack.mark) == ("accept", 0x100 | LEARNED)
-    assert w.token_writer.take() == [(token_of_key(SERVER_KEY, 1), 0x100 | JOIN)] and not w.decided
+    assert verdicts == [{token: 0x100 | JOIN}]  # the token was in the map when the SYN-ACK left
+    assert (syn.verdict, syn.mark) == ("accept", 0x100) and synack.mark == 0x100 | LEARNED and not w.decided
+    assert w.stats["tokens_installed"] == 1
     garbage = Packet(b"\x45\x00")
     w.handle(garbage)
     w.give_decided()
     assert garbage.verdict == "accept" and w.balancer.counts["malformed"] == 1
+    assert w.dataplane.calls == [("add", [(token, 0x100 | JOIN)])]  # a batch without tokens writes nothing
+
+
+def synack(port: int, key: bytes, mark: int) -> Packet:
+    return Packet(tcp("10.0.100.1", "10.0.1.2", 80, port, SYN | ACK, mp_capable(1, 1, key)), mark)
+
+
+def test_a_collision_in_one_batch_makes_the_kernel_map_reset_its_joins():
+    w = worker()
+    colliding = (bytes.fromhex("000000000000c66f"), bytes.fromhex("000000000000e658"))  # one SHA-256 token
+    token = token_of_key(colliding[0], 1)
+    w.handle(synack(40001, colliding[0], 0x100))
+    w.handle(synack(40002, colliding[1], 0x101))
+    w.give_decided()
+    assert w.dataplane.calls == [("reject", [token])]  # the last word per token wins: nothing installed
+    assert w.dataplane.map == {token: REJECT} and w.stats["tokens_rejected"] == 1
+
+
+def test_a_token_another_worker_holds_on_another_backend_is_a_collision_for_both():
+    w = worker()
+    other = token_of_key(bytes(8), 1)
+    w.dataplane.map[other] = 0x101 | JOIN  # another worker's connection
+    w.handle(synack(40001, SERVER_KEY, 0x100))
+    w.handle(synack(40002, bytes(8), 0x100))
+    w.give_decided()
+    assert w.dataplane.map == {token_of_key(SERVER_KEY, 1): 0x100 | JOIN, other: REJECT}  # the other still in
+    assert w.balancer.tokens.get(other, 0) == AMBIGUOUS and w.balancer.counts["token_collision"] == 1
+    assert w.stats["tokens_installed"] == 1 and w.stats["tokens_rejected"] == 1
+    join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(other)))
+    w.handle(join)
+    w.give_decided()
+    assert join.mark == REJECT  # were it queued, not sent to either backend
+
+
+def test_a_failed_install_is_counted_and_the_core_still_steers_the_join():
+    w = worker()
+
+    def fail(tokens):
+        raise OSError("netlink: no buffer space")
+
+    w.dataplane.add_tokens = fail
+    w.handle(synack(40001, SERVER_KEY, 0x100))
+    w.give_decided()
+    assert w.stats["token_install_errors"] == 1
+    join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token_of_key(SERVER_KEY, 1))))
+    w.handle(join)
+    w.give_decided()
+    assert join.mark == 0x100 | JOIN
 
 
 def test_queue_reader_gives_a_lone_packet_its_verdict_at_once_and_a_burst_in_batches():
@@ -119,13 +194,3 @@ def test_metrics_expose_every_family_with_bounded_labels():
                  "mplb_packet_processing_seconds_bucket", "mplb_worker_errors_total"):
         assert name in text, name
     assert "10.0.1.2" not in text  # no client address in any label
-
-
-def test_token_writer_batches_installs_and_lets_a_later_collision_win():
-    calls = []
-    dataplane = SimpleNamespace(add_tokens=lambda tokens, sock: calls.append(("add", tokens)),
-                                remove_tokens=lambda tokens, nft: calls.append(("remove", tokens)) or len(tokens))
-    writer = TokenWriter(dataplane)
-    writer.write([(1, 0x101), (2, 0x102), (1, None)], nft=None, sock=None)
-    assert calls == [("remove", [1]), ("add", [(2, 0x102)])]
-    assert +writer.stats == {"tokens_forgotten": 1, "tokens_installed": 1}

@@ -177,7 +177,11 @@ class Balancer:
         return verdict
 
     def learn_token(self, token: int, mark: int, now: float) -> None:
-        """A token another worker learned (read back from the kernel map)."""
+        """A token read back from the kernel map, where a worker put it: with its backend's mark,
+        or with REJECT when it collides (then it overrides what this worker knew)."""
+        if mark & REJECT:
+            self.tokens.put(token, AMBIGUOUS, now)
+            return
         backend = self.backend_of(mark)
         if backend is not None and self.tokens.get(token, now) is None:
             self.tokens.put(token, backend.mark, now)

@@ -172,7 +172,7 @@ def token_batch(table: str, tokens: list[tuple[int, int]], timeout: int, seq: in
 class TokenMapSocket:
     """Adds tokens to the kernel map over nfnetlink: a batch of 1, 10 or 100 tokens costs 40, 115
     or 900 µs, against libnftables' 170, 240 or 1,000 µs (it parses text and fetches its cache
-    for each call). Created in the thread, and the network namespace, that uses it."""
+    for each call). Created in the process, and the network namespace, that uses it."""
 
     CHUNK = 1024  # tokens per transaction: one message stays far below the socket's buffer
 
@@ -182,15 +182,26 @@ class TokenMapSocket:
         self.sock.settimeout(5.0)
         self.seq = 0
 
-    def add(self, table: str, tokens: list[tuple[int, int]], timeout: int) -> None:
-        """Each chunk is one transaction: all of it is added, or none (KernelError says why)."""
+    def add(self, table: str, tokens: list[tuple[int, int]], timeout: int) -> list[int]:
+        """Add token -> mark; the tokens the map holds already with another mark are refused, and
+        returned. Each chunk is one transaction, all of it added or none: when one is refused, the
+        chunk's tokens are added again one by one, so that the others still go in."""
+        refused = []
         for start in range(0, len(tokens), self.CHUNK):
             chunk = tokens[start:start + self.CHUNK]
-            self.seq += 3
-            self.sock.send(token_batch(table, chunk, timeout, self.seq))
-            error = self._acknowledgement(self.seq + 1)
-            if error:
-                raise KernelError(f"adding {len(chunk)} tokens to the map: {os.strerror(error)}")
+            if self._transaction(table, chunk, timeout) == errno.EEXIST:
+                refused += [token for token, mark in chunk
+                            if self._transaction(table, [(token, mark)], timeout) == errno.EEXIST]
+        return refused
+
+    def _transaction(self, table: str, tokens: list[tuple[int, int]], timeout: int) -> int:
+        """0, or EEXIST (a token held with another mark); any other error raises KernelError."""
+        self.seq += 3
+        self.sock.send(token_batch(table, tokens, timeout, self.seq))
+        error = self._acknowledgement(self.seq + 1)
+        if error not in (0, errno.EEXIST):
+            raise KernelError(f"adding {len(tokens)} tokens to the map: {os.strerror(error)}")
+        return error
 
     def _acknowledgement(self, seq: int) -> int:
         """The errno the kernel answered message seq with (0: done)."""
@@ -295,6 +306,7 @@ class Dataplane:
 
     cfg: Config
     nft: Nft = field(default_factory=Nft)
+    token_map: TokenMapSocket = field(default_factory=TokenMapSocket)
     native_queue: bool = False
     table_owner: str = "worker"
     routes: list[dict] = field(default_factory=list)
@@ -401,9 +413,14 @@ class Dataplane:
                     _quietly(ipr.route, "del", **_identity(route))
         self.routes, self.rules, self.cfg = routes, rules, cfg
 
-    def add_tokens(self, tokens: list[tuple[int, int]], sock: TokenMapSocket) -> None:
-        """Install token -> backend mark in the kernel map, in one batch."""
-        sock.add(self.cfg.table_name, tokens, self.cfg.token_timeout)
+    def reopen(self) -> None:
+        """In a forked worker: netlink sockets of its own (a shared one mixes up the answers)."""
+        self.nft, self.token_map = Nft(), TokenMapSocket()
+
+    def add_tokens(self, tokens: list[tuple[int, int]]) -> list[int]:
+        """Install token -> backend mark in the kernel map, in one transaction; the tokens the map
+        holds already with another mark (another worker's connection) are refused, and returned."""
+        return self.token_map.add(self.cfg.table_name, tokens, self.cfg.token_timeout)
 
     def lookup_token(self, token: int) -> int | None:
         """The mark the kernel map holds for a token, if it holds it (another worker learned it)."""
@@ -414,11 +431,13 @@ class Dataplane:
         found = re.search(r"elements = \{[^}]*:\s*(0x[0-9a-f]+)", listing)
         return int(found.group(1), 16) if found else None
 
-    def remove_tokens(self, tokens: list[int], nft: Nft) -> int:
-        """Delete tokens from the kernel map, one by one (a missing one fails alone); how many went.
-        nft: the writer thread's own libnftables context."""
-        table = self.cfg.table_name
-        return sum(nft.try_run(f"delete element inet {table} tokens {{ 0x{t:08x} }}") for t in tokens)
+    def reject_tokens(self, tokens: list[int]) -> None:
+        """Colliding tokens: the kernel map answers their joins with a TCP reset, whichever worker
+        learned what (the rare case, through libnftables, one by one)."""
+        table, timeout = self.cfg.table_name, self.cfg.token_timeout
+        for t in tokens:
+            self.nft.try_run(f"delete element inet {table} tokens {{ 0x{t:08x} }}")  # absent: learned in this batch
+            self.nft.run(f"add element inet {table} tokens {{ 0x{t:08x} timeout {timeout}s : 0x{REJECT:08x} }}")
 
     def read_tokens(self) -> list[tuple[int, int, float]]:
         """(token, mark, seconds left) of every element of the kernel token map."""

@@ -62,9 +62,12 @@ class WorkerCollector:
         tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds")
         tokens.add_metric([], total["tokens"])
         yield tokens
-        installed = CounterMetricFamily("mplb_tokens_installed", "Tokens installed in the kernel map")
-        installed.add_metric([], stats["tokens_installed"])
-        yield installed
+        writes = CounterMetricFamily("mplb_token_writes", "Tokens written to the kernel map: installed, marked "
+                                     "colliding (their joins are reset), or lost to an error", labels=["result"])
+        for result, key in (("installed", "tokens_installed"), ("rejected", "tokens_rejected"),
+                            ("error", "token_install_errors")):
+            writes.add_metric([result], stats[key])
+        yield writes
         evicted = CounterMetricFamily("mplb_table_evictions", "Entries pushed out of a full table (flood sign)",
                                       labels=["table"])
         evicted.add_metric(["flows"], w.balancer.flows.evicted)

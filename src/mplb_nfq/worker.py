@@ -8,7 +8,6 @@ import json
 import logging
 import multiprocessing
 import os
-import queue
 import select
 import signal
 import socket
@@ -29,7 +28,6 @@ RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "ta
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
 VERDICT_BATCH = 32  # packets decided in a row before their verdicts go out (the queue empty: at once)
-TOKEN_BATCH_SECONDS = 0.002  # the token writer's shortest interval between two transactions
 
 
 class Worker:
@@ -37,8 +35,8 @@ class Worker:
         self.cfg, self.dataplane = cfg, dataplane
         self.balancer = cfg.balancer()
         self.retired: dict[str, tuple[Backend, BackendConfig, list[str]]] = {}  # gone from the config
-        self.token_writer = TokenWriter(dataplane)
-        self.stats: Counter[str] = Counter()
+        # every key there from the start: the metrics thread reads them while this one counts
+        self.stats: Counter[str] = Counter(tokens_installed=0, tokens_rejected=0, token_install_errors=0)
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.stopping = False
@@ -76,6 +74,12 @@ class Worker:
         self.latency_sum += seconds
 
     def give_decided(self) -> None:
+        """The tokens learned go to the kernel map before any verdict: a SYN-ACK's verdict lets the
+        handshake finish, and the client's first join follows within a round trip; it must find
+        its token there, or be queued."""
+        learned = [verdict for _, verdict in self.decided if verdict.token is not None]
+        if learned:
+            self.write_tokens(learned)
         for packet, verdict in self.decided:
             self.give(packet, verdict)
         self.decided.clear()
@@ -88,9 +92,35 @@ class Worker:
         else:
             packet.drop()
             self.stats["drop"] += 1
-        if verdict.token is not None:
-            forget = verdict.kind == "token_collision"  # the kernel must stop steering this token's joins
-            self.token_writer.jobs.put((verdict.token, None if forget else (verdict.mark & BACKEND_MASK) | JOIN))
+
+    def write_tokens(self, learned: list[Verdict]) -> None:
+        """Install the tokens learned, in one transaction. A collision (two live connections on
+        different backends with one token) makes the kernel map reset the token's joins, for every
+        worker: one this worker found, and one the map refused because another worker's
+        connection holds the token already."""
+        final = {v.token: None if v.kind == "token_collision" else (v.mark & BACKEND_MASK) | JOIN for v in learned}
+        colliding = [token for token, mark in final.items() if mark is None]
+        install = [(token, mark) for token, mark in final.items() if mark is not None]
+        if install:
+            try:
+                refused = self.dataplane.add_tokens(install)
+            except Exception as e:  # the core still knows them: their joins get queued, and reach their backend
+                log.error("token install failed (%d tokens): %s", len(install), e)
+                self.stats["token_install_errors"] += len(install)
+            else:
+                self.stats["tokens_installed"] += len(install) - len(refused)
+                now = time.perf_counter()
+                for token in refused:
+                    self.balancer.learn_token(token, REJECT, now)
+                    self.balancer.counts["token_collision"] += 1
+                colliding += refused
+        if colliding:
+            try:
+                self.dataplane.reject_tokens(colliding)
+                self.stats["tokens_rejected"] += len(colliding)
+            except Exception as e:  # the joins that reach this worker are still reset
+                log.error("marking colliding tokens in the kernel map failed: %s", e)
+                self.stats["token_install_errors"] += len(colliding)
 
     def release_held(self) -> None:
         """Held joins: those whose token reached the kernel map go to its backend; those held
@@ -114,9 +144,8 @@ class Worker:
         now, ttl = time.perf_counter(), self.balancer.tokens.ttl
         adopted = 0
         for token, mark, left in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
-            backend = self.balancer.backend_of(mark)
-            if backend is not None:
-                self.balancer.tokens.put(token, backend.mark, now - max(0.0, ttl - left))
+            if mark & REJECT or self.balancer.backend_of(mark) is not None:
+                self.balancer.learn_token(token, mark, now - max(0.0, ttl - left))
                 adopted += 1
         return adopted
 
@@ -228,13 +257,13 @@ class Worker:
             self.stopping = True
 
     def own_counters(self) -> dict:
-        return {"stats": dict(self.stats + self.token_writer.stats), "kinds": dict(self.balancer.counts),
+        return {"stats": dict(self.stats), "kinds": dict(self.balancer.counts),
                 "tokens": len(self.balancer.tokens), "flows": len(self.balancer.flows),
                 "latency_counts": list(self.latency_counts), "latency_sum": self.latency_sum}
 
     def totals(self) -> dict:
         """The counters of all workers (the first one's and the others' last reports)."""
-        total = {"stats": self.stats + self.token_writer.stats, "kinds": Counter(self.balancer.counts),
+        total = {"stats": Counter(self.stats), "kinds": Counter(self.balancer.counts),
                  "tokens": len(self.balancer.tokens), "flows": len(self.balancer.flows),
                  "latency_counts": list(self.latency_counts), "latency_sum": self.latency_sum}
         for report in self.peer_reports.values():
@@ -326,7 +355,6 @@ class Worker:
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         log.info("worker %d listening on queue %d", index, self.cfg.queue + index)
-        self.token_writer.start()
         ready()
         next_report = 0.0
         try:
@@ -354,14 +382,11 @@ class Worker:
             if control:
                 control.close()
                 counter.kill()
-            self.token_writer.stop()
 
 
 def serve_other_worker(worker: Worker, index: int, parent) -> None:
     """A worker process beyond the first: its own queue, its own libnftables context."""
     import ctypes
-
-    from .kernel import Nft
 
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: stop with the first worker
 
@@ -372,70 +397,9 @@ def serve_other_worker(worker: Worker, index: int, parent) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first worker decides, and tells us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    worker.dataplane.nft = Nft()  # a forked libnftables socket must not be shared
+    worker.dataplane.reopen()
     worker.peers, worker.peer_reports = [], {}
     worker.serve(parent=parent, index=index)
-
-
-class TokenWriter(threading.Thread):
-    """Puts learned tokens in the kernel map (and takes colliding ones out) from a thread of its
-    own, with a netlink socket and a libnftables context of its own: the verdict loop never waits
-    for a transaction, and neither call holds the GIL while the kernel works."""
-
-    def __init__(self, dataplane: Dataplane):
-        super().__init__(name="mplb-nfq tokens", daemon=True)
-        self.dataplane = dataplane
-        self.jobs: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()  # None: stop
-        # every key there from the start: the worker's thread reads it while this one counts
-        self.stats: Counter[str] = Counter(tokens_installed=0, tokens_forgotten=0, token_install_errors=0)
-
-    def take(self) -> list[tuple[int, int | None]]:
-        """What is waiting: (token, mark) to install, (token, None) to remove."""
-        taken = []
-        while True:
-            try:
-                taken.append(self.jobs.get_nowait())
-            except queue.Empty:
-                return taken
-
-    def run(self) -> None:
-        from .kernel import Nft, TokenMapSocket
-
-        nft, sock = Nft(), TokenMapSocket()
-        written = 0.0
-        while True:
-            jobs = [self.jobs.get()]
-            # Under load, tokens are gathered for TOKEN_BATCH_SECONDS: one transaction per token
-            # would cost 40 µs or more each, and wake this thread (and take the GIL) per packet.
-            time.sleep(max(0.0, written + TOKEN_BATCH_SECONDS - time.monotonic()))
-            jobs += self.take()
-            self.write([job for job in jobs if job is not None], nft, sock)
-            written = time.monotonic()
-            if None in jobs:
-                sock.close()
-                return
-
-    def write(self, jobs: list[tuple[int, int | None]], nft, sock) -> None:
-        """Removals through libnftables (rare, and one by one: a token already gone fails alone);
-        installs through the map socket, in one transaction."""
-        final = dict(jobs)  # per token, the last word: a collision found after the learning wins
-        forget = [token for token, mark in final.items() if mark is None]
-        install = [(token, mark) for token, mark in final.items() if mark is not None]
-        if forget:
-            self.stats["tokens_forgotten"] += self.dataplane.remove_tokens(forget, nft)
-        if install:
-            try:
-                self.dataplane.add_tokens(install, sock)
-                self.stats["tokens_installed"] += len(install)
-            except Exception as e:  # the core still knows them; joins that miss the map get queued
-                log.error("token install failed (%d tokens): %s", len(install), e)
-                self.stats["token_install_errors"] += len(install)
-
-    def stop(self) -> None:
-        """Write what is waiting, then end."""
-        self.jobs.put(None)
-        if self.is_alive():
-            self.join(timeout=10)
 
 
 class QueueReader:
