@@ -208,33 +208,55 @@ def handshake_delay(topo, config, run) -> dict:
     return report
 
 
-def bulk(topo, config, run, pairs: int = 9, size: int = 1000 * MB) -> dict:
+def busy_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (all but idle and iowait)."""
+    user, nice, system, _, _, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_fetch(topo, size) -> tuple[float, float]:
+    """Mbit/s, and the machine's CPU seconds per GB moved (sender, forwarding and receiver alike)."""
+    before = busy_seconds()
+    mbit = fetch(topo, size)
+    return mbit, (busy_seconds() - before) / (size / 1e9)
+
+
+def bulk(topo, config, run, pairs: int = 15, size: int = 1000 * MB) -> dict:
     """Pairs of transfers, plain then through the LB, interleaved so that drift on this shared
-    machine hits both alike; a single transfer varies by +-20% here, hence the medians. Each
-    starts a second after the path was set up: past the worker's start (its conntrack counter
-    forks, its health checks begin), which would otherwise eat into a transfer of a second."""
-    plain_mbit, lb_mbit = [], []
+    machine hits both alike; a single transfer varies by +-20% here (TCP and MPTCP-level
+    retransmissions in the veth path, with or without the LB), hence the medians, and the CPU
+    seconds per GB beside them: on this CPU-bound machine what the LB costs per byte is what
+    it takes off the throughput. Each transfer starts a second after its path was set up: past
+    the worker's start (its conntrack counter forks, its health checks begin)."""
+    plain, lb = [], []
     for _ in range(pairs):
         plain_route(topo, "add")
         time.sleep(1)
-        plain_mbit.append(fetch(topo, size))
+        plain.append(measured_fetch(topo, size))
         plain_route(topo, "del")
         worker = WorkerProcess(topo, config, run / "bulk.log")
         time.sleep(1)
         before = nft_queued(topo)
-        lb_mbit.append(fetch(topo, size))
+        lb.append(measured_fetch(topo, size))
         middle = nft_queued(topo)
         fetch(topo, 100 * MB)
         per_100mb = nft_queued(topo) - middle
         worker.stop()
-    ratio = statistics.median(lb_mbit) / statistics.median(plain_mbit)
-    pair_ratio = statistics.median(lb / plain for lb, plain in zip(lb_mbit, plain_mbit))
-    print(f"bulk throughput ({pairs} pairs of {size // MB} MB): through the LB {statistics.median(lb_mbit):.0f} "
-          f"Mbit/s, plain forwarding {statistics.median(plain_mbit):.0f} Mbit/s (ratio of the medians {ratio:.3f}, "
-          f"median of the pairs' ratios {pair_ratio:.3f}); packets queued during a 100 MB transfer: {per_100mb}",
-          flush=True)
-    return {"lb_mbit_s": [round(x) for x in lb_mbit], "plain_mbit_s": [round(x) for x in plain_mbit],
-            "ratio": round(ratio, 3), "median_pair_ratio": round(pair_ratio, 3),
+    (lb_mbit, lb_cpu), (plain_mbit, plain_cpu) = [[statistics.median(r[k] for r in arm) for k in (0, 1)]
+                                                  for arm in (lb, plain)]
+    pair_ratios = sorted(a[0] / b[0] for a, b in zip(lb, plain))
+    pair_ratio = statistics.median(pair_ratios)
+    quartiles = statistics.quantiles(pair_ratios, n=4)
+    print(f"bulk throughput ({pairs} pairs of {size // MB} MB): through the LB {lb_mbit:.0f} Mbit/s, plain "
+          f"forwarding {plain_mbit:.0f} Mbit/s (ratio of the medians {lb_mbit / plain_mbit:.3f}; median of the "
+          f"pairs' ratios {pair_ratio:.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}); CPU seconds per GB: "
+          f"LB {lb_cpu:.3f}, plain {plain_cpu:.3f} (+{lb_cpu / plain_cpu - 1:.1%}); packets queued during a "
+          f"100 MB transfer: {per_100mb}", flush=True)
+    return {"lb_mbit_s": [round(x[0]) for x in lb], "plain_mbit_s": [round(x[0]) for x in plain],
+            "lb_cpu_s_per_gb": [round(x[1], 3) for x in lb], "plain_cpu_s_per_gb": [round(x[1], 3) for x in plain],
+            "ratio": round(lb_mbit / plain_mbit, 3), "median_pair_ratio": round(pair_ratio, 3),
+            "pair_ratio_quartiles": [round(q, 3) for q in (quartiles[0], quartiles[2])],
+            "cpu_per_gb_ratio": round(lb_cpu / plain_cpu, 3),
             "queued_per_100MB_transfer": per_100mb, "queued_per_connection": middle - before}
 
 
