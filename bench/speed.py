@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -221,13 +222,14 @@ def measured_fetch(topo, size) -> tuple[float, float]:
     return mbit, (busy_seconds() - before) / (size / 1e9)
 
 
-def bulk(topo, config, run, pairs: int = 15, size: int = 1000 * MB) -> dict:
+def bulk(topo, config, run, pairs: int = 30, size: int = 1000 * MB) -> dict:
     """Pairs of transfers, plain then through the LB, interleaved so that drift on this shared
     machine hits both alike; a single transfer varies by +-20% here (TCP and MPTCP-level
-    retransmissions in the veth path, with or without the LB), hence the medians, and the CPU
-    seconds per GB beside them: on this CPU-bound machine what the LB costs per byte is what
-    it takes off the throughput. Each transfer starts a second after its path was set up: past
-    the worker's start (its conntrack counter forks, its health checks begin)."""
+    retransmissions in the veth path, with or without the LB), hence many pairs and a
+    confidence interval, and the CPU seconds per GB beside them: on this CPU-bound machine what
+    the LB costs per byte is what it takes off the throughput. Each transfer starts a second
+    after its path was set up: past the worker's start (its conntrack counter forks, its health
+    checks begin)."""
     plain, lb = [], []
     for _ in range(pairs):
         plain_route(topo, "add")
@@ -242,22 +244,28 @@ def bulk(topo, config, run, pairs: int = 15, size: int = 1000 * MB) -> dict:
         fetch(topo, 100 * MB)
         per_100mb = nft_queued(topo) - middle
         worker.stop()
-    (lb_mbit, lb_cpu), (plain_mbit, plain_cpu) = [[statistics.median(r[k] for r in arm) for k in (0, 1)]
+    (lb_mbit, lb_cpu), (plain_mbit, plain_cpu) = [[statistics.fmean(r[k] for r in arm) for k in (0, 1)]
                                                   for arm in (lb, plain)]
-    pair_ratios = sorted(a[0] / b[0] for a, b in zip(lb, plain))
-    pair_ratio = statistics.median(pair_ratios)
-    quartiles = statistics.quantiles(pair_ratios, n=4)
-    print(f"bulk throughput ({pairs} pairs of {size // MB} MB): through the LB {lb_mbit:.0f} Mbit/s, plain "
-          f"forwarding {plain_mbit:.0f} Mbit/s (ratio of the medians {lb_mbit / plain_mbit:.3f}; median of the "
-          f"pairs' ratios {pair_ratio:.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}); CPU seconds per GB: "
-          f"LB {lb_cpu:.3f}, plain {plain_cpu:.3f} (+{lb_cpu / plain_cpu - 1:.1%}); packets queued during a "
-          f"100 MB transfer: {per_100mb}", flush=True)
+    low, high = paired_ratio_interval([x[0] for x in lb], [x[0] for x in plain])
+    print(f"bulk throughput ({pairs} pairs of {size // MB} MB, means): through the LB {lb_mbit:.0f} Mbit/s, plain "
+          f"forwarding {plain_mbit:.0f} Mbit/s, ratio {lb_mbit / plain_mbit:.3f} (95% bootstrap interval "
+          f"{low:.3f}-{high:.3f}); CPU seconds per GB: LB {lb_cpu:.3f}, plain {plain_cpu:.3f} "
+          f"({lb_cpu / plain_cpu - 1:+.1%}); packets queued during a 100 MB transfer: {per_100mb}", flush=True)
     return {"lb_mbit_s": [round(x[0]) for x in lb], "plain_mbit_s": [round(x[0]) for x in plain],
             "lb_cpu_s_per_gb": [round(x[1], 3) for x in lb], "plain_cpu_s_per_gb": [round(x[1], 3) for x in plain],
-            "ratio": round(lb_mbit / plain_mbit, 3), "median_pair_ratio": round(pair_ratio, 3),
-            "pair_ratio_quartiles": [round(q, 3) for q in (quartiles[0], quartiles[2])],
+            "ratio": round(lb_mbit / plain_mbit, 3), "ratio_95": [round(low, 3), round(high, 3)],
             "cpu_per_gb_ratio": round(lb_cpu / plain_cpu, 3),
             "queued_per_100MB_transfer": per_100mb, "queued_per_connection": middle - before}
+
+
+def paired_ratio_interval(lb: list[float], plain: list[float], rounds: int = 10000) -> tuple[float, float]:
+    """95% bootstrap interval of mean(lb) / mean(plain), resampling whole pairs (a pair shares
+    the machine's state of the moment)."""
+    rng = random.Random(0)
+    pairs = list(zip(lb, plain))
+    ratios = sorted(statistics.fmean(a for a, _ in sample) / statistics.fmean(b for _, b in sample)
+                    for sample in (rng.choices(pairs, k=len(pairs)) for _ in range(rounds)))
+    return ratios[int(rounds * 0.025)], ratios[int(rounds * 0.975)]
 
 
 if __name__ == "__main__":
