@@ -1,6 +1,7 @@
 """The worker's packet handling and its metrics, with a stand-in for NetfilterQueue's packet (the
 kernel side is tested in the kernel tests)."""
 import socket
+import time
 
 import pytest
 from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
@@ -11,7 +12,7 @@ from mplb_nfq.balancer import AMBIGUOUS, JOIN, LEARNED, REJECT
 from mplb_nfq.config import from_dict
 from mplb_nfq.metrics import WorkerCollector
 from mplb_nfq.packet import token_of_key
-from mplb_nfq.worker import VERDICT_BATCH, QueueReader, Worker
+from mplb_nfq.worker import ERROR_LOG_SECONDS, VERDICT_BATCH, QueueReader, Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
           "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
@@ -124,16 +125,21 @@ def test_a_token_another_worker_holds_on_another_backend_is_a_collision_for_both
     assert join.mark == REJECT  # were it queued, not sent to either backend
 
 
-def test_a_failed_install_is_counted_and_the_core_still_steers_the_join():
+def test_a_failed_install_is_counted_logged_once_and_the_core_still_steers_the_join(caplog):
     w = worker()
 
     def fail(tokens):
         raise OSError("netlink: no buffer space")
 
     w.dataplane.add_tokens = fail
-    w.handle(synack(40001, SERVER_KEY, 0x100))
-    w.give_decided()
-    assert w.stats["token_install_errors"] == 1
+    for port, key in ((40001, SERVER_KEY), (40002, bytes(8))):  # two batches, each failing
+        w.handle(synack(port, key, 0x100))
+        w.give_decided()
+    assert w.stats["token_install_errors"] == 2
+    assert [r.getMessage() for r in caplog.records] == ["token install failed (1 tokens): netlink: no buffer space"]
+    w.logged["token install failed ("] = (time.monotonic() - ERROR_LOG_SECONDS, 1)  # the interval is over
+    w.log_error("token install failed (3 tokens): netlink: no buffer space")
+    assert caplog.records[-1].getMessage().endswith("(1 more like it in the last 10 s)")
     join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token_of_key(SERVER_KEY, 1))))
     w.handle(join)
     w.give_decided()

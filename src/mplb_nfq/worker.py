@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import select
 import signal
 import socket
@@ -28,6 +29,7 @@ RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "ta
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
 VERDICT_BATCH = 32  # packets decided in a row before their verdicts go out (the queue empty: at once)
+ERROR_LOG_SECONDS = 10.0  # a fault that repeats per packet or per batch is logged once per interval, with a count
 
 
 class Worker:
@@ -48,6 +50,7 @@ class Worker:
         self.peers: list = []  # the first worker's pipes to the others
         self.broadcast_lock = threading.Lock()
         self.peer_reports: dict[int, dict] = {}
+        self.logged: dict[str, tuple[float, int]] = {}  # per fault: when last logged, how many since
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
@@ -59,12 +62,12 @@ class Worker:
             segment = parse_ip(packet.get_payload())
             hold = self.cfg.workers > 1 and len(self.held) < self.cfg.hold_max
             verdict = self.balancer.decide(segment, packet.get_mark(), started, hold)
-            if verdict.kind == "join_held":  # another worker may be installing its token right now
+            if verdict.kind == "join_held":  # another worker may know its token (if its install to the map failed)
                 packet.retain()
                 self.held.append((packet, segment, started + self.cfg.hold_ms / 1000))
                 return
         except Exception:  # a bug must not stall the queue: accept unchanged and count it
-            log.exception("decision failed; packet accepted unchanged")
+            self.log_error("decision failed; packet accepted unchanged", exc_info=True)
             self.stats["errors"] += 1
             packet.accept()
             return
@@ -105,7 +108,7 @@ class Worker:
             try:
                 refused = self.dataplane.add_tokens(install)
             except Exception as e:  # the core still knows them: their joins get queued, and reach their backend
-                log.error("token install failed (%d tokens): %s", len(install), e)
+                self.log_error(f"token install failed ({len(install)} tokens): {e}")
                 self.stats["token_install_errors"] += len(install)
             else:
                 self.stats["tokens_installed"] += len(install) - len(refused)
@@ -119,8 +122,21 @@ class Worker:
                 self.dataplane.reject_tokens(colliding)
                 self.stats["tokens_rejected"] += len(colliding)
             except Exception as e:  # the joins that reach this worker are still reset
-                log.error("marking colliding tokens in the kernel map failed: %s", e)
+                self.log_error(f"marking colliding tokens in the kernel map failed: {e}")
                 self.stats["token_install_errors"] += len(colliding)
+
+    def log_error(self, message: str, exc_info: bool = False) -> None:
+        """Log a fault at most once per ERROR_LOG_SECONDS for each kind of message (its text up to
+        the first digit or colon), saying how many were left out; the counters count them all."""
+        kind = re.split(r"[\d:]", message, maxsplit=1)[0]
+        now = time.monotonic()
+        last, left_out = self.logged.get(kind, (-ERROR_LOG_SECONDS, 0))
+        if now - last < ERROR_LOG_SECONDS:
+            self.logged[kind] = (last, left_out + 1)
+            return
+        self.logged[kind] = (now, 0)
+        log.error("%s%s", message, f" ({left_out} more like it in the last {now - last:.0f} s)" if left_out else "",
+                  exc_info=exc_info)
 
     def release_held(self) -> None:
         """Held joins: those whose token reached the kernel map go to its backend; those held
