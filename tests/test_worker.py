@@ -137,8 +137,8 @@ def test_a_failed_install_is_counted_logged_once_and_the_core_still_steers_the_j
         w.give_decided()
     assert w.stats["token_install_errors"] == 2
     assert [r.getMessage() for r in caplog.records] == ["token install failed (1 tokens): netlink: no buffer space"]
-    w.logged["token install failed ("] = (time.monotonic() - ERROR_LOG_SECONDS, 1)  # the interval is over
-    w.log_error("token install failed (3 tokens): netlink: no buffer space")
+    w.logged["install"] = (time.monotonic() - ERROR_LOG_SECONDS, 1)  # the interval is over
+    w.log_error("install", "token install failed (3 tokens): netlink: no buffer space")
     assert caplog.records[-1].getMessage().endswith("(1 more like it in the last 10 s)")
     join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token_of_key(SERVER_KEY, 1))))
     w.handle(join)

@@ -186,6 +186,11 @@ class Balancer:
         if backend is not None and self.tokens.get(token, now) is None:
             self.tokens.put(token, backend.mark, now)
 
+    def collide(self, token: int, now: float) -> None:
+        """The kernel map refused this token: another worker's connection holds it on another backend."""
+        self.tokens.put(token, AMBIGUOUS, now)
+        self.counts["token_collision"] += 1
+
     def _decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool) -> Verdict:
         if segment is None:
             return Verdict(True, mark, "not_tcp")

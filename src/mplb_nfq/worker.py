@@ -8,7 +8,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import select
 import signal
 import socket
@@ -67,7 +66,7 @@ class Worker:
                 self.held.append((packet, segment, started + self.cfg.hold_ms / 1000))
                 return
         except Exception:  # a bug must not stall the queue: accept unchanged and count it
-            self.log_error("decision failed; packet accepted unchanged", exc_info=True)
+            self.log_error("decision", "decision failed; packet accepted unchanged", exc_info=True)
             self.stats["errors"] += 1
             packet.accept()
             return
@@ -108,27 +107,25 @@ class Worker:
             try:
                 refused = self.dataplane.add_tokens(install)
             except Exception as e:  # the core still knows them: their joins get queued, and reach their backend
-                self.log_error(f"token install failed ({len(install)} tokens): {e}")
+                self.log_error("install", f"token install failed ({len(install)} tokens): {e}")
                 self.stats["token_install_errors"] += len(install)
             else:
                 self.stats["tokens_installed"] += len(install) - len(refused)
                 now = time.perf_counter()
                 for token in refused:
-                    self.balancer.learn_token(token, REJECT, now)
-                    self.balancer.counts["token_collision"] += 1
+                    self.balancer.collide(token, now)
                 colliding += refused
         if colliding:
             try:
                 self.dataplane.reject_tokens(colliding)
                 self.stats["tokens_rejected"] += len(colliding)
             except Exception as e:  # the joins that reach this worker are still reset
-                self.log_error(f"marking colliding tokens in the kernel map failed: {e}")
+                self.log_error("reject", f"marking colliding tokens in the kernel map failed: {e}")
                 self.stats["token_install_errors"] += len(colliding)
 
-    def log_error(self, message: str, exc_info: bool = False) -> None:
-        """Log a fault at most once per ERROR_LOG_SECONDS for each kind of message (its text up to
-        the first digit or colon), saying how many were left out; the counters count them all."""
-        kind = re.split(r"[\d:]", message, maxsplit=1)[0]
+    def log_error(self, kind: str, message: str, exc_info: bool = False) -> None:
+        """Log a fault at most once per ERROR_LOG_SECONDS for each kind, saying how many were left
+        out; the counters count them all."""
         now = time.monotonic()
         last, left_out = self.logged.get(kind, (-ERROR_LOG_SECONDS, 0))
         if now - last < ERROR_LOG_SECONDS:
