@@ -2,7 +2,7 @@
 
 The kernel hands every queued packet over with the mark restored from its conntrack entry, so
 the flow -> backend state lives in conntrack; the tables here are bounded caches of it (and the
-only record of tokens not yet installed in the kernel map).
+only record of a token whose install in the kernel map failed).
 """
 from __future__ import annotations
 

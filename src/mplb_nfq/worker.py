@@ -417,7 +417,7 @@ def serve_other_worker(worker: Worker, index: int, parent) -> None:
 
 class QueueReader:
     """The queue's socket as NetfilterQueue.run_socket reads it, but ending a read loop after
-    `left` packets (under a flood, tokens, reloads and the control socket still get their turn).
+    `left` packets (under a flood, held joins, reloads and the control socket still get their turn).
     Before each read it gives the worker's decided packets their verdicts: the first packet read
     after the queue was found empty at once, so that a lone packet waits for nothing; in a burst,
     VERDICT_BATCH at a time, or what is left when the queue is empty again."""
