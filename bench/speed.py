@@ -9,8 +9,9 @@
    queued, and the share of it that the binding's floor costs on its own: of a queued SYN alone
    (a plain TCP connect: its SYN-ACK is not queued), and of an MPTCP handshake (the SYN and the
    SYN-ACK, which carries the server's key, are both queued);
-3. bulk throughput through the LB against plain forwarding, and the packets that reached
-   userspace during a 100 MB transfer;
+3. bulk throughput through the LB against plain forwarding and against the design's kernel
+   mechanisms alone (conntrack mark and policy routing), and the packets that reached userspace
+   during a 100 MB transfer;
 4. userspace memory per tracked connection (bench/memory.py).
 """
 import argparse
@@ -57,25 +58,29 @@ def flood(topo, packets, seconds) -> subprocess.Popen:
     return proc
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_rate(topo, pid, first_port, seconds=3.0, settle=1.0) -> tuple[float, float]:
+def measure_rate(topo, pid, first_port, seconds=3.0, settle=1.0) -> tuple[float, float, float, float]:
     """Packets the queue's consumer (process pid) handled while the generator saturates it with
     fresh flows (a flow whose SYN was decided is steered by its conntrack mark, not queued
     again): per second of wall time, and per second of the consumer's own CPU time (what one
-    core given to it alone would do: the generator and the backends share this machine's two)."""
+    core given to it alone would do: the generator and the backends share this machine's two);
+    then its user and system CPU µs per packet (the kernel forwards each packet, and answers
+    it from a backend, inside the verdict's system call)."""
     gen = flood(topo, handshake_flood(60000, first_port), settle + seconds + 1)
     time.sleep(settle)
-    first, started, cpu = queued_total(pid), time.monotonic(), cpu_seconds(pid)
+    first, started, (user, system) = queued_total(pid), time.monotonic(), cpu_times(pid)
     time.sleep(seconds)
-    handled = queued_total(pid) - first
-    rates = handled / (time.monotonic() - started), handled / max(cpu_seconds(pid) - cpu, 0.01)
+    handled = max(queued_total(pid) - first, 1)
+    user_after, system_after = cpu_times(pid)
+    cpu = max(user_after - user + system_after - system, 0.01)
     gen.wait(timeout=60)
-    return rates
+    return (handled / (time.monotonic() - started), handled / cpu, (user_after - user) / handled * 1e6,
+            (system_after - system) / handled * 1e6)
 
 
 def queued_total(pid: int) -> int:
@@ -100,16 +105,21 @@ def queue_rates(topo, run: Path, rounds: int = 3) -> dict:
         with floor_instead_of(worker, topo, config) as floor_proc:
             floor.append(measure_rate(topo, floor_proc.pid, 1224 + 400 * i))
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
-    (wall, cpu), (floor_wall, floor_cpu) = [[statistics.median(r[k] for r in rates) for k in (0, 1)]
-                                            for rates in (ours, floor)]
+    (wall, cpu, user, system), (floor_wall, floor_cpu, floor_user, floor_system) = [
+        [statistics.median(r[k] for r in rates) for k in range(4)] for rates in (ours, floor)]
     print(f"queued handshake packets/s (median of {rounds}): worker {wall:,.0f}, binding floor {floor_wall:,.0f} "
           f"({wall / floor_wall:.0%} of the floor); per second of its own CPU: worker {cpu:,.0f}, "
           f"floor {floor_cpu:,.0f} ({cpu / floor_cpu:.0%})", flush=True)
+    print(f"  CPU µs per queued packet: worker {user:.1f} user + {system:.1f} system, floor {floor_user:.1f} user + "
+          f"{floor_system:.1f} system; 80% of the floor's rate leaves {1.25 * (floor_user + floor_system):.1f} µs "
+          f"in all", flush=True)
     return {"worker_pps": round(wall), "floor_pps": round(floor_wall), "ratio": round(wall / floor_wall, 3),
             "worker_per_cpu_second": round(cpu), "floor_per_cpu_second": round(floor_cpu),
             "ratio_per_cpu_second": round(cpu / floor_cpu, 3),
-            "rounds": {"worker": [[round(x) for x in r] for r in ours],
-                       "floor": [[round(x) for x in r] for r in floor]}}
+            "us_per_packet": {"worker_user": round(user, 1), "worker_system": round(system, 1),
+                              "floor_user": round(floor_user, 1), "floor_system": round(floor_system, 1)},
+            "rounds": {"worker": [[round(x, 1) for x in r] for r in ours],
+                       "floor": [[round(x, 1) for x in r] for r in floor]}}
 
 
 @contextlib.contextmanager
@@ -177,6 +187,31 @@ def plain_route(topo, action: str) -> None:
     topo.exec("lb", "ip", "route", action, f"{VIP}/32", "via", backend_address(0))
 
 
+MECHANISMS_TABLE, MECHANISMS_MARK = 1999, 0x1ff
+MECHANISMS_RULESET = f"""table inet mplb_bench_mechanisms {{
+    chain steer {{
+        type filter hook prerouting priority mangle; policy accept;
+        ct direction original ct mark != 0 meta mark set ct mark
+        ct state new ct direction original ip daddr {VIP} ct mark set {MECHANISMS_MARK} meta mark set {MECHANISMS_MARK}
+    }}
+}}
+"""
+
+
+def mechanisms_only(topo, action: str) -> None:
+    """What the design's kernel mechanisms cost with no balancing in them: conntrack, its mark
+    given back to each packet of the client's direction, and a fwmark rule to one backend's
+    table; nothing classified, nothing queued."""
+    if action == "add":
+        topo.exec("lb", "nft", "-f", "-", input=MECHANISMS_RULESET)
+        topo.exec("lb", "ip", "route", "add", f"{VIP}/32", "via", backend_address(0), "table", str(MECHANISMS_TABLE))
+        topo.exec("lb", "ip", "rule", "add", "fwmark", hex(MECHANISMS_MARK), "lookup", str(MECHANISMS_TABLE))
+    else:
+        topo.exec("lb", "ip", "rule", "del", "fwmark", hex(MECHANISMS_MARK), "lookup", str(MECHANISMS_TABLE))
+        topo.exec("lb", "ip", "route", "flush", "table", str(MECHANISMS_TABLE))
+        topo.exec("lb", "nft", "delete", "table", "inet", "mplb_bench_mechanisms")
+
+
 CONNECTS = {"tcp": "a queued SYN (TCP connect)", "mptcp": "an MPTCP handshake (SYN and SYN-ACK queued)"}
 LOADS = {"low": (300, 50, 1), "high": (3000, 1000, 2)}  # connections, per second, client threads
 
@@ -222,20 +257,22 @@ def measured_fetch(topo, size) -> tuple[float, float]:
     return mbit, (busy_seconds() - before) / (size / 1e9)
 
 
-def bulk(topo, config, run, pairs: int = 30, size: int = 1000 * MB) -> dict:
-    """Pairs of transfers, plain then through the LB, interleaved so that drift on this shared
-    machine hits both alike; a single transfer varies by +-20% here (TCP and MPTCP-level
-    retransmissions in the veth path, with or without the LB), hence many pairs and a
-    confidence interval, and the CPU seconds per GB beside them: on this CPU-bound machine what
-    the LB costs per byte is what it takes off the throughput. Each transfer starts a second
-    after its path was set up: past the worker's start (its conntrack counter forks, its health
-    checks begin)."""
-    plain, lb = [], []
-    for _ in range(pairs):
-        plain_route(topo, "add")
-        time.sleep(1)
-        plain.append(measured_fetch(topo, size))
-        plain_route(topo, "del")
+def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
+    """Rounds of three transfers, interleaved so that drift on this shared machine hits all
+    alike: plain forwarding; the design's kernel mechanisms alone (conntrack, its mark, a fwmark
+    rule: what any conntrack-and-policy-routing balancer pays); through the LB. A single transfer
+    varies by +-20% here (TCP and MPTCP-level retransmissions in the veth path, with or without
+    the LB), hence many rounds and confidence intervals, and the CPU seconds per GB beside them:
+    on this CPU-bound machine what a path costs per byte is what it takes off the throughput.
+    Each transfer starts a second after its path was set up: past the worker's start (its
+    conntrack counter forks, its health checks begin)."""
+    plain, mechanisms, lb = [], [], []
+    for _ in range(rounds):
+        for arm, setup in ((plain, plain_route), (mechanisms, mechanisms_only)):
+            setup(topo, "add")
+            time.sleep(1)
+            arm.append(measured_fetch(topo, size))
+            setup(topo, "del")
         worker = WorkerProcess(topo, config, run / "bulk.log")
         time.sleep(1)
         before = nft_queued(topo)
@@ -244,16 +281,28 @@ def bulk(topo, config, run, pairs: int = 30, size: int = 1000 * MB) -> dict:
         fetch(topo, 100 * MB)
         per_100mb = nft_queued(topo) - middle
         worker.stop()
-    (lb_mbit, lb_cpu), (plain_mbit, plain_cpu) = [[statistics.fmean(r[k] for r in arm) for k in (0, 1)]
-                                                  for arm in (lb, plain)]
+    (lb_mbit, lb_cpu), (mech_mbit, mech_cpu), (plain_mbit, plain_cpu) = [
+        [statistics.fmean(r[k] for r in arm) for k in (0, 1)] for arm in (lb, mechanisms, plain)]
     low, high = paired_ratio_interval([x[0] for x in lb], [x[0] for x in plain])
-    print(f"bulk throughput ({pairs} pairs of {size // MB} MB, means): through the LB {lb_mbit:.0f} Mbit/s, plain "
-          f"forwarding {plain_mbit:.0f} Mbit/s, ratio {lb_mbit / plain_mbit:.3f} (95% bootstrap interval "
+    mech_low, mech_high = paired_ratio_interval([x[0] for x in mechanisms], [x[0] for x in plain])
+    own_low, own_high = paired_ratio_interval([x[0] for x in lb], [x[0] for x in mechanisms])
+    print(f"bulk throughput ({rounds} rounds of {size // MB} MB, means): through the LB {lb_mbit:.0f} Mbit/s, "
+          f"plain forwarding {plain_mbit:.0f} Mbit/s, ratio {lb_mbit / plain_mbit:.3f} (95% bootstrap interval "
           f"{low:.3f}-{high:.3f}); CPU seconds per GB: LB {lb_cpu:.3f}, plain {plain_cpu:.3f} "
           f"({lb_cpu / plain_cpu - 1:+.1%}); packets queued during a 100 MB transfer: {per_100mb}", flush=True)
+    print(f"  the design's mechanisms alone (conntrack mark, fwmark rule, nothing queued): {mech_mbit:.0f} Mbit/s, "
+          f"ratio to plain {mech_mbit / plain_mbit:.3f} ({mech_low:.3f}-{mech_high:.3f}), CPU per GB "
+          f"{mech_cpu / plain_cpu - 1:+.1%}; the LB against them: {lb_mbit / mech_mbit:.3f} "
+          f"({own_low:.3f}-{own_high:.3f}), CPU per GB {lb_cpu / mech_cpu - 1:+.1%}", flush=True)
     return {"lb_mbit_s": [round(x[0]) for x in lb], "plain_mbit_s": [round(x[0]) for x in plain],
+            "mechanisms_mbit_s": [round(x[0]) for x in mechanisms],
             "lb_cpu_s_per_gb": [round(x[1], 3) for x in lb], "plain_cpu_s_per_gb": [round(x[1], 3) for x in plain],
+            "mechanisms_cpu_s_per_gb": [round(x[1], 3) for x in mechanisms],
             "ratio": round(lb_mbit / plain_mbit, 3), "ratio_95": [round(low, 3), round(high, 3)],
+            "mechanisms_ratio": round(mech_mbit / plain_mbit, 3), "mechanisms_ratio_95": [round(mech_low, 3),
+                                                                                            round(mech_high, 3)],
+            "lb_to_mechanisms_ratio": round(lb_mbit / mech_mbit, 3), "lb_to_mechanisms_95": [round(own_low, 3),
+                                                                                              round(own_high, 3)],
             "cpu_per_gb_ratio": round(lb_cpu / plain_cpu, 3),
             "queued_per_100MB_transfer": per_100mb, "queued_per_connection": middle - before}
 
