@@ -307,11 +307,11 @@ def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
             "queued_per_100MB_transfer": per_100mb, "queued_per_connection": middle - before}
 
 
-def paired_ratio_interval(lb: list[float], plain: list[float], rounds: int = 10000) -> tuple[float, float]:
-    """95% bootstrap interval of mean(lb) / mean(plain), resampling whole pairs (a pair shares
-    the machine's state of the moment)."""
+def paired_ratio_interval(arm: list[float], base: list[float], rounds: int = 10000) -> tuple[float, float]:
+    """95% bootstrap interval of mean(arm) / mean(base), resampling whole pairs of the same round
+    (a round shares the machine's state of the moment)."""
     rng = random.Random(0)
-    pairs = list(zip(lb, plain))
+    pairs = list(zip(arm, base))
     ratios = sorted(statistics.fmean(a for a, _ in sample) / statistics.fmean(b for _, b in sample)
                     for sample in (rng.choices(pairs, k=len(pairs)) for _ in range(rounds)))
     return ratios[int(rounds * 0.025)], ratios[int(rounds * 0.975)]
