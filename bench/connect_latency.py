@@ -2,7 +2,7 @@
 
     python connect_latency.py HOST PORT COUNT RATE [THREADS [PROTOCOL]]
 RATE: connections/s, 0 = as fast as possible; PROTOCOL: mptcp (the default) or tcp.
-Prints one JSON line: count, rate reached, p50 and p99 in microseconds."""
+Prints one JSON line: count, rate reached, p50 and p99, and every connect time, in microseconds."""
 import json
 import socket
 import statistics
@@ -42,4 +42,4 @@ for w in workers:
 total = time.perf_counter() - started
 cuts = statistics.quantiles(samples, n=100)
 print(json.dumps({"count": len(samples), "rate": len(samples) / total, "p50_us": cuts[49] * 1e6,
-                  "p99_us": cuts[98] * 1e6}))
+                  "p99_us": cuts[98] * 1e6, "samples_us": [round(s * 1e6) for s in samples]}))

@@ -216,32 +216,53 @@ CONNECTS = {"tcp": "a queued SYN (TCP connect)", "mptcp": "an MPTCP handshake (S
 LOADS = {"low": (300, 50, 1), "high": (3000, 1000, 2)}  # connections, per second, client threads
 
 
-def handshake_delay(topo, config, run) -> dict:
+def handshake_delay(topo, config, run, rounds: int = 5) -> dict:
     """Connect times through the worker, through the binding's floor on the same ruleset (what
-    NFQUEUE and the binding cost), and on a plain route; the added delay is the first minus the last."""
-    def every_case() -> dict:
-        return {(protocol, load): latency(topo, *LOADS[load], protocol) for protocol in CONNECTS for load in LOADS}
+    NFQUEUE and the binding cost), and on a plain route, in `rounds` interleaved rounds (this
+    machine drifts); the percentiles of each arm over all its rounds' connects (the p99 of one
+    round's few hundred connects is mostly noise), and the added delay: the worker's minus the
+    plain route's."""
+    samples: dict[tuple[str, str, str], list[int]] = {}  # (arm, protocol, load) -> connect times, µs
+    rates: dict[tuple[str, str, str], list[float]] = {}
 
-    worker = WorkerProcess(topo, config, run / "lat.log")
-    queued = every_case()
-    with floor_instead_of(worker, topo, config):
-        floor = every_case()
-    plain_route(topo, "add")
-    plain = every_case()
-    plain_route(topo, "del")
+    def every_case(arm: str) -> None:
+        for protocol in CONNECTS:
+            for load in LOADS:
+                result = latency(topo, *LOADS[load], protocol)
+                samples.setdefault((arm, protocol, load), []).extend(result["samples_us"])
+                rates.setdefault((arm, protocol, load), []).append(result["rate"])
+
+    for _ in range(rounds):
+        worker = WorkerProcess(topo, config, run / "lat.log")
+        every_case("worker")
+        with floor_instead_of(worker, topo, config):
+            every_case("floor")
+        plain_route(topo, "add")
+        every_case("plain")
+        plain_route(topo, "del")
     report = {}
-    for (protocol, load), ours in queued.items():
-        base = plain[protocol, load]
-        added = {q: ours[q] - base[q] for q in ("p50_us", "p99_us")}
-        by_floor = {q: floor[protocol, load][q] - base[q] for q in ("p50_us", "p99_us")}
-        report[f"{protocol}_{load}"] = {"rate": round(ours["rate"]), **{k: round(v) for k, v in added.items()},
-                                        "floor_added": {k: round(v) for k, v in by_floor.items()},
-                                        "queued": ours, "floor": floor[protocol, load], "plain": base}
-        print(f"added delay of {CONNECTS[protocol]} at {ours['rate']:.0f} conn/s: p50 {added['p50_us']:.0f} µs, "
-              f"p99 {added['p99_us']:.0f} µs; the binding's floor alone adds p50 {by_floor['p50_us']:.0f} µs, "
-              f"p99 {by_floor['p99_us']:.0f} µs (connect p50: worker {ours['p50_us']:.0f}, floor "
-              f"{floor[protocol, load]['p50_us']:.0f}, plain {base['p50_us']:.0f} µs)", flush=True)
+    for protocol in CONNECTS:
+        for load in LOADS:
+            ours, floor, base = [percentiles(samples[arm, protocol, load]) for arm in ("worker", "floor", "plain")]
+            added = {q: ours[q] - base[q] for q in ("p50_us", "p99_us")}
+            by_floor = {q: floor[q] - base[q] for q in ("p50_us", "p99_us")}
+            rate = statistics.fmean(rates["worker", protocol, load])
+            report[f"{protocol}_{load}"] = {"rate": round(rate), "connects": len(samples["worker", protocol, load]),
+                                            **{k: round(v) for k, v in added.items()},
+                                            "floor_added": {k: round(v) for k, v in by_floor.items()},
+                                            "worker": ours, "floor": floor, "plain": base}
+            print(f"added delay of {CONNECTS[protocol]} at {rate:.0f} conn/s ({rounds} rounds, "
+                  f"{len(samples['worker', protocol, load])} connects per arm): p50 {added['p50_us']:.0f} µs, "
+                  f"p99 {added['p99_us']:.0f} µs; the binding's floor alone adds p50 {by_floor['p50_us']:.0f} µs, "
+                  f"p99 {by_floor['p99_us']:.0f} µs (connect p50 / p99: worker {ours['p50_us']:.0f} / "
+                  f"{ours['p99_us']:.0f}, floor {floor['p50_us']:.0f} / {floor['p99_us']:.0f}, plain "
+                  f"{base['p50_us']:.0f} / {base['p99_us']:.0f} µs)", flush=True)
     return report
+
+
+def percentiles(connect_times: list[int]) -> dict:
+    cuts = statistics.quantiles(connect_times, n=100)
+    return {"p50_us": cuts[49], "p99_us": cuts[98]}
 
 
 def busy_seconds() -> float:
