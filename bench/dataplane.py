@@ -8,20 +8,15 @@ process's CPU time from /proc.
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from speed import cpu_times
+
 from mplb_nfq.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.netns import VIP, Topology
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU time of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
