@@ -62,6 +62,18 @@ def inject(topo, packets, repeat=1, seconds=30.0):
     return int(out)
 
 
+def wait_for(condition, timeout, step=0.1):
+    """Until condition() holds (returns when it did), or fail after timeout seconds: for what
+    the worker reports a while after it happened (a second worker's counters reach the first
+    every half second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return time.monotonic()
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
 def worker_stats(topo, w):
     status = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "status", "--json", "-c",
                                   str(w.config_path), capture_output=True).stdout)

@@ -7,7 +7,7 @@ import sys
 import time
 
 from conftest import start_server
-from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, one_path_download, serving
+from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, one_path_download, serving, wait_for
 
 from mplb_nfq.lab import MODES, PORT
 from mplb_nfq.netns import VIP, backend_address
@@ -28,15 +28,6 @@ def states(topo, w):
     found = {b["name"]: b for s in status(topo, w)["services"] for b in s["backends"]}
     found.update({b["name"]: b for b in status(topo, w)["retired"]})
     return found
-
-
-def wait_for(condition, timeout, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return time.monotonic()
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def config(run_dir, backends, extra="[kernel]\n" + FAST):

@@ -4,7 +4,7 @@ import signal
 import threading
 import time
 
-from netlab import KERNEL, MB, counters, delta, fetch, inject, nft_counters, one_path_download, worker_stats
+from netlab import KERNEL, MB, counters, delta, fetch, inject, nft_counters, one_path_download, wait_for, worker_stats
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.balancer import JOIN, REJECT
@@ -138,7 +138,7 @@ def test_two_workers_share_tokens_through_the_kernel_map_and_misroute_no_join(to
     time.sleep(0.8)
     per_queue = queue_counts(w.proc.pid)
     assert min(per_queue.values()) > 0 and sum(per_queue.values()) == 2 * 8 + 16, per_queue
-    assert worker_stats(topo, w)["packets"]["kinds"]["join_miss"] == 16  # both workers' counts, summed
+    wait_for(lambda: worker_stats(topo, w)["packets"]["kinds"].get("join_miss") == 16, 5)  # both workers', summed
     w.proc.send_signal(signal.SIGKILL)  # the others follow the first worker, and the queues are bypassed
     w.proc.wait()
     time.sleep(1.0)
@@ -153,13 +153,11 @@ def queues_bound(topo):
 
 
 def test_with_two_workers_a_join_ahead_of_its_token_is_held_until_the_kernel_map_has_it(topo, worker):
-    w = worker("mplb", kernel="workers = 2\nhold_ms = 5000\n" + FAST)
+    w = worker("mplb", kernel="workers = 2\nhold_ms = 10000\n" + FAST)
     before = counters(topo)
     inject(topo, [tcp("10.0.2.50", VIP, 50005, PORT, SYN, mp_join_syn(0x5EED1234))])
-    time.sleep(0.6)
-    assert worker_stats(topo, w)["packets"]["kinds"].get("join_held") == 1
+    wait_for(lambda: worker_stats(topo, w)["packets"]["kinds"].get("join_held") == 1, 4)
     second = 0x100 + 1  # the second backend's mark
     topo.exec("lb", "nft", f"add element inet mplb tokens {{ 0x5eed1234 timeout 60s : 0x{second | JOIN:08x} }}")
-    time.sleep(0.6)
-    assert worker_stats(topo, w)["packets"].get("held_found") == 1
+    wait_for(lambda: worker_stats(topo, w)["packets"].get("held_found") == 1, 4)
     assert delta(before, counters(topo), "MPTcpExtMPJoinSynRx") == dict(zip(topo.backend_names, (0, 1)))
