@@ -130,6 +130,7 @@ def test_two_workers_share_tokens_through_the_kernel_map_and_misroute_no_join(to
     assert delta(before, after, "MPTcpExtMPJoinAckRx") == capable  # every join on its connection's backend
     assert sum(delta(before, after, "MPTcpExtMPJoinNoTokenFound").values()) == 0
     assert sum(queue_counts(w.proc.pid).values()) == 2 * 8
+    wait_for(lambda: worker_stats(topo, w)["packets"]["packets"] == 2 * 8, 5)  # the second worker's report is in
     stats = worker_stats(topo, w)["packets"]
     assert stats["workers"] == 2 and stats.get("held_expired", 0) == 0
     assert nft_counters(topo)["join_kernel_hit"] == 8
