@@ -3,8 +3,9 @@
     .venv/bin/python bench/speed.py [--only delay,bulk,queue,memory]
 
 1. queued handshake packets per second, one worker, against the binding's floor (a worker that
-   accepts without looking): a generator in the client namespace floods MP_CAPABLE SYNs, third
-   ACKs and MP_JOIN SYNs;
+   accepts without looking) and two steps between them (the floor reading the payload and
+   setting a mark; and parsing it too): a generator in the client namespace floods MP_CAPABLE
+   SYNs, third ACKs and MP_JOIN SYNs;
 2. added delay, p50 and p99, at low and high connection rates, against the same path with nothing
    queued, and the share of it that the binding's floor costs on its own: of a queued SYN alone
    (a plain TCP connect: its SYN-ACK is not queued), and of an MPTCP handshake (the SYN and the
@@ -32,6 +33,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
+from mplb_nfq.config import load as load_config  # noqa: E402
 from mplb_nfq.lab import PORT, WorkerProcess, config_text  # noqa: E402
 from mplb_nfq.netns import VIP, Topology, backend_address  # noqa: E402
 
@@ -92,43 +94,59 @@ def queued_total(pid: int) -> int:
     return 0
 
 
+RATE_ARMS = {  # name -> floor.py's mode (None: the worker itself), and what the arm stands for
+    "worker": (None, "the worker"),
+    "floor": ("accept", "the binding's floor (accepts without looking)"),
+    "mark": ("mark", "floor + reading the payload and setting a backend's mark (a compiled decision, at best)"),
+    "parse": ("parse", "floor + our parser + the mark"),
+}
+
+
 def queue_rates(topo, run: Path, rounds: int = 3) -> dict:
-    """Worker and floor in turn, `rounds` times each (this machine drifts from second to second);
-    the medians, and every round."""
+    """The worker, the floor and the two steps between them in turn, `rounds` times each (this
+    machine drifts from second to second); the medians, and every round."""
     config = run / "mplb.toml"
     config.write_text(config_text("mplb", 2, run, extra="[limits]\nflow_capacity = 100000\n"))
+    mark = hex(load_config(str(config)).backends[0].mark)
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")
-    ours, floor = [], []
-    for i in range(rounds):  # fresh ports each time: new flows, queued again
-        worker = WorkerProcess(topo, config, run / "worker.log")
-        ours.append(measure_rate(topo, worker.proc.pid, 1024 + 400 * i))
-        with floor_instead_of(worker, topo, config) as floor_proc:
-            floor.append(measure_rate(topo, floor_proc.pid, 1224 + 400 * i))
+    measured: dict[str, list[tuple[float, float, float, float]]] = {arm: [] for arm in RATE_ARMS}
+    first_port = 1024
+    for _ in range(rounds):
+        for arm, (mode, _) in RATE_ARMS.items():  # fresh ports each time: new flows, queued again
+            worker = WorkerProcess(topo, config, run / "worker.log")
+            if mode is None:
+                measured[arm].append(measure_rate(topo, worker.proc.pid, first_port))
+                worker.stop()
+            else:
+                with floor_instead_of(worker, topo, config, mode, mark) as floor_proc:
+                    measured[arm].append(measure_rate(topo, floor_proc.pid, first_port))
+            first_port += 200
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
-    (wall, cpu, user, system), (floor_wall, floor_cpu, floor_user, floor_system) = [
-        [statistics.median(r[k] for r in rates) for k in range(4)] for rates in (ours, floor)]
-    print(f"queued handshake packets/s (median of {rounds}): worker {wall:,.0f}, binding floor {floor_wall:,.0f} "
-          f"({wall / floor_wall:.0%} of the floor); per second of its own CPU: worker {cpu:,.0f}, "
-          f"floor {floor_cpu:,.0f} ({cpu / floor_cpu:.0%})", flush=True)
-    print(f"  CPU µs per queued packet: worker {user:.1f} user + {system:.1f} system, floor {floor_user:.1f} user + "
-          f"{floor_system:.1f} system; 80% of the floor's rate leaves {1.25 * (floor_user + floor_system):.1f} µs "
+    medians = {arm: [statistics.median(r[k] for r in rates) for k in range(4)] for arm, rates in measured.items()}
+    floor_wall, floor_cpu, floor_user, floor_system = medians["floor"]
+    print(f"queued handshake packets/s, median of {rounds} rounds: per second of wall time, per second of the "
+          f"process's own CPU (of the floor's), CPU µs per packet user + system", flush=True)
+    report = {}
+    for arm, (wall, cpu, user, system) in medians.items():
+        print(f"  {wall:8,.0f} {cpu:8,.0f} ({cpu / floor_cpu:4.0%}) {user:5.1f} + {system:4.1f}  "
+              f"{RATE_ARMS[arm][1]}", flush=True)
+        report[arm] = {"pps": round(wall), "per_cpu_second": round(cpu), "of_floor": round(wall / floor_wall, 3),
+                       "of_floor_per_cpu_second": round(cpu / floor_cpu, 3), "user_us": round(user, 1),
+                       "system_us": round(system, 1), "rounds": [[round(x, 1) for x in r] for r in measured[arm]]}
+    print(f"  80% of the floor's rate per CPU-second leaves {1.25 * (floor_user + floor_system):.1f} µs per packet "
           f"in all", flush=True)
-    return {"worker_pps": round(wall), "floor_pps": round(floor_wall), "ratio": round(wall / floor_wall, 3),
-            "worker_per_cpu_second": round(cpu), "floor_per_cpu_second": round(floor_cpu),
-            "ratio_per_cpu_second": round(cpu / floor_cpu, 3),
-            "us_per_packet": {"worker_user": round(user, 1), "worker_system": round(system, 1),
-                              "floor_user": round(floor_user, 1), "floor_system": round(floor_system, 1)},
-            "rounds": {"worker": [[round(x, 1) for x in r] for r in ours],
-                       "floor": [[round(x, 1) for x in r] for r in floor]}}
+    return report
 
 
 @contextlib.contextmanager
-def floor_instead_of(worker: WorkerProcess, topo, config: Path):
-    """The binding's floor on the worker's queue and ruleset: the worker is killed (its ruleset
-    stays), the floor worker started; at the end, the floor stopped and the ruleset removed."""
+def floor_instead_of(worker: WorkerProcess, topo, config: Path, mode: str = "accept", mark: str = "0"):
+    """The binding's floor (or a step up from it, bench/floor.py's mode) on the worker's queue
+    and ruleset: the worker is killed (its ruleset stays), the floor worker started; at the end,
+    the floor stopped and the ruleset removed."""
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait()
-    floor_proc = topo.popen("lb", sys.executable, str(BENCH / "floor.py"), stdout=subprocess.PIPE, text=True)
+    floor_proc = topo.popen("lb", sys.executable, str(BENCH / "floor.py"), "0", mode, mark, stdout=subprocess.PIPE,
+                            text=True)
     floor_proc.stdout.readline()
     try:
         yield floor_proc
