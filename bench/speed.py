@@ -216,6 +216,26 @@ MECHANISMS_RULESET = f"""table inet mplb_bench_mechanisms {{
 """
 
 
+CONNTRACK_RULESET = """table inet mplb_bench_conntrack {
+    chain track {
+        type filter hook prerouting priority mangle; policy accept;
+        ct direction original ct mark != 0 meta mark set ct mark
+    }
+}
+"""
+
+
+def conntrack_only(topo, action: str) -> None:
+    """The first of the mechanisms alone: every packet tracked by conntrack (a rule that reads
+    its mark makes the namespace track), routed as plain forwarding is, with no fwmark rule."""
+    if action == "add":
+        topo.exec("lb", "nft", "-f", "-", input=CONNTRACK_RULESET)
+        plain_route(topo, "add")
+    else:
+        plain_route(topo, "del")
+        topo.exec("lb", "nft", "delete", "table", "inet", "mplb_bench_conntrack")
+
+
 def mechanisms_only(topo, action: str) -> None:
     """What the design's kernel mechanisms cost with no balancing in them: conntrack, its mark
     given back to each packet of the client's direction, and a fwmark rule to one backend's
@@ -297,17 +317,17 @@ def measured_fetch(topo, size) -> tuple[float, float]:
 
 
 def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
-    """Rounds of three transfers, interleaved so that drift on this shared machine hits all
-    alike: plain forwarding; the design's kernel mechanisms alone (conntrack, its mark, a fwmark
-    rule: what any conntrack-and-policy-routing balancer pays); through the LB. A single transfer
+    """Rounds of four transfers, interleaved so that drift on this shared machine hits all
+    alike: plain forwarding; conntrack alone; the design's kernel mechanisms alone (conntrack, its
+    mark, a fwmark rule: what any conntrack-and-policy-routing balancer pays); through the LB. A single transfer
     varies by +-20% here (TCP and MPTCP-level retransmissions in the veth path, with or without
     the LB), hence many rounds and confidence intervals, and the CPU seconds per GB beside them:
     on this CPU-bound machine what a path costs per byte is what it takes off the throughput.
     Each transfer starts a second after its path was set up: past the worker's start (its
     conntrack counter forks, its health checks begin)."""
-    plain, mechanisms, lb = [], [], []
+    plain, tracked, mechanisms, lb = [], [], [], []
     for _ in range(rounds):
-        for arm, setup in ((plain, plain_route), (mechanisms, mechanisms_only)):
+        for arm, setup in ((plain, plain_route), (tracked, conntrack_only), (mechanisms, mechanisms_only)):
             setup(topo, "add")
             time.sleep(1)
             arm.append(measured_fetch(topo, size))
@@ -320,10 +340,11 @@ def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
         fetch(topo, 100 * MB)
         per_100mb = nft_queued(topo) - middle
         worker.stop()
-    (lb_mbit, lb_cpu), (mech_mbit, mech_cpu), (plain_mbit, plain_cpu) = [
-        [statistics.fmean(r[k] for r in arm) for k in (0, 1)] for arm in (lb, mechanisms, plain)]
+    (lb_mbit, lb_cpu), (mech_mbit, mech_cpu), (ct_mbit, ct_cpu), (plain_mbit, plain_cpu) = [
+        [statistics.fmean(r[k] for r in arm) for k in (0, 1)] for arm in (lb, mechanisms, tracked, plain)]
     low, high = paired_ratio_interval([x[0] for x in lb], [x[0] for x in plain])
     mech_low, mech_high = paired_ratio_interval([x[0] for x in mechanisms], [x[0] for x in plain])
+    ct_low, ct_high = paired_ratio_interval([x[0] for x in tracked], [x[0] for x in plain])
     own_low, own_high = paired_ratio_interval([x[0] for x in lb], [x[0] for x in mechanisms])
     print(f"bulk throughput ({rounds} rounds of {size // MB} MB, means): through the LB {lb_mbit:.0f} Mbit/s, "
           f"plain forwarding {plain_mbit:.0f} Mbit/s, ratio {lb_mbit / plain_mbit:.3f} (95% bootstrap interval "
@@ -333,11 +354,17 @@ def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
           f"ratio to plain {mech_mbit / plain_mbit:.3f} ({mech_low:.3f}-{mech_high:.3f}), CPU per GB "
           f"{mech_cpu / plain_cpu - 1:+.1%}; the LB against them: {lb_mbit / mech_mbit:.3f} "
           f"({own_low:.3f}-{own_high:.3f}), CPU per GB {lb_cpu / mech_cpu - 1:+.1%}", flush=True)
+    print(f"  of them, conntrack alone (every packet tracked, plain routes, no fwmark rule): {ct_mbit:.0f} Mbit/s, "
+          f"ratio to plain {ct_mbit / plain_mbit:.3f} ({ct_low:.3f}-{ct_high:.3f}), CPU per GB "
+          f"{ct_cpu / plain_cpu - 1:+.1%}", flush=True)
     return {"lb_mbit_s": [round(x[0]) for x in lb], "plain_mbit_s": [round(x[0]) for x in plain],
-            "mechanisms_mbit_s": [round(x[0]) for x in mechanisms],
+            "mechanisms_mbit_s": [round(x[0]) for x in mechanisms], "conntrack_mbit_s": [round(x[0]) for x in tracked],
+            "conntrack_cpu_s_per_gb": [round(x[1], 3) for x in tracked],
             "lb_cpu_s_per_gb": [round(x[1], 3) for x in lb], "plain_cpu_s_per_gb": [round(x[1], 3) for x in plain],
             "mechanisms_cpu_s_per_gb": [round(x[1], 3) for x in mechanisms],
             "ratio": round(lb_mbit / plain_mbit, 3), "ratio_95": [round(low, 3), round(high, 3)],
+            "conntrack_ratio": round(ct_mbit / plain_mbit, 3),
+            "conntrack_ratio_95": [round(ct_low, 3), round(ct_high, 3)],
             "mechanisms_ratio": round(mech_mbit / plain_mbit, 3), "mechanisms_ratio_95": [round(mech_low, 3),
                                                                                             round(mech_high, 3)],
             "lb_to_mechanisms_ratio": round(lb_mbit / mech_mbit, 3), "lb_to_mechanisms_95": [round(own_low, 3),
