@@ -28,6 +28,7 @@ RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "ta
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
 VERDICT_BATCH = 32  # packets decided in a row before their verdicts go out (the queue empty: at once)
+WORKER_START_SECONDS = 30.0  # for a worker beyond the first to bind its queue, before the first says "ready"
 ERROR_LOG_SECONDS = 10.0  # a fault that repeats per packet or per batch is logged once per interval, with a count
 
 
@@ -412,7 +413,7 @@ def serve_other_worker(worker: Worker, index: int, parent) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     worker.dataplane.reopen()
     worker.peers, worker.peer_reports = [], {}
-    worker.serve(parent=parent, index=index)
+    worker.serve(ready=lambda: parent.send(worker.own_counters()), parent=parent, index=index)
 
 
 class QueueReader:
@@ -529,8 +530,17 @@ def run(cfg: Config) -> int:
             process = multiprocessing.Process(target=serve_other_worker, args=(worker, index, theirs),
                                               name=f"mplb-nfq worker {index}", daemon=True)
             process.start()
+            theirs.close()  # the child's end: closed here, a child that dies gives EOF at once
             worker.peers.append(mine)
             others.append(process)
+        for index, peer in enumerate(worker.peers, 1):  # "ready" means every queue has its reader
+            if not peer.poll(WORKER_START_SECONDS):
+                raise RuntimeError(f"worker {index} did not bind queue {cfg.queue + index} "
+                                   f"within {WORKER_START_SECONDS:.0f} s")
+            try:
+                worker.peer_reports[index] = peer.recv()
+            except EOFError:
+                raise RuntimeError(f"worker {index} exited while starting (see its error above)") from None
         if cfg.metrics_address:
             from .metrics import serve_metrics
 
