@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
-from mplb_nfq.balancer import Backend, Balancer, Service  # noqa: E402
-from mplb_nfq.packet import parse_ip, token_of_key  # noqa: E402
+from mplb_nfq.core.balancer import Backend, Balancer, Service  # noqa: E402
+from mplb_nfq.core.packet import parse_ip, token_of_key  # noqa: E402
 
 OPTIONS = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07"  # mss, sackOK, TS, wscale
 

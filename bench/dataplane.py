@@ -15,8 +15,8 @@ from pathlib import Path
 
 from speed import cpu_times
 
-from mplb_nfq.lab import PORT, WorkerProcess, config_text
-from mplb_nfq.netns import VIP, Topology
+from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
+from mplb_nfq.lab.netns import VIP, Topology
 
 
 def main() -> None:
@@ -26,14 +26,14 @@ def main() -> None:
     args = parser.parse_args()
     with Topology(rate_mbit=None) as topo, tempfile.TemporaryDirectory() as tmp:
         for name in topo.backend_names:
-            topo.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT))
+            topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT))
         time.sleep(1)
         config = Path(tmp, "mplb.toml")
         config.write_text(config_text("mplb", topo.backends, Path(tmp)))
         worker = WorkerProcess(topo, config, Path(tmp, "worker.log"))
         user_before, system_before = cpu_times(worker.proc.pid)
         started = time.monotonic()
-        out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),
+        out = topo.exec("client", sys.executable, "-m", "mplb_nfq.lab.transfer", "fetch", VIP, "--port", str(PORT),
                         "--pause", "0.01", *[a for _ in range(args.connections) for a in ("--size", str(args.size))],
                         capture_output=True).stdout
         elapsed = time.monotonic() - started

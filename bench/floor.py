@@ -12,7 +12,7 @@ import sys
 
 from netfilterqueue import NetfilterQueue
 
-from mplb_nfq.packet import parse_ip
+from mplb_nfq.core.packet import parse_ip
 
 queue_number = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 mode = sys.argv[2] if len(sys.argv) > 2 else "accept"

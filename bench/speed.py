@@ -33,9 +33,9 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
-from mplb_nfq.config import load as load_config  # noqa: E402
-from mplb_nfq.lab import PORT, WorkerProcess, config_text  # noqa: E402
-from mplb_nfq.netns import VIP, Topology, backend_address  # noqa: E402
+from mplb_nfq.ops.config import load as load_config  # noqa: E402
+from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text  # noqa: E402
+from mplb_nfq.lab.netns import VIP, Topology, backend_address  # noqa: E402
 
 MB = 1_000_000
 
@@ -163,7 +163,7 @@ def latency(topo, count, rate, threads, protocol) -> dict:
 
 
 def fetch(topo, size) -> float:
-    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", VIP, "--port", str(PORT),
+    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.lab.transfer", "fetch", VIP, "--port", str(PORT),
                     "--size", str(size), capture_output=True).stdout
     return json.loads(out)["mbit_s"]
 
@@ -183,7 +183,7 @@ def main() -> None:
     with Topology(rate_mbit=None) as topo, tempfile.TemporaryDirectory(prefix="mplb-bench-") as tmp:
         run = Path(tmp)
         for name in topo.backend_names:
-            topo.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT), stdout=subprocess.DEVNULL)
+            topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT), stdout=subprocess.DEVNULL)
         time.sleep(1)
         config = run / "lat.toml"
         config.write_text(config_text("mplb", 2, run))

@@ -12,9 +12,9 @@ CAPTURES = Path(__file__).parent / "captures"
 
 
 def start_server(topo, name):
-    from mplb_nfq.lab import PORT
+    from mplb_nfq.lab.lab import PORT
 
-    proc = topo.python(name, "mplb_nfq.transfer", "serve", "--port", str(PORT),
+    proc = topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         if topo.exec(name, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip():
@@ -26,7 +26,7 @@ def start_server(topo, name):
 
 def lab_topology(direct_return=False, tunnel=None):
     """The lab topology (client, LB, switch, 2 backends serving downloads)."""
-    from mplb_nfq.netns import Topology, leftover_namespaces
+    from mplb_nfq.lab.netns import Topology, leftover_namespaces
 
     with Topology(backends=2, direct_return=direct_return, tunnel=tunnel) as t:
         t.servers = {}
@@ -46,7 +46,7 @@ def topo():
 def worker(topo, tmp_path):
     """start(mode, extra TOML, or a whole config text) runs the worker in the LB namespace; it is
     stopped and cleaned up after."""
-    from mplb_nfq.lab import WorkerProcess, config_text
+    from mplb_nfq.lab.lab import WorkerProcess, config_text
 
     started = []
 

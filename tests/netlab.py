@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mplb_nfq.lab import PORT
-from mplb_nfq.netns import VIP, VIP6
+from mplb_nfq.lab.lab import PORT
+from mplb_nfq.lab.netns import VIP, VIP6
 
 KERNEL = [pytest.mark.kernel,
           pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and nftables")]
@@ -24,13 +24,13 @@ def _fetch_args(family, mapped):
 def fetch(topo, *sizes, pause=0.0, family=4, mapped=False):
     """Downloads from the VIP (VIP6 with family=6; mapped: through an AF_INET6 socket)."""
     args = [a for s in sizes for a in ("--size", str(s))]
-    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch", *_fetch_args(family, mapped),
+    out = topo.exec("client", sys.executable, "-m", "mplb_nfq.lab.transfer", "fetch", *_fetch_args(family, mapped),
                     "--pause", str(pause), *args, capture_output=True).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 
 def fetch_in_background(topo, size, family=4, mapped=False):
-    return topo.python("client", "mplb_nfq.transfer", "fetch", *_fetch_args(family, mapped), "--size", str(size),
+    return topo.python("client", "mplb_nfq.lab.transfer", "fetch", *_fetch_args(family, mapped), "--size", str(size),
                        stdout=subprocess.PIPE, text=True)
 
 

@@ -5,8 +5,10 @@ import random
 import pytest
 from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
-from mplb_nfq.balancer import JOIN, LEARNED, REJECT, Backend, Balancer, ExpiringTable, Service
-from mplb_nfq.packet import Malformed, parse_ip, token_of_key
+from mplb_nfq.core.balancer import Backend, Balancer, Service
+from mplb_nfq.core.expiring import ExpiringTable
+from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
+from mplb_nfq.core.packet import Malformed, parse_ip, token_of_key
 
 VIP = "10.0.100.1"
 

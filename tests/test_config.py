@@ -2,8 +2,8 @@ import copy
 
 import pytest
 
-from mplb_nfq.config import ConfigError, from_dict, load
-from mplb_nfq.health import Hysteresis
+from mplb_nfq.ops.config import ConfigError, from_dict, load
+from mplb_nfq.ops.health import Hysteresis
 
 GOOD = {
     "services": [{"name": "web", "vip": "10.0.100.1", "ports": [80, 443], "scheduler": "maglev",

@@ -4,8 +4,8 @@ import json
 
 from netlab import KERNEL, MB, counters, delta, fetch, serving
 
-from mplb_nfq.lab import PORT
-from mplb_nfq.netns import VIP6
+from mplb_nfq.lab.lab import PORT
+from mplb_nfq.lab.netns import VIP6
 
 pytestmark = KERNEL
 COUNT_V6_JOINS = (f"add table inet probe; add chain inet probe c {{ type filter hook prerouting priority -400; }}; "

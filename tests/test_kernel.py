@@ -9,8 +9,8 @@ import pytest
 from conftest import lab_topology
 from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, nft_counters
 
-from mplb_nfq.lab import PORT, config_text
-from mplb_nfq.netns import VIP, VIP6
+from mplb_nfq.lab.lab import PORT, config_text
+from mplb_nfq.lab.netns import VIP, VIP6
 
 pytestmark = KERNEL
 
@@ -141,11 +141,11 @@ def test_render_nft_output_loads_with_plain_nft(topo, tmp_path):
 
 
 TOKEN_MAP_WRITES = """
-from mplb_nfq.kernel import TokenMapSocket
-sock = TokenMapSocket()
-print(sock.add("mplb", [(0x11223344, 0x48000100), (0xDEADBEEF, 0x48000101)], 600))
-print(sock.add("mplb", [(0x11223344, 0x48000100)], 600))  # the same again: nothing to do
-print(sock.add("mplb", [(0x0BADCAFE, 0x48000100), (0xDEADBEEF, 0x48000100)], 600))  # another mark: refused alone
+from mplb_nfq.kernel.tokenmap import TokenMap
+tokens = TokenMap("mplb")
+print(tokens.add([(0x11223344, 0x48000100), (0xDEADBEEF, 0x48000101)], 600))
+print(tokens.add([(0x11223344, 0x48000100)], 600))  # the same again: nothing to do
+print(tokens.add([(0x0BADCAFE, 0x48000100), (0xDEADBEEF, 0x48000100)], 600))  # another mark: refused alone
 """
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mplb_nfq.netns import leftover_namespaces
+from mplb_nfq.lab.netns import leftover_namespaces
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and nftables")]

@@ -9,8 +9,8 @@ import time
 from conftest import start_server
 from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, one_path_download, serving, wait_for
 
-from mplb_nfq.lab import MODES, PORT
-from mplb_nfq.netns import VIP, backend_address
+from mplb_nfq.lab.lab import MODES, PORT
+from mplb_nfq.lab.netns import VIP, backend_address
 
 pytestmark = KERNEL
 FAST = "conntrack_interval = 0.3\n"
@@ -149,7 +149,7 @@ def test_mptcp_health_check_tells_a_fallback_from_mptcp(topo):
                        "s.bind(('0.0.0.0', 9999)); s.listen(); time.sleep(30)")
     try:
         time.sleep(0.5)
-        probe = "from mplb_nfq.health import probe; import sys; print(probe(sys.argv[1], int(sys.argv[2]), 1, True))"
+        probe = "from mplb_nfq.ops.health import probe; import sys; print(probe(sys.argv[1], int(sys.argv[2]), 1, True))"
         ok = topo.exec("lb", sys.executable, "-c", probe, backend_address(0), str(PORT), capture_output=True)
         assert ok.stdout.strip() == "None"
         fallback = topo.exec("lb", sys.executable, "-c", probe, backend_address(1), "9999", capture_output=True)

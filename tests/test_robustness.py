@@ -7,10 +7,10 @@ import time
 from netlab import KERNEL, MB, counters, delta, fetch, inject, nft_counters, one_path_download, wait_for, worker_stats
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
 
-from mplb_nfq.balancer import JOIN, REJECT
-from mplb_nfq.lab import PORT, WorkerProcess
-from mplb_nfq.netns import VIP
-from mplb_nfq.packet import token_of_key
+from mplb_nfq.core.marks import JOIN, REJECT
+from mplb_nfq.lab.lab import PORT, WorkerProcess
+from mplb_nfq.lab.netns import VIP
+from mplb_nfq.core.packet import token_of_key
 
 pytestmark = KERNEL
 FAST = "conntrack_interval = 0.3\n"

@@ -5,9 +5,10 @@ from dataclasses import dataclass
 import pytest
 from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
-from mplb_nfq.balancer import JOIN, REJECT, Backend, Balancer, Service
-from mplb_nfq.packet import parse_ip, token_of_key
-from mplb_nfq.schedulers import Flow, LeastConnections, Maglev, RoundRobin, SourceHash, WeightedRoundRobin
+from mplb_nfq.core.balancer import Backend, Balancer, Service
+from mplb_nfq.core.marks import JOIN, REJECT
+from mplb_nfq.core.packet import parse_ip, token_of_key
+from mplb_nfq.core.schedulers import Flow, LeastConnections, Maglev, RoundRobin, SourceHash, WeightedRoundRobin
 
 
 @dataclass(eq=False)

@@ -11,7 +11,7 @@ pytestmark = KERNEL
 
 
 def kernel_has(kind: str) -> bool:
-    from mplb_nfq.check import _tunnel_support
+    from mplb_nfq.ops.check import _tunnel_support
 
     return _tunnel_support()[kind] is None
 

@@ -8,11 +8,14 @@ from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from mplb_nfq.balancer import AMBIGUOUS, JOIN, LEARNED, REJECT
-from mplb_nfq.config import from_dict
-from mplb_nfq.metrics import WorkerCollector
-from mplb_nfq.packet import token_of_key
-from mplb_nfq.worker import ERROR_LOG_SECONDS, VERDICT_BATCH, QueueReader, Worker
+from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
+from mplb_nfq.core.tokens import AMBIGUOUS
+from mplb_nfq.ops.config import from_dict
+from mplb_nfq.ops.metrics import WorkerCollector
+from mplb_nfq.core.packet import token_of_key
+from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader
+from mplb_nfq.ops.logs import ERROR_LOG_SECONDS
+from mplb_nfq.worker import Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
           "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
@@ -137,8 +140,8 @@ def test_a_failed_install_is_counted_logged_once_and_the_core_still_steers_the_j
         w.give_decided()
     assert w.stats["token_install_errors"] == 2
     assert [r.getMessage() for r in caplog.records] == ["token install failed (1 tokens): netlink: no buffer space"]
-    w.logged["install"] = (time.monotonic() - ERROR_LOG_SECONDS, 1)  # the interval is over
-    w.log_error("install", "token install failed (3 tokens): netlink: no buffer space")
+    w.errors.last["install"] = (time.monotonic() - ERROR_LOG_SECONDS, 1)  # the interval is over
+    w.errors.error("install", "token install failed (3 tokens): netlink: no buffer space")
     assert caplog.records[-1].getMessage().endswith("(1 more like it in the last 10 s)")
     join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token_of_key(SERVER_KEY, 1))))
     w.handle(join)
@@ -156,8 +159,7 @@ def test_queue_reader_gives_a_lone_packet_its_verdict_at_once_and_a_burst_in_bat
             batches.append(len(w.decided))
             w.decided.clear()
 
-    w.give_decided = give_decided
-    reader = QueueReader(queue_end.fileno(), 1000, w)
+    reader = QueueReader(queue_end.fileno(), 1000, w.decided, give_decided)
 
     def read(packets: int) -> None:
         for _ in range(packets):
@@ -191,7 +193,7 @@ def test_metrics_expose_every_family_with_bounded_labels():
     w.handle(Packet(tcp("10.0.1.2", "10.0.100.1", 40000, 80, SYN, mp_capable())))
     w.give_decided()
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(w))
+    registry.register(WorkerCollector(w.plane))
     text = generate_latest(registry).decode()
     for name in ("mplb_queued_packets_total{kind=\"mp_capable_syn\"} 1.0",
                  "mplb_verdicts_total{verdict=\"accept\"} 1.0",

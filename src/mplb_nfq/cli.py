@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load
+from .ops.config import ConfigError, load
 
 DEFAULT_CONFIG = "/etc/mplb-nfq/config.toml"
 
@@ -78,7 +78,7 @@ def cmd_run(args) -> int:
 
 
 def _control(args, command: str, **request) -> dict | None:
-    from .control import request as send
+    from .ops.control import request as send
 
     path = load(args.config).control_socket
     try:
@@ -93,7 +93,7 @@ def _control(args, command: str, **request) -> dict | None:
 
 
 def cmd_status(args) -> int:
-    from .status import render_status
+    from .ops.status import render_status
 
     answer = _control(args, "status")
     if answer is None:
@@ -121,14 +121,14 @@ def cmd_reload(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    from .kernel import Dataplane
+    from .kernel.dataplane import Dataplane
 
     Dataplane(load(args.config)).remove()
     return 0
 
 
 def cmd_check(args) -> int:
-    from .check import kernel_report
+    from .ops.check import kernel_report
 
     report = kernel_report()
     if args.config:
@@ -147,7 +147,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_render_nft(args) -> int:
-    from .kernel import Nft, native_queue_supported, render_ruleset
+    from .kernel.nft import Nft, native_queue_supported
+    from .kernel.ruleset import render_ruleset
 
     cfg = load(args.config)
     mode = args.queue_mode or cfg.queue_mode
@@ -165,7 +166,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_lab(args) -> int:
-    from .lab import LabSettings, run_lab
+    from .lab.lab import LabSettings, run_lab
 
     settings = LabSettings.quick() if args.quick else LabSettings()
     if args.sizes:

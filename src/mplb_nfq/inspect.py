@@ -8,9 +8,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .balancer import LEARNED, Balancer
-from .config import Config
-from .packet import TCP_ACK, TCP_SYN, Malformed, Segment, parse_ip, token_of_key
+from .core.balancer import Balancer
+from .core.marks import LEARNED
+from .ops.config import Config
+from .core.packet import TCP_ACK, TCP_SYN, Malformed, Segment, parse_ip, token_of_key
 
 ETHERTYPES_IP = (0x0800, 0x86DD)
 VLAN_ETHERTYPES = (0x8100, 0x88A8)

@@ -38,7 +38,7 @@ def kernel_report() -> dict:
         features[name] = {"ok": ok, "detail": detail}
 
     try:
-        from .kernel import Nft, native_queue_supported
+        from ..kernel.nft import Nft, native_queue_supported
 
         nft = Nft()
         feature("libnftables", True, "loaded through the nftables binding")

@@ -69,7 +69,7 @@ def fetch(host: str, port: int, size: int, timeout: float = 120.0, mapped: bool 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mplb_nfq.transfer")
+    parser = argparse.ArgumentParser(prog="python -m mplb_nfq.lab.transfer")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, default=8080)

@@ -7,77 +7,18 @@ only record of a token whose install in the kernel map failed).
 from __future__ import annotations
 
 import random
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, NamedTuple, TypeVar
 
+from .expiring import ExpiringTable
+from .marks import BACKEND_MASK, JOIN, LEARNED, REJECT
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
-from .schedulers import make_scheduler
-
-# Mark layout: low 16 bits name the backend; high bits are flags.
-BACKEND_MASK = 0x0000FFFF
-LEARNED = 0x40000000  # kept in ct mark: this connection's token is known, stop queueing its MP_CAPABLE
-REJECT = 0x20000000  # transient: nftables answers the packet with a TCP reset
-QUEUE = 0x10000000  # transient: xtables NFQUEUE rule queues packets carrying it
-JOIN = 0x08000000  # kept in ct mark: this flow is an added subflow (MP_JOIN), not a new connection
+from .schedulers import MAGLEV_DEFAULT_SIZE, make_scheduler
+from .tokens import AMBIGUOUS
+from .verdicts import Kind, Verdict
 
 UNKNOWN_JOIN_POLICIES = ("random", "drop", "reset")
-
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class ExpiringTable(Generic[K, V]):
-    """A dict with a cap and a time to live; the oldest entries go first when it is full.
-
-    Expiry order lives in a deque beside the dict, each entry once per put. Popping a dict from
-    its front would cost a scan over every slot deleted before (CPython iterates over them), 150 µs
-    per put in a full table of 100k; here every operation is O(1) amortised. An entry replaced or
-    deleted stays in the deque, stale, until it reaches the front or a compaction drops it.
-    """
-
-    def __init__(self, capacity: int, ttl: float):
-        self.capacity, self.ttl = capacity, ttl
-        self._entries: dict[K, tuple[V, float, K]] = {}  # key -> (value, expiry, key)
-        self._order: deque[tuple[V, float, K]] = deque()  # the same tuples, oldest first
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: K, now: float) -> V | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[1] <= now:
-            del self._entries[key]
-            return None
-        return entry[0]
-
-    def put(self, key: K, value: V, now: float) -> None:
-        entry = (value, now + self.ttl, key)
-        self._entries[key] = entry
-        self._order.append(entry)
-        self.expire(now)
-        entries, order = self._entries, self._order
-        while len(entries) > self.capacity:
-            oldest = order.popleft()
-            if entries.get(oldest[2]) is oldest:
-                del entries[oldest[2]]
-                self.evicted += 1
-        if len(order) > 2 * len(entries) + 1024:  # mostly stale: keep the deque in proportion
-            self._order = deque(e for e in order if entries.get(e[2]) is e)
-
-    def expire(self, now: float) -> None:
-        entries, order = self._entries, self._order
-        while order:
-            oldest = order[0]
-            if entries.get(oldest[2]) is oldest:
-                if oldest[1] > now:
-                    break
-                del entries[oldest[2]]
-            order.popleft()
+REPEATED = {Kind.SYN_ACK: Kind.SYN_ACK_REPEAT, Kind.THIRD_ACK: Kind.THIRD_ACK_REPEAT}
 
 
 @dataclass(eq=False)
@@ -98,6 +39,11 @@ class Backend:
         return self.healthy and not self.drained and not self.retired and self.weight > 0
 
     @property
+    def idle(self) -> bool:
+        """No connection and no subflow left (conntrack's count): a retired backend can go."""
+        return self.active == 0 and self.subflows == 0
+
+    @property
     def state(self) -> str:
         if self.retired:
             return "retired"
@@ -116,25 +62,13 @@ class Service:
     unknown_join: str = "random"
     mptcp_aware: bool = True
     persistence: float = 0.0  # seconds of source-address affinity (IPVS persistence); 0: off
-    maglev_size: int = 65537
+    maglev_size: int = MAGLEV_DEFAULT_SIZE
     picker: object = field(init=False)
     affinity: ExpiringTable[bytes, Backend] = field(init=False)
 
     def __post_init__(self):
         self.picker = make_scheduler(self.scheduler, self.maglev_size)
         self.affinity = ExpiringTable(1_000_000, self.persistence)
-
-
-# Held in the token table for a token that two live connections on different backends share: a
-# join carrying it could belong to either, so it is refused (TCP reset) rather than misrouted.
-AMBIGUOUS = -1
-
-
-class Verdict(NamedTuple):
-    accept: bool
-    mark: int
-    kind: str  # what the packet was, for the counters
-    token: int | None = None  # learned: install token -> mark in the kernel map (a collision: remove it)
 
 
 class Balancer:
@@ -145,7 +79,7 @@ class Balancer:
         # that a full collection does not walk a million of them
         self.tokens: ExpiringTable[int, int] = ExpiringTable(token_capacity, token_ttl)
         self.rng = rng or random.Random()
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[Kind] = Counter()
         self.update(services)
 
     def update(self, services: list[Service], retired: list[Backend] = ()) -> None:
@@ -170,7 +104,7 @@ class Balancer:
         return self.by_mark.get(mark & BACKEND_MASK)
 
     def decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool = False) -> Verdict:
-        """hold: a join whose token is unknown yet may wait (kind "join_held"), for another
+        """hold: a join whose token is unknown yet may wait (kind Kind.JOIN_HELD), for another
         worker may have learned the token and be putting it in the kernel map."""
         verdict = self._decide(segment, mark, now, hold)
         self.counts[verdict.kind] += 1
@@ -189,66 +123,66 @@ class Balancer:
     def collide(self, token: int, now: float) -> None:
         """The kernel map refused this token: another worker's connection holds it on another backend."""
         self.tokens.put(token, AMBIGUOUS, now)
-        self.counts["token_collision"] += 1
+        self.counts[Kind.TOKEN_COLLISION] += 1
 
     def _decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool) -> Verdict:
         if segment is None:
-            return Verdict(True, mark, "not_tcp")
+            return Verdict(True, mark, Kind.NOT_TCP)
         if isinstance(segment, Malformed):
-            return Verdict(True, mark, "malformed")  # safe: the kernel routes it as it would without us
+            return Verdict(True, mark, Kind.MALFORMED)  # safe: the kernel routes it as it would without us
         if segment.is_syn:
             service = self._service_at.get((segment.dst, segment.dport))
             if service is None:
-                return Verdict(True, mark, "no_service")
+                return Verdict(True, mark, Kind.NO_SERVICE)
             return self._on_syn(service, segment, now, hold)
         if not mark & BACKEND_MASK and not segment.flags & TCP_SYN:
             # the first packet of a conntrack entry made mid-stream (direct server return: the
             # SYN was not tracked): it takes the backend decided for its SYN
             mark = self.flows.get(segment.flow, now) or 0
             if not mark:
-                return Verdict(True, 0, "first_without_flow")
+                return Verdict(True, 0, Kind.FIRST_WITHOUT_FLOW)
             if segment.capable is None or segment.capable.receiver_key is None:
-                return Verdict(True, mark, "first_packet")
+                return Verdict(True, mark, Kind.FIRST_PACKET)
         capable = segment.capable
         if capable is None:
-            return Verdict(True, mark, "other")
+            return Verdict(True, mark, Kind.OTHER)
         if segment.flags & TCP_SYN:  # the backend's SYN-ACK: its key is the server's
             if capable.sender_key is not None:
                 flow = (segment.dst, segment.dport, segment.src, segment.sport)
-                return self._learn(capable.sender_key, capable.version, flow, mark, now, "syn_ack")
+                return self._learn(capable.sender_key, capable.version, flow, mark, now, Kind.SYN_ACK)
         elif capable.receiver_key is not None:  # the third ACK, or the first data packet, repeating both keys
-            return self._learn(capable.receiver_key, capable.version, segment.flow, mark, now, "third_ack")
-        return Verdict(True, mark, "other")
+            return self._learn(capable.receiver_key, capable.version, segment.flow, mark, now, Kind.THIRD_ACK)
+        return Verdict(True, mark, Kind.OTHER)
 
     def _on_syn(self, service: Service, segment: Segment, now: float, hold: bool) -> Verdict:
         known = self.flows.get(segment.flow, now)  # a retransmitted SYN keeps its backend
         if known is not None:
-            return Verdict(True, known, "syn_retransmit")
+            return Verdict(True, known, Kind.SYN_RETRANSMIT)
         if segment.join is not None and service.mptcp_aware:
             known = self.tokens.get(segment.join.token, now)
             if known == AMBIGUOUS:
-                return Verdict(True, REJECT, "join_collision")
+                return Verdict(True, REJECT, Kind.JOIN_COLLISION)
             backend = None if known is None else self.backend_of(known)
             if backend is not None:  # even to a drained backend: the connection lives there
                 backend.subflows += 1
                 self.flows.put(segment.flow, backend.mark | JOIN, now)
-                return Verdict(True, backend.mark | JOIN, "join_hit")
+                return Verdict(True, backend.mark | JOIN, Kind.JOIN_HIT)
             if hold:
-                return Verdict(True, 0, "join_held")
+                return Verdict(True, 0, Kind.JOIN_HELD)
             if service.unknown_join == "drop":
-                return Verdict(False, 0, "join_miss")
+                return Verdict(False, 0, Kind.JOIN_MISS)
             if service.unknown_join == "reset":
-                return Verdict(True, REJECT, "join_miss")
+                return Verdict(True, REJECT, Kind.JOIN_MISS)
             candidates = [b for b in service.backends if b.available] or service.backends
             backend = self.rng.choice(candidates)
             self.flows.put(segment.flow, backend.mark | JOIN, now)
-            return Verdict(True, backend.mark | JOIN, "join_miss")
+            return Verdict(True, backend.mark | JOIN, Kind.JOIN_MISS)
         else:
             backend = self._schedule(service, segment, now)
             if backend is None:
-                return Verdict(True, REJECT, "no_backend")
-            kind = "join_unaware" if segment.join is not None else (
-                "mp_capable_syn" if segment.capable is not None else "syn")
+                return Verdict(True, REJECT, Kind.NO_BACKEND)
+            kind = Kind.JOIN_UNAWARE if segment.join is not None else (
+                Kind.MP_CAPABLE_SYN if segment.capable is not None else Kind.SYN)
             backend.active += 1
         self.flows.put(segment.flow, backend.mark, now)
         return Verdict(True, backend.mark, kind)
@@ -267,21 +201,21 @@ class Balancer:
             service.affinity.put(segment.src, backend, now)
         return backend
 
-    def _learn(self, server_key: bytes, version: int, flow: tuple, mark: int, now: float, kind: str) -> Verdict:
+    def _learn(self, server_key: bytes, version: int, flow: tuple, mark: int, now: float, kind: Kind) -> Verdict:
         backend = self.backend_of(mark or self.flows.get(flow, now) or 0)
         if backend is None:
-            return Verdict(True, mark, "capable_without_flow")  # e.g. opened while no worker listened
+            return Verdict(True, mark, Kind.CAPABLE_WITHOUT_FLOW)  # e.g. opened while no worker listened
         service = self._service_at.get((flow[2], flow[3]))
         if service is not None and not service.mptcp_aware:
             return Verdict(True, backend.mark | LEARNED, kind)
         token = token_of_key(server_key, version)
         known = self.tokens.get(token, now)
         if known == backend.mark:  # already learned (SYN-ACK, then a racing ACK)
-            return Verdict(True, backend.mark | LEARNED, kind + "_repeat")
+            return Verdict(True, backend.mark | LEARNED, REPEATED[kind])
         if known == AMBIGUOUS:
-            return Verdict(True, backend.mark | LEARNED, "token_collision_repeat")
+            return Verdict(True, backend.mark | LEARNED, Kind.TOKEN_COLLISION_REPEAT)
         if known is not None:  # another connection, on another backend, has the same token
             self.tokens.put(token, AMBIGUOUS, now)
-            return Verdict(True, backend.mark | LEARNED, "token_collision", token)
+            return Verdict(True, backend.mark | LEARNED, Kind.TOKEN_COLLISION, token)
         self.tokens.put(token, backend.mark, now)
         return Verdict(True, backend.mark | LEARNED, kind, token)

@@ -7,25 +7,30 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from ..kernel.queue import queue_drops
+from .counters import LATENCY_BUCKETS
+
 JOIN_RESULTS = {"join_hit": "hit", "join_miss": "miss", "join_collision": "collision"}
 
 
 class WorkerCollector:
-    def __init__(self, worker):
-        self.worker = worker
+    """Reads the control plane's state: its counters summed over all workers, and the backends."""
+
+    def __init__(self, plane):
+        self.plane = plane
         self._nft = None
 
     def _nft_counters(self) -> dict[str, int]:
-        from .kernel import Nft, nft_counters
+        from ..kernel.nft import Nft, nft_counters
 
         if self._nft is None:
             self._nft = Nft()  # its own libnftables context: the worker's is used by its own thread
-        return nft_counters(self._nft, self.worker.cfg.table_name)
+        return nft_counters(self._nft, self.plane.cfg.table_name)
 
     def collect(self):
-        w = self.worker
-        total = w.totals()
-        kinds, stats = dict(total["kinds"]), total["stats"]
+        w = self.plane
+        total = w.total()
+        kinds, stats = dict(total.kinds), total.stats
 
         queued = CounterMetricFamily("mplb_queued_packets", "Packets the worker took from the queue, by kind",
                                      labels=["kind"])
@@ -60,7 +65,7 @@ class WorkerCollector:
         yield diverted
 
         tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds")
-        tokens.add_metric([], total["tokens"])
+        tokens.add_metric([], total.tokens)
         yield tokens
         writes = CounterMetricFamily("mplb_token_writes", "Tokens written to the kernel map: installed, marked "
                                      "colliding (their joins are reset), or lost to an error", labels=["result"])
@@ -93,8 +98,6 @@ class WorkerCollector:
                 draining.add_metric(labels, int(not b.available and b.healthy))
         yield from (connections, subflows, up, weight, draining)
 
-        from .worker import LATENCY_BUCKETS, queue_drops
-
         drops = CounterMetricFamily("mplb_nfqueue_dropped_packets", "Packets the kernel dropped at the queue",
                                     labels=["reason"])
         found = queue_drops(w.cfg.queue)
@@ -103,17 +106,17 @@ class WorkerCollector:
         yield drops
 
         buckets, cumulative = [], 0
-        for bound, count in zip(list(LATENCY_BUCKETS) + [float("inf")], total["latency_counts"]):
+        for bound, count in zip(list(LATENCY_BUCKETS) + [float("inf")], total.latency_counts):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         latency = HistogramMetricFamily("mplb_packet_processing_seconds",
                                         "CPU time to parse and decide one queued packet")
-        latency.add_metric([], buckets, total["latency_sum"])
+        latency.add_metric([], buckets, total.latency_sum)
         yield latency
 
 
-def serve_metrics(worker, address: str) -> None:
+def serve_metrics(plane, address: str) -> None:
     host, _, port = address.rpartition(":")
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(worker))
+    registry.register(WorkerCollector(plane))
     start_http_server(int(port), addr=host.strip("[]"), registry=registry)

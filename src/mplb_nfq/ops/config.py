@@ -9,8 +9,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .balancer import BACKEND_MASK, UNKNOWN_JOIN_POLICIES, Backend, Balancer, Service
-from .schedulers import MAGLEV_DEFAULT_SIZE, SCHEDULERS
+from ..core.balancer import UNKNOWN_JOIN_POLICIES, Backend, Balancer, Service
+from ..core.marks import BACKEND_MASK
+from ..core.schedulers import MAGLEV_DEFAULT_SIZE, SCHEDULERS, is_prime
 
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
 
@@ -371,7 +372,7 @@ def _services(path: str, raw, backends: dict[str, BackendConfig]) -> list[Servic
         if len(set(members)) != len(members):
             r.fail("backends", "a backend is listed twice")
         maglev_size = r.integer("maglev_size", MAGLEV_DEFAULT_SIZE, 3, 10_000_019)
-        if any(maglev_size % d == 0 for d in range(2, int(maglev_size ** 0.5) + 1)):
+        if not is_prime(maglev_size):
             r.fail("maglev_size", f"must be a prime, got {maglev_size}")
         names.add(name)
         result.append(ServiceConfig(

@@ -77,6 +77,10 @@ class SourceHash:
         return candidates[zlib.crc32(flow.src) % len(candidates)]
 
 
+def is_prime(n: int) -> bool:
+    return n >= 2 and not any(n % d == 0 for d in range(2, int(n ** 0.5) + 1))
+
+
 def _hash64(data: bytes, salt: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, salt=salt).digest(), "big")
 
@@ -89,7 +93,7 @@ class Maglev:
     """
 
     def __init__(self, table_size: int = MAGLEV_DEFAULT_SIZE, **_):
-        if table_size < 2 or any(table_size % d == 0 for d in range(2, int(table_size ** 0.5) + 1)):
+        if not is_prime(table_size):
             raise ValueError(f"maglev table size {table_size} is not a prime")
         self.size = table_size
         self._built_for: tuple | None = None

@@ -142,7 +142,7 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
         topo.build()
         _check_unaware_splits(topo)
         for i in range(settings.backends):
-            topo.python(f"b{i + 1}", "mplb_nfq.transfer", "serve", "--port", str(PORT),
+            topo.python(f"b{i + 1}", "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_servers(topo, settings.backends)
         _set_paths(topo, settings.family)
@@ -177,7 +177,7 @@ def _check_unaware_splits(topo: Topology) -> None:
     """As in the paper, the client's two addresses (of each family) must hash to different backends."""
     import ipaddress
 
-    from .schedulers import Flow, SourceHash
+    from ..core.schedulers import Flow, SourceHash
 
     backends = [f"b{i + 1}" for i in range(topo.backends)]
     for pair in (CLIENT[4], CLIENT[6], (CLIENT[4][0], DUAL_STACK_V6)):
@@ -219,7 +219,7 @@ def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: 
     try:
         for _ in range(settings.repeat):
             for size in settings.sizes_mb:
-                fetch = topo.exec("client", sys.executable, "-m", "mplb_nfq.transfer", "fetch",
+                fetch = topo.exec("client", sys.executable, "-m", "mplb_nfq.lab.transfer", "fetch",
                                   *_fetch_target(settings.family),
                                   "--port", str(PORT), "--size", str(int(size * 1e6)), "--pause", "0.2",
                                   capture_output=True)

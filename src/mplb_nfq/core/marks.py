@@ -1,0 +1,8 @@
+"""The packet and conntrack mark layout, shared by the core, the ruleset and routing: the low 16
+bits name the backend, the high bits are flags."""
+
+BACKEND_MASK = 0x0000FFFF
+LEARNED = 0x40000000  # kept in ct mark: this connection's token is known, stop queueing its MP_CAPABLE
+REJECT = 0x20000000  # transient: nftables answers the packet with a TCP reset
+QUEUE = 0x10000000  # transient: the xtables NFQUEUE rule queues packets carrying it
+JOIN = 0x08000000  # kept in ct mark: this flow is an added subflow (MP_JOIN), not a new connection

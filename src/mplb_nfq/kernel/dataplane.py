@@ -1,0 +1,78 @@
+"""The kernel objects of one config, together: the ruleset, the token map, routes and tunnels.
+
+All of them are named by the config (table name, queue number, marks, tables, rule priority), so
+`remove` takes away exactly mplb-nfq's own objects, also those a killed worker left behind. A
+table that the operator installed (from `render-nft`) is filled, never deleted.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..core.marks import REJECT
+from ..ops.config import Config
+from .nft import Nft
+from .routing import RetiredRoutes, Routing
+from .ruleset import Ruleset
+from .tokenmap import TokenMap
+
+log = logging.getLogger("mplb_nfq.kernel")
+
+
+class Dataplane:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg  # the config in force: `apply` replaces it
+        self.nft = Nft()
+        self.ruleset = Ruleset(self.nft, cfg)
+        self.token_map = TokenMap(cfg.table_name)
+        self.routing = Routing()
+
+    @property
+    def queue_mode(self) -> str:
+        return self.ruleset.queue_mode
+
+    @property
+    def table_owner(self) -> str:
+        return self.ruleset.owner
+
+    def install(self) -> None:
+        self.ruleset.install()
+        self.routing.sync_tunnels(self.cfg)
+        self.routing.sync_routes(self.cfg)
+        log.info("queue %d, mode: %s", self.cfg.queue, self.queue_mode)
+
+    def apply(self, cfg: Config, retired: RetiredRoutes) -> None:
+        """A reload: the VIPs, tunnels and routes of the new config (retired backends keep theirs)."""
+        self.ruleset.sync_vips(cfg)
+        self.routing.sync_tunnels(cfg, retired)
+        self.routing.sync_routes(cfg, retired)
+        self.cfg = cfg
+
+    def retire(self, retired: RetiredRoutes) -> None:
+        """Backends whose last connection ended lose their routes and tunnels."""
+        self.routing.sync_routes(self.cfg, retired)
+        self.routing.sync_tunnels(self.cfg, retired)
+
+    def reopen(self) -> None:
+        """In a forked worker: netlink sockets of its own (a shared one mixes up the answers)."""
+        self.nft = self.ruleset.nft = Nft()
+        self.token_map = TokenMap(self.cfg.table_name)
+
+    def add_tokens(self, tokens: list[tuple[int, int]]) -> list[int]:
+        """Install token -> backend mark in the kernel map, in one transaction; the tokens the map
+        holds already with another mark (another worker's connection) are refused, and returned."""
+        return self.token_map.add(tokens, self.cfg.token_timeout)
+
+    def lookup_token(self, token: int) -> int | None:
+        return self.token_map.lookup(token)
+
+    def reject_tokens(self, tokens: list[int]) -> None:
+        """Colliding tokens: the kernel map answers their joins with a TCP reset, whichever worker
+        learned what."""
+        self.token_map.reject(tokens, REJECT, self.cfg.token_timeout)
+
+    def read_tokens(self) -> list[tuple[int, int, float]]:
+        return self.token_map.read()
+
+    def remove(self) -> None:
+        self.routing.remove(self.cfg)
+        self.ruleset.remove()

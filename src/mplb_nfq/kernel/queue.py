@@ -1,0 +1,52 @@
+"""The NFQUEUE side: reading the queue's socket in bounded batches, and the kernel's drop counts."""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+VERDICT_BATCH = 32  # packets decided in a row before their verdicts go out (the queue empty: at once)
+
+
+class QueueReader:
+    """The queue's socket as NetfilterQueue.run_socket reads it, but ending a read loop after
+    `left` packets (under a flood, held joins, reloads and the control socket still get their turn).
+    Before each read it has the decided packets given their verdicts: the first packet read after
+    the queue was found empty at once, so that a lone packet waits for nothing; in a burst,
+    VERDICT_BATCH at a time, or what is left when the queue is empty again."""
+
+    def __init__(self, fd: int, left: int, decided: list, give_decided: Callable[[], None]):
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.sock.setblocking(False)
+        self.left, self.decided, self.give_decided = left, decided, give_decided
+        self.in_a_row = 0  # packets read since the queue was last found empty
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        if self.decided and (self.in_a_row < 2 or len(self.decided) >= VERDICT_BATCH):
+            self.give_decided()
+        self.left -= 1
+        try:
+            packet = self.sock.recv(size)
+        except BlockingIOError:
+            self.in_a_row = 0
+            self.give_decided()
+            raise
+        self.in_a_row += 1
+        return packet
+
+
+def queue_drops(queue: int) -> dict:
+    """From /proc/net/netfilter/nfnetlink_queue: packets dropped because the queue was full, or
+    because the worker's socket buffer was."""
+    try:
+        for line in Path("/proc/net/netfilter/nfnetlink_queue").read_text().splitlines():
+            fields = line.split()
+            if int(fields[0]) == queue:
+                return {"queue_full": int(fields[5]), "socket_full": int(fields[6]), "waiting": int(fields[2])}
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"queue_full": 0, "socket_full": 0, "waiting": 0}

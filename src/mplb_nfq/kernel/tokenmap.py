@@ -1,0 +1,232 @@
+"""The kernel token map (token -> backend mark) over nfnetlink: one socket for every operation.
+
+A batch of 1, 10 or 100 installs costs 20-30, 35 or 200 µs here, against libnftables' 170, 240
+or 1,000 µs (it parses text and fetches its cache for each call). The message builders are pure
+and tested byte for byte; `TokenMap` sends them, in the process and network namespace that uses it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+from .nft import KernelError
+
+NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, SOL_NETLINK, NETLINK_CAP_ACK = 12, 10, 1, 270, 10
+NLMSG_ERROR, NLMSG_DONE, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 2, 3, 16, 17
+NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE, NLA_F_NESTED = 1, 4, 0x300, 0x400, 0x8000
+SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS, LIST_ELEM = 1, 2, 3, 1
+SET_ELEM_KEY, SET_ELEM_DATA, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION, DATA_VALUE = 1, 2, 4, 5, 1
+NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port
+ATTRIBUTE = struct.Struct("=HH")  # length, type
+NFGEN_HEADER_SIZE = 4
+MAP_NAME = "tokens"
+
+
+def _attribute(kind: int, *payload: bytes) -> bytes:
+    data = b"".join(payload)
+    return ATTRIBUTE.pack(4 + len(data), kind) + data + bytes(-len(data) % 4)
+
+
+def _nfnetlink(kind: int, flags: int, seq: int, family: int, body: bytes = b"", res_id: int = 0) -> bytes:
+    header = NLMSG_HEADER.pack(20 + len(body), kind, flags, seq, 0)
+    return header + struct.pack("=BBH", family, 0, socket.htons(res_id)) + body
+
+
+def _set_elements(table: str, elements: bytes = b"") -> bytes:
+    body = _attribute(SET_ELEM_LIST_TABLE, table.encode(), b"\0") + _attribute(SET_ELEM_LIST_SET, MAP_NAME.encode(), b"\0")
+    return body + ATTRIBUTE.pack(4 + len(elements), SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED) + elements if elements \
+        else body
+
+
+# One element of the token map as NFT_MSG_NEWSETELEM carries it, 40 bytes, packed in one go (the
+# generic attribute helpers took 20 µs a token): a list element nesting the key (the token's four
+# bytes, as on the wire), the data (the mark, host order) and the timeout (ms, big endian).
+SET_ELEMENT = struct.Struct("=HHHHHH4sHHHHIHH8s")
+
+
+def _with_marks(tokens: list[tuple[int, int]], timeout: int) -> bytes:
+    expires = struct.pack("!Q", timeout * 1000)
+    return b"".join([SET_ELEMENT.pack(40, LIST_ELEM | NLA_F_NESTED, 12, SET_ELEM_KEY | NLA_F_NESTED, 8, DATA_VALUE,
+                                      token.to_bytes(4, "big"), 12, SET_ELEM_DATA | NLA_F_NESTED, 8, DATA_VALUE, mark,
+                                      12, SET_ELEM_TIMEOUT, expires) for token, mark in tokens])
+
+
+def _keys(tokens: list[int]) -> bytes:
+    return b"".join(_attribute(LIST_ELEM | NLA_F_NESTED, _attribute(
+        SET_ELEM_KEY | NLA_F_NESTED, _attribute(DATA_VALUE, token.to_bytes(4, "big")))) for token in tokens)
+
+
+def transaction(seq: int, messages: list[tuple[int, bytes]]) -> bytes:
+    """One nf_tables transaction: begin (seq), the messages (seq + 1, ...; each asks for an
+    acknowledgement), end. All of it applies, or none."""
+    parts = [_nfnetlink(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, res_id=NFNL_SUBSYS_NFTABLES)]
+    for offset, (kind, body) in enumerate(messages, 1):
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
+        parts.append(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | kind, flags, seq + offset, NFPROTO_INET, body))
+    parts.append(_nfnetlink(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + len(messages) + 1, 0,
+                            res_id=NFNL_SUBSYS_NFTABLES))
+    return b"".join(parts)
+
+
+def token_batch(table: str, tokens: list[tuple[int, int]], timeout: int, seq: int) -> bytes:
+    """The transaction adding token -> mark (messages seq to seq + 2)."""
+    return transaction(seq, [(NFT_MSG_NEWSETELEM, _set_elements(table, _with_marks(tokens, timeout)))])
+
+
+def reject_batch(table: str, token: int, mark: int, timeout: int, seq: int, delete_first: bool) -> bytes:
+    """The transaction that replaces a token's element with `mark` (the reject mark): the delete
+    fails the whole transaction when the element is not there, hence `delete_first`."""
+    messages = [(NFT_MSG_DELSETELEM, _set_elements(table, _keys([token])))] if delete_first else []
+    return transaction(seq, messages + [(NFT_MSG_NEWSETELEM, _set_elements(table, _with_marks([(token, mark)], timeout)))])
+
+
+def _attributes(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
+    """The netlink attributes in data[offset:end], by type (the nested flag cleared)."""
+    end = len(data) if end is None else end
+    found = {}
+    while offset + ATTRIBUTE.size <= end:
+        length, kind = ATTRIBUTE.unpack_from(data, offset)
+        if length < ATTRIBUTE.size:
+            break
+        found[kind & ~NLA_F_NESTED] = data[offset + ATTRIBUTE.size:offset + length]
+        offset += length + (-length % 4)
+    return found
+
+
+def _list_elements(data: bytes) -> list[bytes]:
+    elements, offset = [], 0
+    while offset + ATTRIBUTE.size <= len(data):
+        length, _ = ATTRIBUTE.unpack_from(data, offset)
+        if length < ATTRIBUTE.size:
+            break
+        elements.append(data[offset + ATTRIBUTE.size:offset + length])
+        offset += length + (-length % 4)
+    return elements
+
+
+def parse_elements(message_body: bytes) -> list[tuple[int, int, float]]:
+    """(token, mark, seconds left) of each element of a NFT_MSG_NEWSETELEM body (after nfgenmsg)."""
+    listing = _attributes(message_body, NFGEN_HEADER_SIZE).get(SET_ELEM_LIST_ELEMENTS, b"")
+    found = []
+    for element in _list_elements(listing):
+        attrs = _attributes(element)
+        key = _attributes(attrs.get(SET_ELEM_KEY, b"")).get(DATA_VALUE)
+        data = _attributes(attrs.get(SET_ELEM_DATA, b"")).get(DATA_VALUE)
+        if key is None or data is None or len(key) != 4 or len(data) != 4:
+            continue
+        left_ms = attrs.get(SET_ELEM_EXPIRATION) or attrs.get(SET_ELEM_TIMEOUT) or bytes(8)
+        found.append((int.from_bytes(key, "big"), struct.unpack("=I", data)[0], struct.unpack("!Q", left_ms)[0] / 1000))
+    return found
+
+
+class TokenMap:
+    """The table's token map: add, look up, reject, read, all over one nfnetlink socket."""
+
+    CHUNK = 1024  # tokens per transaction: one message stays far below the socket's buffer
+
+    def __init__(self, table: str):
+        self.table = table
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # an error quotes the header only, not the batch
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # a dump's answers come in a burst
+        self.sock.bind((0, 0))
+        self.sock.settimeout(5.0)
+        self.seq = 0
+
+    def add(self, tokens: list[tuple[int, int]], timeout: int) -> list[int]:
+        """Add token -> mark; the tokens the map holds already with another mark are refused, and
+        returned. Each chunk is one transaction, all of it added or none: when one is refused, the
+        chunk's tokens are added again one by one, so that the others still go in."""
+        refused = []
+        for start in range(0, len(tokens), self.CHUNK):
+            chunk = tokens[start:start + self.CHUNK]
+            if self._add(chunk, timeout) == errno.EEXIST:
+                refused += [token for token, mark in chunk if self._add([(token, mark)], timeout) == errno.EEXIST]
+        return refused
+
+    def _add(self, tokens: list[tuple[int, int]], timeout: int) -> int:
+        """0, or EEXIST (a token held with another mark); any other error raises KernelError."""
+        self.seq += 3
+        error = self._transaction(token_batch(self.table, tokens, timeout, self.seq), [self.seq + 1])
+        if error not in (0, errno.EEXIST):
+            raise KernelError(f"adding {len(tokens)} tokens to the map: {os.strerror(error)}")
+        return error
+
+    def reject(self, tokens: list[int], mark: int, timeout: int) -> None:
+        """Give each token `mark` in place of whatever the map held for it."""
+        for token in tokens:
+            self.seq += 4
+            error = self._transaction(reject_batch(self.table, token, mark, timeout, self.seq, True),
+                                      [self.seq + 1, self.seq + 2])
+            if error == errno.ENOENT:  # not there yet (learned in the same batch, or never)
+                self.seq += 3
+                error = self._transaction(reject_batch(self.table, token, mark, timeout, self.seq, False),
+                                          [self.seq + 1])
+            if error:
+                raise KernelError(f"rejecting token 0x{token:08x} in the map: {os.strerror(error)}")
+
+    def lookup(self, token: int) -> int | None:
+        """The mark the map holds for a token, or None."""
+        self.seq += 1
+        self.sock.send(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK,
+                                  self.seq, NFPROTO_INET, _set_elements(self.table, _keys([token]))))
+        found = None
+        for kind, body, error in self._answers(self.seq):
+            if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM:
+                found = next((mark for t, mark, _ in parse_elements(body) if t == token), found)
+            elif error is not None:
+                if error not in (0, errno.ENOENT):
+                    raise KernelError(f"looking token 0x{token:08x} up in the map: {os.strerror(error)}")
+                return found
+        return found
+
+    def read(self) -> list[tuple[int, int, float]]:
+        """(token, mark, seconds left) of every element of the map."""
+        self.seq += 1
+        self.sock.send(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
+                                  self.seq, NFPROTO_INET, _set_elements(self.table)))
+        found = []
+        for kind, body, error in self._answers(self.seq):
+            if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM:
+                found += parse_elements(body)
+            elif error:
+                raise KernelError(f"reading the token map: {os.strerror(error)}")
+        return found
+
+    def _transaction(self, batch: bytes, acknowledged: list[int]) -> int:
+        """Send a transaction; the first error the kernel answered any of its messages with (0: done)."""
+        self.sock.send(batch)
+        errors = {}
+        while len(errors) < len(acknowledged):
+            for _, _, error, seq in self._messages():
+                if seq in acknowledged and error is not None:
+                    errors[seq] = error
+            if any(errors.values()):  # the kernel aborts the transaction at the first error
+                break
+        return next((e for e in errors.values() if e), 0)
+
+    def _answers(self, seq: int):
+        """(type, body, errno or None) of the answers to request seq, up to its end."""
+        while True:
+            for kind, body, error, answered in self._messages():
+                if answered != seq:
+                    continue
+                yield kind, body, error
+                if kind in (NLMSG_ERROR, NLMSG_DONE):
+                    return
+
+    def _messages(self):
+        reply = self.sock.recv(1 << 16)
+        offset = 0
+        while offset + NLMSG_HEADER.size <= len(reply):
+            length, kind, _, seq, _ = NLMSG_HEADER.unpack_from(reply, offset)
+            body = reply[offset + NLMSG_HEADER.size:offset + length]
+            error = -struct.unpack_from("=i", body)[0] if kind == NLMSG_ERROR else (0 if kind == NLMSG_DONE else None)
+            yield kind, body, error, seq
+            offset += max(length + (-length % 4), NLMSG_HEADER.size)
+
+    def close(self) -> None:
+        self.sock.close()

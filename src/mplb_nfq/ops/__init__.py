@@ -1,0 +1,1 @@
+"""Operations: the config file, the control socket, health checks, metrics and status."""

@@ -1,0 +1,178 @@
+"""What an operator does to a running balancer, and what it shows: health, drain, reload,
+conntrack's counts, status. The first worker applies each change to the kernel and passes it on
+to the others (`kernel=False` there)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from ..core.balancer import Backend, Balancer
+from ..kernel.queue import queue_drops
+from .config import BackendConfig, Config, ConfigError, load
+from .counters import Report
+from .fleet import Counted, Drained, Fleet, HealthChanged, Message, Reloaded, Stop
+
+log = logging.getLogger("mplb_nfq.worker")
+RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "table_base", "max_backends",
+                "rule_priority", "metrics_address", "control_socket")
+
+
+@dataclass
+class RetiredBackend:
+    """A backend gone from the config, kept (drained) until conntrack counts none of its connections."""
+    backend: Backend
+    config: BackendConfig
+    vips: list[str]
+
+
+class ControlPlane:
+    def __init__(self, cfg: Config, balancer: Balancer, dataplane, fleet: Fleet, counters: Report):
+        self.cfg, self.balancer, self.dataplane, self.fleet, self.counters = cfg, balancer, dataplane, fleet, counters
+        self.retired: dict[str, RetiredBackend] = {}
+        self.health = None
+        self.stopping = False
+        self.started = time.time()
+
+    def backends(self) -> dict[str, Backend]:
+        return {b.name: b for s in self.balancer.services for b in s.backends}
+
+    def retired_routes(self) -> list[tuple[BackendConfig, list[str]]]:
+        return [(r.config, r.vips) for r in self.retired.values()]
+
+    def set_health(self, name: str, up: bool, error: str | None) -> None:
+        backend = self.backends().get(name)
+        if backend is not None:
+            backend.healthy = up
+        self.fleet.broadcast(HealthChanged(name, up, error))
+
+    def health_targets(self) -> list[tuple[str, str, int]]:
+        port = self.cfg.health.port
+        targets = []
+        for b in self.cfg.backends:
+            first = next(s for s in self.cfg.services if b.name in s.backends)
+            targets.append((b.name, b.addresses[0], port or first.ports[0]))
+        return targets
+
+    def drain(self, name: str, drained: bool) -> dict:
+        backend = self.backends().get(name)
+        if backend is None:
+            return {"ok": False, "error": f"no backend {name!r} (known: {', '.join(self.backends())})"}
+        backend.drained = drained
+        self.fleet.broadcast(Drained(name, drained))
+        log.info("backend %s %s", name, "drained" if drained else "undrained")
+        return {"ok": True, "backend": name, "state": backend.state}
+
+    def reload(self, path: str | None = None, kernel: bool = True) -> dict:
+        """Re-read the config. kernel=False: the first worker has already changed the kernel."""
+        path = path or self.cfg.path
+        try:
+            new = load(path)
+        except ConfigError as e:
+            log.error("reload refused, the running config stays: %s", e)
+            return {"ok": False, "error": str(e)}
+        changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.cfg, k)]
+        if changed:
+            error = f"{path}: {', '.join(changed)}: cannot change on reload (restart the worker)"
+            log.error("reload refused, the running config stays: %s", error)
+            return {"ok": False, "error": error}
+        running = self.backends()
+        known = {**running, **{n: r.backend for n, r in self.retired.items()}}
+        new = new.with_stable_marks({n: b.mark for n, b in known.items()})
+        services = new.build_services(known)
+        kept = {b.name for b in new.backends}
+        for name, backend in running.items():
+            if name not in kept:
+                backend.retired = True
+                config = next(b for b in self.cfg.backends if b.name == name)
+                vips = [vip for s in self.cfg.services if name in s.backends for vip in s.vips]
+                self.retired[name] = RetiredBackend(backend, config, vips)
+                log.info("backend %s retired: no new connections, kept until its connections end", name)
+        for name in kept:
+            self.retired.pop(name, None)
+        self.balancer.update(services, [r.backend for r in self.retired.values()])
+        if kernel:
+            self.dataplane.apply(new, self.retired_routes())
+            self.fleet.broadcast(Reloaded(path))
+        self.cfg = new
+        log.info("reloaded %s: %d services, %d backends, %d retired", path, len(new.services), len(new.backends),
+                 len(self.retired))
+        return {"ok": True, "services": len(new.services), "backends": len(new.backends),
+                "retired": sorted(self.retired)}
+
+    def apply_conntrack_counts(self, counted: Counted, kernel: bool = True) -> None:
+        if kernel:
+            self.fleet.broadcast(counted)
+        for mark, backend in self.balancer.by_mark.items():
+            backend.active, backend.subflows = counted.connections.get(mark, 0), counted.subflows.get(mark, 0)
+        done = [n for n, r in self.retired.items() if r.backend.idle]
+        if done:
+            for name in done:
+                log.info("backend %s: no connections left, its routes are removed", name)
+                del self.retired[name]
+            self.balancer.update(self.balancer.services, [r.backend for r in self.retired.values()])
+            if kernel:
+                self.dataplane.retire(self.retired_routes())
+
+    def apply(self, message: Message) -> None:
+        """A change the first worker made, in another worker."""
+        match message:
+            case HealthChanged(backend, up, error):
+                self.set_health(backend, up, error)
+            case Drained(backend, drained):
+                self.drain(backend, drained)
+            case Reloaded(path):
+                self.reload(path, kernel=False)
+            case Counted():
+                self.apply_conntrack_counts(message, kernel=False)
+            case Stop():
+                self.stopping = True
+
+    def own_report(self) -> Report:
+        c = self.counters
+        return Report(c.stats, self.balancer.counts, len(self.balancer.tokens), len(self.balancer.flows),
+                      c.latency_counts, c.latency_sum)
+
+    def total(self) -> Report:
+        return self.fleet.total(self.own_report())
+
+    def report(self) -> dict:
+        total = self.total()
+        handled = total.handled
+        return {"packets": handled, **total.stats, "kinds": dict(total.kinds), "tokens_tracked": total.tokens,
+                "flows_tracked": total.flows, "workers": self.cfg.workers,
+                "decide_us_per_packet": round(total.latency_sum * 1e6 / handled, 2) if handled else None,
+                "queue_mode": self.dataplane.queue_mode}
+
+    def status(self) -> dict:
+        services, running = [], self.backends()
+        for s in self.cfg.services:
+            services.append({
+                "name": s.name, "vips": list(s.vips), "ports": list(s.ports), "scheduler": s.scheduler,
+                "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
+                "backends": [backend_status(running[n]) for n in s.backends]})
+        report = self.report()
+        return {"ok": True, "services": services,
+                "retired": [backend_status(r.backend) for r in self.retired.values()],
+                "tokens_tracked": report["tokens_tracked"], "flows_tracked": report["flows_tracked"],
+                "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode,
+                "queue_drops": queue_drops(self.cfg.queue), "table_owner": self.dataplane.table_owner,
+                "uptime_s": round(time.time() - self.started, 1),
+                "health_errors": {n: e for n, e in (self.health.last_error if self.health else {}).items() if e},
+                "packets": report}
+
+    def control(self, request: dict) -> dict:
+        command = request["command"]
+        if command == "status":
+            return self.status()
+        if command in ("drain", "undrain"):
+            return self.drain(str(request.get("backend")), command == "drain")
+        if command == "reload":
+            return self.reload(request.get("path"))
+        return {"ok": False, "error": f"unknown command {command!r} (status, drain, undrain, reload)"}
+
+
+def backend_status(b: Backend) -> dict:
+    return {"name": b.name, "addresses": list(b.addresses), "state": b.state, "healthy": b.healthy,
+            "weight": b.weight, "drained": b.drained, "mark": f"0x{b.mark:x}", "table": b.table,
+            "connections": b.active, "subflows": b.subflows}

@@ -1,0 +1,98 @@
+"""Several worker processes: the first one runs the kernel, the health checks and the control
+socket, and passes state changes on to the others, which report their counters back."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .counters import Report
+
+log = logging.getLogger("mplb_nfq.fleet")
+WORKER_START_SECONDS = 30.0  # for a worker beyond the first to bind its queue, before the first says "ready"
+
+
+@dataclass(frozen=True)
+class HealthChanged:
+    backend: str
+    up: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Drained:
+    backend: str
+    drained: bool
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    path: str
+
+
+@dataclass(frozen=True)
+class Counted:
+    """Conntrack's live connections and subflows per backend mark."""
+    connections: dict[int, int]
+    subflows: dict[int, int]
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Message = HealthChanged | Drained | Reloaded | Counted | Stop
+
+
+class Fleet:
+    """The first worker's pipes to the others, and their last reports."""
+
+    def __init__(self):
+        self.peers: list = []
+        self.processes: list[multiprocessing.Process] = []
+        self.reports: dict[int, Report] = {}
+        self._lock = threading.Lock()  # the health thread sends too
+
+    def start(self, count: int, target: Callable, args: tuple, queue: int) -> None:
+        """Fork workers 1..count-1, each running target(*args, index, pipe), and wait until each
+        has bound its queue: "ready" means every queue has its reader."""
+        for index in range(1, count):
+            mine, theirs = multiprocessing.Pipe()
+            process = multiprocessing.Process(target=target, args=(*args, index, theirs), name=f"mplb-nfq worker {index}",
+                                              daemon=True)
+            process.start()
+            theirs.close()  # the child's end: closed here, a child that dies gives EOF at once
+            self.peers.append(mine)
+            self.processes.append(process)
+        for index, peer in enumerate(self.peers, 1):
+            if not peer.poll(WORKER_START_SECONDS):
+                raise RuntimeError(f"worker {index} did not bind queue {queue + index} "
+                                   f"within {WORKER_START_SECONDS:.0f} s")
+            try:
+                self.reports[index] = peer.recv()
+            except EOFError:
+                raise RuntimeError(f"worker {index} exited while starting (see its error above)") from None
+
+    def broadcast(self, message: Message) -> None:
+        with self._lock:
+            for peer in self.peers:
+                try:
+                    peer.send(message)
+                except OSError:
+                    pass
+
+    def total(self, own: Report) -> Report:
+        total = own
+        for report in self.reports.values():
+            total = total.plus(report)
+        return total
+
+    def stop(self) -> None:
+        self.broadcast(Stop())
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
