@@ -33,9 +33,9 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
-from mplb_nfq.ops.config import load as load_config  # noqa: E402
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text  # noqa: E402
 from mplb_nfq.lab.netns import VIP, Topology, backend_address  # noqa: E402
+from mplb_nfq.ops.config import load as load_config  # noqa: E402
 
 MB = 1_000_000
 

@@ -5,8 +5,8 @@ import dpkt
 import pytest
 from conftest import CAPTURES
 
-from mplb_nfq.inspect import inspect_file, read_packets
 from mplb_nfq.core.packet import Malformed, Segment, parse_ip, token_of_key
+from mplb_nfq.inspect import inspect_file, read_packets
 
 PCAPS = sorted(CAPTURES.glob("*.pcap"))
 CAPABLE_RE = re.compile(r"^\s*(\d+) .*capable v(\d) flags \[(\w*)\](?: csum)? \{(0x[0-9a-f]+)(?:,(0x[0-9a-f]+))?")

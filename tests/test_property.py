@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from packets import SYN, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
+from mplb_nfq.core.packet import Malformed, Segment, parse_ip
 from mplb_nfq.core.verdicts import Verdict
 from mplb_nfq.inspect import read_packets
-from mplb_nfq.core.packet import Malformed, Segment, parse_ip
 
 REAL = [ip for pcap in sorted(CAPTURES.glob("*.pcap")) for _, ip in read_packets(str(pcap)) if ip]
 # every endpoint of the captures and of the generated packets is a VIP, so that every packet

@@ -8,9 +8,9 @@ from netlab import KERNEL, MB, counters, delta, fetch, inject, nft_counters, one
 from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.marks import JOIN, REJECT
+from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.lab.lab import PORT, WorkerProcess
 from mplb_nfq.lab.netns import VIP
-from mplb_nfq.core.packet import token_of_key
 
 pytestmark = KERNEL
 FAST = "conntrack_interval = 0.3\n"

@@ -9,12 +9,12 @@ from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
-from mplb_nfq.core.tokens import AMBIGUOUS
-from mplb_nfq.ops.config import from_dict
-from mplb_nfq.ops.metrics import WorkerCollector
 from mplb_nfq.core.packet import token_of_key
+from mplb_nfq.core.tokens import AMBIGUOUS
 from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader
+from mplb_nfq.ops.config import from_dict
 from mplb_nfq.ops.logs import ERROR_LOG_SECONDS
+from mplb_nfq.ops.metrics import WorkerCollector
 from mplb_nfq.worker import Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],

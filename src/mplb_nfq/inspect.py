@@ -1,7 +1,8 @@
 """`mplb-nfq inspect`: MPTCP connections, keys, tokens and joins in a capture, through the same core.
 
 dpkt reads the file (pcap or pcapng); the link layer is stripped here and every IP packet goes
-through `packet.parse_ip` and, with a config, through `Balancer.decide` as the worker would see it.
+through `packet.parse_ip` and, with a config, through the ruleset's model and `Balancer.decide`, as
+the kernel and the worker would see it.
 """
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import ipaddress
 from dataclasses import dataclass
 
 from .core.balancer import Balancer
-from .core.marks import LEARNED
-from .ops.config import Config
+from .core.marks import REJECT
 from .core.packet import TCP_ACK, TCP_SYN, Malformed, Segment, parse_ip, token_of_key
+from .core.tokens import plan_writes
+from .core.verdicts import Kind, Verdict
+from .kernel.ruleset import classify
+from .ops.config import Config
 
 ETHERTYPES_IP = (0x0800, 0x86DD)
 VLAN_ETHERTYPES = (0x8100, 0x88A8)
@@ -85,8 +89,14 @@ def _endpoint(addr: bytes, port: int) -> str:
 
 
 def inspect_packets(packets, cfg: Config | None = None) -> dict:
+    """With a config, each packet goes through the ruleset's model (`kernel.ruleset.classify`) and,
+    where the ruleset would queue it, through the core, as the worker would see it; the tokens
+    the worker would write go to a stand-in for the kernel map."""
     balancer: Balancer | None = cfg.balancer() if cfg else None
+    vips = {(ipaddress.ip_address(v).packed, p) for s in cfg.services for v in s.vips for p in s.ports} if cfg else set()
     marks: dict[tuple, int] = {}  # stands in for the conntrack mark of each flow
+    originals: dict[tuple, tuple] = {}  # each conntrack entry's original direction
+    token_map: dict[int, int] = {}
     by_flow: dict[tuple, Connection] = {}
     connections: list[Connection] = []
     joins: list[dict] = []
@@ -107,12 +117,20 @@ def inspect_packets(packets, cfg: Config | None = None) -> dict:
         counts["tcp"] += 1
         verdict = None
         connection = min(segment.flow, (segment.dst, segment.dport, segment.src, segment.sport))
-        mark = marks.get(connection, 0)
-        # what the ruleset would queue: SYNs, and MP_CAPABLE packets until the token is learned
-        if balancer is not None and (segment.is_syn or (segment.capable is not None and not mark & LEARNED)):
-            verdict = balancer.decide(segment, mark, ts)
-            if verdict.accept:
-                marks[connection] = verdict.mark
+        new = connection not in originals
+        original = originals.setdefault(connection, segment.flow) == segment.flow
+        if balancer is not None:
+            classified = classify(segment, marks.get(connection, 0), original, new, vips, token_map)
+            if classified.queued:
+                verdict = balancer.decide(segment, classified.mark, ts)
+                writes = plan_writes([verdict])
+                token_map.update(writes.install)
+                token_map.update((token, REJECT) for token in writes.reject)
+                if verdict.accept and not verdict.mark & REJECT:
+                    marks[connection] = verdict.mark
+            elif classified.kernel_hit:
+                marks[connection] = classified.mark
+                verdict = Verdict(True, classified.mark, Kind.JOIN_HIT)
         chosen = balancer.backend_of(verdict.mark) if verdict is not None and verdict.accept else None
         _track(segment, number, by_flow, connections, joins, chosen.name if chosen else None, verdict)
     for join in joins:

@@ -7,13 +7,17 @@ table that the operator installed (from `render-nft`) is filled, never deleted.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..core.marks import REJECT
-from ..ops.config import Config
 from .nft import Nft
-from .routing import RetiredRoutes, Routing
+from .routing import Routing
 from .ruleset import Ruleset
 from .tokenmap import TokenMap
+
+if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
+    from ..ops.config import Config
+    from .routing import RetiredRoutes
 
 log = logging.getLogger("mplb_nfq.kernel")
 

@@ -9,10 +9,14 @@ import shutil
 import subprocess
 from pathlib import Path
 from string import Template
+from typing import TYPE_CHECKING, Container, Mapping, NamedTuple
 
 from ..core.marks import JOIN, LEARNED, QUEUE, REJECT
-from ..ops.config import Config
-from .nft import KernelError, Nft
+from ..core.packet import TCP_ACK, TCP_SYN, Segment
+from .nft import KernelError, Nft, native_queue_supported
+
+if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
+    from ..ops.config import Config
 
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"
@@ -66,6 +70,40 @@ def iptables_binary(version: int) -> str:
         if shutil.which(candidate):
             return candidate
     raise KernelError(f"{name} not found: the xtables NFQUEUE fallback needs it (apt install iptables)")
+
+
+class Classified(NamedTuple):
+    mark: int  # the packet's mark when it leaves the classify chain
+    queued: str | None  # the counter of the rule that sends it to the worker; None: it stays in the kernel
+    kernel_hit: bool = False  # a MP_JOIN SYN the token map steered
+
+
+def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Container[tuple[bytes, int]],
+             token_map: Mapping[int, int], tracked: bool = True) -> Classified:
+    """What nft/mplb.nft's classify chain and its handshake chains do to one TCP segment, given
+    its flow's conntrack state: the model `inspect` replays. A kernel test sends packets through
+    the real ruleset and holds this function to its counters, rule by rule."""
+    mark = ct_mark if original and ct_mark else 0
+    if ct_mark & (LEARNED | JOIN):
+        return Classified(mark, None)
+    handshake = segment.flags & (TCP_SYN | TCP_ACK)
+    if (segment.dst, segment.dport) in vips:
+        hit = False
+        if handshake == TCP_SYN and not mark and tracked and segment.mptcp_subtype == 1 and segment.join is not None:
+            found = token_map.get(segment.join.token)
+            if found is not None:
+                mark, hit = found, True
+        if handshake == TCP_SYN and not mark:
+            return Classified(mark, "queued_syn")
+        if handshake == TCP_ACK and not ct_mark & LEARNED and segment.mptcp_subtype == 0:
+            return Classified(mark, "queued_capable")
+        if handshake == TCP_ACK and new and not mark:
+            return Classified(mark, "queued_first")
+        return Classified(mark, None, hit)
+    if (segment.src, segment.sport) in vips and handshake == TCP_SYN | TCP_ACK and not ct_mark & LEARNED \
+            and segment.mptcp_subtype == 0:
+        return Classified(ct_mark, "queued_synack")
+    return Classified(mark, None)
 
 
 def families(cfg: Config) -> set[int]:

@@ -21,7 +21,7 @@ CLIENT_NETS = {4: ("10.0.1.0/24", "10.0.2.0/24"), 6: ("fd00:1::/64", "fd00:2::/6
 LB_CLIENT_SIDE = {4: ("10.0.1.1", "10.0.2.1"), 6: ("fd00:1::1", "fd00:2::1")}
 LB_BACKEND_SIDE = {4: "10.0.9.1", 6: "fd00:9::1"}
 CLIENT_ON_SWITCH = {4: ("10.0.9.101", "10.0.9.102"), 6: ("fd00:9::101", "fd00:9::102")}  # direct return only
-BACKEND_SETUP = Path(__file__).resolve().parent / "backend-setup.sh"
+BACKEND_SETUP = Path(__file__).resolve().parent.parent / "backend-setup.sh"
 
 
 LB_UNDERLAY, ROUTER_UNDERLAY, BACKEND_UNDERLAY_NET = "10.0.8.1", "10.0.8.2", "10.0.64.0/18"
