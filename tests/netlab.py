@@ -54,10 +54,10 @@ def serving(before, after):
     return name
 
 
-def inject(topo, packets, repeat=1, seconds=30.0):
-    """Send raw IP packets from the client namespace; returns how many were sent."""
+def inject(topo, packets, repeat=1, seconds=30.0, namespace="client"):
+    """Send raw IP packets from a namespace (the client's by default); returns how many were sent."""
     script = os.path.join(os.path.dirname(__file__), "inject.py")
-    out = topo.exec("client", sys.executable, script, "--repeat", str(repeat), "--seconds", str(seconds),
+    out = topo.exec(namespace, sys.executable, script, "--repeat", str(repeat), "--seconds", str(seconds),
                     input="\n".join(p.hex() for p in packets) + "\n", capture_output=True).stdout
     return int(out)
 

@@ -10,7 +10,7 @@ from conftest import lab_topology
 from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, nft_counters
 
 from mplb_nfq.lab.lab import PORT, config_text
-from mplb_nfq.lab.netns import VIP, VIP6
+from mplb_nfq.lab.netns import VIP, VIP6, backend_address
 
 pytestmark = KERNEL
 
@@ -137,6 +137,7 @@ def test_render_nft_output_loads_with_plain_nft(topo, tmp_path):
         listing = topo.exec("lb", "nft", "list", "table", "inet", "mplb", capture_output=True).stdout
         assert f"{VIP} . {PORT}" in listing and "map tokens" in listing
     finally:
+        topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
 
 
@@ -165,6 +166,7 @@ def test_the_token_map_socket_adds_what_nft_reads_back_and_refuses_a_changed_mar
         found = {key["elem"]["val"]: (mark, key["elem"]["timeout"]) for key, mark in elements}
         assert found == {0x11223344: (0x48000100, 600), 0xDEADBEEF: (0x48000101, 600), 0x0BADCAFE: (0x48000100, 600)}
     finally:
+        topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
 
 
@@ -193,4 +195,72 @@ def test_a_ruleset_the_operator_installed_is_filled_and_never_deleted(topo, work
         assert "installed by the operator" in listing and f"{VIP} . {PORT}" in listing
         assert f"{VIP6} . {PORT}" in listing
     finally:
+        topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
+        topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
+
+
+ADD_TOKEN = """
+import sys
+from mplb_nfq.kernel.tokenmap import TokenMap
+TokenMap("mplb").add([(int(sys.argv[1]), int(sys.argv[2]))], 600)
+"""
+
+
+def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by_rule(topo, tmp_path):
+    """Each packet goes through the real ruleset (no worker: what would be queued passes, bypassed);
+    the counters it moves must be those the model names."""
+    import ipaddress
+
+    from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+    from netlab import inject
+
+    from mplb_nfq.core.marks import JOIN
+    from mplb_nfq.core.packet import parse_ip
+    from mplb_nfq.kernel.ruleset import classify
+
+    config = tmp_path / "c.toml"
+    config.write_text(config_text("mplb", 2, tmp_path, direct_return=topo.direct_return))
+    rendered = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "render-nft", "-c", str(config),
+                         capture_output=True).stdout
+    (tmp_path / "mplb.nft").write_text(rendered)
+    topo.exec("lb", "nft", "-f", str(tmp_path / "mplb.nft"))
+    known, mark = 0x7A9913B1, 0x101 | JOIN
+    topo.exec("lb", sys.executable, "-c", ADD_TOKEN, str(known), str(mark))
+    # Without a worker no route to the VIP is installed; a SYN routed nowhere leaves no conntrack
+    # entry, and its SYN-ACK would be invalid. One route to the first backend stands in.
+    first = backend_address(0)
+    topo.exec("lb", "ip", "route", "replace", f"{VIP}/32", "via", first)
+    client = "10.0.1.70"  # no host owns it: a backend's answer dies at the LB
+    vips = {(ipaddress.ip_address(VIP).packed, PORT)}
+    tracked = not topo.direct_return
+    cases = [
+        ("plain SYN", tcp(client, VIP, 51001, PORT, SYN), []),
+        ("MP_CAPABLE SYN", tcp(client, VIP, 51002, PORT, SYN, mp_capable()),
+         # its SYN-ACK, from the backend (under DSR none passes the LB)
+         [] if topo.direct_return else [tcp(VIP, client, PORT, 51002, SYN | ACK, mp_capable(1, 1, SERVER_KEY),
+                                            seq=5000, ack=1001)]),
+        ("join, token in the map", tcp(client, VIP, 51003, PORT, SYN, mp_join_syn(known)), []),
+        ("join, unknown token", tcp(client, VIP, 51004, PORT, SYN, mp_join_syn(0x01020304)), []),
+        ("join then capable", tcp(client, VIP, 51005, PORT, SYN, mp_join_syn(known) + mp_capable()), []),
+        ("capable ACK, no SYN seen", tcp(client, VIP, 51006, PORT, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY),
+                                         seq=1001, ack=1), []),
+        ("plain ACK, no SYN seen", tcp(client, VIP, 51007, PORT, ACK, seq=1001, ack=1), []),
+    ]
+    try:
+        for name, packet, replies in cases:
+            expected = []
+            outcome = classify(parse_ip(packet), 0, True, True, vips, {known: mark}, tracked)
+            expected += [outcome.queued] if outcome.queued else []
+            expected += ["join_kernel_hit"] if outcome.kernel_hit else []
+            expected += [classify(parse_ip(r), 0, False, False, vips, {}).queued for r in replies]
+            assert expected, name  # every case moves a counter: a ruleset that moves none fails
+            before = nft_counters(topo)
+            inject(topo, [packet])
+            if replies:  # the backend's own answer may be quicker, or lost: this one is sure to come
+                inject(topo, replies, namespace=topo.backend_names[0])
+            after = nft_counters(topo)
+            moved = sorted(k for k in after if after[k] != before.get(k, 0) and k != "rejected")
+            assert moved == sorted(expected), name
+    finally:
+        topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import select
 import signal
 import time
@@ -13,13 +12,13 @@ from .core.marks import REJECT
 from .core.packet import parse_ip
 from .core.tokens import Held, held_outcome, learned_at, may_hold, plan_writes
 from .core.verdicts import Kind, Verdict
-from .kernel.conntrack import count_conntrack
+from .kernel.conntrack import start_counter
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader
 from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
-from .ops.fleet import Counted, Fleet
+from .ops.fleet import Counted, Fleet, serve_other_worker
 from .ops.logs import ThrottledLog
 
 log = logging.getLogger("mplb_nfq.worker")
@@ -144,10 +143,7 @@ class Worker:
         if first:
             # The counter starts first: a child must not inherit the queue's socket, or a killed
             # worker would leave the queue bound to nobody reading, and no bypass.
-            counts, counter_end = multiprocessing.Pipe(duplex=False)
-            counter = multiprocessing.Process(target=count_conntrack, args=(counter_end, cfg.conntrack_interval),
-                                              name="mplb-nfq conntrack counter", daemon=True)
-            counter.start()
+            counter, counts = start_counter(cfg.conntrack_interval)
             handlers[counts.fileno()] = lambda: plane.apply_conntrack_counts(Counted(*counts.recv()))
             for peer_index, peer in enumerate(plane.fleet.peers, 1):
                 handlers[peer.fileno()] = lambda peer=peer, i=peer_index: plane.fleet.reports.__setitem__(i, peer.recv())
@@ -199,23 +195,6 @@ class Worker:
             if control:
                 control.close()
                 counter.kill()
-
-
-def serve_other_worker(worker: Worker, index: int, parent) -> None:
-    """A worker process beyond the first: its own queue, its own netlink sockets."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: stop with the first worker
-
-    def stop(signum, frame):
-        worker.plane.stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):  # the first worker decides, and tells us
-        signal.signal(ignored, signal.SIG_IGN)
-    worker.dataplane.reopen()
-    worker.plane.fleet = Fleet()
-    worker.serve(ready=lambda: parent.send(worker.plane.own_report()), parent=parent, index=index)
 
 
 def run(cfg: Config) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import time
 from collections import Counter
@@ -45,3 +46,12 @@ def count_conntrack(out, interval: float) -> None:
         # A large table takes long to read: wait at least 4 times as long as the reading took,
         # so that counting never takes more than a fifth of a core.
         time.sleep(max(interval, 4 * (time.monotonic() - started)))
+
+
+def start_counter(interval: float):
+    """The counting process, and the pipe its counts arrive on."""
+    counts, counter_end = multiprocessing.Pipe(duplex=False)
+    counter = multiprocessing.Process(target=count_conntrack, args=(counter_end, interval),
+                                      name="mplb-nfq conntrack counter", daemon=True)
+    counter.start()
+    return counter, counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -96,3 +97,20 @@ class Fleet:
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
+
+
+def serve_other_worker(worker, index: int, parent) -> None:
+    """A worker process beyond the first (a Worker of worker.py): its own queue, its own netlink sockets."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: stop with the first worker
+
+    def stop(signum, frame):
+        worker.plane.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):  # the first worker decides, and tells us
+        signal.signal(ignored, signal.SIG_IGN)
+    worker.dataplane.reopen()
+    worker.plane.fleet = Fleet()
+    worker.serve(ready=lambda: parent.send(worker.plane.own_report()), parent=parent, index=index)

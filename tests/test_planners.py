@@ -1,0 +1,149 @@
+"""The kernel adapters' pure planners: the ruleset rendered from the config, the routing plan, the
+token map's nfnetlink messages, and the ruleset's model that `inspect` replays. (The kernel tests
+load what they produce; these pin what they produce.)"""
+import ipaddress
+import socket
+import struct
+
+from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+
+from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
+from mplb_nfq.core.packet import parse_ip, token_of_key
+from mplb_nfq.kernel.routing import MAIN_TABLE, routing_plan
+from mplb_nfq.kernel.ruleset import OPERATOR_COMMENT, WORKER_COMMENT, classify, render_ruleset, xtables_rule
+from mplb_nfq.kernel.tokenmap import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, NLM_F_ACK, NLMSG_HEADER,
+                                      parse_elements, reject_batch, token_batch)
+from mplb_nfq.ops.config import from_dict
+
+CONFIG = {
+    "services": [{"name": "web", "vips": ["10.0.100.1", "fd00:100::1"], "ports": [80, 443], "backends": ["b1", "b2"]},
+                 {"name": "dsr", "vip": "10.0.200.1", "ports": [8080], "direct_return": True, "backends": ["b2"]}],
+    "backends": [{"name": "b1", "addresses": ["10.0.9.11", "fd00:9::11"]},
+                 {"name": "b2", "addresses": ["10.0.9.12", "fd00:9::12"], "weight": 2}],
+}
+
+
+def cfg(**kernel):
+    return from_dict({**CONFIG, "kernel": kernel})
+
+
+# -- the ruleset ---------------------------------------------------------------------------------
+def test_the_ruleset_holds_the_config_s_vips_marks_and_queue_statement():
+    text = render_ruleset(cfg(table_name="edge"), native=True, by_worker=True)
+    assert "${" not in text and text.startswith("# mplb-nfq ruleset")
+    assert "table inet edge {" in text and WORKER_COMMENT in text
+    assert "elements = { 10.0.100.1 . 80, 10.0.100.1 . 443, 10.0.200.1 . 8080 }" in text
+    assert "elements = { fd00:100::1 . 80, fd00:100::1 . 443 }" in text
+    assert "elements = { 10.0.200.1 . 8080 }" in text  # only the direct-return VIP is untracked
+    assert "queue num 0 bypass" in text
+    assert f"ct mark & 0x{LEARNED | JOIN:08x} != 0 accept" in text
+    assert f"meta mark & 0x{REJECT:08x} == 0x{REJECT:08x}" in text
+    assert f"meta mark set meta mark & 0x{0xFFFFFFFF & ~QUEUE:08x}" in text
+
+
+def test_without_nft_queue_the_ruleset_sets_a_mark_bit_that_one_xtables_rule_queues():
+    text = render_ruleset(cfg(workers=3, queue=10), native=False)
+    assert OPERATOR_COMMENT in text and "queue num" not in text
+    assert f"meta mark set meta mark | 0x{QUEUE:08x}" in text
+    rule = xtables_rule(cfg(workers=3, queue=10))
+    assert rule[rule.index("--mark") + 1] == f"0x{QUEUE:x}/0x{QUEUE:x}"
+    assert rule[rule.index("--queue-balance") + 1] == "10:12" and rule[-1] == "--queue-bypass"
+    assert render_ruleset(cfg(workers=3, queue=10), native=True).count("queue num 10-12 bypass") == 1
+
+
+# -- routing ---------------------------------------------------------------------------------------
+def test_the_routing_plan_gives_each_backend_a_table_and_a_fwmark_rule_and_each_vip_a_fail_open_route():
+    c = cfg()
+    routes, rules = routing_plan(c)
+    b1, b2 = c.backends
+    assert dict(dst="10.0.100.1/32", table=b1.table, family=socket.AF_INET, gateway="10.0.9.11") in routes
+    assert dict(dst="fd00:100::1/128", table=b1.table, family=socket.AF_INET6, gateway="fd00:9::11") in routes
+    assert dict(dst="10.0.200.1/32", table=b2.table, family=socket.AF_INET, gateway="10.0.9.12") in routes
+    assert not any(r["dst"] == "10.0.200.1/32" and r["table"] == b1.table for r in routes)  # b1 is not in dsr
+    for b in (b1, b2):
+        for family in (socket.AF_INET, socket.AF_INET6):
+            assert dict(family=family, table=b.table, priority=c.rule_priority, fwmark=b.mark,
+                        fwmask=BACKEND_MASK) in rules
+    fallback = [r for r in routes if r["table"] == c.fallback_table and r["dst"] == "10.0.100.1/32"]
+    assert fallback == [dict(dst="10.0.100.1/32", table=c.fallback_table, family=socket.AF_INET,
+                             multipath=[{"gateway": "10.0.9.11"}, {"gateway": "10.0.9.12"}])]
+    assert dict(family=socket.AF_INET, table=c.fallback_table, priority=c.rule_priority + 1, dst="10.0.100.1",
+                dst_len=32) in rules
+
+
+def test_a_retired_backend_keeps_its_routes_and_a_tunnelled_one_gets_a_device_and_a_host_route():
+    c = from_dict({"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80], "backends": ["t1"]}],
+                   "backends": [{"name": "t1", "address": "10.0.50.2", "tunnel": "vxlan", "remote": "10.0.8.2",
+                                 "vni": 7}]})
+    gone = from_dict(CONFIG).backends[0]
+    routes, rules = routing_plan(c, [(gone, ["10.0.100.1"])])
+    (t1,) = c.backends
+    assert dict(dst="10.0.100.1/32", table=t1.table, family=socket.AF_INET, gateway="10.0.50.2", dev=t1.device,
+                onlink=True) in routes
+    assert dict(dst="10.0.50.2/32", table=MAIN_TABLE, family=socket.AF_INET, dev=t1.device) in routes
+    assert dict(dst="10.0.100.1/32", table=gone.table, family=socket.AF_INET, gateway="10.0.9.11") in routes
+    assert any(r.get("fwmark") == gone.mark for r in rules)
+
+
+# -- the token map's messages -----------------------------------------------------------------------
+def messages(batch: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, sequence, body) of each netlink message of a batch."""
+    found, offset = [], 0
+    while offset < len(batch):
+        length, kind, flags, seq, _ = NLMSG_HEADER.unpack_from(batch, offset)
+        found.append((kind, flags, seq, batch[offset + NLMSG_HEADER.size:offset + length]))
+        offset += length
+    return found
+
+
+def test_a_token_batch_is_one_transaction_whose_elements_read_back_as_written():
+    tokens = [(0x11223344, 0x100 | JOIN), (0xDEADBEEF, 0x101 | JOIN)]
+    batch = token_batch("mplb", tokens, 600, 30)
+    (begin, add, end) = messages(batch)
+    assert (begin[0], begin[2]) == (16, 30) and (end[0], end[2]) == (17, 32)
+    assert add[0] == 10 << 8 | NFT_MSG_NEWSETELEM and add[1] & NLM_F_ACK and add[2] == 31
+    assert b"mplb\0" in add[3] and b"tokens\0" in add[3]
+    assert bytes.fromhex("11223344") in add[3]  # the key as on the wire, as nft's tcp option @30,32,32 reads it
+    assert struct.pack("=I", 0x100 | JOIN) in add[3]  # the mark in host order, as meta mark holds it
+    assert [(t, m) for t, m, _ in parse_elements(add[3])] == tokens
+    assert {left for _, _, left in parse_elements(add[3])} == {600.0}
+
+
+def test_a_reject_deletes_then_adds_in_one_transaction_or_only_adds():
+    kinds = [m[0] & 0xFF for m in messages(reject_batch("mplb", 0xCAFE0001, REJECT, 60, 7, True))]
+    assert kinds == [16, NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, 17]
+    kinds = [m[0] & 0xFF for m in messages(reject_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))]
+    assert kinds == [16, NFT_MSG_NEWSETELEM, 17]
+    (_, add, _) = messages(reject_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))
+    assert [(t, m) for t, m, _ in parse_elements(add[3])] == [(0xCAFE0001, REJECT)]
+
+
+# -- the ruleset's model ----------------------------------------------------------------------------
+VIP = "10.0.100.1"
+VIPS = {(ipaddress.ip_address(VIP).packed, 80)}
+
+
+def model(packet: bytes, ct_mark=0, original=True, new=False, token_map=None, tracked=True):
+    return classify(parse_ip(packet), ct_mark, original, new, VIPS, token_map or {}, tracked)
+
+
+def test_the_model_queues_syns_and_capable_handshakes_until_the_token_is_learned():
+    assert model(tcp("10.0.1.2", VIP, flags=SYN), new=True).queued == "queued_syn"
+    assert model(tcp("10.0.1.2", VIP, flags=SYN, options=mp_capable()), new=True).queued == "queued_syn"
+    synack = tcp(VIP, "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY))
+    assert model(synack, ct_mark=0x100, original=False) == (0x100, "queued_synack", False)
+    assert model(synack, ct_mark=0x100 | LEARNED, original=False).queued is None
+    third = tcp("10.0.1.2", VIP, flags=ACK, options=mp_capable(1, 1, SERVER_KEY, SERVER_KEY))
+    assert model(third, ct_mark=0x100) == (0x100, "queued_capable", False)
+    assert model(third, ct_mark=0x100 | LEARNED).queued is None
+    assert model(tcp("10.0.1.2", VIP, flags=ACK), new=True).queued == "queued_first"  # mid-stream entry
+    assert model(tcp("10.0.1.2", VIP, flags=ACK), ct_mark=0x100).queued is None
+    assert model(tcp("10.0.1.2", "10.0.9.9", flags=SYN), new=True).queued is None  # not a VIP
+
+
+def test_the_model_steers_a_join_whose_token_the_map_holds_and_queues_one_it_misses():
+    token = token_of_key(SERVER_KEY, 1)
+    join = tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(token))
+    assert model(join, new=True, token_map={token: 0x101 | JOIN}) == (0x101 | JOIN, None, True)
+    assert model(join, new=True, token_map={}).queued == "queued_syn"
+    assert model(join, new=True, token_map={token: 0x101 | JOIN}, tracked=False).queued == "queued_syn"
