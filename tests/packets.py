@@ -52,3 +52,7 @@ def mp_join_syn(token: int, nonce: int = 0x11223344, address_id: int = 1, backup
 
 CLIENT_KEY = bytes.fromhex("1fdb5df328bc3def")
 SERVER_KEY = bytes.fromhex("29a6c86981ad933c")
+
+# Two real 8-byte keys per version whose tokens collide (found by a birthday search): v1 SHA-256, v0 SHA-1.
+COLLIDING = {1: (bytes.fromhex("000000000000c66f"), bytes.fromhex("000000000000e658")),
+             0: (bytes.fromhex("0000010000000036"), bytes.fromhex("0000010000012645"))}

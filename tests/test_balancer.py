@@ -3,7 +3,7 @@ import ipaddress
 import random
 
 import pytest
-from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+from packets import ACK, CLIENT_KEY, COLLIDING, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
 from mplb_nfq.core.expiring import ExpiringTable
@@ -215,17 +215,6 @@ def test_no_backends_is_refused():
         Balancer([])
 
 
-# Two real 8-byte keys whose tokens collide (found by a birthday search): v1 SHA-256, v0 SHA-1.
-COLLIDING = {1: (bytes.fromhex("000000000000c66f"), bytes.fromhex("000000000000e658")),
-             0: (bytes.fromhex("0000010000000036"), bytes.fromhex("0000010000012645"))}
-
-
-@pytest.mark.parametrize("version", [0, 1])
-def test_the_colliding_keys_do_collide(version):
-    first, second = COLLIDING[version]
-    assert first != second and token_of_key(first, version) == token_of_key(second, version)
-
-
 @pytest.mark.parametrize("version", [0, 1])
 def test_token_collision_between_backends_is_detected_and_its_joins_refused_not_misrouted(version):
     balancer = lb("rr")
@@ -266,3 +255,63 @@ def test_direct_server_return_first_packets_take_the_backend_of_their_syn():
     assert subflow.mark == chosen | JOIN
     plain = balancer.decide(parse_ip(tcp("10.0.2.2", VIP, 50000, 80, ACK)), 0, 0.003)  # the join's first ACK
     assert (plain.mark, plain.kind) == (chosen | JOIN, "first_packet")
+
+
+# -- the balancer's use of backend state -------------------------------------------------------
+def test_drained_backend_gets_no_new_connections_but_its_joins():
+    balancer = lb()
+    mark = balancer.decide(syn(), 0, 0).mark
+    backend = balancer.backend_of(mark)
+    balancer.decide(third_ack(), mark, 0)
+    backend.drained = True
+    new = {balancer.decide(syn(sport=41000 + i), 0, 0).mark for i in range(30)}
+    assert mark not in new and len(new) == 2
+    verdict = balancer.decide(join(), 0, 0)
+    assert verdict.mark == mark | JOIN and verdict.kind == "join_hit"
+    assert backend.state == "draining"
+
+
+def test_weight_zero_is_a_drain_and_down_backends_are_skipped():
+    balancer = lb()
+    svc = balancer.services[0]
+    svc.backends[0].weight = 0
+    svc.backends[1].healthy = False
+    assert {balancer.decide(syn(sport=41000 + i), 0, 0).mark for i in range(10)} == {0x103}
+    assert svc.backends[1].state == "down" and svc.backends[0].state == "draining"
+
+
+def test_no_available_backend_resets_the_syn():
+    balancer = lb()
+    for b in balancer.services[0].backends:
+        b.healthy = False
+    verdict = balancer.decide(syn(), 0, 0)
+    assert verdict.mark == REJECT and verdict.kind == "no_backend"
+
+
+def test_persistence_keeps_a_client_on_its_backend_until_the_timeout():
+    balancer = lb("rr", persistence=60)
+    first = balancer.decide(syn(sport=1), 0, 0).mark
+    assert all(balancer.decide(syn(sport=2 + i), 0, 10 + i).mark == first for i in range(5))
+    other = balancer.decide(syn(src="10.0.7.7", sport=1), 0, 20).mark
+    assert other != first
+    assert balancer.decide(syn(sport=100), 0, 200).mark != first  # expired: round robin goes on
+
+
+def test_persistence_leaves_a_backend_that_went_down():
+    balancer = lb("rr", persistence=60)
+    first = balancer.decide(syn(sport=1), 0, 0).mark
+    balancer.backend_of(first).healthy = False
+    assert balancer.decide(syn(sport=2), 0, 1).mark != first
+
+
+def test_retired_backend_keeps_its_joins_after_a_reload():
+    balancer = lb(n=2)
+    svc = balancer.services[0]
+    mark = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(third_ack(), mark, 0)
+    gone = balancer.backend_of(mark)
+    gone.retired = True
+    remaining = [b for b in svc.backends if b is not gone]
+    balancer.update([Service("web", svc.vips, (80,), remaining)], retired=[gone])
+    assert balancer.decide(join(), 0, 1).mark == gone.mark | JOIN
+    assert {balancer.decide(syn(sport=42000 + i), 0, 1).mark for i in range(5)} == {remaining[0].mark}

@@ -171,11 +171,16 @@ def test_the_token_map_socket_adds_what_nft_reads_back_and_refuses_a_changed_mar
 
 
 def test_check_reports_the_queue_mode(topo):
+    """What `check` says of the queue statement agrees with nft itself, asked here directly."""
     report = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "check", "--json",
                                   capture_output=True, check=False).stdout)
     assert report["features"]["nft token map"]["ok"]
-    expected = "native nft queue" if report["features"]["nft queue statement"]["ok"] else "xtables NFQUEUE on mark bit"
-    assert report["queue_mode"] == expected
+    probe = topo.exec("lb", "nft", "add table inet qprobe; add chain inet qprobe c; "
+                                   "add rule inet qprobe c queue num 0 bypass", capture_output=True, check=False)
+    topo.exec("lb", "nft", "delete table inet qprobe", check=False, capture_output=True)
+    native = probe.returncode == 0
+    assert report["features"]["nft queue statement"]["ok"] == native
+    assert report["queue_mode"] == ("native nft queue" if native else "xtables NFQUEUE on mark bit")
 
 
 def test_a_ruleset_the_operator_installed_is_filled_and_never_deleted(topo, worker, tmp_path):
@@ -211,8 +216,8 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     the counters it moves must be those the model names."""
     import ipaddress
 
-    from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
     from netlab import inject
+    from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
     from mplb_nfq.core.marks import JOIN
     from mplb_nfq.core.packet import parse_ip

@@ -11,8 +11,15 @@ from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
 from mplb_nfq.core.packet import parse_ip, token_of_key
 from mplb_nfq.kernel.routing import MAIN_TABLE, routing_plan
 from mplb_nfq.kernel.ruleset import OPERATOR_COMMENT, WORKER_COMMENT, classify, render_ruleset, xtables_rule
-from mplb_nfq.kernel.tokenmap import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, NLM_F_ACK, NLMSG_HEADER,
-                                      parse_elements, reject_batch, token_batch)
+from mplb_nfq.kernel.tokenmap import (
+    NFT_MSG_DELSETELEM,
+    NFT_MSG_NEWSETELEM,
+    NLM_F_ACK,
+    NLMSG_HEADER,
+    parse_elements,
+    reject_batch,
+    token_batch,
+)
 from mplb_nfq.ops.config import from_dict
 
 CONFIG = {

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 from packets import SYN, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
+from mplb_nfq.core.marks import JOIN, LEARNED
 from mplb_nfq.core.packet import Malformed, Segment, parse_ip
-from mplb_nfq.core.verdicts import Verdict
+from mplb_nfq.core.verdicts import Kind, Verdict
 from mplb_nfq.inspect import read_packets
 
 REAL = [ip for pcap in sorted(CAPTURES.glob("*.pcap")) for _, ip in read_packets(str(pcap)) if ip]
@@ -25,45 +26,54 @@ def balancer(rng=None) -> Balancer:
     return Balancer([Service("all", VIPS, PORTS, backends)], rng=rng)
 
 
-def check(packet: bytes, lb: Balancer) -> None:
+# the marks a queued packet can arrive with: none, a backend's (restored from conntrack), with the
+# flag bits, and a foreign one
+MARKS = (0, 0x101, 0x102 | JOIN, 0x101 | LEARNED, 0x9999, 0xFFFFFFFF)
+
+
+def check(packet: bytes, lb: Balancer, mark: int = 0) -> None:
     result = parse_ip(packet)
     assert result is None or isinstance(result, (Segment, Malformed))
-    verdict = lb.decide(result, 0, 0.0)
-    assert isinstance(verdict, Verdict)
+    verdict = lb.decide(result, mark, 0.0)
+    assert isinstance(verdict, Verdict) and isinstance(verdict.kind, Kind)
+    assert 0 <= verdict.mark <= 0xFFFFFFFF
     if isinstance(result, Malformed):
-        assert verdict.accept and verdict.mark == 0 and result.reason
+        assert verdict.accept and verdict.mark == mark and result.reason
+    if verdict.token is not None:
+        assert lb.backend_of(verdict.mark) is not None  # a token is only ever learned for a backend
 
 
-@given(st.binary(max_size=120))
-def test_random_bytes(packet):
-    check(packet, balancer())
+@given(st.binary(max_size=120), st.sampled_from(MARKS))
+def test_random_bytes(packet, mark):
+    check(packet, balancer(), mark)
 
 
-@given(st.binary(max_size=40), st.sampled_from([4, 6]), st.integers(0, 255))
-def test_random_tcp_options_behind_a_valid_header(options, family, flags):
+@given(st.binary(max_size=40), st.sampled_from([4, 6]), st.integers(0, 255), st.sampled_from(MARKS))
+def test_random_tcp_options_behind_a_valid_header(options, family, flags, mark):
     src, dst = ("10.0.1.2", "10.0.100.1") if family == 4 else ("2001:db8::2", "2001:db8::1")
-    check(tcp(src, dst, flags=flags, options=options), balancer())
+    check(tcp(src, dst, flags=flags, options=options), balancer(), mark)
 
 
-@given(st.integers(0, 255), st.integers(0, 40), st.binary(max_size=40), st.sampled_from([SYN, 0x10, 0x18]))
-def test_kind_30_with_any_subtype_and_length(subtype_byte, length, body, flags):
+@given(st.integers(0, 255), st.integers(0, 40), st.binary(max_size=40), st.sampled_from([SYN, 0x10, 0x18]),
+       st.sampled_from(MARKS))
+def test_kind_30_with_any_subtype_and_length(subtype_byte, length, body, flags, mark):
     option = bytes([30, length, subtype_byte]) + body
-    check(tcp("10.0.1.2", "10.0.100.1", flags=flags, options=option[:40]), balancer())
+    check(tcp("10.0.1.2", "10.0.100.1", flags=flags, options=option[:40]), balancer(), mark)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
 @given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.integers(0, 1499), st.integers(0, 255)),
-                                                    max_size=8), st.integers(0, 1500))
-def test_mutated_real_packets(index, flips, cut):
+                                                    max_size=8), st.integers(0, 1500), st.sampled_from(MARKS))
+def test_mutated_real_packets(index, flips, cut, mark):
     packet = bytearray(REAL[index])
     for position, value in flips:
         if position < len(packet):
             packet[position] = value
-    check(bytes(packet[:cut]), balancer())
+    check(bytes(packet[:cut]), balancer(), mark)
 
 
 def test_every_truncation_of_every_real_packet():
     lb = balancer(random.Random(1))
-    for packet in REAL:
+    for number, packet in enumerate(REAL):
         for cut in range(len(packet) + 1):
-            check(packet[:cut], lb)
+            check(packet[:cut], lb, MARKS[(number + cut) % len(MARKS)])

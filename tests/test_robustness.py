@@ -5,7 +5,7 @@ import threading
 import time
 
 from netlab import KERNEL, MB, counters, delta, fetch, inject, nft_counters, one_path_download, wait_for, worker_stats
-from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
+from packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.marks import JOIN, REJECT
 from mplb_nfq.core.packet import token_of_key
@@ -14,7 +14,6 @@ from mplb_nfq.lab.netns import VIP
 
 pytestmark = KERNEL
 FAST = "conntrack_interval = 0.3\n"
-COLLIDING = (bytes.fromhex("000000000000c66f"), bytes.fromhex("000000000000e658"))  # one SHA-256 token
 
 
 def kinds(topo, w):
@@ -58,12 +57,12 @@ def test_a_token_collision_is_counted_and_its_joins_are_reset_in_the_kernel_not_
         client = "10.0.1.50"  # no host owns it: the backends' answers die at the LB, no RST comes back
         inject(topo, [tcp(client, VIP, 50001, PORT, SYN), tcp(client, VIP, 50002, PORT, SYN)])
         time.sleep(0.3)
-        for port, key in ((50001, COLLIDING[0]), (50002, COLLIDING[1])):  # two batches: installed, then refused
+        for port, key in ((50001, COLLIDING[1][0]), (50002, COLLIDING[1][1])):  # two batches: installed, then refused
             inject(topo, [tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY, key), seq=1001, ack=1)])
             time.sleep(0.3)
         seen = kinds(topo, w)
         assert seen.get("third_ack") == 1 and seen.get("token_collision") == 1
-        token = token_of_key(COLLIDING[0], 1)
+        token = token_of_key(COLLIDING[1][0], 1)
         listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
                                        capture_output=True).stdout)
         (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]

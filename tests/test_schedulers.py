@@ -1,13 +1,8 @@
-import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
-from mplb_nfq.core.balancer import Backend, Balancer, Service
-from mplb_nfq.core.marks import JOIN, REJECT
-from mplb_nfq.core.packet import parse_ip, token_of_key
 from mplb_nfq.core.schedulers import Flow, LeastConnections, Maglev, RoundRobin, SourceHash, WeightedRoundRobin
 
 
@@ -84,82 +79,3 @@ def test_maglev_honours_weights():
 def test_maglev_refuses_a_table_size_that_is_not_prime():
     with pytest.raises(ValueError, match="not a prime"):
         Maglev(table_size=65536)
-
-
-# -- the balancer's use of backend state -------------------------------------------------------
-VIP = ipaddress.ip_address("10.0.100.1").packed
-
-
-def service(scheduler="rr", persistence=0, n=3):
-    backends = [Backend(f"b{i}", (f"10.0.9.1{i}",), 0x100 + i, 100 + i) for i in range(1, n + 1)]
-    return Service("web", (VIP,), (80,), backends, scheduler, "random", True, persistence)
-
-
-def syn(src="10.0.1.2", sport=40000):
-    return parse_ip(tcp(src, "10.0.100.1", sport, 80, SYN, mp_capable()))
-
-
-def test_drained_backend_gets_no_new_connections_but_its_joins():
-    svc = service()
-    balancer = Balancer([svc])
-    mark = balancer.decide(syn(), 0, 0).mark
-    backend = balancer.backend_of(mark)
-    balancer.decide(parse_ip(tcp("10.0.1.2", "10.0.100.1", 40000, 80, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY))),
-                    mark, 0)
-    backend.drained = True
-    new = {balancer.decide(syn(sport=41000 + i), 0, 0).mark for i in range(30)}
-    assert mark not in new and len(new) == 2
-    join = balancer.decide(parse_ip(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN,
-                                        mp_join_syn(token_of_key(SERVER_KEY, 1)))), 0, 0)
-    assert join.mark == mark | JOIN and join.kind == "join_hit"
-    assert backend.state == "draining"
-
-
-def test_weight_zero_is_a_drain_and_down_backends_are_skipped():
-    svc = service()
-    svc.backends[0].weight = 0
-    svc.backends[1].healthy = False
-    balancer = Balancer([svc])
-    assert {balancer.decide(syn(sport=41000 + i), 0, 0).mark for i in range(10)} == {0x103}
-    assert svc.backends[1].state == "down" and svc.backends[0].state == "draining"
-
-
-def test_no_available_backend_resets_the_syn():
-    svc = service()
-    for b in svc.backends:
-        b.healthy = False
-    verdict = Balancer([svc]).decide(syn(), 0, 0)
-    assert verdict.mark == REJECT and verdict.kind == "no_backend"
-
-
-def test_persistence_keeps_a_client_on_its_backend_until_the_timeout():
-    balancer = Balancer([service("rr", persistence=60)])
-    first = balancer.decide(syn(sport=1), 0, 0).mark
-    assert all(balancer.decide(syn(sport=2 + i), 0, 10 + i).mark == first for i in range(5))
-    other = balancer.decide(syn(src="10.0.7.7", sport=1), 0, 20).mark
-    assert other != first
-    assert balancer.decide(syn(sport=100), 0, 200).mark != first  # expired: round robin goes on
-
-
-def test_persistence_leaves_a_backend_that_went_down():
-    svc = service("rr", persistence=60)
-    balancer = Balancer([svc])
-    first = balancer.decide(syn(sport=1), 0, 0).mark
-    balancer.backend_of(first).healthy = False
-    assert balancer.decide(syn(sport=2), 0, 1).mark != first
-
-
-def test_retired_backend_keeps_its_joins_after_a_reload():
-    svc = service(n=2)
-    balancer = Balancer([svc])
-    mark = balancer.decide(syn(), 0, 0).mark
-    balancer.decide(parse_ip(tcp("10.0.1.2", "10.0.100.1", 40000, 80, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY))),
-                    mark, 0)
-    gone = balancer.backend_of(mark)
-    gone.retired = True
-    remaining = [b for b in svc.backends if b is not gone]
-    balancer.update([Service("web", (VIP,), (80,), remaining)], retired=[gone])
-    join = balancer.decide(parse_ip(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN,
-                                        mp_join_syn(token_of_key(SERVER_KEY, 1)))), 0, 1)
-    assert join.mark == gone.mark | JOIN
-    assert {balancer.decide(syn(sport=42000 + i), 0, 1).mark for i in range(5)} == {remaining[0].mark}

@@ -193,11 +193,14 @@ def test_metrics_expose_every_family_with_bounded_labels():
     w.handle(Packet(tcp("10.0.1.2", "10.0.100.1", 40000, 80, SYN, mp_capable())))
     w.give_decided()
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(w.plane))
+    ruleset = {"join_kernel_hit": 7, "queued_syn": 5, "queued_synack": 4, "queued_capable": 0}  # no host nftables
+    registry.register(WorkerCollector(w.plane, lambda: ruleset))
     text = generate_latest(registry).decode()
     for name in ("mplb_queued_packets_total{kind=\"mp_capable_syn\"} 1.0",
                  "mplb_verdicts_total{verdict=\"accept\"} 1.0",
                  "mplb_join_lookups_total", "mplb_tokens_tracked", "mplb_backend_connections{backend=\"b1\"",
+                 "mplb_join_lookups_total{path=\"kernel\",result=\"hit\"} 7.0",
+                 "mplb_nft_queued_packets_total{rule=\"syn\"} 5.0",
                  "mplb_backend_up", "mplb_nfqueue_dropped_packets_total", "mplb_table_evictions_total",
                  "mplb_packet_processing_seconds_bucket", "mplb_worker_errors_total"):
         assert name in text, name

@@ -160,12 +160,13 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
     results["ratio_size_mb"] = max(settings.sizes_mb)
     results["join_failures"] = {m: results["modes"][m]["join_failures"] for m in MODES}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    _plot(results, out / "lab.png")
+    plotted = _plot(results, out / "lab.png")
     if as_json:
         print(json.dumps(results, indent=2))
     else:
         print(_table(results))
-        print(f"\nresults: {out / 'results.json'}, plot: {out / 'lab.png'}")
+        plot = f"plot: {out / 'lab.png'}" if plotted else "no plot (pip install 'mplb-nfq[lab]' for matplotlib)"
+        print(f"\nresults: {out / 'results.json'}, {plot}")
     return 0
 
 
@@ -260,8 +261,12 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(results: dict, path: Path) -> None:
-    import matplotlib
+def _plot(results: dict, path: Path) -> bool:
+    """The paper's Fig. 1(c); False when matplotlib (the `lab` extra) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -294,6 +299,7 @@ def _plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _finite(value: float) -> float:

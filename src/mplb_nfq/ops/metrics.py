@@ -3,6 +3,9 @@ but a histogram bucket). Names `mplb_*`, base units, `_total` counters; labels a
 (kinds, backends, services), never client addresses or tokens."""
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
@@ -10,15 +13,17 @@ from prometheus_client.registry import CollectorRegistry
 from ..kernel.queue import queue_drops
 from .counters import LATENCY_BUCKETS
 
+log = logging.getLogger("mplb_nfq.metrics")
 JOIN_RESULTS = {"join_hit": "hit", "join_miss": "miss", "join_collision": "collision"}
 
 
 class WorkerCollector:
     """Reads the control plane's state: its counters summed over all workers, and the backends."""
 
-    def __init__(self, plane):
+    def __init__(self, plane, ruleset_counters: Callable[[], dict[str, int]] | None = None):
         self.plane = plane
         self._nft = None
+        self.ruleset_counters = ruleset_counters or self._nft_counters
 
     def _nft_counters(self) -> dict[str, int]:
         from ..kernel.nft import Nft, nft_counters
@@ -48,8 +53,9 @@ class WorkerCollector:
         yield errors
 
         try:
-            nft = self._nft_counters()
-        except Exception:
+            nft = self.ruleset_counters()
+        except Exception as e:  # a scrape still answers with what the worker knows
+            log.warning("reading the ruleset's counters failed: %s", e)
             nft = {}
         lookups = CounterMetricFamily("mplb_join_lookups", "MP_JOIN token lookups, by result and where",
                                       labels=["result", "path"])
