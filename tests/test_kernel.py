@@ -137,7 +137,6 @@ def test_render_nft_output_loads_with_plain_nft(topo, tmp_path):
         listing = topo.exec("lb", "nft", "list", "table", "inet", "mplb", capture_output=True).stdout
         assert f"{VIP} . {PORT}" in listing and "map tokens" in listing
     finally:
-        topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
 
 
@@ -166,7 +165,6 @@ def test_the_token_map_socket_adds_what_nft_reads_back_and_refuses_a_changed_mar
         found = {key["elem"]["val"]: (mark, key["elem"]["timeout"]) for key, mark in elements}
         assert found == {0x11223344: (0x48000100, 600), 0xDEADBEEF: (0x48000101, 600), 0x0BADCAFE: (0x48000100, 600)}
     finally:
-        topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
 
 
@@ -200,7 +198,6 @@ def test_a_ruleset_the_operator_installed_is_filled_and_never_deleted(topo, work
         assert "installed by the operator" in listing and f"{VIP} . {PORT}" in listing
         assert f"{VIP6} . {PORT}" in listing
     finally:
-        topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
 
 
