@@ -48,7 +48,8 @@ def test_round_robin_spreads_new_connections_in_order():
 def test_plain_tcp_syn_is_balanced_like_mp_capable():
     balancer = lb("rr")
     verdicts = [balancer.decide(syn(sport=40000 + i, options=b""), 0, 0) for i in range(3)]
-    assert [v.mark for v in verdicts] == [0x101, 0x102, 0x103] and verdicts[0].kind == "syn"
+    assert [v.mark for v in verdicts] == [0x101 | LEARNED, 0x102 | LEARNED, 0x103 | LEARNED]  # settled at once
+    assert verdicts[0].kind == "syn"
 
 
 def test_source_hash_gives_one_client_one_backend():
@@ -108,8 +109,10 @@ def test_first_data_packet_repeating_the_keys_installs_nothing_twice():
     balancer = lb("rr")
     mark = balancer.decide(syn(), 0, 0).mark
     assert balancer.decide(third_ack(), mark, 0).token == SERVER_TOKEN
-    repeat = balancer.decide(third_ack(flags=ACK | PSH, data_len=100), mark | LEARNED, 0)
+    repeat = balancer.decide(third_ack(flags=ACK | PSH, data_len=100), mark, 0)  # as if the ACK raced
     assert repeat.token is None and repeat.kind == "third_ack_repeat" and repeat.mark == mark | LEARNED
+    settled = balancer.decide(third_ack(flags=ACK | PSH, data_len=100), mark | LEARNED, 0)
+    assert settled.token is None and settled.kind == "other" and settled.mark == mark | LEARNED
 
 
 def test_lost_third_ack_the_data_packet_teaches_the_token():
@@ -127,7 +130,8 @@ def test_third_ack_without_mark_uses_the_flow_table():
 
 def test_third_ack_of_an_unknown_flow_is_accepted_unchanged():
     verdict = lb().decide(third_ack(), 0, 0)
-    assert verdict.accept and verdict.mark == 0 and verdict.token is None and verdict.kind == "first_without_flow"
+    assert verdict.accept and verdict.token is None and verdict.kind == "first_without_flow"
+    assert verdict.mark == LEARNED  # settled with no backend: the fail-open route, and never queued again
 
 
 @pytest.mark.parametrize("policy,accept,mark", [("drop", False, 0), ("reset", True, REJECT)])
@@ -254,7 +258,7 @@ def test_direct_server_return_first_packets_take_the_backend_of_their_syn():
     subflow = balancer.decide(join(), 0, 0.002)
     assert subflow.mark == chosen | JOIN
     plain = balancer.decide(parse_ip(tcp("10.0.2.2", VIP, 50000, 80, ACK)), 0, 0.003)  # the join's first ACK
-    assert (plain.mark, plain.kind) == (chosen | JOIN, "first_packet")
+    assert (plain.mark, plain.kind) == (chosen | JOIN | LEARNED, "first_packet")
 
 
 # -- the balancer's use of backend state -------------------------------------------------------
@@ -315,3 +319,97 @@ def test_retired_backend_keeps_its_joins_after_a_reload():
     balancer.update([Service("web", svc.vips, (80,), remaining)], retired=[gone])
     assert balancer.decide(join(), 0, 1).mark == gone.mark | JOIN
     assert {balancer.decide(syn(sport=42000 + i), 0, 1).mark for i in range(5)} == {remaining[0].mark}
+
+
+# -- hostile clients --------------------------------------------------------------------------
+def capable_ack(sport, key, receiver=None, src="10.0.1.2"):
+    return parse_ip(tcp(src, VIP, sport, 80, ACK, mp_capable(1, 0x01, key, receiver)))
+
+
+def test_a_plain_connection_that_sends_mp_capable_on_every_ack_is_settled_and_teaches_nothing():
+    balancer = lb()
+    mark = balancer.decide(syn(options=b""), 0, 0).mark
+    assert mark & LEARNED  # the ruleset queues nothing more of it
+    for _ in range(3):  # were they queued anyway (a restored mark), they would teach nothing
+        verdict = balancer.decide(capable_ack(40000, CLIENT_KEY, SERVER_KEY), mark, 0)
+        assert verdict.token is None and verdict.mark & LEARNED
+    assert len(balancer.tokens) == 0
+
+
+def test_an_mp_capable_ack_that_teaches_nothing_still_settles_its_connection():
+    balancer = lb()
+    mark = balancer.decide(syn(), 0, 0).mark
+    assert not mark & LEARNED  # an MP_CAPABLE SYN: its SYN-ACK is still to come
+    verdict = balancer.decide(capable_ack(40000, CLIENT_KEY), mark, 0)  # length 12: no key to learn from
+    assert verdict.token is None and verdict.mark == mark | LEARNED
+
+
+def test_a_client_cannot_take_over_the_token_a_server_taught():
+    balancer = lb()
+    victim, key_a, key_b = 40000, *COLLIDING[1]
+    victim_mark = balancer.decide(syn(sport=victim), 0, 0).mark
+    assert balancer.decide(synack(sport=victim, key=key_a), victim_mark, 0).kind == "syn_ack"
+    attacker_mark = balancer.decide(syn(sport=41000), 0, 0).mark
+    assert attacker_mark != victim_mark
+    verdict = balancer.decide(capable_ack(41000, CLIENT_KEY, key_b), attacker_mark, 0)
+    assert verdict.kind == "token_refused" and verdict.token is None  # nothing written to the map
+    assert balancer.decide(join(token=token_of_key(key_a, 1)), 0, 0).mark == victim_mark | JOIN
+
+
+def test_a_server_token_replaces_one_a_client_taught_and_clients_come_first_among_themselves():
+    balancer = lb()
+    key_a, key_b = COLLIDING[1]
+    token = token_of_key(key_a, 1)
+    first = balancer.decide(syn(sport=40000), 0, 0).mark
+    taught = balancer.decide(capable_ack(40000, CLIENT_KEY, key_a), first, 0)  # DSR: a client's word
+    assert taught.kind == "third_ack" and taught.token == token and taught.flow[1] == 40000
+    second = balancer.decide(syn(sport=40001), 0, 0).mark
+    assert balancer.decide(capable_ack(40001, CLIENT_KEY, key_b), second, 0).kind == "token_refused"
+    third = balancer.decide(syn(sport=40002), 0, 0).mark
+    server = balancer.decide(synack(sport=40002, key=key_b), third, 0)
+    assert server.kind == "syn_ack_over_client" and server.token == token
+    assert balancer.decide(join(token=token), 0, 0).mark == third | JOIN
+
+
+def test_a_full_token_table_keeps_its_tokens_and_refuses_new_ones():
+    balancer = lb(token_capacity=1)
+    first = balancer.decide(syn(sport=40000), 0, 0).mark
+    assert balancer.decide(synack(sport=40000), first, 0).token == SERVER_TOKEN
+    second = balancer.decide(syn(sport=40001), 0, 1).mark
+    verdict = balancer.decide(synack(sport=40001, key=CLIENT_KEY), second, 1)
+    assert verdict.kind == "token_table_full" and verdict.token is None and verdict.mark & LEARNED
+    assert balancer.decide(join(), 0, 2).mark == first | JOIN and balancer.tokens.refused == 1
+
+
+def test_a_token_whose_install_failed_is_given_again_by_the_next_mp_capable_packet():
+    balancer = lb()
+    mark = balancer.decide(syn(), 0, 0).mark
+    assert balancer.decide(synack(), mark, 0).token == SERVER_TOKEN
+    balancer.install_failed(SERVER_TOKEN, 0)
+    again = balancer.decide(third_ack(), mark, 0)
+    assert again.token == SERVER_TOKEN and again.kind == "syn_ack"  # still the server's word
+    assert balancer.decide(third_ack(), mark, 0).token is None  # once installed, once only
+
+
+def test_a_forgotten_token_steers_no_join():
+    balancer = lb(unknown_join="reset")
+    mark = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(synack(), mark, 0)
+    balancer.forget(SERVER_TOKEN)
+    assert balancer.decide(join(), 0, 0).mark == REJECT
+
+
+def test_a_packet_with_a_broken_header_is_dropped_and_one_with_broken_options_decided_as_linux_takes_it():
+    balancer = lb()
+    broken = tcp("10.0.1.2", VIP, 40000, 80, SYN)
+    broken = broken[:32] + bytes([0x40]) + broken[33:]  # TCP data offset 16
+    assert not balancer.decide(parse_ip(broken), 0, 0).accept
+    for b in balancer.services[0].backends[1:]:
+        b.drained = True
+    bad_option = parse_ip(tcp("10.0.1.2", VIP, 40001, 80, SYN, mp_capable() + b"\x02\x01"))  # MSS of length 1
+    assert isinstance(bad_option, Malformed)
+    verdict = balancer.decide(bad_option, 0, 0)
+    assert verdict.mark == 0x101  # scheduled, drain respected: its MP_CAPABLE came before the broken option
+    both = parse_ip(tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(SERVER_TOKEN) + mp_capable()))
+    assert balancer.decide(both, 0, 0).mark == 0x101 | LEARNED  # plain TCP to Linux: a new, settled connection
+    assert balancer.counts["malformed"] == 3

@@ -7,8 +7,11 @@ import time
 
 import pytest
 from conftest import lab_topology
-from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, nft_counters
+from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, inject, nft_counters, worker_stats
+from packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
 
+from mplb_nfq.core.marks import REJECT, TAUGHT_BY_CLIENT
+from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.lab.lab import PORT, config_text
 from mplb_nfq.lab.netns import VIP, VIP6, backend_address
 
@@ -213,12 +216,15 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     the counters it moves must be those the model names."""
     import ipaddress
 
-    from netlab import inject
-    from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+    from packets import SERVER_KEY
 
     from mplb_nfq.core.marks import JOIN
-    from mplb_nfq.core.packet import parse_ip
+    from mplb_nfq.core.packet import Malformed, parse_ip
     from mplb_nfq.kernel.ruleset import classify
+
+    def as_linux_reads(packet):
+        parsed = parse_ip(packet)
+        return parsed.linux if isinstance(parsed, Malformed) else parsed
 
     config = tmp_path / "c.toml"
     config.write_text(config_text("mplb", 2, tmp_path, direct_return=topo.direct_return))
@@ -227,7 +233,10 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     (tmp_path / "mplb.nft").write_text(rendered)
     topo.exec("lb", "nft", "-f", str(tmp_path / "mplb.nft"))
     known, mark = 0x7A9913B1, 0x101 | JOIN
+    drained, drained_mark = 0x0D0D0D0D, 0x102 | JOIN
     topo.exec("lb", sys.executable, "-c", ADD_TOKEN, str(known), str(mark))
+    topo.exec("lb", sys.executable, "-c", ADD_TOKEN, str(drained), str(drained_mark))
+    topo.exec("lb", "nft", "add element inet mplb unavailable { 0x102 }")
     # Without a worker no route to the VIP is installed; a SYN routed nowhere leaves no conntrack
     # entry, and its SYN-ACK would be invalid. One route to the first backend stands in.
     first = backend_address(0)
@@ -244,6 +253,8 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
         ("join, token in the map", tcp(client, VIP, 51003, PORT, SYN, mp_join_syn(known)), []),
         ("join, unknown token", tcp(client, VIP, 51004, PORT, SYN, mp_join_syn(0x01020304)), []),
         ("join then capable", tcp(client, VIP, 51005, PORT, SYN, mp_join_syn(known) + mp_capable()), []),
+        ("end of options, then a join", tcp(client, VIP, 51008, PORT, SYN, b"\x00\x00\x00\x00" + mp_join_syn(known)), []),
+        ("join to a drained backend", tcp(client, VIP, 51009, PORT, SYN, mp_join_syn(drained)), []),
         ("capable ACK, no SYN seen", tcp(client, VIP, 51006, PORT, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY),
                                          seq=1001, ack=1), []),
         ("plain ACK, no SYN seen", tcp(client, VIP, 51007, PORT, ACK, seq=1001, ack=1), []),
@@ -251,10 +262,11 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     try:
         for name, packet, replies in cases:
             expected = []
-            outcome = classify(parse_ip(packet), 0, True, True, vips, {known: mark}, tracked)
+            tokens = {known: mark, drained: drained_mark}
+            outcome = classify(as_linux_reads(packet), 0, True, True, vips, tokens, tracked, {0x102})
             expected += [outcome.queued] if outcome.queued else []
-            expected += ["join_kernel_hit"] if outcome.kernel_hit else []
-            expected += [classify(parse_ip(r), 0, False, False, vips, {}).queued for r in replies]
+            expected += ["join_kernel_hit"] if outcome.kernel_hit or outcome.queued == "queued_join_unavailable" else []
+            expected += [classify(as_linux_reads(r), 0, False, False, vips, {}).queued for r in replies]
             assert expected, name  # every case moves a counter: a ruleset that moves none fails
             before = nft_counters(topo)
             inject(topo, [packet])
@@ -266,3 +278,35 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     finally:
         topo.exec("lb", "ip", "route", "del", f"{VIP}/32", "via", first)
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
+
+
+def test_a_client_cannot_make_a_collision_its_claim_on_a_held_token_is_refused_in_the_kernel_too(topo, worker):
+    """Under direct server return the LB never sees a SYN-ACK: tokens come from the clients'
+    third ACKs. Two forged ones whose keys give one token: the first connection keeps it (a
+    client's word, marked so in the map), the second's claim is refused; nothing is reset."""
+    if not topo.direct_return:
+        pytest.skip("with replies through the LB, tokens come from the backends' SYN-ACKs")
+    w = worker("mplb")
+    topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")  # our ACKs are forged
+    try:
+        client = "10.0.1.50"  # no host owns it: the backends' answers die at the LB, no RST comes back
+        inject(topo, [tcp(client, VIP, 50001, PORT, SYN, mp_capable()),
+                      tcp(client, VIP, 50002, PORT, SYN, mp_capable())])
+        time.sleep(0.3)
+        for port, key in ((50001, COLLIDING[1][0]), (50002, COLLIDING[1][1])):  # two batches: installed, then refused
+            inject(topo, [tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY, key), seq=1001, ack=1)])
+            time.sleep(0.3)
+        seen = worker_stats(topo, w)["packets"]["kinds"]
+        assert seen.get("third_ack") == 1 and seen.get("token_refused") == 1 and "token_collision" not in seen
+        token = token_of_key(COLLIDING[1][0], 1)
+        listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+                                       capture_output=True).stdout)
+        (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
+        held = {key["elem"]["val"]: mark for key, mark in elements}
+        assert list(held) == [token] and held[token] & TAUGHT_BY_CLIENT and not held[token] & REJECT
+        inject(topo, [tcp("10.0.2.50", VIP, 50003, PORT, SYN, mp_join_syn(token))])
+        time.sleep(0.3)
+        assert worker_stats(topo, w)["packets"]["kinds"].get("join_hit") == 1  # an untracked SYN: the worker steers it
+        assert nft_counters(topo)["rejected"] == 0
+    finally:
+        topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")

@@ -72,10 +72,44 @@ def test_mp_join_syn_fields():
     assert (seg.join.token, seg.join.nonce, seg.join.address_id, seg.join.backup) == (0xDEADBEEF, 0x01020304, 7, True)
 
 
-def test_only_the_first_mptcp_option_counts_like_nftables():
-    options = mp_join_syn(0x1234) + mp_capable(1, CAP_FLAG_H)
-    seg = parse_ip(tcp("10.0.2.2", "10.0.100.1", options=options))
-    assert seg.join.token == 0x1234 and seg.capable is None and len(seg.option_list) == 2
+def test_a_syn_with_both_mp_join_and_mp_capable_is_plain_tcp_as_linux_takes_it():
+    for options in (mp_join_syn(0x1234) + mp_capable(1, CAP_FLAG_H), mp_capable(1, CAP_FLAG_H) + mp_join_syn(0x1234)):
+        result = parse_ip(tcp("10.0.2.2", "10.0.100.1", options=options))
+        assert isinstance(result, Malformed) and "both MP_CAPABLE and MP_JOIN" in result.reason
+        assert result.linux.join is None and result.linux.capable is None and len(result.linux.option_list) == 2
+
+
+def test_linux_reads_no_option_past_an_end_of_options_and_neither_do_we():
+    seg = parse_ip(tcp("10.0.2.2", "10.0.100.1", options=b"\x00\x01\x01\x01" + mp_join_syn(0x1234)))
+    assert isinstance(seg, Segment) and seg.join is None and seg.mptcp_subtype is None
+
+
+def test_of_two_mp_capable_options_the_last_counts_as_in_linux():
+    options = mp_capable(1, CAP_FLAG_H, CLIENT_KEY, SERVER_KEY) + mp_capable(1, CAP_FLAG_H, SERVER_KEY, CLIENT_KEY)
+    seg = parse_ip(tcp("10.0.1.2", "10.0.100.1", flags=ACK, options=options))
+    assert seg.capable.sender_key == SERVER_KEY and seg.capable.receiver_key == CLIENT_KEY
+
+
+def test_a_broken_option_leaves_the_segment_linux_would_see():
+    bad_length = with_options(mp_capable(1, CAP_FLAG_H) + bytes([30, 8, 0x01, 0x81, 1, 2, 3, 4]))
+    result = parse_ip(bad_length)  # a v1 MP_CAPABLE of length 8: Linux ignores it, keeps the first
+    assert isinstance(result, Malformed) and result.linux.capable is not None and result.linux.sport == 40000
+    overrun = parse_ip(with_options(mp_capable(1, CAP_FLAG_H) + b"\x02\x08\x00\x00"))
+    assert isinstance(overrun, Malformed) and overrun.linux.capable is not None  # read up to the broken one
+    assert parse_ip(GOOD[:32] + bytes([0x40]) + GOOD[33:]).linux is None  # a broken TCP header: none
+
+
+def test_ipv6_extension_headers_are_walked_to_the_tcp_header():
+    plain = tcp("2001:db8::2", "2001:db8::1", options=mp_join_syn(0xABCD))
+    hop_by_hop = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next: TCP; a PadN option
+    fragment_first = bytes([0, 0, 0, 0, 0, 0, 0, 7])  # next: hop-by-hop; offset 0, more fragments
+    header = bytearray(plain[:40])
+    header[6] = 44  # fragment, then hop-by-hop, then TCP
+    header[4:6] = (len(plain) - 40 + 16).to_bytes(2, "big")
+    seg = parse_ip(bytes(header) + fragment_first + hop_by_hop + plain[40:])
+    assert isinstance(seg, Segment) and seg.join.token == 0xABCD and seg.sport == 40000
+    later = bytes(header) + bytes([0, 0, 0, 0x08, 0, 0, 0, 7]) + hop_by_hop + plain[40:]  # offset 1: no TCP header
+    assert parse_ip(later) is None
 
 
 def test_non_tcp_and_fragments_are_not_ours():

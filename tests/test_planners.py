@@ -16,8 +16,9 @@ from mplb_nfq.kernel.tokenmap import (
     NFT_MSG_NEWSETELEM,
     NLM_F_ACK,
     NLMSG_HEADER,
+    delete_batch,
     parse_elements,
-    reject_batch,
+    replace_batch,
     token_batch,
 )
 from mplb_nfq.ops.config import from_dict
@@ -112,17 +113,27 @@ def test_a_token_batch_is_one_transaction_whose_elements_read_back_as_written():
     assert b"mplb\0" in add[3] and b"tokens\0" in add[3]
     assert bytes.fromhex("11223344") in add[3]  # the key as on the wire, as nft's tcp option @30,32,32 reads it
     assert struct.pack("=I", 0x100 | JOIN) in add[3]  # the mark in host order, as meta mark holds it
-    assert [(t, m) for t, m, _ in parse_elements(add[3])] == tokens
-    assert {left for _, _, left in parse_elements(add[3])} == {600.0}
+    assert [(t, m) for t, m, _, _ in parse_elements(add[3])] == tokens
+    assert {left for _, _, left, _ in parse_elements(add[3])} == {600.0}
+    assert {comment for *_, comment in parse_elements(add[3])} == {None}
 
 
-def test_a_reject_deletes_then_adds_in_one_transaction_or_only_adds():
-    kinds = [m[0] & 0xFF for m in messages(reject_batch("mplb", 0xCAFE0001, REJECT, 60, 7, True))]
+def test_an_element_s_comment_names_its_connection_and_reads_back():
+    batch = token_batch("mplb", [(0x11223344, 0x100 | JOIN)], 600, 3, {0x11223344: "10.0.1.2:40000>10.0.100.1:80"})
+    (_, add, _) = messages(batch)
+    assert parse_elements(add[3]) == [(0x11223344, 0x100 | JOIN, 600.0, "10.0.1.2:40000>10.0.100.1:80")]
+    assert bytes([0, 29]) + b"10.0.1.2:40000>10.0.100.1:80\0" in add[3]  # libnftnl's comment: type 0, length
+
+
+def test_a_replace_deletes_then_adds_in_one_transaction_or_only_adds():
+    kinds = [m[0] & 0xFF for m in messages(replace_batch("mplb", 0xCAFE0001, REJECT, 60, 7, True))]
     assert kinds == [16, NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, 17]
-    kinds = [m[0] & 0xFF for m in messages(reject_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))]
+    kinds = [m[0] & 0xFF for m in messages(replace_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))]
     assert kinds == [16, NFT_MSG_NEWSETELEM, 17]
-    (_, add, _) = messages(reject_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))
-    assert [(t, m) for t, m, _ in parse_elements(add[3])] == [(0xCAFE0001, REJECT)]
+    (_, add, _) = messages(replace_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))
+    assert [(t, m) for t, m, _, _ in parse_elements(add[3])] == [(0xCAFE0001, REJECT)]
+    (_, delete, _) = messages(delete_batch("mplb", [1, 2], 9))
+    assert delete[0] & 0xFF == NFT_MSG_DELSETELEM and bytes.fromhex("00000002") in delete[3]
 
 
 # -- the ruleset's model ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from packets import SYN, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
-from mplb_nfq.core.marks import JOIN, LEARNED
+from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
 from mplb_nfq.core.packet import Malformed, Segment, parse_ip
 from mplb_nfq.core.verdicts import Kind, Verdict
 from mplb_nfq.inspect import read_packets
@@ -38,7 +38,12 @@ def check(packet: bytes, lb: Balancer, mark: int = 0) -> None:
     assert isinstance(verdict, Verdict) and isinstance(verdict.kind, Kind)
     assert 0 <= verdict.mark <= 0xFFFFFFFF
     if isinstance(result, Malformed):
-        assert verdict.accept and verdict.mark == mark and result.reason
+        assert result.reason
+        if result.linux is None:  # its IP or TCP header is broken: Linux would drop it, so do we
+            assert not verdict.accept
+    if verdict.accept and not (result is None or isinstance(result, Malformed) and result.linux is None):
+        taken = result.linux if isinstance(result, Malformed) else result
+        assert taken.is_syn or verdict.mark & LEARNED or verdict.mark & REJECT  # no flow is queued forever
     if verdict.token is not None:
         assert lb.backend_of(verdict.mark) is not None  # a token is only ever learned for a backend
 

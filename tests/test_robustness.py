@@ -5,10 +5,9 @@ import threading
 import time
 
 from netlab import KERNEL, MB, counters, delta, fetch, inject, nft_counters, one_path_download, wait_for, worker_stats
-from packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
+from packets import SYN, mp_capable, mp_join_syn, tcp
 
-from mplb_nfq.core.marks import JOIN, REJECT
-from mplb_nfq.core.packet import token_of_key
+from mplb_nfq.core.marks import JOIN
 from mplb_nfq.lab.lab import PORT, WorkerProcess
 from mplb_nfq.lab.netns import VIP
 
@@ -48,35 +47,6 @@ def test_malformed_packets_get_a_safe_verdict_are_counted_and_the_worker_lives_o
     assert stats["packets"]["kinds"].get("malformed", 0) >= 4  # those nftables queues (option length 1 it cannot)
     assert stats["packets"].get("errors", 0) == 0 and w.proc.poll() is None
     assert [r["received"] for r in fetch(topo, MB)] == [MB]
-
-
-def test_a_token_collision_is_counted_and_its_joins_are_reset_in_the_kernel_not_misrouted(topo, worker):
-    w = worker("mplb")
-    topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")  # our ACKs are forged
-    try:
-        client = "10.0.1.50"  # no host owns it: the backends' answers die at the LB, no RST comes back
-        inject(topo, [tcp(client, VIP, 50001, PORT, SYN), tcp(client, VIP, 50002, PORT, SYN)])
-        time.sleep(0.3)
-        for port, key in ((50001, COLLIDING[1][0]), (50002, COLLIDING[1][1])):  # two batches: installed, then refused
-            inject(topo, [tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY, key), seq=1001, ack=1)])
-            time.sleep(0.3)
-        seen = kinds(topo, w)
-        assert seen.get("third_ack") == 1 and seen.get("token_collision") == 1
-        token = token_of_key(COLLIDING[1][0], 1)
-        listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
-                                       capture_output=True).stdout)
-        (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
-        assert {key["elem"]["val"]: mark for key, mark in elements} == {token: REJECT}  # for every worker
-        before = counters(topo)
-        inject(topo, [tcp("10.0.2.50", VIP, 50003, PORT, SYN, mp_join_syn(token))])
-        time.sleep(0.3)
-        assert "join_collision" not in kinds(topo, w)  # answered in the kernel, not queued
-        rejected = json.loads(topo.exec("lb", "nft", "-j", "list", "counter", "inet", "mplb", "rejected",
-                                        capture_output=True).stdout)["nftables"][1]["counter"]["packets"]
-        assert rejected == 1  # answered with a TCP reset
-        assert sum(delta(before, counters(topo), "MPTcpExtMPJoinSynRx").values()) == 0  # no backend saw it
-    finally:
-        topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
 
 
 def rss_kib(pid):

@@ -4,11 +4,11 @@ import socket
 import time
 
 import pytest
-from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+from packets import ACK, CLIENT_KEY, COLLIDING, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
+from mplb_nfq.core.marks import JOIN, LEARNED, REJECT, TAUGHT_BY_CLIENT
 from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.core.tokens import AMBIGUOUS
 from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader
@@ -48,26 +48,36 @@ class Packet:
 
 class Dataplane:
     """The kernel map as the worker writes it: installs in one transaction, which refuses a token
-    the map holds with another mark (another worker's connection), and colliding tokens rejected."""
+    the map holds with another mark (another worker's connection); replacements one by one."""
 
     queue_mode = "test"
 
     def __init__(self):
         self.map: dict[int, int] = {}
+        self.comments: dict[int, str] = {}
         self.calls: list[tuple] = []
 
-    def add_tokens(self, tokens):
+    def add_tokens(self, tokens, comments=None):
         self.calls.append(("add", tokens))
         refused = [t for t, mark in tokens if self.map.get(t, mark) != mark]
         self.map.update((t, mark) for t, mark in tokens if t not in refused)
+        self.comments.update((t, c) for t, c in (comments or {}).items() if t in self.map)
         return refused
 
-    def reject_tokens(self, tokens):
-        self.calls.append(("reject", tokens))
-        self.map.update((t, REJECT) for t in tokens)
+    def replace_tokens(self, tokens, comments=None):
+        self.calls.append(("replace", tokens))
+        self.map.update(tokens)
+
+    def delete_tokens(self, tokens):
+        self.calls.append(("delete", tokens))
+        for t in tokens:
+            self.map.pop(t, None)
 
     def lookup_token(self, token):
         return self.map.get(token)
+
+    def read_tokens(self):
+        return [(t, m, 600.0, self.comments.get(t)) for t, m in self.map.items()]
 
 
 def worker(**kernel) -> Worker:
@@ -93,7 +103,7 @@ def test_verdicts_marks_and_tokens_in_the_kernel_map_before_the_verdict():
     garbage = Packet(b"\x45\x00")
     w.handle(garbage)
     w.give_decided()
-    assert garbage.verdict == "accept" and w.balancer.counts["malformed"] == 1
+    assert garbage.verdict == "drop" and w.balancer.counts["malformed"] == 1  # a broken header: as Linux would
     assert w.dataplane.calls == [("add", [(token, 0x100 | JOIN)])]  # a batch without tokens writes nothing
 
 
@@ -108,7 +118,7 @@ def test_a_collision_in_one_batch_makes_the_kernel_map_reset_its_joins():
     w.handle(synack(40001, colliding[0], 0x100))
     w.handle(synack(40002, colliding[1], 0x101))
     w.give_decided()
-    assert w.dataplane.calls == [("reject", [token])]  # the last word per token wins: nothing installed
+    assert w.dataplane.calls == [("replace", [(token, REJECT)])]  # the last word per token wins: nothing installed
     assert w.dataplane.map == {token: REJECT} and w.stats["tokens_rejected"] == 1
 
 
@@ -131,7 +141,7 @@ def test_a_token_another_worker_holds_on_another_backend_is_a_collision_for_both
 def test_a_failed_install_is_counted_logged_once_and_the_core_still_steers_the_join(caplog):
     w = worker()
 
-    def fail(tokens):
+    def fail(tokens, comments=None):
         raise OSError("netlink: no buffer space")
 
     w.dataplane.add_tokens = fail
@@ -205,3 +215,52 @@ def test_metrics_expose_every_family_with_bounded_labels():
                  "mplb_packet_processing_seconds_bucket", "mplb_worker_errors_total"):
         assert name in text, name
     assert "10.0.1.2" not in text  # no client address in any label
+
+
+def test_a_token_whose_install_failed_leaves_its_connection_unsettled_then_installs_on_the_next_packet():
+    w = worker()
+
+    def full(tokens, comments=None):
+        raise OSError("nfnetlink: the map is full")
+
+    install = w.dataplane.add_tokens
+    w.dataplane.add_tokens = full
+    w.handle(synack(40001, SERVER_KEY, 0x100))
+    first = w.decided[0][0]
+    w.give_decided()
+    assert first.mark == 0x100  # no learned bit: the third ACK still comes to the worker
+    w.dataplane.add_tokens = install
+    third = Packet(tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY)), 0x100)
+    w.handle(third)
+    w.give_decided()
+    assert third.mark == 0x100 | LEARNED and w.dataplane.map == {token_of_key(SERVER_KEY, 1): 0x100 | JOIN}
+    assert w.dataplane.comments == {token_of_key(SERVER_KEY, 1): "10.0.1.2:40001>10.0.100.1:80"}
+
+
+def test_a_client_s_claim_on_a_token_another_worker_holds_yields_and_a_server_s_replaces_a_client_s():
+    w = worker()
+    key_a, key_b = COLLIDING[1]
+    token = token_of_key(key_a, 1)
+    w.dataplane.map[token] = 0x101 | JOIN  # another worker's connection, a server's word
+    w.handle(Packet(tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, mp_capable(1, 1, CLIENT_KEY, key_b)), 0x100))
+    w.give_decided()
+    assert w.dataplane.map == {token: 0x101 | JOIN} and w.stats["tokens_refused"] == 1
+    assert w.balancer.tokens.get(token, 0) is None  # not ours: the map's word stands
+    w.dataplane.map[token] = 0x101 | JOIN | TAUGHT_BY_CLIENT  # now a client's word
+    w.handle(synack(40002, key_b, 0x100))
+    w.give_decided()
+    assert w.dataplane.map == {token: 0x100 | JOIN}  # the server's replaced it
+
+
+def test_tokens_of_closed_connections_leave_the_map_and_the_core_and_a_restart_reads_them_back():
+    w = worker()
+    w.handle(synack(40001, SERVER_KEY, 0x100))
+    w.give_decided()
+    token = token_of_key(SERVER_KEY, 1)
+    flow = (bytes([10, 0, 1, 2]), 40001, bytes([10, 0, 100, 1]), 80)
+    assert w.tokens.lifetimes == [(token, flow)]  # for the conntrack reader to watch
+    restarted = Worker(w.plane.cfg, w.dataplane)
+    assert restarted.tokens.adopt() == 1 and restarted.tokens.lifetimes == [(token, flow)]
+    restarted.tokens.gone([token])
+    assert w.dataplane.map == {} and restarted.balancer.tokens.get(token, 0) is None
+    assert restarted.stats["tokens_removed"] == 1

@@ -8,18 +8,19 @@ import select
 import signal
 import time
 
-from .core.marks import REJECT
+from .core.marks import LEARNED, REJECT
 from .core.packet import parse_ip
-from .core.tokens import Held, held_outcome, learned_at, may_hold, plan_writes
+from .core.tokens import Held, held_outcome, may_hold
 from .core.verdicts import Kind, Verdict
-from .kernel.conntrack import start_counter
+from .kernel.conntrack import Counts, Gone, Watch, start_reader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader
 from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
-from .ops.fleet import Counted, Fleet, serve_other_worker
+from .ops.fleet import Fleet, serve_other_worker
 from .ops.logs import ThrottledLog
+from .ops.tokenstore import TokenStore
 
 log = logging.getLogger("mplb_nfq.worker")
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
@@ -35,6 +36,7 @@ class Worker:
         self.held: list[tuple[object, object, float]] = []  # (packet, segment, deadline)
         self.decided: list[tuple[object, Verdict]] = []  # their verdicts go out together
         self.errors = ThrottledLog(log)
+        self.tokens = TokenStore(self.balancer, dataplane, self.stats, self.errors)
         self.reload_requested = False
 
     # -- the hot path ------------------------------------------------------------------------
@@ -63,10 +65,13 @@ class Worker:
     def give_decided(self) -> None:
         """The tokens learned go to the kernel map before any verdict: a SYN-ACK's verdict lets the
         handshake finish, and the client's first join follows within a round trip; it must find
-        its token there, or be queued."""
-        if any(verdict.token is not None for _, verdict in self.decided):
-            self.write_tokens([verdict for _, verdict in self.decided])
+        its token there, or be queued. A verdict whose token did not get in keeps its flow
+        unsettled, so that the connection's next MP_CAPABLE packet tries again."""
+        failed = self.tokens.write([verdict for _, verdict in self.decided]) \
+            if any(verdict.token is not None for _, verdict in self.decided) else ()
         for packet, verdict in self.decided:
+            if verdict.token in failed:
+                verdict = verdict._replace(mark=verdict.mark & ~LEARNED)
             self.give(packet, verdict)
         self.decided.clear()
 
@@ -78,30 +83,6 @@ class Worker:
         else:
             packet.drop()
             self.stats["drop"] += 1
-
-    def write_tokens(self, verdicts: list[Verdict]) -> None:
-        """One transaction of installs; the tokens the map refused collide with another worker's."""
-        writes = plan_writes(verdicts)
-        if writes.install:
-            try:
-                refused = self.dataplane.add_tokens(writes.install)
-            except Exception as e:  # the core still knows them: their joins get queued, and reach their backend
-                self.errors.error("install", f"token install failed ({len(writes.install)} tokens): {e}")
-                self.stats["token_install_errors"] += len(writes.install)
-                writes = writes._replace(install=[])
-            else:
-                now = time.perf_counter()
-                for token in refused:
-                    self.balancer.collide(token, now)
-                writes = writes.refused(refused)
-                self.stats["tokens_installed"] += len(writes.install)
-        if writes.reject:
-            try:
-                self.dataplane.reject_tokens(writes.reject)
-                self.stats["tokens_rejected"] += len(writes.reject)
-            except Exception as e:  # the joins that reach this worker are still reset
-                self.errors.error("reject", f"marking colliding tokens in the kernel map failed: {e}")
-                self.stats["token_install_errors"] += len(writes.reject)
 
     def release_held(self) -> None:
         """Held joins: those whose token reached the kernel map go to its backend; those held
@@ -120,15 +101,18 @@ class Worker:
             self.give(packet, self.balancer.decide(segment, 0, now))
         self.held = still
 
-    def adopt_tokens(self) -> int:
-        """A restarted worker rebuilds its token table from the kernel map it finds."""
-        now, ttl = time.perf_counter(), self.balancer.tokens.ttl
-        adopted = 0
-        for token, mark, left in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
-            if mark & REJECT or self.balancer.backend_of(mark) is not None:
-                self.balancer.learn_token(token, mark, learned_at(now, ttl, left))
-                adopted += 1
-        return adopted
+    def from_conntrack(self, message: Counts | Gone) -> None:
+        if isinstance(message, Gone):
+            self.tokens.gone(message.tokens)
+            self.plane.fleet.broadcast(message)
+        else:
+            self.plane.apply_conntrack_counts(message)
+
+    def from_peer(self, index: int, message: Report | Watch) -> None:
+        if isinstance(message, Watch):
+            self.tokens.lifetimes += message.tokens
+        else:
+            self.plane.fleet.reports[index] = message
 
     # -- the loop ----------------------------------------------------------------------------
     def serve(self, ready=lambda: None, parent=None, index: int = 0) -> None:
@@ -143,20 +127,20 @@ class Worker:
         if first:
             # The counter starts first: a child must not inherit the queue's socket, or a killed
             # worker would leave the queue bound to nobody reading, and no bypass.
-            counter, counts = start_counter(cfg.conntrack_interval)
-            handlers[counts.fileno()] = lambda: plane.apply_conntrack_counts(Counted(*counts.recv()))
+            conntrack_reader, conntrack = start_reader(cfg.conntrack_interval)
+            handlers[conntrack.fileno()] = lambda: self.from_conntrack(conntrack.recv())
             for peer_index, peer in enumerate(plane.fleet.peers, 1):
-                handlers[peer.fileno()] = lambda peer=peer, i=peer_index: plane.fleet.reports.__setitem__(i, peer.recv())
+                handlers[peer.fileno()] = lambda peer=peer, i=peer_index: self.from_peer(i, peer.recv())
         else:
             handlers[parent.fileno()] = lambda: plane.apply(parent.recv())
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
-        reader = QueueReader(nfq.get_fd(), BATCH, self.decided, self.give_decided)
+        queue_reader = QueueReader(nfq.get_fd(), BATCH, self.decided, self.give_decided)
 
         def read_queue():
-            reader.left = BATCH
+            queue_reader.left = BATCH
             try:
-                nfq.run_socket(reader)
+                nfq.run_socket(queue_reader)
             finally:
                 self.give_decided()
 
@@ -182,9 +166,14 @@ class Worker:
                         poller.unregister(fd)
                 if self.held:
                     self.release_held()
+                if self.tokens.lifetimes:  # to the conntrack reader, through the first worker
+                    (conntrack if first else parent).send(Watch(self.tokens.lifetimes))
+                    self.tokens.lifetimes = []
                 if self.reload_requested:
                     self.reload_requested = False
                     plane.reload()
+                if first:
+                    plane.sync_unavailable()
                 if not first and time.monotonic() >= next_report:
                     parent.send(plane.own_report())
                     next_report = time.monotonic() + 0.5
@@ -194,7 +183,7 @@ class Worker:
             nfq.unbind()
             if control:
                 control.close()
-                counter.kill()
+                conntrack_reader.kill()
 
 
 def run(cfg: Config) -> int:
@@ -219,7 +208,7 @@ def run(cfg: Config) -> int:
     signal.signal(signal.SIGUSR1, dump)
     try:
         dataplane.install()
-        adopted = worker.adopt_tokens()
+        adopted = worker.tokens.adopt()
         if adopted:
             log.info("adopted %d tokens from the kernel map", adopted)
         # forked before any thread or socket of the first worker

@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .expiring import ExpiringTable
-from .marks import BACKEND_MASK, JOIN, LEARNED, REJECT
+from .marks import BACKEND_MASK, JOIN, LEARNED, REJECT, TAUGHT_BY_CLIENT
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
 from .schedulers import MAGLEV_DEFAULT_SIZE, make_scheduler
-from .tokens import AMBIGUOUS
+from .tokens import AMBIGUOUS, INSTALL_PENDING
 from .verdicts import Kind, Verdict
 
 UNKNOWN_JOIN_POLICIES = ("random", "drop", "reset")
@@ -105,31 +105,52 @@ class Balancer:
 
     def decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool = False) -> Verdict:
         """hold: a join whose token is unknown yet may wait (kind Kind.JOIN_HELD), for another
-        worker may have learned the token and be putting it in the kernel map."""
+        worker may have learned the token and be putting it in the kernel map.
+
+        A packet Linux would drop (its IP or TCP header broken) is dropped; one whose options
+        are broken is decided as Linux's stack will take it. Every queued packet but a client's
+        SYN settles its flow (the learned bit in its mark): whatever a client sends, a
+        connection reaches the worker a bounded number of times."""
+        if isinstance(segment, Malformed):
+            self.counts[Kind.MALFORMED] += 1
+            if segment.linux is None:
+                return Verdict(False, mark, Kind.MALFORMED)
+            segment = segment.linux
         verdict = self._decide(segment, mark, now, hold)
+        if segment is not None and not segment.is_syn and verdict.accept and not verdict.mark & REJECT:
+            verdict = verdict._replace(mark=verdict.mark | LEARNED)
         self.counts[verdict.kind] += 1
         return verdict
 
     def learn_token(self, token: int, mark: int, now: float) -> None:
-        """A token read back from the kernel map, where a worker put it: with its backend's mark,
-        or with REJECT when it collides (then it overrides what this worker knew)."""
+        """A token read back from the kernel map, where a worker put it: with its backend's mark
+        (and whether a client taught it), or with REJECT when it collides (then it overrides
+        what this worker knew)."""
         if mark & REJECT:
             self.tokens.put(token, AMBIGUOUS, now)
             return
         backend = self.backend_of(mark)
         if backend is not None and self.tokens.get(token, now) is None:
-            self.tokens.put(token, backend.mark, now)
+            self.tokens.add(token, backend.mark | (mark & TAUGHT_BY_CLIENT), now)
+
+    def forget(self, token: int) -> None:
+        """Its connection is gone: the token means nothing any more."""
+        self.tokens.remove(token)
+
+    def install_failed(self, token: int, now: float) -> None:
+        """The kernel map did not take it: the connection's next MP_CAPABLE packet tries again."""
+        known = self.tokens.get(token, now)
+        if known is not None and known != AMBIGUOUS:
+            self.tokens.put(token, known | INSTALL_PENDING, now)
 
     def collide(self, token: int, now: float) -> None:
         """The kernel map refused this token: another worker's connection holds it on another backend."""
         self.tokens.put(token, AMBIGUOUS, now)
         self.counts[Kind.TOKEN_COLLISION] += 1
 
-    def _decide(self, segment: Segment | Malformed | None, mark: int, now: float, hold: bool) -> Verdict:
+    def _decide(self, segment: Segment | None, mark: int, now: float, hold: bool) -> Verdict:
         if segment is None:
             return Verdict(True, mark, Kind.NOT_TCP)
-        if isinstance(segment, Malformed):
-            return Verdict(True, mark, Kind.MALFORMED)  # safe: the kernel routes it as it would without us
         if segment.is_syn:
             service = self._service_at.get((segment.dst, segment.dport))
             if service is None:
@@ -184,8 +205,11 @@ class Balancer:
             kind = Kind.JOIN_UNAWARE if segment.join is not None else (
                 Kind.MP_CAPABLE_SYN if segment.capable is not None else Kind.SYN)
             backend.active += 1
-        self.flows.put(segment.flow, backend.mark, now)
-        return Verdict(True, backend.mark, kind)
+        # Only an MPTCP-aware service's MP_CAPABLE SYN leaves something to learn: any other
+        # connection is settled from its SYN on, and nothing it sends later reaches the worker
+        settled = 0 if kind is Kind.MP_CAPABLE_SYN and service.mptcp_aware else LEARNED
+        self.flows.put(segment.flow, backend.mark | settled, now)
+        return Verdict(True, backend.mark | settled, kind)
 
     def _schedule(self, service: Service, segment: Segment, now: float) -> Backend | None:
         if service.persistence:
@@ -201,21 +225,38 @@ class Balancer:
             service.affinity.put(segment.src, backend, now)
         return backend
 
-    def _learn(self, server_key: bytes, version: int, flow: tuple, mark: int, now: float, kind: Kind) -> Verdict:
+    def _learn(self, key: bytes, version: int, flow: tuple, mark: int, now: float, kind: Kind) -> Verdict:
+        """A server's key (kind SYN_ACK) or a client's echo of it (THIRD_ACK) on a connection
+        whose SYN asked for MPTCP; see core.tokens for whom to believe."""
+        if mark & LEARNED:  # a settled connection (its SYN was plain TCP) teaches nothing
+            return Verdict(True, mark, Kind.OTHER)
         backend = self.backend_of(mark or self.flows.get(flow, now) or 0)
         if backend is None:
             return Verdict(True, mark, Kind.CAPABLE_WITHOUT_FLOW)  # e.g. opened while no worker listened
         service = self._service_at.get((flow[2], flow[3]))
         if service is not None and not service.mptcp_aware:
             return Verdict(True, backend.mark | LEARNED, kind)
-        token = token_of_key(server_key, version)
+        settled = backend.mark | LEARNED
+        token = token_of_key(key, version)
+        by_client = TAUGHT_BY_CLIENT if kind is Kind.THIRD_ACK else 0
         known = self.tokens.get(token, now)
-        if known == backend.mark:  # already learned (SYN-ACK, then a racing ACK)
-            return Verdict(True, backend.mark | LEARNED, REPEATED[kind])
+        if known is None:
+            if not self.tokens.add(token, backend.mark | by_client, now):
+                return Verdict(True, settled, Kind.TOKEN_TABLE_FULL)
+            return Verdict(True, settled, kind, token, flow)
         if known == AMBIGUOUS:
-            return Verdict(True, backend.mark | LEARNED, Kind.TOKEN_COLLISION_REPEAT)
-        if known is not None:  # another connection, on another backend, has the same token
-            self.tokens.put(token, AMBIGUOUS, now)
-            return Verdict(True, backend.mark | LEARNED, Kind.TOKEN_COLLISION, token)
-        self.tokens.put(token, backend.mark, now)
-        return Verdict(True, backend.mark | LEARNED, kind, token)
+            return Verdict(True, settled, Kind.TOKEN_COLLISION_REPEAT)
+        ours = known & BACKEND_MASK == backend.mark
+        if ours and known & INSTALL_PENDING:  # the last install failed: once more
+            self.tokens.put(token, known & ~INSTALL_PENDING, now)
+            return Verdict(True, settled, Kind.THIRD_ACK if known & TAUGHT_BY_CLIENT else Kind.SYN_ACK, token, flow)
+        if by_client:
+            return Verdict(True, settled, REPEATED[kind] if ours else Kind.TOKEN_REFUSED)
+        if known & TAUGHT_BY_CLIENT:  # a server's word over a client's: the client's may be forged
+            self.tokens.put(token, backend.mark, now)
+            return Verdict(True, settled, Kind.SYN_ACK_OVER_CLIENT, token, flow)
+        if ours:  # already learned (SYN-ACK, then a racing ACK)
+            return Verdict(True, settled, REPEATED[kind])
+        # another connection, on another backend, has the same token
+        self.tokens.put(token, AMBIGUOUS, now)
+        return Verdict(True, settled, Kind.TOKEN_COLLISION, token)

@@ -22,6 +22,7 @@ class ExpiringTable(Generic[K, V]):
         self._entries: dict[K, tuple[V, float, K]] = {}  # key -> (value, expiry, key)
         self._order: deque[tuple[V, float, K]] = deque()  # the same tuples, oldest first
         self.evicted = 0
+        self.refused = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -48,6 +49,20 @@ class ExpiringTable(Generic[K, V]):
                 self.evicted += 1
         if len(order) > 2 * len(entries) + 1024:  # mostly stale: keep the deque in proportion
             self._order = deque(e for e in order if entries.get(e[2]) is e)
+
+    def add(self, key: K, value: V, now: float) -> bool:
+        """Put a new key only while there is room (after expiry): when full, False, and nothing
+        already there is pushed out. For a table whose old entries matter more than new ones."""
+        if key not in self._entries:
+            self.expire(now)
+            if len(self._entries) >= self.capacity:
+                self.refused += 1
+                return False
+        self.put(key, value, now)
+        return True
+
+    def remove(self, key: K) -> None:
+        self._entries.pop(key, None)  # its stale twin in the order deque goes when it reaches the front
 
     def expire(self, now: float) -> None:
         entries, order = self._entries, self._order

@@ -6,3 +6,4 @@ LEARNED = 0x40000000  # kept in ct mark: this connection's token is known, stop 
 REJECT = 0x20000000  # transient: nftables answers the packet with a TCP reset
 QUEUE = 0x10000000  # transient: the xtables NFQUEUE rule queues packets carrying it
 JOIN = 0x08000000  # kept in ct mark: this flow is an added subflow (MP_JOIN), not a new connection
+TAUGHT_BY_CLIENT = 0x04000000  # in the token map: the token came from a client's third ACK, not a SYN-ACK

@@ -57,9 +57,9 @@ class Segment(NamedTuple):
     sport: int
     dport: int
     flags: int
-    options: bytes  # the TCP options as on the wire (validated); option_list splits them
+    options: bytes  # the TCP options as on the wire; option_list splits them
     payload_len: int
-    mptcp_subtype: int | None = None  # of the first MPTCP option, as nftables matches it
+    mptcp_subtype: int | None = None  # of the first valid MPTCP option
     capable: MpCapable | None = None
     join: MpJoinSyn | None = None
 
@@ -79,6 +79,8 @@ class Segment(NamedTuple):
             if raw[i] == OPT_NOP:
                 i += 1
                 continue
+            if i + 1 >= len(raw) or raw[i + 1] < 2 or i + raw[i + 1] > len(raw):
+                break  # where Linux stops reading, too
             found.append((raw[i], raw[i:i + raw[i + 1]]))
             i += raw[i + 1]
         return tuple(found)
@@ -86,7 +88,11 @@ class Segment(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Malformed:
+    """A packet that breaks a rule of IP, TCP or MPTCP. `linux` is the segment as Linux's stack
+    would take it (it stops reading TCP options at a broken one, and ignores an MPTCP option of a
+    wrong length); None when the IP or TCP header itself is broken, which Linux drops."""
     reason: str
+    linux: Segment | None = None
 
 
 def token_of_key(key: bytes, version: int) -> int:
@@ -98,6 +104,10 @@ def token_of_key(key: bytes, version: int) -> int:
 IPV4_HEADER = struct.Struct("!BxHxxHxB2x4s4s")  # version/ihl, total length, fragment, protocol, src, dst
 IPV6_HEADER = struct.Struct("!B3xHBx16s16s")  # version, payload length, next header, src, dst
 TCP_FIXED = struct.Struct("!HH8xBB")  # ports, data offset byte, flags
+
+
+IPV6_EXTENSIONS = {0, 43, 60, 51}  # hop-by-hop, routing, destination options, authentication
+IPV6_FRAGMENT = 44
 
 
 def parse_ip(buf: bytes) -> Segment | Malformed | None:
@@ -122,14 +132,29 @@ def parse_ip(buf: bytes) -> Segment | Malformed | None:
         if n < 40:
             return Malformed("truncated IPv6 header")
         _, payload, next_header, src, dst = IPV6_HEADER.unpack_from(buf)
+        end, start = min(n, 40 + payload), 40
+        while next_header in IPV6_EXTENSIONS or next_header == IPV6_FRAGMENT:
+            if start + 8 > end:
+                return Malformed(f"truncated IPv6 extension header {next_header}")
+            if next_header == IPV6_FRAGMENT:
+                if int.from_bytes(buf[start + 2:start + 4], "big") & 0xFFF8:
+                    return None  # a non-first fragment: no TCP header in it
+                length = 8
+            elif next_header == 51:
+                length = (buf[start + 1] + 2) * 4
+            else:
+                length = (buf[start + 1] + 1) * 8
+            next_header, start = buf[start], start + length
         if next_header != 6:
-            return None  # extension headers ahead of TCP: not a handshake packet we steer
-        return _parse_tcp(buf, 40, min(n, 40 + payload), 6, src, dst)
+            return None
+        return _parse_tcp(buf, start, end, 6, src, dst)
     return Malformed(f"IP version {version}")
 
 
 def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: bytes) -> Segment | Malformed:
-    """The TCP header at buf[start:end] (end: where the IP packet says it stops, or the capture does)."""
+    """The TCP header at buf[start:end] (end: where the IP packet says it stops, or the capture does).
+    MPTCP options are read as Linux reads them: every one of them, the last of a subtype winning;
+    a SYN that asks for both MP_CAPABLE and MP_JOIN is plain TCP to Linux, and to us."""
     if end - start < 20:
         return Malformed("truncated TCP header")
     sport, dport, offset, flags = TCP_FIXED.unpack_from(buf, start)
@@ -138,7 +163,8 @@ def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: 
         return Malformed(f"TCP data offset {doff} below 20")
     if start + doff > end:
         return Malformed(f"TCP data offset {doff} beyond the packet")
-    mptcp = None
+    problem = None
+    subtype = capable = join = None
     i, options_end = start + 20, start + doff
     while i < options_end:
         kind = buf[i]
@@ -148,23 +174,29 @@ def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: 
             i += 1
             continue
         if i + 1 >= options_end:
-            return Malformed(f"TCP option {kind} without length")
+            problem = f"TCP option {kind} without length"
+            break
         length = buf[i + 1]
         if length < 2:
-            return Malformed(f"TCP option {kind} length {length}")
+            problem = f"TCP option {kind} length {length}"
+            break
         if i + length > options_end:
-            return Malformed(f"TCP option {kind} length {length} overruns the header")
-        if kind == OPT_MPTCP and mptcp is None:
-            mptcp = buf[i:i + length]
+            problem = f"TCP option {kind} length {length} overruns the header"
+            break
+        if kind == OPT_MPTCP:
+            found = _parse_mptcp(buf[i:i + length], flags)
+            if isinstance(found, Malformed):
+                problem = problem or found.reason
+            else:
+                subtype = found[0] if subtype is None else subtype
+                capable, join = found[1] or capable, found[2] or join
         i += length
-    subtype = capable = join = None
-    if mptcp is not None:
-        found = _parse_mptcp(mptcp, flags)
-        if isinstance(found, Malformed):
-            return found
-        subtype, capable, join = found
-    return Segment(version, src, dst, sport, dport, flags, buf[start + 20:start + doff], end - start - doff, subtype,
-                   capable, join)
+    if capable is not None and join is not None and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+        capable = join = None
+        problem = problem or "a SYN with both MP_CAPABLE and MP_JOIN"
+    segment = Segment(version, src, dst, sport, dport, flags, buf[start + 20:start + doff], end - start - doff,
+                      subtype, capable, join)
+    return segment if problem is None else Malformed(problem, segment)
 
 
 def _parse_mptcp(opt: bytes, flags: int) -> tuple[int, MpCapable | None, MpJoinSyn | None] | Malformed:

@@ -1,39 +1,78 @@
-"""Token policy, as pure functions: what goes to the kernel map for the tokens a batch learned,
-what a refused install means, how old a token read back from the map is, and whether a join
-whose token is unknown may wait for it."""
+"""Token policy, as pure functions: who may teach a token, what goes to the kernel map for the
+tokens a batch learned, what a refused or failed install means, how old a token read back from
+the map is, and whether a join whose token is unknown may wait for it.
+
+Trust: a server's key (in the MP_CAPABLE SYN-ACK, which the LB sees when replies pass through
+it) comes from a backend. A client's key echo (the third ACK) is whatever the client sends: it
+is what direct server return has, and what a worker restarted mid-handshake has. So a token a
+client taught never displaces another: the first connection to hold a token keeps it, and a
+client's later claim is refused and counted. A server's token displaces a client's (the
+client's may be forged). Two server tokens on different backends are a real collision: its
+joins are reset, never guessed.
+"""
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
-from typing import Iterable, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
-from .marks import BACKEND_MASK, JOIN
+from .marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
 from .verdicts import Kind, Verdict
 
 # Held in the token table for a token that two live connections on different backends share: a
 # join carrying it could belong to either, so it is refused (TCP reset) rather than misrouted.
 AMBIGUOUS = -1
+# In the core's token table (never in a kernel mark): the kernel map does not have it yet; the
+# connection's next MP_CAPABLE packet tries the install again
+INSTALL_PENDING = 1 << 32
+TAUGHT_BY_CLIENT_KINDS = (Kind.THIRD_ACK,)
+
+
+def map_value(verdict: Verdict) -> int:
+    """The kernel map's value for the token a verdict taught: its joins' mark."""
+    by_client = TAUGHT_BY_CLIENT if verdict.kind in TAUGHT_BY_CLIENT_KINDS else 0
+    return (verdict.mark & BACKEND_MASK) | JOIN | by_client
 
 
 class TokenWrites(NamedTuple):
     install: list[tuple[int, int]]  # token -> the mark its joins get in the kernel map
     reject: list[int]  # tokens whose joins the kernel map answers with a reset
+    replace: list[tuple[int, int]]  # a server's token in place of what a client taught
+    ignored: list[int] = []  # a client's token the map holds for another connection: not ours
 
-    def refused(self, tokens: Iterable[int]) -> TokenWrites:
-        """The map refused these: another worker's connection holds them on another backend, so
-        they collide, for every worker."""
-        refused = set(tokens)
-        return TokenWrites([(t, m) for t, m in self.install if t not in refused], self.reject + sorted(refused))
+    def refused(self, existing: Mapping[int, int | None]) -> TokenWrites:
+        """The map refused these tokens (token -> what it holds, None if gone meanwhile): another
+        worker's connection holds them. A client's claim yields; a server's token replaces a
+        client's, and collides with another server's, for every worker."""
+        install, reject, replace, ignored = [], list(self.reject), list(self.replace), list(self.ignored)
+        for token, mark in self.install:
+            if token not in existing:
+                install.append((token, mark))
+            elif mark & TAUGHT_BY_CLIENT:
+                ignored.append(token)
+            elif existing[token] is None or existing[token] & TAUGHT_BY_CLIENT:
+                replace.append((token, mark))
+            else:
+                reject.append(token)
+        return TokenWrites(install, reject, replace, ignored)
 
 
 def plan_writes(verdicts: Iterable[Verdict]) -> TokenWrites:
     """One batch's writes: the last word on a token wins (a collision found later in the batch
     takes back the install of the same token earlier in it)."""
-    final: dict[int, int | None] = {}
+    final: dict[int, tuple[str, int]] = {}
     for v in verdicts:
-        if v.token is not None:
-            final[v.token] = None if v.kind is Kind.TOKEN_COLLISION else (v.mark & BACKEND_MASK) | JOIN
-    return TokenWrites([(t, m) for t, m in final.items() if m is not None],
-                       [t for t, m in final.items() if m is None])
+        if v.token is None:
+            continue
+        if v.kind is Kind.TOKEN_COLLISION:
+            final[v.token] = ("reject", 0)
+        elif v.kind is Kind.SYN_ACK_OVER_CLIENT:
+            final[v.token] = ("replace", map_value(v))
+        else:
+            final[v.token] = ("install", map_value(v))
+    return TokenWrites([(t, m) for t, (op, m) in final.items() if op == "install"],
+                       [t for t, (op, _) in final.items() if op == "reject"],
+                       [(t, m) for t, (op, m) in final.items() if op == "replace"])
 
 
 def learned_at(now: float, ttl: float, seconds_left: float) -> float:
@@ -57,3 +96,27 @@ def held_outcome(found_in_map: bool, now: float, deadline: float) -> Held:
     if found_in_map:
         return Held.FOUND
     return Held.EXPIRED if now >= deadline else Held.WAITING
+
+
+def flow_comment(flow: tuple) -> str:
+    """A connection as the kernel map's element comment shows it: client > VIP."""
+    src, sport, dst, dport = flow
+    return f"{_endpoint(src, sport)}>{_endpoint(dst, dport)}"
+
+
+def flow_of_comment(comment: str) -> tuple | None:
+    """The connection a map element's comment names, or None when it names none."""
+    try:
+        client, vip = comment.split(">")
+        ends = []
+        for endpoint in (client, vip):
+            address, _, port = endpoint.rpartition(":")
+            ends += [ipaddress.ip_address(address.strip("[]")).packed, int(port)]
+        return tuple(ends)
+    except ValueError:
+        return None
+
+
+def _endpoint(address: bytes, port: int) -> str:
+    ip = ipaddress.ip_address(address)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"

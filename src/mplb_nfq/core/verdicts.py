@@ -25,6 +25,9 @@ class Kind(StrEnum):
     THIRD_ACK_REPEAT = "third_ack_repeat"
     TOKEN_COLLISION = "token_collision"
     TOKEN_COLLISION_REPEAT = "token_collision_repeat"
+    SYN_ACK_OVER_CLIENT = "syn_ack_over_client"  # a server's token replaces one a client taught
+    TOKEN_REFUSED = "token_refused"  # a client taught a token that another connection holds: ignored
+    TOKEN_TABLE_FULL = "token_table_full"  # no room for a new token: the old ones are kept
     CAPABLE_WITHOUT_FLOW = "capable_without_flow"
     FIRST_PACKET = "first_packet"
     FIRST_WITHOUT_FLOW = "first_without_flow"
@@ -36,3 +39,4 @@ class Verdict(NamedTuple):
     mark: int
     kind: Kind
     token: int | None = None  # learned: install token -> mark in the kernel map (a collision: reject it)
+    flow: tuple | None = None  # the connection (client -> VIP) that taught the token: it lives as long

@@ -7,9 +7,8 @@ table that the operator installed (from `render-nft`) is filled, never deleted.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
-from ..core.marks import REJECT
 from .nft import Nft
 from .routing import Routing
 from .ruleset import Ruleset
@@ -56,25 +55,32 @@ class Dataplane:
         self.routing.sync_routes(self.cfg, retired)
         self.routing.sync_tunnels(self.cfg, retired)
 
+    def sync_unavailable(self, marks: set[int]) -> None:
+        self.ruleset.sync_unavailable(marks)
+
     def reopen(self) -> None:
         """In a forked worker: netlink sockets of its own (a shared one mixes up the answers)."""
         self.nft = self.ruleset.nft = Nft()
         self.token_map = TokenMap(self.cfg.table_name)
 
-    def add_tokens(self, tokens: list[tuple[int, int]]) -> list[int]:
+    def add_tokens(self, tokens: list[tuple[int, int]], comments: Mapping[int, str] | None = None) -> list[int]:
         """Install token -> backend mark in the kernel map, in one transaction; the tokens the map
-        holds already with another mark (another worker's connection) are refused, and returned."""
-        return self.token_map.add(tokens, self.cfg.token_timeout)
+        holds already with another mark (another worker's connection) are refused, and returned.
+        A comment names the token's connection, for a restarted worker and for `nft list`."""
+        return self.token_map.add(tokens, self.cfg.token_timeout, comments)
 
     def lookup_token(self, token: int) -> int | None:
         return self.token_map.lookup(token)
 
-    def reject_tokens(self, tokens: list[int]) -> None:
-        """Colliding tokens: the kernel map answers their joins with a TCP reset, whichever worker
-        learned what."""
-        self.token_map.reject(tokens, REJECT, self.cfg.token_timeout)
+    def replace_tokens(self, tokens: list[tuple[int, int]], comments: Mapping[int, str] | None = None) -> None:
+        """token -> mark in place of what the map held: a server's token over a client's, or the
+        reject mark for a collision (its joins are reset, whichever worker learned what)."""
+        self.token_map.replace(tokens, self.cfg.token_timeout, comments)
 
-    def read_tokens(self) -> list[tuple[int, int, float]]:
+    def delete_tokens(self, tokens: list[int]) -> None:
+        self.token_map.delete(tokens)
+
+    def read_tokens(self) -> list[tuple[int, int, float, str | None]]:
         return self.token_map.read()
 
     def remove(self) -> None:

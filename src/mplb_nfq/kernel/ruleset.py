@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Container, Mapping, NamedTuple
 
-from ..core.marks import JOIN, LEARNED, QUEUE, REJECT
+from ..core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
 from ..core.packet import TCP_ACK, TCP_SYN, Segment
 from .nft import KernelError, Nft, native_queue_supported
 
@@ -51,6 +52,7 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         vip4_elements=elements(4), vip6_elements=elements(6), dsr4_elements=elements(4, True),
         dsr6_elements=elements(6, True),
         token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", settled=f"0x{LEARNED | JOIN:08x}",
+        backend_mask=f"0x{BACKEND_MASK:08x}",
         reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
         queue_statement=queue_statement(cfg, native))
@@ -78,32 +80,60 @@ class Classified(NamedTuple):
     kernel_hit: bool = False  # a MP_JOIN SYN the token map steered
 
 
+def nft_mptcp_option(options: bytes) -> tuple[int | None, int | None]:
+    """(subtype, bytes 4-7) of the first MPTCP option as nftables finds it: it steps over EOL and
+    NOP one byte at a time and goes on scanning (Linux's stack stops at EOL), and reads a field
+    only where the option is long enough to hold it."""
+    i = 0
+    while i < len(options) - 1:
+        kind, length = options[i], options[i + 1]
+        step = 1 if kind <= 1 or length == 0 else length
+        if kind == 30:
+            if i + step > len(options):
+                return None, None
+            subtype = options[i + 2] >> 4 if step >= 3 else None
+            token = int.from_bytes(options[i + 4:i + 8], "big") if step >= 8 else None
+            return subtype, token
+        i += step
+    return None, None
+
+
 def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Container[tuple[bytes, int]],
-             token_map: Mapping[int, int], tracked: bool = True) -> Classified:
+             token_map: Mapping[int, int], tracked: bool = True, unavailable: Container[int] = ()) -> Classified:
     """What nft/mplb.nft's classify chain and its handshake chains do to one TCP segment, given
     its flow's conntrack state: the model `inspect` replays. A kernel test sends packets through
     the real ruleset and holds this function to its counters, rule by rule."""
-    mark = ct_mark if original and ct_mark else 0
-    if ct_mark & (LEARNED | JOIN):
-        return Classified(mark, None)
     handshake = segment.flags & (TCP_SYN | TCP_ACK)
+    subtype, token = nft_mptcp_option(segment.options)
     if (segment.dst, segment.dport) in vips:
+        mark = ct_mark if original and ct_mark else 0
+        if ct_mark & (LEARNED | JOIN):
+            return Classified(mark, None)
         hit = False
-        if handshake == TCP_SYN and not mark and tracked and segment.mptcp_subtype == 1 and segment.join is not None:
-            found = token_map.get(segment.join.token)
+        if handshake == TCP_SYN and not mark and tracked and subtype == 1 and token is not None:
+            found = token_map.get(token)
             if found is not None:
                 mark, hit = found, True
+        if handshake == TCP_SYN and mark & BACKEND_MASK in unavailable and mark & BACKEND_MASK:
+            return Classified(0, "queued_join_unavailable")
         if handshake == TCP_SYN and not mark:
             return Classified(mark, "queued_syn")
-        if handshake == TCP_ACK and not ct_mark & LEARNED and segment.mptcp_subtype == 0:
+        if handshake == TCP_ACK and not ct_mark & LEARNED and subtype == 0:
             return Classified(mark, "queued_capable")
         if handshake == TCP_ACK and new and not mark:
             return Classified(mark, "queued_first")
         return Classified(mark, None, hit)
     if (segment.src, segment.sport) in vips and handshake == TCP_SYN | TCP_ACK and not ct_mark & LEARNED \
-            and segment.mptcp_subtype == 0:
+            and subtype == 0:
         return Classified(ct_mark, "queued_synack")
-    return Classified(mark, None)
+    return Classified(0, None)
+
+
+def renew_chains(listing: str, table: str) -> str:
+    """Commands that empty every chain of the table, so that loading the ruleset again in the
+    same transaction replaces its rules instead of adding them twice."""
+    chains = re.findall(r"^\s*chain (\w+) \{", listing, re.MULTILINE)
+    return "".join(f"flush chain inet {table} {name}\n" for name in chains)
 
 
 def families(cfg: Config) -> set[int]:
@@ -132,6 +162,12 @@ class Ruleset:
         else:
             self.owner = "worker" if WORKER_COMMENT in listing else "operator"
             log.info("nft table inet %s exists (%s's): adopting it with its token map", cfg.table_name, self.owner)
+            if self.owner == "worker":  # this version's rules, in one transaction; sets and maps keep their elements
+                try:
+                    self.nft.run(renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True))
+                except KernelError as e:  # e.g. a token map of another size: the rules in place go on
+                    log.error("could not bring the rules of table inet %s up to date, keeping them: %s",
+                              cfg.table_name, e)
             self.sync_vips(cfg)
         if not self.native_queue:
             for version in families(cfg):
@@ -163,6 +199,12 @@ class Ruleset:
                 self.nft.run(f"add element inet {table} {name} {{ {', '.join(sorted(wanted - current))} }}")
             if current - wanted:
                 self.nft.run(f"delete element inet {table} {name} {{ {', '.join(sorted(current - wanted))} }}")
+
+    def sync_unavailable(self, marks: set[int]) -> None:
+        """The backend marks whose joins the worker must read before they are steered."""
+        table = self.cfg.table_name
+        elements = f"add element inet {table} unavailable {{ {', '.join(f'0x{m:x}' for m in sorted(marks))} }}"
+        self.nft.run(f"flush set inet {table} unavailable" + (f"; {elements}" if marks else ""))
 
     def remove(self) -> None:
         """Our xtables rules, the mangle table iptables-nft made for them alone, and our nft table

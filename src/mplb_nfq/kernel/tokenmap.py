@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import struct
+from typing import Mapping
 
 from .nft import KernelError
 
@@ -18,7 +19,8 @@ NLMSG_ERROR, NLMSG_DONE, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 2, 3, 16, 17
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE, NLA_F_NESTED = 1, 4, 0x300, 0x400, 0x8000
 SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS, LIST_ELEM = 1, 2, 3, 1
-SET_ELEM_KEY, SET_ELEM_DATA, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION, DATA_VALUE = 1, 2, 4, 5, 1
+SET_ELEM_KEY, SET_ELEM_DATA, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION, SET_ELEM_USERDATA, DATA_VALUE = 1, 2, 4, 5, 6, 1
+UDATA_COMMENT = 0  # libnftnl's user data: type, length, value; nft prints it as the element's comment
 NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port
 ATTRIBUTE = struct.Struct("=HH")  # length, type
 NFGEN_HEADER_SIZE = 4
@@ -43,15 +45,27 @@ def _set_elements(table: str, elements: bytes = b"") -> bytes:
 
 # One element of the token map as NFT_MSG_NEWSETELEM carries it, 40 bytes, packed in one go (the
 # generic attribute helpers took 20 µs a token): a list element nesting the key (the token's four
-# bytes, as on the wire), the data (the mark, host order) and the timeout (ms, big endian).
+# bytes, as on the wire), the data (the mark, host order) and the timeout (ms, big endian); then
+# the comment naming the connection, if any.
 SET_ELEMENT = struct.Struct("=HHHHHH4sHHHHIHH8s")
 
 
-def _with_marks(tokens: list[tuple[int, int]], timeout: int) -> bytes:
+def _comment(text: str | None) -> bytes:
+    if not text:
+        return b""
+    value = text.encode()[:126] + b"\0"
+    return _attribute(SET_ELEM_USERDATA, bytes([UDATA_COMMENT, len(value)]), value)
+
+
+def _with_marks(tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> bytes:
     expires = struct.pack("!Q", timeout * 1000)
-    return b"".join([SET_ELEMENT.pack(40, LIST_ELEM | NLA_F_NESTED, 12, SET_ELEM_KEY | NLA_F_NESTED, 8, DATA_VALUE,
-                                      token.to_bytes(4, "big"), 12, SET_ELEM_DATA | NLA_F_NESTED, 8, DATA_VALUE, mark,
-                                      12, SET_ELEM_TIMEOUT, expires) for token, mark in tokens])
+    parts = []
+    for token, mark in tokens:
+        comment = _comment(comments.get(token)) if comments else b""
+        parts.append(SET_ELEMENT.pack(40 + len(comment), LIST_ELEM | NLA_F_NESTED, 12, SET_ELEM_KEY | NLA_F_NESTED, 8,
+                                      DATA_VALUE, token.to_bytes(4, "big"), 12, SET_ELEM_DATA | NLA_F_NESTED, 8,
+                                      DATA_VALUE, mark, 12, SET_ELEM_TIMEOUT, expires) + comment)
+    return b"".join(parts)
 
 
 def _keys(tokens: list[int]) -> bytes:
@@ -71,16 +85,23 @@ def transaction(seq: int, messages: list[tuple[int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def token_batch(table: str, tokens: list[tuple[int, int]], timeout: int, seq: int) -> bytes:
+def token_batch(table: str, tokens: list[tuple[int, int]], timeout: int, seq: int,
+                comments: Mapping[int, str] | None = None) -> bytes:
     """The transaction adding token -> mark (messages seq to seq + 2)."""
-    return transaction(seq, [(NFT_MSG_NEWSETELEM, _set_elements(table, _with_marks(tokens, timeout)))])
+    return transaction(seq, [(NFT_MSG_NEWSETELEM, _set_elements(table, _with_marks(tokens, timeout, comments)))])
 
 
-def reject_batch(table: str, token: int, mark: int, timeout: int, seq: int, delete_first: bool) -> bytes:
-    """The transaction that replaces a token's element with `mark` (the reject mark): the delete
-    fails the whole transaction when the element is not there, hence `delete_first`."""
+def replace_batch(table: str, token: int, mark: int, timeout: int, seq: int, delete_first: bool,
+                  comment: str | None = None) -> bytes:
+    """The transaction that replaces a token's element with `mark`: the delete fails the whole
+    transaction when the element is not there, hence `delete_first`."""
     messages = [(NFT_MSG_DELSETELEM, _set_elements(table, _keys([token])))] if delete_first else []
-    return transaction(seq, messages + [(NFT_MSG_NEWSETELEM, _set_elements(table, _with_marks([(token, mark)], timeout)))])
+    element = _with_marks([(token, mark)], timeout, {token: comment} if comment else None)
+    return transaction(seq, messages + [(NFT_MSG_NEWSETELEM, _set_elements(table, element))])
+
+
+def delete_batch(table: str, tokens: list[int], seq: int) -> bytes:
+    return transaction(seq, [(NFT_MSG_DELSETELEM, _set_elements(table, _keys(tokens)))])
 
 
 def _attributes(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
@@ -107,8 +128,8 @@ def _list_elements(data: bytes) -> list[bytes]:
     return elements
 
 
-def parse_elements(message_body: bytes) -> list[tuple[int, int, float]]:
-    """(token, mark, seconds left) of each element of a NFT_MSG_NEWSETELEM body (after nfgenmsg)."""
+def parse_elements(message_body: bytes) -> list[tuple[int, int, float, str | None]]:
+    """(token, mark, seconds left, comment) of each element of a NFT_MSG_NEWSETELEM body (after nfgenmsg)."""
     listing = _attributes(message_body, NFGEN_HEADER_SIZE).get(SET_ELEM_LIST_ELEMENTS, b"")
     found = []
     for element in _list_elements(listing):
@@ -118,8 +139,19 @@ def parse_elements(message_body: bytes) -> list[tuple[int, int, float]]:
         if key is None or data is None or len(key) != 4 or len(data) != 4:
             continue
         left_ms = attrs.get(SET_ELEM_EXPIRATION) or attrs.get(SET_ELEM_TIMEOUT) or bytes(8)
-        found.append((int.from_bytes(key, "big"), struct.unpack("=I", data)[0], struct.unpack("!Q", left_ms)[0] / 1000))
+        found.append((int.from_bytes(key, "big"), struct.unpack("=I", data)[0], struct.unpack("!Q", left_ms)[0] / 1000,
+                      _comment_of(attrs.get(SET_ELEM_USERDATA, b""))))
     return found
+
+
+def _comment_of(userdata: bytes) -> str | None:
+    offset = 0
+    while offset + 2 <= len(userdata):
+        kind, length = userdata[offset], userdata[offset + 1]
+        if kind == UDATA_COMMENT:
+            return userdata[offset + 2:offset + 2 + length].rstrip(b"\0").decode(errors="replace")
+        offset += 2 + length
+    return None
 
 
 class TokenMap:
@@ -136,37 +168,51 @@ class TokenMap:
         self.sock.settimeout(5.0)
         self.seq = 0
 
-    def add(self, tokens: list[tuple[int, int]], timeout: int) -> list[int]:
+    def add(self, tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> list[int]:
         """Add token -> mark; the tokens the map holds already with another mark are refused, and
         returned. Each chunk is one transaction, all of it added or none: when one is refused, the
         chunk's tokens are added again one by one, so that the others still go in."""
         refused = []
         for start in range(0, len(tokens), self.CHUNK):
             chunk = tokens[start:start + self.CHUNK]
-            if self._add(chunk, timeout) == errno.EEXIST:
-                refused += [token for token, mark in chunk if self._add([(token, mark)], timeout) == errno.EEXIST]
+            if self._add(chunk, timeout, comments) == errno.EEXIST:
+                refused += [token for token, mark in chunk
+                            if self._add([(token, mark)], timeout, comments) == errno.EEXIST]
         return refused
 
-    def _add(self, tokens: list[tuple[int, int]], timeout: int) -> int:
+    def _add(self, tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None) -> int:
         """0, or EEXIST (a token held with another mark); any other error raises KernelError."""
         self.seq += 3
-        error = self._transaction(token_batch(self.table, tokens, timeout, self.seq), [self.seq + 1])
+        error = self._transaction(token_batch(self.table, tokens, timeout, self.seq, comments), [self.seq + 1])
         if error not in (0, errno.EEXIST):
             raise KernelError(f"adding {len(tokens)} tokens to the map: {os.strerror(error)}")
         return error
 
-    def reject(self, tokens: list[int], mark: int, timeout: int) -> None:
-        """Give each token `mark` in place of whatever the map held for it."""
-        for token in tokens:
+    def replace(self, tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> None:
+        """Give each token its mark in place of whatever the map held for it."""
+        for token, mark in tokens:
+            comment = comments.get(token) if comments else None
             self.seq += 4
-            error = self._transaction(reject_batch(self.table, token, mark, timeout, self.seq, True),
+            error = self._transaction(replace_batch(self.table, token, mark, timeout, self.seq, True, comment),
                                       [self.seq + 1, self.seq + 2])
-            if error == errno.ENOENT:  # not there yet (learned in the same batch, or never)
+            if error == errno.ENOENT:  # not there (learned in the same batch, or gone)
                 self.seq += 3
-                error = self._transaction(reject_batch(self.table, token, mark, timeout, self.seq, False),
+                error = self._transaction(replace_batch(self.table, token, mark, timeout, self.seq, False, comment),
                                           [self.seq + 1])
             if error:
-                raise KernelError(f"rejecting token 0x{token:08x} in the map: {os.strerror(error)}")
+                raise KernelError(f"replacing token 0x{token:08x} in the map: {os.strerror(error)}")
+
+    def delete(self, tokens: list[int]) -> None:
+        """Remove the tokens the map holds (those it does not are no error)."""
+        for start in range(0, len(tokens), self.CHUNK):
+            chunk = tokens[start:start + self.CHUNK]
+            self.seq += 3
+            if self._transaction(delete_batch(self.table, chunk, self.seq), [self.seq + 1]) == errno.ENOENT:
+                for token in chunk:
+                    self.seq += 3
+                    error = self._transaction(delete_batch(self.table, [token], self.seq), [self.seq + 1])
+                    if error not in (0, errno.ENOENT):
+                        raise KernelError(f"deleting token 0x{token:08x} from the map: {os.strerror(error)}")
 
     def lookup(self, token: int) -> int | None:
         """The mark the map holds for a token, or None."""
@@ -176,15 +222,15 @@ class TokenMap:
         found = None
         for kind, body, error in self._answers(self.seq):
             if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM:
-                found = next((mark for t, mark, _ in parse_elements(body) if t == token), found)
+                found = next((mark for t, mark, _, _ in parse_elements(body) if t == token), found)
             elif error is not None:
                 if error not in (0, errno.ENOENT):
                     raise KernelError(f"looking token 0x{token:08x} up in the map: {os.strerror(error)}")
                 return found
         return found
 
-    def read(self) -> list[tuple[int, int, float]]:
-        """(token, mark, seconds left) of every element of the map."""
+    def read(self) -> list[tuple[int, int, float, str | None]]:
+        """(token, mark, seconds left, comment) of every element of the map."""
         self.seq += 1
         self.sock.send(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
                                   self.seq, NFPROTO_INET, _set_elements(self.table)))

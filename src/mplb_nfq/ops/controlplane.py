@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass
 
 from ..core.balancer import Backend, Balancer
+from ..kernel.conntrack import Counts, Gone
 from ..kernel.queue import queue_drops
 from .config import BackendConfig, Config, ConfigError, load
 from .counters import Report
-from .fleet import Counted, Drained, Fleet, HealthChanged, Message, Reloaded, Stop
+from .fleet import Drained, Fleet, HealthChanged, Message, Reloaded, Stop
 
 log = logging.getLogger("mplb_nfq.worker")
 RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "table_base", "max_backends",
@@ -30,6 +31,7 @@ class ControlPlane:
     def __init__(self, cfg: Config, balancer: Balancer, dataplane, fleet: Fleet, counters: Report):
         self.cfg, self.balancer, self.dataplane, self.fleet, self.counters = cfg, balancer, dataplane, fleet, counters
         self.retired: dict[str, RetiredBackend] = {}
+        self.unavailable_in_kernel: set[int] | None = None  # the kernel's set, as last written
         self.health = None
         self.stopping = False
         self.started = time.time()
@@ -39,6 +41,20 @@ class ControlPlane:
 
     def retired_routes(self) -> list[tuple[BackendConfig, list[str]]]:
         return [(r.config, r.vips) for r in self.retired.values()]
+
+    def sync_unavailable(self) -> None:
+        """Backends that take no new connections: the ruleset sends their joins to the worker,
+        which reads them as Linux will before they reach such a backend. Called from the loop (the
+        health thread only changes the backends' state)."""
+        marks = {b.mark for b in self.balancer.backends if not b.available}
+        if marks == self.unavailable_in_kernel:
+            return
+        try:
+            self.dataplane.sync_unavailable(marks)
+            self.unavailable_in_kernel = marks
+        except Exception as e:  # the table may be an operator's of an older version
+            log.error("updating the set of unavailable backends failed: %s", e)
+            self.unavailable_in_kernel = marks
 
     def set_health(self, name: str, up: bool, error: str | None) -> None:
         backend = self.backends().get(name)
@@ -100,7 +116,7 @@ class ControlPlane:
         return {"ok": True, "services": len(new.services), "backends": len(new.backends),
                 "retired": sorted(self.retired)}
 
-    def apply_conntrack_counts(self, counted: Counted, kernel: bool = True) -> None:
+    def apply_conntrack_counts(self, counted: Counts, kernel: bool = True) -> None:
         if kernel:
             self.fleet.broadcast(counted)
         for mark, backend in self.balancer.by_mark.items():
@@ -123,8 +139,11 @@ class ControlPlane:
                 self.drain(backend, drained)
             case Reloaded(path):
                 self.reload(path, kernel=False)
-            case Counted():
+            case Counts():
                 self.apply_conntrack_counts(message, kernel=False)
+            case Gone(tokens):  # the first worker took them out of the kernel map
+                for token in tokens:
+                    self.balancer.forget(token)
             case Stop():
                 self.stopping = True
 

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from ..kernel.conntrack import Counts, Gone
 from .counters import Report
 
 log = logging.getLogger("mplb_nfq.fleet")
@@ -34,18 +35,11 @@ class Reloaded:
 
 
 @dataclass(frozen=True)
-class Counted:
-    """Conntrack's live connections and subflows per backend mark."""
-    connections: dict[int, int]
-    subflows: dict[int, int]
-
-
-@dataclass(frozen=True)
 class Stop:
     pass
 
 
-Message = HealthChanged | Drained | Reloaded | Counted | Stop
+Message = HealthChanged | Drained | Reloaded | Counts | Gone | Stop
 
 
 class Fleet:

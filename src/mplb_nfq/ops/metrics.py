@@ -74,8 +74,11 @@ class WorkerCollector:
         tokens.add_metric([], total.tokens)
         yield tokens
         writes = CounterMetricFamily("mplb_token_writes", "Tokens written to the kernel map: installed, marked "
-                                     "colliding (their joins are reset), or lost to an error", labels=["result"])
+                                     "colliding (their joins are reset), refused (a client's claim on another "
+                                     "connection's token), removed (their connection closed), or lost to an error",
+                                     labels=["result"])
         for result, key in (("installed", "tokens_installed"), ("rejected", "tokens_rejected"),
+                            ("refused", "tokens_refused"), ("removed", "tokens_removed"),
                             ("error", "token_install_errors")):
             writes.add_metric([result], stats[key])
         yield writes

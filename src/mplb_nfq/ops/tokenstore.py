@@ -1,0 +1,85 @@
+"""The kernel token map as the worker keeps it: the tokens a batch learned written in one
+transaction, a refusal or a failure turned into what the core should know, tokens read back
+after a restart, and the tokens of closed connections taken out."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from ..core.balancer import Balancer
+from ..core.marks import REJECT
+from ..core.tokens import flow_comment, flow_of_comment, learned_at, plan_writes
+from ..core.verdicts import Kind, Verdict
+from .logs import ThrottledLog
+
+log = logging.getLogger("mplb_nfq.worker")
+
+
+class TokenStore:
+    def __init__(self, balancer: Balancer, dataplane, stats: Counter[str], errors: ThrottledLog):
+        self.balancer, self.dataplane, self.stats, self.errors = balancer, dataplane, stats, errors
+        self.lifetimes: list[tuple[int, tuple]] = []  # tokens and their connections, for the conntrack reader
+
+    def write(self, verdicts: list[Verdict]) -> set[int]:
+        """One transaction of installs, then the replacements and rejections (rare, one by one);
+        returns the tokens that did not get in."""
+        flows = {v.token: v.flow for v in verdicts if v.token is not None and v.flow is not None}
+        comments = {token: flow_comment(flow) for token, flow in flows.items()}
+        writes, failed = plan_writes(verdicts), set()
+        if writes.install:
+            try:
+                refused = self.dataplane.add_tokens(writes.install, comments)
+                if refused:
+                    writes = writes.refused({t: self.dataplane.lookup_token(t) for t in refused})
+            except Exception as e:  # the core still knows them: their joins get queued, and reach their backend
+                self.errors.error("install", f"token install failed ({len(writes.install)} tokens): {e}")
+                self.stats["token_install_errors"] += len(writes.install)
+                failed = {token for token, _ in writes.install}
+                writes = writes._replace(install=[])
+            self.stats["tokens_installed"] += len(writes.install)
+        now = time.perf_counter()
+        for token in writes.ignored:  # another worker's connection holds it: theirs, not ours
+            self.balancer.forget(token)
+            self.stats["tokens_refused"] += 1
+        for token in set(writes.reject) - {v.token for v in verdicts if v.kind is Kind.TOKEN_COLLISION}:
+            self.balancer.collide(token, now)  # the map held it for another worker's connection
+        changes = writes.replace + [(token, REJECT) for token in writes.reject]
+        if changes:
+            try:
+                self.dataplane.replace_tokens(changes, comments)
+                self.stats["tokens_rejected"] += len(writes.reject)
+                self.stats["tokens_installed"] += len(writes.replace)
+            except Exception as e:  # the joins that reach this worker are still decided by the core
+                self.errors.error("replace", f"replacing tokens in the kernel map failed: {e}")
+                self.stats["token_install_errors"] += len(changes)
+                failed |= {token for token, _ in writes.replace}
+        for token in failed:
+            self.balancer.install_failed(token, now)
+        self.lifetimes.extend((t, f) for t, f in flows.items() if t not in failed and t not in writes.ignored)
+        return failed
+
+    def adopt(self) -> int:
+        """A restarted worker rebuilds its token table from the kernel map it finds, and watches
+        the connections the elements' comments name."""
+        now, ttl = time.perf_counter(), self.balancer.tokens.ttl
+        adopted = 0
+        for token, mark, left, comment in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
+            if mark & REJECT or self.balancer.backend_of(mark) is not None:
+                self.balancer.learn_token(token, mark, learned_at(now, ttl, left))
+                flow = flow_of_comment(comment or "")
+                if flow is not None:
+                    self.lifetimes.append((token, flow))
+                adopted += 1
+        return adopted
+
+    def gone(self, tokens: list[int]) -> None:
+        """Their connections have left conntrack: the tokens go from the map and the core."""
+        try:
+            self.dataplane.delete_tokens(tokens)
+        except Exception as e:  # the map's own timeout takes them later
+            self.errors.error("delete", f"deleting {len(tokens)} tokens of closed connections failed: {e}")
+            return
+        for token in tokens:
+            self.balancer.forget(token)
+        self.stats["tokens_removed"] += len(tokens)
