@@ -12,7 +12,7 @@ from packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tc
 
 from mplb_nfq.core.marks import REJECT, TAUGHT_BY_CLIENT
 from mplb_nfq.core.packet import token_of_key
-from mplb_nfq.lab.lab import PORT, config_text
+from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import VIP, VIP6, backend_address
 
 pytestmark = KERNEL
@@ -110,7 +110,7 @@ def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worke
     assert later["received"] == 1 * MB
 
 
-def test_stopping_the_worker_removes_what_it_installed(topo, worker):
+def test_stopping_the_worker_keeps_the_data_path_and_cleanup_removes_exactly_ours(topo, worker, tmp_path):
     def state():
         return (topo.exec("lb", "nft", "list", "tables", capture_output=True).stdout,
                 topo.exec("lb", "ip", "rule", capture_output=True).stdout,
@@ -120,12 +120,48 @@ def test_stopping_the_worker_removes_what_it_installed(topo, worker):
     try:
         pristine = state()
         w = worker("mplb")
-        tables, rules, routes = state()
+        running = state()
+        tables, rules, routes = running
         assert "inet mplb" in tables and "fwmark 0x100/0xffff lookup 1000" in rules and "table 1001" in routes
-        w.stop()
+        second = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "run", "-c", str(w.config_path),
+                           capture_output=True, check=False)  # by mistake: refused, nothing touched
+        assert second.returncode == 1 and "another mplb-nfq runs" in second.stderr and state() == running
+        refused = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(w.config_path),
+                            capture_output=True, check=False)
+        assert refused.returncode == 1 and state() == running  # not under a running worker
+        assert [r["received"] for r in fetch(topo, MB)] == [MB]  # it still serves
+        w.stop(cleanup=False)
+        assert state() == running  # as systemd stops it: the data path stays for the next one
+        assert [r["received"] for r in fetch(topo, MB)] == [MB]  # no worker: the fail-open route serves
+        topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(w.config_path))
         assert state() == pristine
     finally:
         topo.exec("lb", "nft", "delete table inet operator_table")
+
+
+def test_a_backend_keeps_its_mark_across_a_restart_after_a_reload_removed_another(topo, worker, tmp_path):
+    """Marks follow the order of the file; a restart reads them back from the kernel instead, so
+    that conntrack's marks keep naming the same backends. The removed backend's leftovers go too."""
+    w = worker("mplb")
+    text = w.config_path.read_text()
+    first_backend = text.index("[[backends]]")
+    second_backend = text.index("[[backends]]", first_backend + 1)
+    without_b1 = text[:first_backend] + text[second_backend:]
+    without_b1 = without_b1.replace('backends = ["b1", "b2"]', 'backends = ["b2"]')
+    w.config_path.write_text(without_b1)
+    assert topo.exec("lb", sys.executable, "-m", "mplb_nfq", "reload", "-c", str(w.config_path),
+                     capture_output=True).returncode == 0
+    w.stop(cleanup=False)
+    again = WorkerProcess(topo, w.config_path, tmp_path / "again.log")
+    try:
+        status = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "status", "--json", "-c",
+                                      str(w.config_path), capture_output=True).stdout)
+        (b2,) = status["services"][0]["backends"]
+        assert b2["name"] == "b2" and b2["mark"] == "0x101"  # not 0x100, the first mark, as the file now says
+    finally:
+        again.stop()
+    rules = topo.exec("lb", "ip", "rule", capture_output=True).stdout
+    assert "lookup 1000" not in rules and "lookup 1001" not in rules  # cleanup found b1's leftovers too
 
 
 def test_render_nft_output_loads_with_plain_nft(topo, tmp_path):

@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
+    from .ops.instance import AlreadyRunning
     from .worker import run
 
-    return run(load(args.config))
+    try:
+        return run(load(args.config))
+    except AlreadyRunning as e:
+        print(f"mplb-nfq: {e}", file=sys.stderr)
+        return 1
 
 
 def _control(args, command: str, **request) -> dict | None:
@@ -121,9 +126,17 @@ def cmd_reload(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
+    """Remove the kernel state a worker leaves when it stops (it keeps it for the next one)."""
     from .kernel.dataplane import Dataplane
+    from .ops.instance import AlreadyRunning, hold_instance
 
-    Dataplane(load(args.config)).remove()
+    cfg = load(args.config)
+    try:
+        with hold_instance(cfg.table_name):
+            Dataplane(cfg).remove()
+    except AlreadyRunning as e:
+        print(f"mplb-nfq cleanup: {e}; stop it first", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,11 +14,12 @@ from .core.tokens import Held, held_outcome, may_hold
 from .core.verdicts import Kind, Verdict
 from .kernel.conntrack import Counts, Gone, Watch, start_reader
 from .kernel.dataplane import Dataplane
-from .kernel.queue import QueueReader
+from .kernel.queue import QueueReader, set_fail_open
 from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
 from .ops.fleet import Fleet, serve_other_worker
+from .ops.instance import hold_instance
 from .ops.logs import ThrottledLog
 from .ops.tokenstore import TokenStore
 
@@ -135,6 +136,7 @@ class Worker:
             handlers[parent.fileno()] = lambda: plane.apply(parent.recv())
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
+        set_fail_open(nfq.get_fd(), cfg.queue + index)
         queue_reader = QueueReader(nfq.get_fd(), BATCH, self.decided, self.give_decided)
 
         def read_queue():
@@ -187,11 +189,20 @@ class Worker:
 
 
 def run(cfg: Config) -> int:
+    """Serve until SIGTERM or SIGINT. The kernel state (table, token map, routes, conntrack
+    marks) outlives the process: the next one adopts it; `mplb-nfq cleanup` removes it."""
     from .ops.health import HealthChecker
 
+    instance = hold_instance(cfg.table_name)  # before anything is touched: a second run changes nothing
     dataplane = Dataplane(cfg)
+    installed = dataplane.installed_backends()
+    leftovers = {f"retired-0x{mark:x}": mark for mark in installed}  # their marks stay taken
+    cfg = cfg.with_stable_marks({**leftovers, **cfg.installed_marks(installed)})
+    dataplane.cfg = cfg
     worker = Worker(cfg, dataplane)
     plane = worker.plane
+    retired = plane.adopt_retired(installed)
+    dataplane.retired = plane.retired_routes()
 
     def stop(signum, frame):
         plane.stopping = True
@@ -209,8 +220,9 @@ def run(cfg: Config) -> int:
     try:
         dataplane.install()
         adopted = worker.tokens.adopt()
-        if adopted:
-            log.info("adopted %d tokens from the kernel map", adopted)
+        if adopted or retired:
+            log.info("adopted %d tokens from the kernel map; backends gone from the config, retired: %s",
+                     adopted, ", ".join(retired) or "none")
         # forked before any thread or socket of the first worker
         plane.fleet.start(cfg.workers, serve_other_worker, (worker,), cfg.queue)
         if cfg.metrics_address:
@@ -229,6 +241,6 @@ def run(cfg: Config) -> int:
         if plane.health:
             plane.health.stop()
         plane.fleet.stop()
-        dataplane.remove()
+        instance.close()
     print(json.dumps({"event": "stopped", **plane.report()}), flush=True)
     return 0

@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Mapping
 
 from .nft import Nft
-from .routing import Routing
+from .routing import Routing, installed_backends
 from .ruleset import Ruleset
 from .tokenmap import TokenMap
 
@@ -28,6 +28,8 @@ class Dataplane:
         self.ruleset = Ruleset(self.nft, cfg)
         self.token_map = TokenMap(cfg.table_name)
         self.routing = Routing()
+        self.retired: RetiredRoutes = []
+        self.unavailable: set[str] = set()  # backends that take no new connections, by name
 
     @property
     def queue_mode(self) -> str:
@@ -37,26 +39,35 @@ class Dataplane:
     def table_owner(self) -> str:
         return self.ruleset.owner
 
+    def installed_backends(self) -> dict[int, tuple[int, set[str], set[str]]]:
+        return installed_backends(self.cfg)
+
     def install(self) -> None:
         self.ruleset.install()
         self.routing.sync_tunnels(self.cfg)
-        self.routing.sync_routes(self.cfg)
+        self.routing.sync_routes(self.cfg, unavailable=self.unavailable)
         log.info("queue %d, mode: %s", self.cfg.queue, self.queue_mode)
 
     def apply(self, cfg: Config, retired: RetiredRoutes) -> None:
         """A reload: the VIPs, tunnels and routes of the new config (retired backends keep theirs)."""
         self.ruleset.sync_vips(cfg)
         self.routing.sync_tunnels(cfg, retired)
-        self.routing.sync_routes(cfg, retired)
-        self.cfg = cfg
+        self.routing.sync_routes(cfg, retired, self.unavailable)
+        self.cfg, self.retired = cfg, list(retired)
 
     def retire(self, retired: RetiredRoutes) -> None:
         """Backends whose last connection ended lose their routes and tunnels."""
-        self.routing.sync_routes(self.cfg, retired)
+        self.routing.sync_routes(self.cfg, retired, self.unavailable)
         self.routing.sync_tunnels(self.cfg, retired)
+        self.retired = list(retired)
 
-    def sync_unavailable(self, marks: set[int]) -> None:
+    def sync_unavailable(self, marks: set[int], names: set[str]) -> None:
+        """Backends that take no new connections: their joins go to the worker before they are
+        steered, and the fail-open route (what passes unqueued) leaves them out."""
         self.ruleset.sync_unavailable(marks)
+        if names != self.unavailable:
+            self.unavailable = names
+            self.routing.sync_routes(self.cfg, self.retired, names)
 
     def reopen(self) -> None:
         """In a forked worker: netlink sockets of its own (a shared one mixes up the answers)."""

@@ -4,10 +4,30 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from pathlib import Path
 from typing import Callable
 
 VERDICT_BATCH = 32  # packets decided in a row before their verdicts go out (the queue empty: at once)
+NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG, NLM_F_REQUEST = 3, 2, 1
+NFQA_CFG_MASK, NFQA_CFG_FLAGS, NFQA_CFG_F_FAIL_OPEN = 4, 5, 1
+
+
+def fail_open_request(queue: int) -> bytes:
+    """NFQNL_MSG_CONFIG setting NFQA_CFG_F_FAIL_OPEN on a queue: what the kernel cannot queue (the
+    queue full, or the reader's socket) is accepted rather than dropped. No acknowledgement is
+    asked: the binding reads the socket, and would take it for a packet."""
+    # attribute headers in host order, like every netlink header; their values big endian
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(queue)) + b"".join(
+        struct.pack("=HH", 8, kind) + struct.pack("!I", value)
+        for kind, value in ((NFQA_CFG_MASK, NFQA_CFG_F_FAIL_OPEN), (NFQA_CFG_FLAGS, NFQA_CFG_F_FAIL_OPEN)))
+    return struct.pack("=IHHII", 16 + len(body), NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_CONFIG, NLM_F_REQUEST, 0, 0) + body
+
+
+def set_fail_open(fd: int, queue: int) -> None:
+    """On the socket that bound the queue: the kernel takes a queue's config from its owner only."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.send(fail_open_request(queue))
 
 
 class QueueReader:

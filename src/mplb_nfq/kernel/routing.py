@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection
 
 from ..core.marks import BACKEND_MASK
 from .nft import KernelError
@@ -39,11 +39,12 @@ def _hop(b: BackendConfig, version: int) -> dict:
     return {"gateway": address}
 
 
-def routing_plan(cfg: Config, retired: RetiredRoutes = ()) -> tuple[list[dict], list[dict]]:
+def routing_plan(cfg: Config, retired: RetiredRoutes = (), unavailable: Collection[str] = ()) -> tuple[list[dict], list[dict]]:
     """The routes and rules of a config: per backend a table routing each of its VIPs to it and a
     fwmark rule (a tunnelled backend also gets a host route to its inner address, for its health
-    checks); per VIP a fail-open multipath route. Retired backends (gone from the config,
-    connections still open) keep theirs."""
+    checks); per VIP a fail-open multipath route over the backends that take new connections
+    (over all of them when none does). Retired backends (gone from the config, connections
+    still open) keep theirs."""
     members = [(b, [vip for s in cfg.services if b.name in s.backends for vip in s.vips]) for b in cfg.backends]
     routes, rules = [], []
     for b, vips in members + list(retired):
@@ -61,8 +62,9 @@ def routing_plan(cfg: Config, retired: RetiredRoutes = ()) -> tuple[list[dict], 
             version = ipaddress.ip_address(vip).version
             # Fail open: a packet the worker never marked still reaches a backend, by a stateless
             # hash of its addresses and ports, as a plain L4 balancer would.
+            available = [n for n in s.backends if n not in unavailable] or s.backends
             routes.append(dict(dst=_host(vip), table=cfg.fallback_table, family=_af(version),
-                               multipath=[_hop(by_name[n], version) for n in s.backends]))
+                               multipath=[_hop(by_name[n], version) for n in available]))
             rules.append(dict(family=_af(version), table=cfg.fallback_table, priority=cfg.rule_priority + 1,
                               dst=vip, dst_len=128 if version == 6 else 32))
     return routes, rules
@@ -137,12 +139,12 @@ class Routing:
                 _quietly(ipr.link, "del", index=(ipr.link_lookup(ifname=name) or [0])[0])
         self.tunnels = set(wanted)
 
-    def sync_routes(self, cfg: Config, retired: RetiredRoutes = ()) -> None:
+    def sync_routes(self, cfg: Config, retired: RetiredRoutes = (), unavailable: Collection[str] = ()) -> None:
         """Install the routes and rules of `cfg` (and of retired backends), remove those no longer wanted."""
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
-        routes, rules = routing_plan(cfg, retired)
+        routes, rules = routing_plan(cfg, retired, unavailable)
         with IPRoute() as ipr:
             for route in routes:
                 ipr.route("replace", **_netlink(ipr, route))
@@ -162,10 +164,17 @@ class Routing:
         self.routes, self.rules = routes, rules
 
     def remove(self, cfg: Config) -> None:
-        """What this process installed, and what `cfg` names (also what a killed worker left)."""
+        """What this process installed, what `cfg` names, and every backend rule and table that
+        a process before it installed (also those of backends gone from the config since)."""
         from pyroute2 import IPRoute
 
         routes, rules = routing_plan(cfg)
+        for mark, (table, _, vips) in installed_backends(cfg).items():
+            for vip in vips:
+                version = ipaddress.ip_address(vip).version
+                routes.append(dict(dst=_host(vip), table=table, family=_af(version)))
+                rules.append(dict(family=_af(version), table=table, priority=cfg.rule_priority, fwmark=mark,
+                                  fwmask=BACKEND_MASK))
         with IPRoute() as ipr:
             for rule in self.rules + rules:
                 while _quietly(ipr.rule, "del", **rule):  # a rule added twice would leave a copy behind
@@ -176,3 +185,27 @@ class Routing:
                 for index in ipr.link_lookup(ifname=name):
                     _quietly(ipr.link, "del", index=index)
         self.routes, self.rules, self.tunnels = [], [], set()
+
+
+def installed_backends(cfg: Config) -> dict[int, tuple[int, set[str], set[str]]]:
+    """What a process before this one installed, read back from the kernel: per backend mark, its
+    routing table, the addresses its routes go through and the VIPs they route. The kernel
+    holds it across restarts, as it holds the conntrack marks that name those backends."""
+    from pyroute2 import IPRoute
+
+    found: dict[int, tuple[int, set[str], set[str]]] = {}
+    with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for rule in ipr.get_rules(family=family):
+                mark, mask = rule.get_attr("FRA_FWMARK"), rule.get_attr("FRA_FWMASK")
+                if rule.get_attr("FRA_PRIORITY") != cfg.rule_priority or mark is None or mask != BACKEND_MASK:
+                    continue
+                table = rule.get_attr("FRA_TABLE") or rule["table"]
+                hops, vips = found.setdefault(mark, (table, set(), set()))[1:]
+                for route in ipr.get_routes(family=family, table=table):
+                    gateway, dst = route.get_attr("RTA_GATEWAY"), route.get_attr("RTA_DST")
+                    if gateway:
+                        hops.add(gateway)
+                    if dst:
+                        vips.add(dst)
+    return found

@@ -113,7 +113,7 @@ class WorkerProcess:
     """The balancer worker running in the lab's LB namespace."""
 
     def __init__(self, topo: Topology, config_path: Path, log_path: Path):
-        self.config_path, self.log_path = config_path, log_path
+        self.topo, self.config_path, self.log_path = topo, config_path, log_path
         self.log = open(log_path, "w")
         self.proc = topo.popen("lb", sys.executable, "-m", "mplb_nfq", "run", "-c", str(config_path),
                                stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -122,10 +122,14 @@ class WorkerProcess:
             self.proc.wait()
             raise RuntimeError(f"the worker did not start; see {log_path}")
 
-    def stop(self) -> dict:
+    def stop(self, cleanup: bool = True) -> dict:
+        """SIGTERM, as systemd stops it (the kernel state stays); then, unless told otherwise,
+        `mplb-nfq cleanup`, so that the next run starts from nothing."""
         self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=30)
         self.log.close()
+        if cleanup:
+            self.topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(self.config_path))
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         return next((line for line in lines if line.get("event") == "stopped"), {})
 

@@ -107,10 +107,23 @@ class Config:
         for b in self.backends:
             mark = running.get(b.name)
             if mark is None:
-                mark = b.mark if b.mark not in taken else next(free)
+                mark = b.mark if b.mark not in taken else next(free, None)
+                if mark is None:
+                    raise ConfigError(self.path, "backends", f"no free mark for backend {b.name!r}: "
+                                      f"kernel.max_backends ({self.max_backends}) are in use, retired ones included")
                 taken.add(mark)
             backends.append(dataclasses.replace(b, mark=mark, table=self.table_base + mark - self.mark_base))
         return dataclasses.replace(self, backends=tuple(backends))
+
+    def installed_marks(self, installed: dict[int, tuple[int, set[str], set[str]]]) -> dict[str, int]:
+        """The marks a process before this one gave this config's backends, known by the addresses
+        their routes go through."""
+        marks = {}
+        for b in self.backends:
+            for mark, (_, hops, _) in installed.items():
+                if hops & set(b.addresses):
+                    marks[b.name] = mark
+        return marks
 
     def build_services(self, existing: dict[str, Backend] | None = None) -> list[Service]:
         """The core's services. Backends already running (a reload) keep their object and state."""

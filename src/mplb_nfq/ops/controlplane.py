@@ -36,6 +36,23 @@ class ControlPlane:
         self.stopping = False
         self.started = time.time()
 
+    def adopt_retired(self, installed: dict[int, tuple[int, set[str], set[str]]]) -> list[str]:
+        """Backends a process before this one installed that this config no longer has: retired,
+        as if a reload had removed them, until conntrack counts none of their connections."""
+        known = {b.mark for b in self.cfg.backends}
+        adopted = []
+        for mark, (table, hops, vips) in sorted(installed.items()):
+            if mark in known or not hops:
+                continue
+            name = f"retired-0x{mark:x}"
+            config = BackendConfig(name, tuple(sorted(hops)), 0, mark, table)
+            backend = Backend(name, config.addresses, mark, table, weight=0, retired=True)
+            self.retired[name] = RetiredBackend(backend, config, sorted(vips))
+            adopted.append(name)
+        if adopted:
+            self.balancer.update(self.balancer.services, [r.backend for r in self.retired.values()])
+        return adopted
+
     def backends(self) -> dict[str, Backend]:
         return {b.name: b for s in self.balancer.services for b in s.backends}
 
@@ -46,11 +63,12 @@ class ControlPlane:
         """Backends that take no new connections: the ruleset sends their joins to the worker,
         which reads them as Linux will before they reach such a backend. Called from the loop (the
         health thread only changes the backends' state)."""
-        marks = {b.mark for b in self.balancer.backends if not b.available}
+        unavailable = [b for b in self.balancer.backends if not b.available]
+        marks = {b.mark for b in unavailable}
         if marks == self.unavailable_in_kernel:
             return
         try:
-            self.dataplane.sync_unavailable(marks)
+            self.dataplane.sync_unavailable(marks, {b.name for b in unavailable})
             self.unavailable_in_kernel = marks
         except Exception as e:  # the table may be an operator's of an older version
             log.error("updating the set of unavailable backends failed: %s", e)
