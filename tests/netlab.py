@@ -94,3 +94,20 @@ def one_path_download(topo, size):
         yield SimpleNamespace(process=process, before=before, running=running, home=serving(before, running))
     finally:
         topo.subflow_endpoint(True)
+
+
+CT_MARKS = """
+import sys
+from pyroute2 import NFCTSocket
+port = int(sys.argv[1])
+with NFCTSocket() as ct:
+    for entry in ct.dump():
+        if entry.get_nested("CTA_TUPLE_ORIG", "CTA_TUPLE_PROTO", "CTA_PROTO_SRC_PORT") == port:
+            print(entry.get_attr("CTA_MARK") or 0)
+"""
+
+
+def ct_marks(topo, sport):
+    """The conntrack marks of the LB's entries whose client port is sport."""
+    out = topo.exec("lb", sys.executable, "-c", CT_MARKS, str(sport), capture_output=True).stdout
+    return [int(line) for line in out.split()]

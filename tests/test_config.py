@@ -46,6 +46,7 @@ def test_good_config():
 
 
 @pytest.mark.parametrize("path,value,key,reason", [
+    ("services.0.maglev_size", 1_000_003, "services[0].maglev_size", "from 3 to 131071"),
     ("services.0.vip", "10.0.100.300", "services[0].vip", "IPv4 or IPv6 address"),
     ("services.0.vip", "10.0.9.11", "services[0].vip", "real address of backend 'b1'"),
     ("services.0.ports", [0], "services[0].ports", "TCP ports"),
@@ -128,3 +129,15 @@ def test_health_hysteresis_rise_and_fall():
     assert h.record(False) is False and not h.up
     assert h.record(True) is None and h.record(False) is None
     assert h.record(True) is None and h.record(True) is True and h.up
+
+
+def test_queue_and_workers_past_the_last_queue_number_are_refused_the_last_one_is_fine():
+    assert from_dict(changed("kernel", {"queue": 65534, "workers": 2})).queue == 65534
+    with pytest.raises(ConfigError, match="pass 65535"):
+        from_dict(changed("kernel", {"queue": 65535, "workers": 2}))
+
+
+def test_running_out_of_marks_is_a_config_error_not_a_crash():
+    cfg = from_dict(changed("kernel", {"max_backends": 2}))
+    with pytest.raises(ConfigError, match="no free mark for backend 'b2'"):
+        cfg.with_stable_marks({"gone1": 0x100, "gone2": 0x101, "b1": 0x100})

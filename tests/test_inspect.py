@@ -1,6 +1,7 @@
 import json
 
 import dpkt
+import pytest
 from conftest import CAPTURES
 
 from mplb_nfq.cli import main
@@ -61,3 +62,12 @@ def test_pcapng_reads_the_same(tmp_path):
             writer.writepkt(frame, ts=ts)
     ng, classic = inspect_file(str(out)), inspect_file(str(CAPTURES / "mptcp-v0.pcap"))
     assert ng["connections"] == classic["connections"] and ng["joins"] == classic["joins"]
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a capture at all", b"\xd4\xc3\xb2\xa1" + bytes(10)])
+def test_an_empty_or_garbage_file_gets_a_clear_error_not_a_traceback(tmp_path, capsys, content):
+    path = tmp_path / "bad.pcap"
+    path.write_bytes(content)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"mplb-nfq inspect: {path}: not a readable pcap or pcapng file" in err and "Traceback" not in err

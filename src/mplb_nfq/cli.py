@@ -171,9 +171,13 @@ def cmd_render_nft(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import inspect_file, render_text
+    from .inspect import CaptureError, inspect_file, render_text
 
-    result = inspect_file(args.pcap, load(args.config) if args.config else None)
+    try:
+        result = inspect_file(args.pcap, load(args.config) if args.config else None)
+    except (CaptureError, OSError) as e:
+        print(f"mplb-nfq inspect: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2) if args.json else render_text(result))
     return 0
 

@@ -37,17 +37,26 @@ def ip_payload(linktype: int, frame: bytes) -> bytes | None:
     raise ValueError(f"link type {linktype} is not supported (Ethernet, raw IP, Linux cooked are)")
 
 
+class CaptureError(ValueError):
+    pass
+
+
 def read_packets(path: str):
     """Yield (timestamp, IP packet bytes or None) from a pcap or pcapng file."""
+    import struct
+
     import dpkt
 
     with open(path, "rb") as f:
         magic = f.read(4)
         f.seek(0)
-        reader = dpkt.pcapng.Reader(f) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
-        linktype = reader.datalink()
-        for ts, frame in reader:
-            yield float(ts), ip_payload(linktype, frame)
+        try:
+            reader = dpkt.pcapng.Reader(f) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
+            linktype = reader.datalink()
+            for ts, frame in reader:
+                yield float(ts), ip_payload(linktype, frame)
+        except (dpkt.dpkt.Error, struct.error, EOFError, ValueError) as e:
+            raise CaptureError(f"{path}: not a readable pcap or pcapng file ({type(e).__name__}: {e or 'empty'})") from None
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import select
-import signal
 import time
 
 from .core.marks import LEARNED, REJECT
@@ -19,7 +18,7 @@ from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
 from .ops.fleet import Fleet, serve_other_worker
-from .ops.instance import hold_instance
+from .ops.instance import hold_instance, on_signals
 from .ops.logs import ThrottledLog
 from .ops.tokenstore import TokenStore
 
@@ -124,16 +123,26 @@ class Worker:
         from .ops.control import ControlServer
 
         plane, cfg, first = self.plane, self.plane.cfg, parent is None
-        handlers = {}
+        handlers, poller = {}, select.poll()
+
+        def watch(fd, handler):
+            handlers[fd] = handler
+            poller.register(fd, select.POLLIN)
+
+        def unwatch(fd):
+            handlers.pop(fd, None)
+            poller.unregister(fd)
+
         if first:
             # The counter starts first: a child must not inherit the queue's socket, or a killed
             # worker would leave the queue bound to nobody reading, and no bypass.
             conntrack_reader, conntrack = start_reader(cfg.conntrack_interval)
-            handlers[conntrack.fileno()] = lambda: self.from_conntrack(conntrack.recv())
+            watch(conntrack.fileno(), lambda: self.from_conntrack(conntrack.recv()))
             for peer_index, peer in enumerate(plane.fleet.peers, 1):
-                handlers[peer.fileno()] = lambda peer=peer, i=peer_index: self.from_peer(i, peer.recv())
+                watch(peer.fileno(), lambda peer=peer, i=peer_index: self.from_peer(i, peer.recv()))
         else:
-            handlers[parent.fileno()] = lambda: plane.apply(parent.recv())
+            watch(parent.fileno(), lambda: plane.apply(parent.recv()))
+        pipes = set(handlers)
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
         set_fail_open(nfq.get_fd(), cfg.queue + index)
@@ -146,13 +155,10 @@ class Worker:
             finally:
                 self.give_decided()
 
-        handlers[nfq.get_fd()] = read_queue
-        control = ControlServer(cfg.control_socket, plane.control) if first else None
+        watch(nfq.get_fd(), read_queue)
+        control = ControlServer(cfg.control_socket, plane.control, watch, unwatch) if first else None
         if control:
-            handlers[control.fileno()] = control.serve_ready
-        poller = select.poll()
-        for fd in handlers:
-            poller.register(fd, select.POLLIN)
+            watch(control.fileno(), control.accept_ready)
         log.info("worker %d listening on queue %d", index, cfg.queue + index)
         ready()
         next_report = 0.0
@@ -160,12 +166,14 @@ class Worker:
             while not plane.stopping:
                 for fd, _ in poller.poll(2 if self.held else 200):
                     try:
-                        handlers[fd]()
-                    except (EOFError, OSError) as e:  # a worker or the counter went away
-                        if fd == nfq.get_fd():
+                        handlers.get(fd, lambda: None)()  # (a peer lost earlier in this round)
+                    except (EOFError, OSError) as e:
+                        if fd not in pipes:
                             raise
-                        log.warning("lost a peer: %s", e)
-                        poller.unregister(fd)
+                        log.warning("lost a peer: %s", e)  # a worker or the conntrack reader went away
+                        unwatch(fd)
+                if control:
+                    control.expire()
                 if self.held:
                     self.release_held()
                 if self.tokens.lifetimes:  # to the conntrack reader, through the first worker
@@ -191,8 +199,6 @@ class Worker:
 def run(cfg: Config) -> int:
     """Serve until SIGTERM or SIGINT. The kernel state (table, token map, routes, conntrack
     marks) outlives the process: the next one adopts it; `mplb-nfq cleanup` removes it."""
-    from .ops.health import HealthChecker
-
     instance = hold_instance(cfg.table_name)  # before anything is touched: a second run changes nothing
     dataplane = Dataplane(cfg)
     installed = dataplane.installed_backends()
@@ -204,19 +210,9 @@ def run(cfg: Config) -> int:
     retired = plane.adopt_retired(installed)
     dataplane.retired = plane.retired_routes()
 
-    def stop(signum, frame):
-        plane.stopping = True
-
-    def reload(signum, frame):
-        worker.reload_requested = True
-
-    def dump(signum, frame):
-        print(json.dumps({"event": "stats", **plane.report()}), flush=True)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, reload)
-    signal.signal(signal.SIGUSR1, dump)
+    on_signals(stop=lambda: setattr(plane, "stopping", True),
+               reload=lambda: setattr(worker, "reload_requested", True),
+               dump=lambda: print(json.dumps({"event": "stats", **plane.report()}), flush=True))
     try:
         dataplane.install()
         adopted = worker.tokens.adopt()
@@ -229,11 +225,7 @@ def run(cfg: Config) -> int:
             from .ops.metrics import serve_metrics
 
             serve_metrics(plane, cfg.metrics_address)
-        if cfg.health.enabled:
-            h = cfg.health
-            plane.health = HealthChecker(h.interval, h.timeout, h.rise, h.fall, h.mptcp, plane.health_targets,
-                                         plane.set_health)
-            plane.health.start()
+        plane.start_health()
         worker.serve(ready=lambda: print(json.dumps({
             "event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode, "adopted": adopted,
             "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True))

@@ -96,6 +96,12 @@ class Balancer:
         self.by_mark = {b.mark: b for b in retired}
         self.by_mark.update({b.mark: b for s in services for b in s.backends})
 
+    def prepare_tables(self) -> None:
+        """Lookup tables of the schedulers that have them, for the backends available now."""
+        for service in self.services:
+            if hasattr(service.picker, "prepare"):
+                service.picker.prepare([b for b in service.backends if b.available])
+
     @property
     def backends(self) -> list[Backend]:
         return list(self.by_mark.values())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.balancer import UNKNOWN_JOIN_POLICIES, Backend, Balancer, Service
 from ..core.marks import BACKEND_MASK
-from ..core.schedulers import MAGLEV_DEFAULT_SIZE, SCHEDULERS, is_prime
+from ..core.schedulers import MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, SCHEDULERS, is_prime
 
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
 
@@ -281,18 +281,21 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     if timeout > interval:
         health.fail("timeout", f"{timeout} s is longer than the interval ({interval} s)")
 
+    queue, workers = kernel.integer("queue", 0, 0, 65535), kernel.integer("workers", 1, 1, 64)
+    if queue + workers - 1 > 65535:
+        kernel.fail("workers", f"queues {queue}..{queue + workers - 1} pass 65535, the last queue number")
     return Config(
         path=path, services=tuple(services), backends=tuple(backends),
         health=HealthConfig(health.boolean("enabled", True), interval, timeout, health.integer("rise", 2, 1, 100),
                             health.integer("fall", 3, 1, 100),
                             health.integer("port", None, 1, 65535) if "port" in health.table else None,
                             health.boolean("mptcp", False)),
-        queue=kernel.integer("queue", 0, 0, 65535),
+        queue=queue,
         queue_mode=kernel.choice("queue_mode", "auto", ("auto", "native", "xtables")),
         table_name=table_name, mark_base=mark_base, table_base=table_base, max_backends=max_backends,
         rule_priority=kernel.integer("rule_priority", 1000, 1, 32764),
         conntrack_interval=kernel.number("conntrack_interval", 2.0, 0.1, 3600),
-        workers=kernel.integer("workers", 1, 1, 64), hold_ms=kernel.integer("hold_ms", 50, 0, 10_000),
+        workers=workers, hold_ms=kernel.integer("hold_ms", 50, 0, 10_000),
         hold_max=kernel.integer("hold_max", 256, 0, 100_000),
         flow_capacity=limits.integer("flow_capacity", 1_000_000, 1, 100_000_000),
         flow_timeout=limits.integer("flow_timeout", 60, 1, 86400),
@@ -384,7 +387,7 @@ def _services(path: str, raw, backends: dict[str, BackendConfig]) -> list[Servic
                                        f"address for VIP {vip}")
         if len(set(members)) != len(members):
             r.fail("backends", "a backend is listed twice")
-        maglev_size = r.integer("maglev_size", MAGLEV_DEFAULT_SIZE, 3, 10_000_019)
+        maglev_size = r.integer("maglev_size", MAGLEV_DEFAULT_SIZE, 3, MAGLEV_MAX_SIZE)
         if not is_prime(maglev_size):
             r.fail("maglev_size", f"must be a prime, got {maglev_size}")
         names.add(name)

@@ -16,7 +16,8 @@ from .fleet import Drained, Fleet, HealthChanged, Message, Reloaded, Stop
 
 log = logging.getLogger("mplb_nfq.worker")
 RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "table_base", "max_backends",
-                "rule_priority", "metrics_address", "control_socket")
+                "rule_priority", "metrics_address", "control_socket", "conntrack_interval", "hold_ms", "hold_max",
+                "flow_capacity", "flow_timeout", "token_capacity", "token_timeout")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ControlPlane:
         """Backends that take no new connections: the ruleset sends their joins to the worker,
         which reads them as Linux will before they reach such a backend. Called from the loop (the
         health thread only changes the backends' state)."""
+        self.balancer.prepare_tables()
         unavailable = [b for b in self.balancer.backends if not b.available]
         marks = {b.mark for b in unavailable}
         if marks == self.unavailable_in_kernel:
@@ -98,41 +100,64 @@ class ControlPlane:
         return {"ok": True, "backend": name, "state": backend.state}
 
     def reload(self, path: str | None = None, kernel: bool = True) -> dict:
-        """Re-read the config. kernel=False: the first worker has already changed the kernel."""
+        """Re-read the config. kernel=False: the first worker has already changed the kernel. The
+        kernel is changed first; should that fail, it is put back and nothing else changes."""
         path = path or self.cfg.path
         try:
             new = load(path)
+            changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.cfg, k)]
+            if changed:
+                raise ConfigError(path, ", ".join(changed), "cannot change on reload (restart the worker)")
+            running = self.backends()
+            known = {**running, **{n: r.backend for n, r in self.retired.items()}}
+            new = new.with_stable_marks({n: b.mark for n, b in known.items()})
         except ConfigError as e:
             log.error("reload refused, the running config stays: %s", e)
             return {"ok": False, "error": str(e)}
-        changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.cfg, k)]
-        if changed:
-            error = f"{path}: {', '.join(changed)}: cannot change on reload (restart the worker)"
-            log.error("reload refused, the running config stays: %s", error)
-            return {"ok": False, "error": error}
-        running = self.backends()
-        known = {**running, **{n: r.backend for n, r in self.retired.items()}}
-        new = new.with_stable_marks({n: b.mark for n, b in known.items()})
-        services = new.build_services(known)
         kept = {b.name for b in new.backends}
-        for name, backend in running.items():
-            if name not in kept:
-                backend.retired = True
-                config = next(b for b in self.cfg.backends if b.name == name)
-                vips = [vip for s in self.cfg.services if name in s.backends for vip in s.vips]
-                self.retired[name] = RetiredBackend(backend, config, vips)
-                log.info("backend %s retired: no new connections, kept until its connections end", name)
-        for name in kept:
-            self.retired.pop(name, None)
-        self.balancer.update(services, [r.backend for r in self.retired.values()])
+        gone = {name: RetiredBackend(backend, next(b for b in self.cfg.backends if b.name == name),
+                                     [vip for s in self.cfg.services if name in s.backends for vip in s.vips])
+                for name, backend in running.items() if name not in kept}
+        retired = {**{n: r for n, r in self.retired.items() if n not in kept}, **gone}
         if kernel:
-            self.dataplane.apply(new, self.retired_routes())
-            self.fleet.broadcast(Reloaded(path))
+            try:
+                self.dataplane.apply(new, [(r.config, r.vips) for r in retired.values()])
+            except Exception as e:
+                log.error("reload failed in the kernel, putting back the running config: %s", e)
+                try:
+                    self.dataplane.apply(self.cfg, self.retired_routes())
+                except Exception as again:
+                    log.error("putting back the running config in the kernel failed too: %s", again)
+                return {"ok": False, "error": f"{path}: the kernel refused it ({e}); the running config stays"}
+        services = new.build_services(known)
+        for name, r in gone.items():
+            r.backend.retired = True
+            log.info("backend %s retired: no new connections, kept until its connections end", name)
+        self.retired = retired
+        self.balancer.update(services, [r.backend for r in self.retired.values()])
+        health_changed = new.health != self.cfg.health
         self.cfg = new
+        if health_changed and kernel:  # the first worker runs the checks
+            self.start_health()
+        if kernel:
+            self.fleet.broadcast(Reloaded(path))
         log.info("reloaded %s: %d services, %d backends, %d retired", path, len(new.services), len(new.backends),
                  len(self.retired))
         return {"ok": True, "services": len(new.services), "backends": len(new.backends),
                 "retired": sorted(self.retired)}
+
+    def start_health(self) -> None:
+        """Health checks as the config says (again, after a reload that changed them)."""
+        from .health import HealthChecker
+
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+        h = self.cfg.health
+        if h.enabled:
+            self.health = HealthChecker(h.interval, h.timeout, h.rise, h.fall, h.mptcp, self.health_targets,
+                                        self.set_health)
+            self.health.start()
 
     def apply_conntrack_counts(self, counted: Counts, kernel: bool = True) -> None:
         if kernel:

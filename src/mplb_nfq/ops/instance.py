@@ -1,7 +1,9 @@
-"""One running instance per table and network namespace."""
+"""One running instance per table and network namespace, and what signals ask of it."""
 from __future__ import annotations
 
+import signal
 import socket
+from typing import Callable
 
 
 def hold_instance(table: str) -> socket.socket:
@@ -19,3 +21,10 @@ def hold_instance(table: str) -> socket.socket:
 
 class AlreadyRunning(RuntimeError):
     pass
+
+
+def on_signals(stop: Callable[[], None], reload: Callable[[], None], dump: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT stop (the kernel state stays), SIGHUP reloads, SIGUSR1 prints the counters."""
+    for number, action in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload),
+                           (signal.SIGUSR1, dump)):
+        signal.signal(number, lambda signum, frame, action=action: action())

@@ -4,6 +4,7 @@ but a histogram bucket). Names `mplb_*`, base units, `_total` counters; labels a
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 from prometheus_client import start_http_server
@@ -23,14 +24,16 @@ class WorkerCollector:
     def __init__(self, plane, ruleset_counters: Callable[[], dict[str, int]] | None = None):
         self.plane = plane
         self._nft = None
+        self._nft_lock = threading.Lock()
         self.ruleset_counters = ruleset_counters or self._nft_counters
 
     def _nft_counters(self) -> dict[str, int]:
         from ..kernel.nft import Nft, nft_counters
 
-        if self._nft is None:
-            self._nft = Nft()  # its own libnftables context: the worker's is used by its own thread
-        return nft_counters(self._nft, self.plane.cfg.table_name)
+        with self._nft_lock:  # the HTTP server answers scrapes in threads; a libnftables context is not shared
+            if self._nft is None:
+                self._nft = Nft()  # its own context: the worker's is used by its own thread
+            return nft_counters(self._nft, self.plane.cfg.table_name)
 
     def collect(self):
         w = self.plane

@@ -1,0 +1,116 @@
+"""The control socket under hostile or slow clients: nothing a client sends stops or stalls the
+loop that serves it (the worker's packet loop)."""
+import json
+import os
+import select
+import socket
+import time
+
+import pytest
+
+from mplb_nfq.ops.control import CLIENT_SECONDS, ControlServer, request
+
+
+class Loop:
+    """The worker's poll loop, as far as the control socket uses it."""
+
+    def __init__(self, path, handle=lambda r: {"ok": True, "echo": r["command"]}):
+        self.handlers, self.poller = {}, select.poll()
+        self.server = ControlServer(path, handle, self.watch, self.unwatch)
+        self.watch(self.server.fileno(), self.server.accept_ready)
+
+    def watch(self, fd, handler):
+        self.handlers[fd] = handler
+        self.poller.register(fd, select.POLLIN)
+
+    def unwatch(self, fd):
+        self.handlers.pop(fd, None)
+        self.poller.unregister(fd)
+
+    def turn(self, ms=50):
+        started = time.monotonic()
+        for fd, _ in self.poller.poll(ms):
+            self.handlers.get(fd, lambda: None)()
+        self.server.expire()
+        return time.monotonic() - started
+
+
+def ask(path, raw: bytes) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    client.sendall(raw)
+    return client
+
+
+def answer(loop, client, turns=20):
+    client.settimeout(0.01)
+    for _ in range(turns):
+        loop.turn()
+        try:
+            return json.loads(client.recv(65536))
+        except (TimeoutError, json.JSONDecodeError):
+            continue
+    raise AssertionError("no answer")
+
+
+def test_deeply_nested_json_gets_an_error_and_the_loop_goes_on(tmp_path):
+    path = str(tmp_path / "control.sock")
+    loop = Loop(path)
+    reply = answer(loop, ask(path, b"[" * 60_000 + b"\n"))
+    assert reply["ok"] is False and "RecursionError" in reply["error"]
+    assert answer(loop, ask(path, b'{"command": "status"}\n')) == {"ok": True, "echo": "status"}
+
+
+def test_a_silent_or_dripping_client_stalls_nothing_and_is_dropped(tmp_path):
+    path = str(tmp_path / "control.sock")
+    loop = Loop(path)
+    silent = ask(path, b"")
+    dripping = ask(path, b'{"comm')
+    assert answer(loop, ask(path, b'{"command": "drain"}\n'))["echo"] == "drain"  # served meanwhile
+    assert max(loop.turn() for _ in range(5)) < 0.2  # no turn waits on the slow ones
+    time.sleep(CLIENT_SECONDS)
+    loop.turn()
+    for client in (silent, dripping):
+        client.settimeout(1)
+        assert client.recv(100) == b""  # dropped
+    assert len(loop.server.clients) == 0
+
+
+def test_an_oversized_request_is_refused(tmp_path):
+    path = str(tmp_path / "control.sock")
+    loop = Loop(path)
+    client = ask(path, b"x" * 70_000)
+    assert answer(loop, client)["error"] == "request too long"
+
+
+def test_a_handler_that_raises_answers_an_error(tmp_path):
+    path = str(tmp_path / "control.sock")
+
+    def broken(request):
+        raise StopIteration
+
+    loop = Loop(path, broken)
+    assert answer(loop, ask(path, b'{"command": "reload"}\n'))["error"].startswith("StopIteration")
+
+
+def test_the_socket_path_must_be_a_socket_or_nothing(tmp_path):
+    precious = tmp_path / "precious.conf"
+    precious.write_text("keep me")
+    with pytest.raises(RuntimeError, match="not a socket"):
+        Loop(str(precious))
+    assert precious.read_text() == "keep me"
+
+
+def test_the_client_side_round_trip(tmp_path):
+    path = str(tmp_path / "control.sock")
+    loop = Loop(path)
+    pid = os.fork()
+    if pid == 0:  # the operator's command, from another process
+        os._exit(0 if request(path, "status") == {"ok": True, "echo": "status"} else 1)
+    for _ in range(100):
+        loop.turn()
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+    raise AssertionError("the client got no answer")

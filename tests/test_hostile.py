@@ -1,0 +1,159 @@
+"""Hostile clients, overload, restarts and lifetimes, on the real kernel: each hole found when the
+balancer was attacked, shown closed."""
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+from netlab import (
+    KERNEL,
+    MB,
+    counters,
+    ct_marks,
+    delta,
+    fetch,
+    inject,
+    nft_counters,
+    one_path_download,
+    wait_for,
+    worker_stats,
+)
+from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
+
+from mplb_nfq.core.marks import BACKEND_MASK
+from mplb_nfq.lab.lab import PORT, WorkerProcess
+from mplb_nfq.lab.netns import VIP, backend_address
+
+pytestmark = KERNEL
+def token_map(topo):
+    listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+                                   capture_output=True).stdout)
+    (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
+    return {key["elem"]["val"]: (mark, key["elem"].get("comment")) for key, mark in elements}
+
+
+def handled(topo, w):
+    return worker_stats(topo, w)["packets"]["packets"]
+
+
+@pytest.fixture
+def sysctl(topo):
+    """Set LB sysctls for one test; they are put back after it."""
+    saved = {}
+
+    def set_(name, value):
+        saved.setdefault(name, topo.exec("lb", "sysctl", "-n", name, capture_output=True).stdout.strip())
+        topo.exec("lb", "sysctl", "-q", "-w", f"{name}={value}")
+
+    yield set_
+    for name, value in saved.items():
+        topo.exec("lb", "sysctl", "-q", "-w", f"{name}={value}")
+
+
+def test_a_plain_connection_repeating_mp_capable_on_every_ack_reaches_the_worker_once(topo, worker, sysctl):
+    w = worker("mplb")
+    sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 1)  # our ACKs are forged: let conntrack take them
+    before = handled(topo, w)
+    client = "10.0.1.51"  # no host owns it: the backend's answers die at the LB
+    inject(topo, [tcp(client, VIP, 52001, PORT, SYN)])
+    time.sleep(0.3)
+    ack = tcp(client, VIP, 52001, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY), seq=1001, ack=1)
+    assert inject(topo, [ack], repeat=2000) == 2000
+    time.sleep(0.5)
+    assert handled(topo, w) - before == 1  # its SYN: the verdict settled the connection
+
+
+def test_under_overload_the_queue_fails_open_and_real_connections_are_served(topo, worker):
+    w = worker("mplb")
+    os.kill(w.proc.pid, signal.SIGSTOP)  # a worker that reads nothing: its queue fills (4096)
+    try:
+        syns = [tcp(f"10.0.1.{100 + i % 100}", VIP, 2000 + i, PORT, SYN, mp_capable()) for i in range(5000)]
+        assert inject(topo, syns) == 5000
+        results = fetch(topo, MB)  # its handshake finds the queue full: it passes, fail-open
+        assert [r["received"] for r in results] == [MB]
+        fields = open(f"/proc/{w.proc.pid}/net/netfilter/nfnetlink_queue").read().split()
+        assert (int(fields[5]), int(fields[6])) == (0, 0)  # nothing dropped: queue full, socket full
+    finally:
+        os.kill(w.proc.pid, signal.SIGCONT)
+    assert wait_for(lambda: handled(topo, w) >= 4096, 20)  # the backlog decided, the worker alive
+    assert w.proc.poll() is None
+
+
+def test_a_full_token_map_degrades_to_queued_joins_not_misrouted_ones(topo, worker):
+    w = worker("mplb", extra="[limits]\ntoken_capacity = 2\n")
+    topo.exec("lb", "nft", "add element inet mplb tokens { 0x01010101 : 0x08000100, 0x02020202 : 0x08000100 }")
+    before = counters(topo)
+    assert [r["received"] for r in fetch(topo, MB)] == [MB]
+    stats = worker_stats(topo, w)
+    assert stats["packets"]["token_install_errors"] >= 1  # the map is full
+    assert stats["packets"]["kinds"].get("join_hit", 0) >= 1  # the join was queued, and the core knew it
+    assert sum(delta(before, counters(topo), "MPTcpExtMPJoinNoTokenFound").values()) == 0
+
+
+def test_a_crafted_join_opens_nothing_on_a_drained_backend_and_a_real_one_still_gets_there(topo, worker):
+    w = worker("mplb")
+    with one_path_download(topo, 30 * MB) as download:
+        ((token, (mark, _)),) = token_map(topo).items()
+        home = download.home
+        topo.exec("lb", sys.executable, "-m", "mplb_nfq", "drain", home, "-c", str(w.config_path))
+        assert wait_for(lambda: f"0x{mark & BACKEND_MASK:08x}" in topo.exec(
+            "lb", "nft", "list", "set", "inet", "mplb", "unavailable", capture_output=True).stdout, 5)
+        crafted = {53001: b"\x00\x00\x00\x00" + mp_join_syn(token),  # Linux reads nothing past the end of options
+                   53002: mp_join_syn(token) + mp_capable()}  # both: plain TCP to Linux
+        inject(topo, [tcp("10.0.1.53", VIP, port, PORT, SYN, options) for port, options in crafted.items()])
+        time.sleep(0.5)
+        for port in crafted:
+            (ct_mark,) = ct_marks(topo, port)
+            assert ct_mark & BACKEND_MASK not in (0, mark & BACKEND_MASK), port  # scheduled, not on the drained one
+        assert nft_counters(topo)["queued_join_unavailable"] == 2
+        topo.subflow_endpoint(True)  # a real join of the live connection: to its drained backend
+        assert json.loads(download.process.communicate(timeout=60)[0])["received"] == 30 * MB
+        end = counters(topo)
+        assert delta(download.before, end, "MPTcpExtMPJoinAckRx")[home] == 1
+        assert sum(delta(download.before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+
+
+def test_a_token_lives_as_long_as_its_connection(topo, worker, sysctl):
+    for state in ("time_wait", "close", "fin_wait", "last_ack", "close_wait"):
+        sysctl(f"net.netfilter.nf_conntrack_tcp_timeout_{state}", 1)
+    w = worker("mplb", kernel="conntrack_interval = 0.3")
+    assert [r["received"] for r in fetch(topo, MB)] == [MB]
+    held = token_map(topo)
+    assert len(held) == 1 and list(held.values())[0][1].endswith(f">{VIP}:{PORT}")  # the element names its connection
+    assert wait_for(lambda: not token_map(topo), 15)  # gone once conntrack no longer has the connection
+    assert worker_stats(topo, w)["packets"]["tokens_removed"] == 1
+
+
+def test_marks_on_other_traffic_are_not_ours_to_act_on(topo, worker):
+    worker("mplb")
+    real = backend_address(0)
+    topo.exec("lb", "nft", "add table inet foreign; add chain inet foreign pre "
+                           "{ type filter hook prerouting priority mangle - 20; }; "
+                           f"add rule inet foreign pre ip daddr {real} tcp dport {PORT} meta mark set 0x20000000")
+    try:
+        out = topo.exec("client", sys.executable, "-m", "mplb_nfq.lab.transfer", "fetch", real, "--port",
+                        str(PORT), "--size", str(MB), capture_output=True).stdout
+        assert json.loads(out)["received"] == MB  # our reject bit on it, yet not reset by us
+        assert nft_counters(topo)["rejected"] == 0
+    finally:
+        topo.exec("lb", "nft", "delete table inet foreign")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["systemd-stop", "kill-9"])
+def test_a_restart_mid_transfer_leaves_the_transfer_whole_and_the_token_adopted(topo, worker, tmp_path, stop):
+    w = worker("mplb")
+    with one_path_download(topo, 30 * MB) as download:
+        w.proc.send_signal(stop)
+        w.proc.wait(timeout=30)
+        again = WorkerProcess(topo, w.config_path, tmp_path / "restarted.log")
+        try:
+            assert again.ready["adopted"] == 1  # the open connection's token, from the kernel map
+            topo.subflow_endpoint(True)  # a new subflow of the connection opened before the restart
+            assert json.loads(download.process.communicate(timeout=60)[0])["received"] == 30 * MB
+            end = counters(topo)
+            assert delta(download.before, end, "MPTcpExtMPJoinAckRx")[download.home] == 1
+            assert sum(delta(download.before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
+        finally:
+            again.stop()
