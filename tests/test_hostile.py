@@ -30,7 +30,7 @@ pytestmark = KERNEL
 def token_map(topo):
     listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
                                    capture_output=True).stdout)
-    (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
+    (elements,) = [item["map"].get("elem", []) for item in listing["nftables"] if "map" in item]
     return {key["elem"]["val"]: (mark, key["elem"].get("comment")) for key, mark in elements}
 
 

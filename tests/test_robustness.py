@@ -118,7 +118,7 @@ def test_with_two_workers_a_join_ahead_of_its_token_is_held_until_the_kernel_map
     w = worker("mplb", kernel="workers = 2\nhold_ms = 10000\n" + FAST)
     before = counters(topo)
     inject(topo, [tcp("10.0.2.50", VIP, 50005, PORT, SYN, mp_join_syn(0x5EED1234))])
-    wait_for(lambda: worker_stats(topo, w)["packets"]["kinds"].get("join_held") == 1, 4)
+    wait_for(lambda: worker_stats(topo, w)["packets"]["kinds"].get("join_held") == 1, 10)
     second = 0x100 + 1  # the second backend's mark
     topo.exec("lb", "nft", f"add element inet mplb tokens {{ 0x5eed1234 timeout 60s : 0x{second | JOIN:08x} }}")
     wait_for(lambda: worker_stats(topo, w)["packets"].get("held_found") == 1, 4)

@@ -300,7 +300,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         flow_capacity=limits.integer("flow_capacity", 1_000_000, 1, 100_000_000),
         flow_timeout=limits.integer("flow_timeout", 60, 1, 86400),
         token_capacity=limits.integer("token_capacity", 1_000_000, 1, 100_000_000),
-        token_timeout=limits.integer("token_timeout", 7200, 1, 30 * 86400),
+        token_timeout=limits.integer("token_timeout", 5 * 86400, 1, 30 * 86400),
         metrics_address=metrics_address or None, control_socket=socket_path,
     )
 
