@@ -79,6 +79,9 @@ class Dataplane:
     def read_tokens(self):
         return [(t, m, 600.0, self.comments.get(t)) for t, m in self.map.items()]
 
+    def sync_unavailable(self, marks, names):
+        self.calls.append(("unavailable", marks))
+
 
 def worker(**kernel) -> Worker:
     cfg = from_dict({**CONFIG, "kernel": kernel})
@@ -264,3 +267,52 @@ def test_tokens_of_closed_connections_leave_the_map_and_the_core_and_a_restart_r
     restarted.tokens.gone([token])
     assert w.dataplane.map == {} and restarted.balancer.tokens.get(token, 0) is None
     assert restarted.stats["tokens_removed"] == 1
+
+
+def config_file(tmp_path, **changes):
+    backends = "\n".join(f'[[backends]]\nname = "{b["name"]}"\naddress = "{b["address"]}"' for b in CONFIG["backends"])
+    limits = "".join(f"{k} = {v}\n" for k, v in changes.items())
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[services]]\nname = "web"\nvip = "10.0.100.1"\nports = [80]\n{backends}\n[limits]\n{limits}')
+    return str(path)
+
+
+def test_a_reload_the_kernel_refuses_leaves_kernel_and_core_as_they_were(tmp_path):
+    from mplb_nfq.ops.config import load
+
+    w = Worker(load(config_file(tmp_path)), Dataplane())
+    applied = []
+
+    def apply(cfg, retired):
+        applied.append(len(cfg.backends))
+        if len(applied) == 1:
+            raise OSError("netlink: the kernel said no")
+
+    w.dataplane.apply = apply
+    path = tmp_path / "c.toml"
+    path.write_text(path.read_text().replace('[[backends]]\nname = "b2"\naddress = "10.0.9.12"', ""))
+    answer = w.plane.reload(str(path))
+    assert answer["ok"] is False and "the running config stays" in answer["error"]
+    assert applied == [1, 2]  # the new config, refused; then the running one, put back
+    assert [b.name for b in w.plane.balancer.services[0].backends] == ["b1", "b2"] and not w.plane.retired
+
+
+def test_a_reload_that_changes_limits_is_refused_naming_them(tmp_path):
+    from mplb_nfq.ops.config import load
+
+    w = Worker(load(config_file(tmp_path)), Dataplane())
+    answer = w.plane.reload(config_file(tmp_path, token_capacity=10))
+    assert answer["ok"] is False and "token_capacity" in answer["error"] and "restart" in answer["error"]
+
+
+def test_maglev_tables_are_built_off_the_packet_path():
+    from mplb_nfq.core.schedulers import Maglev
+
+    cfg = from_dict({**CONFIG, "services": [{**CONFIG["services"][0], "scheduler": "maglev"}]})
+    w = Worker(cfg, Dataplane())
+    w.plane.sync_unavailable()  # what the loop does after any change of the backends' state
+    picker = w.balancer.services[0].picker
+    assert isinstance(picker, Maglev) and picker._built_for is not None
+    picker._build = lambda candidates: pytest.fail("a SYN waited for the table")
+    w.handle(Packet(tcp("10.0.1.2", "10.0.100.1", 40000, 80, SYN, mp_capable())))
+    assert w.decided[0][1].kind == "mp_capable_syn"
