@@ -24,6 +24,10 @@ from .ops.tokenstore import TokenStore
 
 log = logging.getLogger("mplb_nfq.worker")
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
+# Tokens to watch go to the conntrack reader (through the first worker) at most this often: it
+# reads them once per reading of conntrack anyway, and a send per batch woke it at the moment a
+# client sets up its joins (joins completed before a 20 KB connection ended: 98-99 without, 89-97 with)
+WATCH_SECONDS = 1.0
 
 
 class Worker:
@@ -161,7 +165,7 @@ class Worker:
             watch(control.fileno(), control.accept_ready)
         log.info("worker %d listening on queue %d", index, cfg.queue + index)
         ready()
-        next_report = 0.0
+        next_report = next_watch = 0.0
         try:
             while not plane.stopping:
                 for fd, _ in poller.poll(2 if self.held else 200):
@@ -176,9 +180,9 @@ class Worker:
                     control.expire()
                 if self.held:
                     self.release_held()
-                if self.tokens.lifetimes:  # to the conntrack reader, through the first worker
+                if self.tokens.lifetimes and time.monotonic() >= next_watch:  # to the conntrack reader
                     (conntrack if first else parent).send(Watch(self.tokens.lifetimes))
-                    self.tokens.lifetimes = []
+                    self.tokens.lifetimes, next_watch = [], time.monotonic() + WATCH_SECONDS
                 if self.reload_requested:
                     self.reload_requested = False
                     plane.reload()
