@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .core.balancer import Balancer
 from .core.marks import REJECT
-from .core.packet import TCP_ACK, TCP_SYN, Malformed, Segment, parse_ip, token_of_key
+from .core.packet import TCP_ACK, TCP_SYN, Malformed, Segment, endpoint, parse_ip, token_of_key
 from .core.tokens import plan_writes
 from .core.verdicts import Kind, Verdict
 from .kernel.ruleset import classify
@@ -92,11 +92,6 @@ def _token(token: int | None) -> str | None:
     return f"0x{token:08x}" if token is not None else None
 
 
-def _endpoint(addr: bytes, port: int) -> str:
-    ip = ipaddress.ip_address(addr)
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
 def inspect_packets(packets, cfg: Config | None = None) -> dict:
     """With a config, each packet goes through the ruleset's model (`kernel.ruleset.classify`) and,
     where the ruleset would queue it, through the core, as the worker would see it; the tokens
@@ -154,8 +149,8 @@ def _track(segment: Segment, number: int, by_flow: dict, connections: list, join
     forward = segment.flow
     reverse = (segment.dst, segment.dport, segment.src, segment.sport)
     if segment.join is not None:
-        entry = {"packet": number, "from": _endpoint(segment.src, segment.sport),
-                 "to": _endpoint(segment.dst, segment.dport), "token": _token(segment.join.token),
+        entry = {"packet": number, "from": endpoint(segment.src, segment.sport),
+                 "to": endpoint(segment.dst, segment.dport), "token": _token(segment.join.token),
                  "_token": segment.join.token}
         if verdict is not None:
             entry["backend"] = backend if verdict.accept else None
@@ -166,8 +161,8 @@ def _track(segment: Segment, number: int, by_flow: dict, connections: list, join
     if capable is None:
         return
     if flags == TCP_SYN:
-        conn = Connection(len(connections) + 1, _endpoint(segment.src, segment.sport),
-                          _endpoint(segment.dst, segment.dport), capable.version, capable.sender_key)
+        conn = Connection(len(connections) + 1, endpoint(segment.src, segment.sport),
+                          endpoint(segment.dst, segment.dport), capable.version, capable.sender_key)
         connections.append(conn)
         by_flow[forward] = conn
         conn.backend = backend

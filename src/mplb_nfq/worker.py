@@ -206,8 +206,7 @@ def run(cfg: Config) -> int:
     instance = hold_instance(cfg.table_name)  # before anything is touched: a second run changes nothing
     dataplane = Dataplane(cfg)
     installed = dataplane.installed_backends()
-    leftovers = {f"retired-0x{mark:x}": mark for mark in installed}  # their marks stay taken
-    cfg = cfg.with_stable_marks({**leftovers, **cfg.installed_marks(installed)})
+    cfg = cfg.with_stable_marks(cfg.installed_marks(installed), reserved=installed)
     dataplane.cfg = cfg
     worker = Worker(cfg, dataplane)
     plane = worker.plane

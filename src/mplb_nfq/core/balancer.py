@@ -123,7 +123,7 @@ class Balancer:
                 return Verdict(False, mark, Kind.MALFORMED)
             segment = segment.linux
         verdict = self._decide(segment, mark, now, hold)
-        if segment is not None and not segment.is_syn and verdict.accept and not verdict.mark & REJECT:
+        if segment is not None and not segment.is_syn and verdict.accept and not verdict.mark & (REJECT | LEARNED):
             verdict = verdict._replace(mark=verdict.mark | LEARNED)
         self.counts[verdict.kind] += 1
         return verdict

@@ -5,6 +5,7 @@ Pure: bytes in, a `Segment` (or a `Malformed` saying why) out. Never raises on b
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -93,6 +94,12 @@ class Malformed:
     wrong length); None when the IP or TCP header itself is broken, which Linux drops."""
     reason: str
     linux: Segment | None = None
+
+
+def endpoint(address: bytes, port: int) -> str:
+    """address:port, an IPv6 address in brackets."""
+    ip = ipaddress.ip_address(address)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def token_of_key(key: bytes, version: int) -> int:

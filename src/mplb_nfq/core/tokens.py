@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Iterable, Mapping, NamedTuple
 
 from .marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
+from .packet import endpoint
 from .verdicts import Kind, Verdict
 
 # Held in the token table for a token that two live connections on different backends share: a
@@ -101,7 +102,7 @@ def held_outcome(found_in_map: bool, now: float, deadline: float) -> Held:
 def flow_comment(flow: tuple) -> str:
     """A connection as the kernel map's element comment shows it: client > VIP."""
     src, sport, dst, dport = flow
-    return f"{_endpoint(src, sport)}>{_endpoint(dst, dport)}"
+    return f"{endpoint(src, sport)}>{endpoint(dst, dport)}"
 
 
 def flow_of_comment(comment: str) -> tuple | None:
@@ -115,8 +116,3 @@ def flow_of_comment(comment: str) -> tuple | None:
         return tuple(ends)
     except ValueError:
         return None
-
-
-def _endpoint(address: bytes, port: int) -> str:
-    ip = ipaddress.ip_address(address)
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"

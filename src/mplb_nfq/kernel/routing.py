@@ -51,8 +51,7 @@ def routing_plan(cfg: Config, retired: RetiredRoutes = (), unavailable: Collecti
         for version in sorted({ipaddress.ip_address(v).version for v in vips}):
             routes += [dict(dst=_host(v), table=b.table, family=_af(version), **_hop(b, version))
                        for v in vips if ipaddress.ip_address(v).version == version]
-            rules.append(dict(family=_af(version), table=b.table, priority=cfg.rule_priority, fwmark=b.mark,
-                              fwmask=BACKEND_MASK))
+            rules.append(_fwmark_rule(cfg, b.table, b.mark, version))
         if b.device:
             routes += [dict(dst=_host(a), table=MAIN_TABLE, family=_af(ipaddress.ip_address(a).version), dev=b.device)
                        for a in b.addresses]
@@ -68,6 +67,10 @@ def routing_plan(cfg: Config, retired: RetiredRoutes = (), unavailable: Collecti
             rules.append(dict(family=_af(version), table=cfg.fallback_table, priority=cfg.rule_priority + 1,
                               dst=vip, dst_len=128 if version == 6 else 32))
     return routes, rules
+
+
+def _fwmark_rule(cfg: Config, table: int, mark: int, version: int) -> dict:
+    return dict(family=_af(version), table=table, priority=cfg.rule_priority, fwmark=mark, fwmask=BACKEND_MASK)
 
 
 def _identity(route: dict) -> dict:
@@ -173,8 +176,7 @@ class Routing:
             for vip in vips:
                 version = ipaddress.ip_address(vip).version
                 routes.append(dict(dst=_host(vip), table=table, family=_af(version)))
-                rules.append(dict(family=_af(version), table=table, priority=cfg.rule_priority, fwmark=mark,
-                                  fwmask=BACKEND_MASK))
+                rules.append(_fwmark_rule(cfg, table, mark, version))
         with IPRoute() as ipr:
             for rule in self.rules + rules:
                 while _quietly(ipr.rule, "del", **rule):  # a rule added twice would leave a copy behind

@@ -104,35 +104,25 @@ def delete_batch(table: str, tokens: list[int], seq: int) -> bytes:
     return transaction(seq, [(NFT_MSG_DELSETELEM, _set_elements(table, _keys(tokens)))])
 
 
-def _attributes(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
-    """The netlink attributes in data[offset:end], by type (the nested flag cleared)."""
-    end = len(data) if end is None else end
-    found = {}
-    while offset + ATTRIBUTE.size <= end:
+def _walk(data: bytes, offset: int = 0):
+    """(type, payload) of each netlink attribute in data[offset:], the nested flag cleared."""
+    while offset + ATTRIBUTE.size <= len(data):
         length, kind = ATTRIBUTE.unpack_from(data, offset)
         if length < ATTRIBUTE.size:
-            break
-        found[kind & ~NLA_F_NESTED] = data[offset + ATTRIBUTE.size:offset + length]
+            return
+        yield kind & ~NLA_F_NESTED, data[offset + ATTRIBUTE.size:offset + length]
         offset += length + (-length % 4)
-    return found
 
 
-def _list_elements(data: bytes) -> list[bytes]:
-    elements, offset = [], 0
-    while offset + ATTRIBUTE.size <= len(data):
-        length, _ = ATTRIBUTE.unpack_from(data, offset)
-        if length < ATTRIBUTE.size:
-            break
-        elements.append(data[offset + ATTRIBUTE.size:offset + length])
-        offset += length + (-length % 4)
-    return elements
+def _attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    return dict(_walk(data, offset))
 
 
 def parse_elements(message_body: bytes) -> list[tuple[int, int, float, str | None]]:
     """(token, mark, seconds left, comment) of each element of a NFT_MSG_NEWSETELEM body (after nfgenmsg)."""
     listing = _attributes(message_body, NFGEN_HEADER_SIZE).get(SET_ELEM_LIST_ELEMENTS, b"")
     found = []
-    for element in _list_elements(listing):
+    for _, element in _walk(listing):
         attrs = _attributes(element)
         key = _attributes(attrs.get(SET_ELEM_KEY, b"")).get(DATA_VALUE)
         data = _attributes(attrs.get(SET_ELEM_DATA, b"")).get(DATA_VALUE)

@@ -8,6 +8,7 @@ import ipaddress
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from ..core.balancer import UNKNOWN_JOIN_POLICIES, Backend, Balancer, Service
 from ..core.marks import BACKEND_MASK
@@ -96,12 +97,13 @@ class Config:
     def fallback_table(self) -> int:
         return self.table_base - 1
 
-    def with_stable_marks(self, running: dict[str, int]) -> "Config":
+    def with_stable_marks(self, running: dict[str, int], reserved: Iterable[int] = ()) -> "Config":
         """This config with the marks that running backends already have (a reload must not
-        move a backend's connections: conntrack holds their marks). New backends take free marks."""
+        move a backend's connections: conntrack holds their marks). New backends take free marks,
+        not the reserved ones (in use in the kernel for backends gone from the config)."""
         import dataclasses
 
-        taken = set(running.values())
+        taken = set(running.values()) | set(reserved)
         free = (m for m in range(self.mark_base, self.mark_base + self.max_backends) if m not in taken)
         backends = []
         for b in self.backends:

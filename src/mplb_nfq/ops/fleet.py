@@ -2,7 +2,6 @@
 socket, and passes state changes on to the others, which report their counters back."""
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import signal
 import threading
@@ -12,7 +11,6 @@ from typing import Callable
 from ..kernel.conntrack import Counts, Gone
 from .counters import Report
 
-log = logging.getLogger("mplb_nfq.fleet")
 WORKER_START_SECONDS = 30.0  # for a worker beyond the first to bind its queue, before the first says "ready"
 
 

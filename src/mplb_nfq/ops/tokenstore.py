@@ -3,7 +3,6 @@ transaction, a refusal or a failure turned into what the core should know, token
 after a restart, and the tokens of closed connections taken out."""
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 
@@ -12,8 +11,6 @@ from ..core.marks import REJECT
 from ..core.tokens import flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from .logs import ThrottledLog
-
-log = logging.getLogger("mplb_nfq.worker")
 
 
 class TokenStore:
