@@ -1,5 +1,6 @@
 """The data path on the real kernel: nftables, NFQUEUE, conntrack, policy routing and Linux MPTCP,
 in network namespaces made (and removed) here. Needs root."""
+import ipaddress
 import json
 import signal
 import sys
@@ -10,6 +11,7 @@ from conftest import lab_topology
 from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, inject, nft_counters, worker_stats
 from packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
 
+from mplb_nfq.core.jhash import flow_key, slot
 from mplb_nfq.core.marks import REJECT, TAUGHT_BY_CLIENT
 from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
@@ -75,19 +77,19 @@ def test_only_handshake_packets_reach_the_worker(topo, worker, family):
     queued = sum(n for name, n in nft.items() if name.startswith("queued_"))
     assert stats["packets"] == queued, (stats, nft)
     kinds = stats["kinds"]
-    assert kinds["mp_capable_syn"] == connections
+    # every SYN is decided in the kernel; the worker learns each token from a copy of the packet
+    # that carries the server's key, and sees a join only if it raced that copy
+    assert nft["queued_syn"] == 0 and stats["copies"] == connections, (stats, nft)
     if topo.direct_return:
-        # the LB sees no SYN-ACK: per connection its SYN and its first ACK (the third ACK, with
-        # both keys); per join its SYN (untracked: the worker must see it) and its first ACK
-        assert kinds["third_ack"] == connections and kinds["join_hit"] == connections
-        assert kinds["first_packet"] == connections
-        assert queued - kinds.get("third_ack_repeat", 0) == 4 * connections, kinds
+        # the LB sees no SYN-ACK: the third ACK (both keys) is copied; a join's SYN is not
+        # tracked, so the worker steers it and its first ACK
+        assert nft["copied_capable"] == connections and kinds["third_ack"] == connections
+        assert kinds["join_hit"] == connections and kinds["first_packet"] == connections
+        assert queued == 2 * connections, (kinds, nft)
     else:
-        # per connection: its SYN and the backend's SYN-ACK (the token is learned from its key);
-        # a join goes to the worker only if it beat its token into the kernel map
-        assert kinds["syn_ack"] == connections
-        assert kinds.get("join_hit", 0) + nft["join_kernel_hit"] == connections
-        assert queued - kinds.get("join_hit", 0) == 2 * connections, kinds
+        assert nft["copied_synack"] == connections and kinds["syn_ack"] == connections
+        assert nft["join_kernel_hit"] + nft["queued_join"] == connections
+        assert queued == nft["queued_join"] == kinds.get("join_hit", 0), (kinds, nft)
     # the exact counts above are the proof; this only checks that bulk traffic did flow (the
     # client's ACKs, a few hundred per 3 MB once coalesced), none of it queued
     client_packets = rx_after - rx_before
@@ -108,6 +110,20 @@ def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worke
     # with no worker listening, the queue is bypassed: new connections still get through
     (later,) = fetch(topo, 1 * MB, family=family)
     assert later["received"] == 1 * MB
+
+
+def test_with_the_worker_killed_new_connections_are_still_spread_over_every_backend(topo, worker):
+    """The kernel decides: with no worker, the scheduler tables stay and keep balancing; only
+    learning stops (joins then take the queue's fail-open path)."""
+    w = worker("mplb")
+    w.proc.send_signal(signal.SIGKILL)
+    w.proc.wait()
+    before = counters(topo)
+    results = fetch(topo, *[64 * 1024] * 8, pause=0.05)
+    assert [r["received"] for r in results] == [64 * 1024] * 8
+    capable = delta(before, counters(topo), "MPTcpExtMPCapableSYNRX")
+    assert sum(capable.values()) == 8 and all(n > 0 for n in capable.values()), capable
+    assert len(capable) == topo.backends
 
 
 def test_stopping_the_worker_keeps_the_data_path_and_cleanup_removes_exactly_ours(topo, worker, tmp_path):
@@ -240,6 +256,14 @@ def test_a_ruleset_the_operator_installed_is_filled_and_never_deleted(topo, work
         topo.exec("lb", "nft", "delete", "table", "inet", "mplb")
 
 
+def on_other_slot(client: str, port: int, other: int) -> bool:
+    """The two connections from client to the VIP take different slots of a two-backend table
+    indexed by a hash of the connection (kernel.ruleset, core.jhash)."""
+    def position(sport):
+        return slot(flow_key(ipaddress.ip_address(client).packed, sport, ipaddress.ip_address(VIP).packed, PORT), 2)
+    return position(port) != position(other)
+
+
 ADD_TOKEN = """
 import sys
 from mplb_nfq.kernel.tokenmap import TokenMap
@@ -250,13 +274,12 @@ TokenMap("mplb").add([(int(sys.argv[1]), int(sys.argv[2]))], 600)
 def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by_rule(topo, tmp_path):
     """Each packet goes through the real ruleset (no worker: what would be queued passes, bypassed);
     the counters it moves must be those the model names."""
-    import ipaddress
-
     from packets import SERVER_KEY
 
     from mplb_nfq.core.marks import JOIN
     from mplb_nfq.core.packet import Malformed, parse_ip
-    from mplb_nfq.kernel.ruleset import classify
+    from mplb_nfq.kernel.ruleset import Decider, classify
+    from mplb_nfq.ops.config import load
 
     def as_linux_reads(packet):
         parsed = parse_ip(packet)
@@ -279,6 +302,9 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     topo.exec("lb", "ip", "route", "replace", f"{VIP}/32", "via", first)
     client = "10.0.1.70"  # no host owns it: a backend's answer dies at the LB
     vips = {(ipaddress.ip_address(VIP).packed, PORT)}
+    cfg = load(config)
+    (table,) = cfg.balancer().lookup_tables().values()
+    deciders = {key: Decider(table, True) for key in vips}
     tracked = not topo.direct_return
     cases = [
         ("plain SYN", tcp(client, VIP, 51001, PORT, SYN), []),
@@ -299,10 +325,14 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
         for name, packet, replies in cases:
             expected = []
             tokens = {known: mark, drained: drained_mark}
-            outcome = classify(as_linux_reads(packet), 0, True, True, vips, tokens, tracked, {0x102})
+            outcome = classify(as_linux_reads(packet), 0, True, True, vips, tokens, tracked, {0x102}, deciders)
             expected += [outcome.queued] if outcome.queued else []
             expected += ["join_kernel_hit"] if outcome.kernel_hit or outcome.queued == "queued_join_unavailable" else []
-            expected += [classify(as_linux_reads(r), 0, False, False, vips, {}).queued for r in replies]
+            expected += [outcome.copied] if outcome.copied else []
+            expected += ["decided"] if outcome.decided else []
+            for reply in replies:  # its SYN's backend, as conntrack keeps it
+                answer = classify(as_linux_reads(reply), outcome.mark, False, False, vips, {}, deciders=deciders)
+                expected += [answer.queued or answer.copied]
             assert expected, name  # every case moves a counter: a ruleset that moves none fails
             before = nft_counters(topo)
             inject(topo, [packet])
@@ -326,10 +356,12 @@ def test_a_client_cannot_make_a_collision_its_claim_on_a_held_token_is_refused_i
     topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1")  # our ACKs are forged
     try:
         client = "10.0.1.50"  # no host owns it: the backends' answers die at the LB, no RST comes back
-        inject(topo, [tcp(client, VIP, 50001, PORT, SYN, mp_capable()),
-                      tcp(client, VIP, 50002, PORT, SYN, mp_capable())])
+        # two connections on different backends: the round robin table is hashed by connection here
+        first, second = 50001, next(port for port in range(50002, 50100) if on_other_slot(client, 50001, port))
+        inject(topo, [tcp(client, VIP, first, PORT, SYN, mp_capable()),
+                      tcp(client, VIP, second, PORT, SYN, mp_capable())])
         time.sleep(0.3)
-        for port, key in ((50001, COLLIDING[1][0]), (50002, COLLIDING[1][1])):  # two batches: installed, then refused
+        for port, key in ((first, COLLIDING[1][0]), (second, COLLIDING[1][1])):  # two batches: installed, then refused
             inject(topo, [tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY, key), seq=1001, ack=1)])
             time.sleep(0.3)
         seen = worker_stats(topo, w)["packets"]["kinds"]

@@ -7,10 +7,13 @@ import struct
 
 from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
+from mplb_nfq.core.balancer import LookupTable
+from mplb_nfq.core.jhash import flow_key, slot
 from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
 from mplb_nfq.core.packet import parse_ip, token_of_key
+from mplb_nfq.core.schedulers import Index
 from mplb_nfq.kernel.routing import MAIN_TABLE, routing_plan
-from mplb_nfq.kernel.ruleset import OPERATOR_COMMENT, WORKER_COMMENT, classify, render_ruleset, xtables_rule
+from mplb_nfq.kernel.ruleset import OPERATOR_COMMENT, WORKER_COMMENT, Decider, classify, render_ruleset, xtables_rule
 from mplb_nfq.kernel.tokenmap import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
@@ -149,10 +152,10 @@ def test_the_model_queues_syns_and_capable_handshakes_until_the_token_is_learned
     assert model(tcp("10.0.1.2", VIP, flags=SYN), new=True).queued == "queued_syn"
     assert model(tcp("10.0.1.2", VIP, flags=SYN, options=mp_capable()), new=True).queued == "queued_syn"
     synack = tcp(VIP, "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY))
-    assert model(synack, ct_mark=0x100, original=False) == (0x100, "queued_synack", False)
+    assert model(synack, ct_mark=0x100, original=False) == (0x100, "queued_synack", False, None, False)
     assert model(synack, ct_mark=0x100 | LEARNED, original=False).queued is None
     third = tcp("10.0.1.2", VIP, flags=ACK, options=mp_capable(1, 1, SERVER_KEY, SERVER_KEY))
-    assert model(third, ct_mark=0x100) == (0x100, "queued_capable", False)
+    assert model(third, ct_mark=0x100) == (0x100, "queued_capable", False, None, False)
     assert model(third, ct_mark=0x100 | LEARNED).queued is None
     assert model(tcp("10.0.1.2", VIP, flags=ACK), new=True).queued == "queued_first"  # mid-stream entry
     assert model(tcp("10.0.1.2", VIP, flags=ACK), ct_mark=0x100).queued is None
@@ -162,6 +165,32 @@ def test_the_model_queues_syns_and_capable_handshakes_until_the_token_is_learned
 def test_the_model_steers_a_join_whose_token_the_map_holds_and_queues_one_it_misses():
     token = token_of_key(SERVER_KEY, 1)
     join = tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(token))
-    assert model(join, new=True, token_map={token: 0x101 | JOIN}) == (0x101 | JOIN, None, True)
+    assert model(join, new=True, token_map={token: 0x101 | JOIN}) == (0x101 | JOIN, None, True, None, False)
     assert model(join, new=True, token_map={}).queued == "queued_syn"
     assert model(join, new=True, token_map={token: 0x101 | JOIN}, tracked=False).queued == "queued_syn"
+
+
+def kernel_model(packet: bytes, index=Index.COUNTER, aware=True, turn=0, **state):
+    deciders = {next(iter(VIPS)): Decider(LookupTable(index, (0x101, 0x102, 0x103)), aware)}
+    return classify(parse_ip(packet), state.get("ct_mark", 0), state.get("original", True), state.get("new", True),
+                    VIPS, state.get("token_map", {}), state.get("tracked", True), (), deciders, turn)
+
+
+def test_the_kernel_decides_syns_from_the_table_and_copies_what_carries_the_server_key():
+    plain, capable = tcp("10.0.1.2", VIP, 40000, 80, SYN), tcp("10.0.1.2", VIP, 40000, 80, SYN, mp_capable())
+    assert kernel_model(plain, turn=4) == (0x102 | LEARNED, None, False, None, True)  # settled: nothing to learn
+    assert kernel_model(capable, turn=2) == (0x103, None, False, None, True)  # its token is yet to learn
+    assert kernel_model(capable, aware=False, turn=3) == (0x101 | LEARNED, None, False, None, True)
+    by_flow = kernel_model(capable, Index.FLOW).mark
+    assert by_flow == (0x101, 0x102, 0x103)[slot(flow_key(*parse_ip(capable).flow), 3)]
+    assert kernel_model(capable, Index.WORKER).queued == "queued_syn"
+    token = token_of_key(SERVER_KEY, 1)
+    join = tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(token))
+    assert kernel_model(join).queued == "queued_join"  # raced its token's copy: the worker holds it
+    assert kernel_model(join, token_map={token: 0x102 | JOIN}) == (0x102 | JOIN, None, True, None, False)
+    synack = tcp(VIP, "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY))
+    assert kernel_model(synack, ct_mark=0x101, original=False, new=False) == (0, None, False, "copied_synack", False)
+    # direct server return: the third ACK makes the entry; hashed again, it finds its SYN's backend
+    third = tcp("10.0.1.2", VIP, 40000, 80, ACK, mp_capable(1, 1, SERVER_KEY, SERVER_KEY))
+    assert kernel_model(third, Index.FLOW) == (by_flow | LEARNED, None, False, "copied_capable", True)
+    assert kernel_model(third, Index.COUNTER).queued == "queued_first"  # no counter can tell

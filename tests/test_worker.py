@@ -82,6 +82,9 @@ class Dataplane:
     def sync_unavailable(self, marks, names):
         self.calls.append(("unavailable", marks))
 
+    def sync_tables(self, tables):
+        self.tables = tables
+
 
 def worker(**kernel) -> Worker:
     cfg = from_dict({**CONFIG, "kernel": kernel})

@@ -161,12 +161,13 @@ def cmd_check(args) -> int:
 
 def cmd_render_nft(args) -> int:
     from .kernel.nft import Nft, native_queue_supported
-    from .kernel.ruleset import render_ruleset
+    from .kernel.ruleset import render_decide, render_ruleset
 
     cfg = load(args.config)
     mode = args.queue_mode or cfg.queue_mode
     native = native_queue_supported(Nft()) if mode == "auto" else mode == "native"
-    sys.stdout.write(render_ruleset(cfg, native))
+    tables = cfg.balancer().lookup_tables() if cfg.handshakes == "kernel" else {}
+    sys.stdout.write(render_ruleset(cfg, native) + render_decide(cfg, tables))
     return 0
 
 

@@ -7,14 +7,15 @@ the kernel and the worker would see it.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from dataclasses import dataclass
 
 from .core.balancer import Balancer
-from .core.marks import REJECT
+from .core.marks import LEARNED, REJECT
 from .core.packet import TCP_ACK, TCP_SYN, Malformed, Segment, endpoint, parse_ip, token_of_key
 from .core.tokens import plan_writes
 from .core.verdicts import Kind, Verdict
-from .kernel.ruleset import classify
+from .kernel.ruleset import Decider, classify
 from .ops.config import Config
 
 ETHERTYPES_IP = (0x0800, 0x86DD)
@@ -98,6 +99,12 @@ def inspect_packets(packets, cfg: Config | None = None) -> dict:
     the worker would write go to a stand-in for the kernel map."""
     balancer: Balancer | None = cfg.balancer() if cfg else None
     vips = {(ipaddress.ip_address(v).packed, p) for s in cfg.services for v in s.vips for p in s.ports} if cfg else set()
+    deciders = None
+    if cfg and cfg.handshakes == "kernel":
+        tables = balancer.lookup_tables()
+        deciders = {(ipaddress.ip_address(v).packed, p): Decider(tables[s.name], s.mptcp_aware)
+                    for s in cfg.services for v in s.vips for p in s.ports}
+    turns: Counter[int] = Counter()  # each service counter's next number, by its table
     marks: dict[tuple, int] = {}  # stands in for the conntrack mark of each flow
     originals: dict[tuple, tuple] = {}  # each conntrack entry's original direction
     token_map: dict[int, int] = {}
@@ -124,8 +131,15 @@ def inspect_packets(packets, cfg: Config | None = None) -> dict:
         new = connection not in originals
         original = originals.setdefault(connection, segment.flow) == segment.flow
         if balancer is not None:
-            classified = classify(segment, marks.get(connection, 0), original, new, vips, token_map)
-            if classified.queued:
+            decider = deciders.get((segment.dst, segment.dport)) if deciders else None
+            turn = turns[id(decider.table)] if decider else 0
+            classified = classify(segment, marks.get(connection, 0), original, new, vips, token_map, True, (),
+                                  deciders, turn)
+            if classified.copied:  # the packet went on; the worker learns from its copy
+                verdict = balancer.decide(segment, classified.mark & ~LEARNED or marks.get(connection, 0), ts)
+                token_map.update(plan_writes([verdict]).install)
+                marks[connection] = marks.get(connection, 0) | LEARNED
+            elif classified.queued:
                 verdict = balancer.decide(segment, classified.mark, ts)
                 writes = plan_writes([verdict])
                 token_map.update(writes.install)
@@ -135,6 +149,10 @@ def inspect_packets(packets, cfg: Config | None = None) -> dict:
             elif classified.kernel_hit:
                 marks[connection] = classified.mark
                 verdict = Verdict(True, classified.mark, Kind.JOIN_HIT)
+            elif classified.mark and new and segment.is_syn:  # decided by its service's table
+                turns[id(decider.table)] += 1
+                marks[connection] = classified.mark
+                verdict = Verdict(True, classified.mark, Kind.MP_CAPABLE_SYN if segment.capable else Kind.SYN)
         chosen = balancer.backend_of(verdict.mark) if verdict is not None and verdict.accept else None
         _track(segment, number, by_flow, connections, joins, chosen.name if chosen else None, verdict)
     for join in joins:

@@ -1,5 +1,6 @@
-"""The worker: the loop and its wiring. NFQUEUE packets -> core decision -> verdict; then, off the
-hot path, tokens to the kernel map, held joins, the control socket, reloads and counts."""
+"""The worker: the loop and its wiring. Copies of handshakes -> tokens in the kernel map; NFQUEUE
+packets (raced joins, SYNs the kernel does not decide) -> core decision -> verdict; then held
+joins, the control socket, reloads, the scheduler tables and counts."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ from .core.packet import parse_ip
 from .core.tokens import Held, held_outcome, may_hold
 from .core.verdicts import Kind, Verdict
 from .kernel.conntrack import Counts, Gone, Watch, start_reader
+from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
+from .kernel.ruleset import COPY_SNAPLEN
 from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
@@ -52,7 +55,7 @@ class Worker:
         cfg = self.plane.cfg
         try:
             segment = parse_ip(packet.get_payload())
-            hold = may_hold(cfg.workers, len(self.held), cfg.hold_max)
+            hold = may_hold(cfg.workers > 1 or cfg.handshakes == "kernel", len(self.held), cfg.hold_max)
             verdict = self.balancer.decide(segment, packet.get_mark(), started, hold)
             if verdict.kind is Kind.JOIN_HELD:
                 packet.retain()
@@ -147,6 +150,7 @@ class Worker:
         else:
             watch(parent.fileno(), lambda: plane.apply(parent.recv()))
         pipes = set(handlers)
+        copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first and cfg.handshakes == "kernel" else None
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
         set_fail_open(nfq.get_fd(), cfg.queue + index)
@@ -160,6 +164,8 @@ class Worker:
                 self.give_decided()
 
         watch(nfq.get_fd(), read_queue)
+        if copies:
+            watch(copies.fileno(), lambda: self.tokens.learn(copies, BATCH))
         control = ControlServer(cfg.control_socket, plane.control, watch, unwatch) if first else None
         if control:
             watch(control.fileno(), control.accept_ready)
@@ -195,6 +201,8 @@ class Worker:
             for packet, segment, _ in self.held:  # never leave a packet without a verdict
                 self.give(packet, self.balancer.decide(segment, 0, time.perf_counter()))
             nfq.unbind()
+            if copies:
+                copies.close()
             if control:
                 control.close()
                 conntrack_reader.kill()
@@ -217,7 +225,7 @@ def run(cfg: Config) -> int:
                reload=lambda: setattr(worker, "reload_requested", True),
                dump=lambda: print(json.dumps({"event": "stats", **plane.report()}), flush=True))
     try:
-        dataplane.install()
+        dataplane.install(worker.balancer.lookup_tables())
         adopted = worker.tokens.adopt()
         if adopted or retired:
             log.info("adopted %d tokens from the kernel map; backends gone from the config, retired: %s",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .expiring import ExpiringTable
 from .marks import BACKEND_MASK, JOIN, LEARNED, REJECT, TAUGHT_BY_CLIENT
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
-from .schedulers import MAGLEV_DEFAULT_SIZE, make_scheduler
+from .schedulers import MAGLEV_DEFAULT_SIZE, Index, make_scheduler
 from .tokens import AMBIGUOUS, INSTALL_PENDING
 from .verdicts import Kind, Verdict
 
@@ -63,12 +63,33 @@ class Service:
     mptcp_aware: bool = True
     persistence: float = 0.0  # seconds of source-address affinity (IPVS persistence); 0: off
     maglev_size: int = MAGLEV_DEFAULT_SIZE
+    direct_return: bool = False
     picker: object = field(init=False)
     affinity: ExpiringTable[bytes, Backend] = field(init=False)
 
     def __post_init__(self):
         self.picker = make_scheduler(self.scheduler, self.maglev_size)
         self.affinity = ExpiringTable(1_000_000, self.persistence)
+
+    @property
+    def index(self) -> Index:
+        """How the kernel indexes this service's table. Source affinity remembers each client's
+        last backend, and lc counts connections: both decide in the worker. Under direct server
+        return the SYN leaves no conntrack entry to remember a counter's pick for the next
+        packet, so round robin hashes the connection instead."""
+        if self.persistence:
+            return Index.WORKER
+        if self.picker.index is Index.COUNTER and self.direct_return:
+            return Index.FLOW
+        return self.picker.index
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """A service's SYN decision as the kernel takes it: the slot its index picks holds the
+    backend's mark; REJECT alone when no backend is available; no slot when the worker decides."""
+    index: Index
+    slots: tuple[int, ...]
 
 
 class Balancer:
@@ -80,6 +101,7 @@ class Balancer:
         self.tokens: ExpiringTable[int, int] = ExpiringTable(token_capacity, token_ttl)
         self.rng = rng or random.Random()
         self.counts: Counter[Kind] = Counter()
+        self._tables: dict[str, tuple[tuple, LookupTable]] = {}  # service -> (what it was built for, table)
         self.update(services)
 
     def update(self, services: list[Service], retired: list[Backend] = ()) -> None:
@@ -96,11 +118,24 @@ class Balancer:
         self.by_mark = {b.mark: b for b in retired}
         self.by_mark.update({b.mark: b for s in services for b in s.backends})
 
-    def prepare_tables(self) -> None:
-        """Lookup tables of the schedulers that have them, for the backends available now."""
+    def lookup_tables(self) -> dict[str, LookupTable]:
+        """Every service's table for the backends available now; one is built again only when
+        their state changes (the same object comes back otherwise)."""
+        tables = {}
         for service in self.services:
-            if hasattr(service.picker, "prepare"):
-                service.picker.prepare([b for b in service.backends if b.available])
+            candidates = [b for b in service.backends if b.available]
+            signature = (service.index, tuple((b.name, b.mark, b.weight) for b in candidates))
+            cached = self._tables.get(service.name)
+            if cached is None or cached[0] != signature:
+                if service.index is Index.WORKER:
+                    slots = ()
+                elif not candidates:
+                    slots = (REJECT,)
+                else:
+                    slots = tuple(candidates[i].mark for i in service.picker.table(candidates))
+                cached = self._tables[service.name] = (signature, LookupTable(service.index, slots))
+            tables[service.name] = cached[1]
+        return tables
 
     @property
     def backends(self) -> list[Backend]:

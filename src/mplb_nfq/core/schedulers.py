@@ -1,11 +1,18 @@
 """Schedulers: which backend a new connection goes to. Pure; each picks among the candidates it is
 given (the service's backends that are healthy, not drained and of weight > 0) for a connection
-(anything with the `src`, `sport`, `dst`, `dport` of its first packet)."""
+(anything with the `src`, `sport`, `dst`, `dport` of its first packet).
+
+Each scheduler but lc also lays its choice out as a lookup table, which the kernel indexes with a
+counter (`numgen inc`) or a hash (`jhash`) of the connection: the SYN is decided there, and the
+core's own `pick` reads the same table the same way."""
 from __future__ import annotations
 
 import hashlib
-import zlib
+from enum import StrEnum
+from math import gcd
 from typing import NamedTuple, Protocol, Sequence
+
+from .jhash import flow_key, slot
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 MAGLEV_DEFAULT_SIZE = 65537
@@ -26,9 +33,22 @@ class Flow(NamedTuple):
     dport: int
 
 
+class Index(StrEnum):
+    """How the kernel picks a slot of a scheduler's table."""
+    COUNTER = "numgen"  # the next slot, connection after connection
+    FLOW = "flow"  # a hash of the connection's addresses and ports
+    SOURCE = "source"  # a hash of the client's address
+    WORKER = "worker"  # no table: the SYN goes to the worker
+
+
 class RoundRobin:
+    index = Index.COUNTER
+
     def __init__(self, **_):
         self._next = 0
+
+    def table(self, candidates: Sequence[Candidate]) -> list[int]:
+        return list(range(len(candidates)))
 
     def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         backend = candidates[self._next % len(candidates)]
@@ -39,8 +59,23 @@ class RoundRobin:
 class WeightedRoundRobin:
     """Smooth weighted round robin (as nginx): weights 5,1,1 give a a b a c a a, not a a a a a b c."""
 
+    index = Index.COUNTER
+
     def __init__(self, **_):
         self._current: dict[str, int] = {}
+
+    def table(self, candidates: Sequence[Candidate]) -> list[int]:
+        """One period of the sequence: the weights' sum over their greatest common divisor."""
+        divisor = gcd(*(b.weight for b in candidates))
+        current = [0] * len(candidates)
+        sequence = []
+        for _ in range(sum(b.weight for b in candidates) // divisor):
+            for i, backend in enumerate(candidates):
+                current[i] += backend.weight
+            best = max(range(len(candidates)), key=lambda i: (current[i], -i))
+            current[best] -= sum(b.weight for b in candidates)
+            sequence.append(best)
+        return sequence
 
     def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         total = 0
@@ -56,7 +91,9 @@ class WeightedRoundRobin:
 
 
 class LeastConnections:
-    """IPVS wlc: the fewest active connections per unit of weight; ties go round robin."""
+    """IPVS wlc: the fewest active connections per unit of weight; ties go round robin. No table:
+    the counts change with every connection, so its SYNs go to the worker."""
+    index = Index.WORKER
 
     def __init__(self, **_):
         self._turn = 0
@@ -66,16 +103,6 @@ class LeastConnections:
         n = len(candidates)
         order = [candidates[(self._turn + i) % n] for i in range(n)]
         return min(order, key=lambda b: b.active / b.weight)
-
-
-class SourceHash:
-    """IPVS sh: the client address alone picks the backend (stateless affinity)."""
-
-    def __init__(self, **_):
-        pass
-
-    def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
-        return candidates[zlib.crc32(flow.src) % len(candidates)]
 
 
 def is_prime(n: int) -> bool:
@@ -92,6 +119,7 @@ class Maglev:
     A lookup table of prime size M is filled by the backends' permutations, in turns weighted by
     their weights; removing one of N backends moves about 1/N of the keys.
     """
+    index = Index.FLOW
 
     def __init__(self, table_size: int = MAGLEV_DEFAULT_SIZE, **_):
         if not is_prime(table_size):
@@ -136,10 +164,25 @@ class Maglev:
             self._build(candidates)
             self._built_for = signature
 
+    def table(self, candidates: Sequence[Candidate]) -> list[int]:
+        self.prepare(candidates)
+        return self._table
+
+    def key(self, flow) -> bytes:
+        return flow_key(flow.src, flow.sport, flow.dst, flow.dport)
+
     def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         self.prepare(candidates)
-        key = flow.src + flow.sport.to_bytes(2, "big") + flow.dst + flow.dport.to_bytes(2, "big")
-        return candidates[self._table[zlib.crc32(key) % self.size]]
+        return candidates[self._table[slot(self.key(flow), self.size)]]
+
+
+class SourceHash(Maglev):
+    """IPVS sh: the client address alone picks the backend (stateless affinity), through a
+    Maglev table, so that a backend's going moves only its own clients."""
+    index = Index.SOURCE
+
+    def key(self, flow) -> bytes:
+        return flow.src
 
 
 def make_scheduler(name: str, maglev_size: int = MAGLEV_DEFAULT_SIZE):

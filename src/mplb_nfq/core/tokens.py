@@ -82,9 +82,10 @@ def learned_at(now: float, ttl: float, seconds_left: float) -> float:
     return now - max(0.0, ttl - seconds_left)
 
 
-def may_hold(workers: int, held: int, hold_max: int) -> bool:
-    """An unknown join may wait only where another worker may learn its token, and only so many."""
-    return workers > 1 and held < hold_max
+def may_hold(learned_elsewhere: bool, held: int, hold_max: int) -> bool:
+    """An unknown join may wait only where its token may yet reach the kernel map (from a copy of
+    its connection's handshake, or from another worker), and only so many."""
+    return learned_elsewhere and held < hold_max
 
 
 class Held(StrEnum):

@@ -15,6 +15,7 @@ from .ruleset import Ruleset
 from .tokenmap import TokenMap
 
 if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
+    from ..core.balancer import LookupTable
     from ..ops.config import Config
     from .routing import RetiredRoutes
 
@@ -42,8 +43,8 @@ class Dataplane:
     def installed_backends(self) -> dict[int, tuple[int, set[str], set[str]]]:
         return installed_backends(self.cfg)
 
-    def install(self) -> None:
-        self.ruleset.install()
+    def install(self, tables: Mapping[str, LookupTable]) -> None:
+        self.ruleset.install(tables)
         self.routing.sync_tunnels(self.cfg)
         self.routing.sync_routes(self.cfg, unavailable=self.unavailable)
         log.info("queue %d, mode: %s", self.cfg.queue, self.queue_mode)
@@ -60,6 +61,10 @@ class Dataplane:
         self.routing.sync_routes(self.cfg, retired, self.unavailable)
         self.routing.sync_tunnels(self.cfg, retired)
         self.retired = list(retired)
+
+    def sync_tables(self, tables: Mapping[str, LookupTable]) -> None:
+        """The services' scheduler tables, as the core computed them for the backends' state now."""
+        self.ruleset.sync_tables(self.cfg, tables)
 
     def sync_unavailable(self, marks: set[int], names: set[str]) -> None:
         """Backends that take no new connections: their joins go to the worker before they are

@@ -12,16 +12,20 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Container, Mapping, NamedTuple
 
+from ..core.jhash import SEED, flow_key, slot
 from ..core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
 from ..core.packet import TCP_ACK, TCP_SYN, Segment
+from ..core.schedulers import Index
 from .nft import KernelError, Nft, native_queue_supported
 
 if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
+    from ..core.balancer import LookupTable
     from ..ops.config import Config
 
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"
 XT_COMMENT = "mplb-nfq"
+COPY_SNAPLEN = 128  # an IPv6 header and a TCP header with 40 bytes of options
 
 
 def queue_statement(cfg: Config, native: bool) -> str:
@@ -55,7 +59,99 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         backend_mask=f"0x{BACKEND_MASK:08x}",
         reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
-        queue_statement=queue_statement(cfg, native))
+        queue_statement=queue_statement(cfg, native), **handshake_rules(cfg))
+
+
+def copy_statement(cfg: Config) -> str:
+    return f"log group {cfg.queue} snaplen {COPY_SNAPLEN}"
+
+
+def handshake_rules(cfg: Config) -> dict[str, str]:
+    """The classify rules that differ between the two ways of taking a handshake."""
+    learned = f"0x{LEARNED:08x}"
+    capable = "tcp flags & (syn | ack) == ack"
+    if cfg.handshakes == "queue":
+        return dict(
+            decide="",
+            capable=f"{capable} ct mark & {learned} == 0 tcp option mptcp subtype 0 counter name queued_capable "
+                    "goto to_queue",
+            synack=f"tcp flags & (syn | ack) == syn | ack ct mark & {learned} == 0 tcp option mptcp subtype 0 "
+                   "meta mark set ct mark counter name queued_synack goto to_queue")
+    decide = "\n\t\t".join(f"meta mark == 0 tcp flags & (syn | ack) == {flags} meta nfproto {family} "
+                             f"{address} daddr . tcp dport vmap @decide{version}"
+                             for flags in ("syn", "ack ct state new")
+                             for family, address, version in (("ipv4", "ip", 4), ("ipv6", "ip6", 6)))
+    return dict(
+        decide=decide,
+        capable=f"{capable} meta mark & {learned} == 0 meta mark & 0x{BACKEND_MASK:08x} != 0 tcp option mptcp "
+                f"subtype 0 {copy_statement(cfg)} counter name copied_capable meta mark set meta mark | {learned}",
+        synack=f"tcp flags & (syn | ack) == syn | ack ct mark & {learned} == 0 tcp option mptcp subtype 0 "
+               f"meta mark set ct mark {copy_statement(cfg)} counter name copied_synack "
+               f"ct mark set ct mark | {learned} meta mark set 0")
+
+
+def _index(table: LookupTable, version: int) -> str:
+    address = "ip6" if version == 6 else "ip"
+    size = len(table.slots)
+    if table.index is Index.COUNTER:
+        return f"numgen inc mod {size}"
+    key = f"{address} saddr" if table.index is Index.SOURCE else \
+        f"{address} saddr . tcp sport . {address} daddr . tcp dport"
+    return f"jhash {key} mod {size} seed 0x{SEED:08x}"
+
+
+def service_rules(service, table: LookupTable) -> list[str]:
+    """The rules of a service's chain: its SYN's backend from its table, in the kernel."""
+    syn, ack = "tcp flags & (syn | ack) == syn", "tcp flags & (syn | ack) == ack"
+    rules = [f"{syn} tcp option mptcp subtype 1 counter name queued_join goto to_queue"] if service.mptcp_aware else []
+    if table.index is Index.WORKER:
+        return rules  # back in classify, the SYN is queued
+    rules.append(f"{ack} tcp option mptcp subtype 1 return")  # a join's first ACK (direct return): the worker's
+    if table.index is Index.COUNTER:
+        rules.append(f"{ack} return")  # mid-stream: no counter can tell what the SYN got
+    indexes = [_index(table, 4)] if table.index is Index.COUNTER else [_index(table, 4), _index(table, 6)]
+    rules += [f"meta mark set {index} map @sched_{service.name} counter name decided" for index in indexes]
+    if service.mptcp_aware:
+        rules.append("tcp option mptcp subtype 0 return")  # its token is yet to learn
+    rules.append(f"meta mark set meta mark | 0x{LEARNED:08x}")
+    return rules
+
+
+def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Container[str] = ()) -> str:
+    """nft commands, one transaction, that (re)write the chains and tables of the services in
+    `tables`, point each VIP . port at its service's chain, and delete the services `gone`."""
+    table = f"inet {cfg.table_name}"
+    commands = []
+    by_name = {s.name: s for s in cfg.services}
+    for name, lookup in tables.items():
+        commands += [f"add map {table} sched_{name} {{ typeof numgen inc mod 2 : meta mark ; }}",
+                     f"flush map {table} sched_{name}"]
+        if lookup.slots:
+            elements = ", ".join(f"{i} : 0x{mark:x}" for i, mark in enumerate(lookup.slots))
+            commands.append(f"add element {table} sched_{name} {{ {elements} }}")
+        commands += [f"add chain {table} svc_{name}", f"flush chain {table} svc_{name}"]
+        commands += [f"add rule {table} svc_{name} {rule}" for rule in service_rules(by_name[name], lookup)]
+    for version in (4, 6):
+        commands.append(f"flush map {table} decide{version}")
+        elements = [e for v, e in decide_elements(cfg) if v == version]
+        if elements:
+            commands.append(f"add element {table} decide{version} {{ {', '.join(elements)} }}")
+    for name in gone:
+        commands += [f"delete chain {table} svc_{name}", f"delete map {table} sched_{name}"]
+    return "\n".join(commands) + "\n"
+
+
+def decide_elements(cfg: Config) -> list[tuple[int, str]]:
+    """(IP version, `VIP . port : jump svc_NAME`) of every service the kernel decides for."""
+    if cfg.handshakes != "kernel":
+        return []
+    return [(ipaddress.ip_address(vip).version, f"{vip} . {port} : jump svc_{s.name}")
+            for s in cfg.services for vip in s.vips for port in s.ports]
+
+
+def service_chains(listing: str) -> set[str]:
+    """The services whose chains a table holds."""
+    return set(re.findall(r"^\s*chain svc_(\S+) \{", listing, re.MULTILINE))
 
 
 def xtables_rule(cfg: Config) -> list[str]:
@@ -78,6 +174,14 @@ class Classified(NamedTuple):
     mark: int  # the packet's mark when it leaves the classify chain
     queued: str | None  # the counter of the rule that sends it to the worker; None: it stays in the kernel
     kernel_hit: bool = False  # a MP_JOIN SYN the token map steered
+    copied: str | None = None  # the counter of the rule that copies it to the worker (it goes on)
+    decided: bool = False  # its service's table gave it a backend (counter `decided`)
+
+
+class Decider(NamedTuple):
+    """A service as its chain decides a SYN in the kernel (handshakes = "kernel")."""
+    table: LookupTable
+    mptcp_aware: bool
 
 
 def nft_mptcp_option(options: bytes) -> tuple[int | None, int | None]:
@@ -99,10 +203,13 @@ def nft_mptcp_option(options: bytes) -> tuple[int | None, int | None]:
 
 
 def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Container[tuple[bytes, int]],
-             token_map: Mapping[int, int], tracked: bool = True, unavailable: Container[int] = ()) -> Classified:
-    """What nft/mplb.nft's classify chain and its handshake chains do to one TCP segment, given
-    its flow's conntrack state: the model `inspect` replays. A kernel test sends packets through
-    the real ruleset and holds this function to its counters, rule by rule."""
+             token_map: Mapping[int, int], tracked: bool = True, unavailable: Container[int] = (),
+             deciders: Mapping[tuple[bytes, int], Decider] | None = None, turn: int = 0) -> Classified:
+    """What nft/mplb.nft's classify chain, its handshake chains and the services' chains do to one
+    TCP segment, given its flow's conntrack state: the model `inspect` replays. deciders: each
+    VIP . port's service (handshakes = "kernel"; None: "queue"); turn: the next number of a
+    service's counter. A kernel test sends packets through the real ruleset and holds this
+    function to its counters, rule by rule."""
     handshake = segment.flags & (TCP_SYN | TCP_ACK)
     subtype, token = nft_mptcp_option(segment.options)
     if (segment.dst, segment.dport) in vips:
@@ -116,17 +223,44 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
                 mark, hit = found, True
         if handshake == TCP_SYN and mark & BACKEND_MASK in unavailable and mark & BACKEND_MASK:
             return Classified(0, "queued_join_unavailable")
+        decider = None if deciders is None else deciders.get((segment.dst, segment.dport))
+        if decider and not mark and (handshake == TCP_SYN or handshake == TCP_ACK and new):
+            if handshake == TCP_SYN and decider.mptcp_aware and subtype == 1:
+                return Classified(0, "queued_join")
+            mark = _decide(segment, decider, subtype, turn)
+            decided = bool(mark)
+        else:
+            decided = False
         if handshake == TCP_SYN and not mark:
             return Classified(mark, "queued_syn")
-        if handshake == TCP_ACK and not ct_mark & LEARNED and subtype == 0:
+        if handshake == TCP_ACK and subtype == 0 and deciders is None and not ct_mark & LEARNED:
             return Classified(mark, "queued_capable")
+        if handshake == TCP_ACK and subtype == 0 and deciders is not None and not mark & LEARNED \
+                and mark & BACKEND_MASK:
+            return Classified(mark | LEARNED, None, hit, "copied_capable", decided)
         if handshake == TCP_ACK and new and not mark:
             return Classified(mark, "queued_first")
-        return Classified(mark, None, hit)
+        return Classified(mark, None, hit, None, decided)
     if (segment.src, segment.sport) in vips and handshake == TCP_SYN | TCP_ACK and not ct_mark & LEARNED \
             and subtype == 0:
-        return Classified(ct_mark, "queued_synack")
+        return Classified(ct_mark, "queued_synack") if deciders is None else Classified(0, None, copied="copied_synack")
     return Classified(0, None)
+
+
+def _decide(segment: Segment, decider: Decider, subtype: int | None, turn: int) -> int:
+    """The mark a service's chain gives a SYN (or the first ACK of a mid-stream entry): 0 where
+    it leaves the packet to the worker."""
+    table = decider.table
+    if table.index is Index.WORKER or segment.flags & TCP_SYN == 0 and (subtype == 1 or table.index is Index.COUNTER):
+        return 0
+    if table.index is Index.COUNTER:
+        position = turn % len(table.slots)
+    else:
+        key = segment.src if table.index is Index.SOURCE else flow_key(segment.src, segment.sport, segment.dst,
+                                                                        segment.dport)
+        position = slot(key, len(table.slots))
+    mark = table.slots[position]
+    return mark if decider.mptcp_aware and subtype == 0 else mark | LEARNED
 
 
 def renew_chains(listing: str, table: str) -> str:
@@ -148,30 +282,53 @@ class Ruleset:
         native = {"auto": None, "native": True, "xtables": False}[cfg.queue_mode]
         self.native_queue = native_queue_supported(nft) if native is None else native
         self.owner = "worker"
+        self.tables: dict[str, LookupTable] = {}  # as last written to the kernel
+        self.decided_for: list[str] = []  # the VIP . port -> service elements last written
 
     @property
     def queue_mode(self) -> str:
         return "native nft queue" if self.native_queue else "xtables NFQUEUE on mark bit"
 
-    def install(self) -> None:
-        """Load the table, or adopt the one there (a restarted worker's, or the operator's)."""
+    def install(self, tables: Mapping[str, LookupTable]) -> None:
+        """Load the table with the services' chains and tables, or adopt the one there (a
+        restarted worker's, or the operator's): one transaction, so no SYN finds a service's
+        chain empty."""
         cfg = self.cfg
+        tables = self._kernel_tables(cfg, tables)
         listing = self.listing()
         if listing is None:
-            self.nft.run(render_ruleset(cfg, self.native_queue, by_worker=True))
+            self.nft.run(render_ruleset(cfg, self.native_queue, by_worker=True) + render_decide(cfg, tables))
         else:
             self.owner = "worker" if WORKER_COMMENT in listing else "operator"
             log.info("nft table inet %s exists (%s's): adopting it with its token map", cfg.table_name, self.owner)
-            if self.owner == "worker":  # this version's rules, in one transaction; sets and maps keep their elements
-                try:
-                    self.nft.run(renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True))
-                except KernelError as e:  # e.g. a token map of another size: the rules in place go on
-                    log.error("could not bring the rules of table inet %s up to date, keeping them: %s",
-                              cfg.table_name, e)
+            decide = render_decide(cfg, tables, service_chains(listing) - set(tables))
+            # this version's rules; sets and maps keep their elements
+            rules = renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
+                if self.owner == "worker" else ""
+            try:
+                self.nft.run(rules + decide)
+            except KernelError as e:  # e.g. a token map of another size: the rules in place go on
+                log.error("could not bring the rules of table inet %s up to date, keeping them: %s",
+                          cfg.table_name, e)
             self.sync_vips(cfg)
+        self.tables, self.decided_for = dict(tables), decide_elements(cfg)
         if not self.native_queue:
             for version in families(cfg):
                 self._xtables(version, "-C") or self._xtables(version, "-A", check=True)
+
+    @staticmethod
+    def _kernel_tables(cfg: Config, tables: Mapping[str, LookupTable]) -> Mapping[str, LookupTable]:
+        return tables if cfg.handshakes == "kernel" else {}
+
+    def sync_tables(self, cfg: Config, tables: Mapping[str, LookupTable]) -> None:
+        """Rewrite the tables that changed (health, drain, weights, reload), each in one
+        transaction with its chain, so that no SYN sees half of one."""
+        tables = self._kernel_tables(cfg, tables)
+        changed = {name: table for name, table in tables.items() if self.tables.get(name) is not table}
+        gone = set(self.tables) - set(tables)
+        if changed or gone or decide_elements(cfg) != self.decided_for:
+            self.nft.run(render_decide(cfg, changed, gone))
+            self.tables, self.decided_for = dict(tables), decide_elements(cfg)
 
     def listing(self) -> str | None:
         return self.nft.try_terse(f"list table inet {self.cfg.table_name}")

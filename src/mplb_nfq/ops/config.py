@@ -73,6 +73,7 @@ class Config:
     health: HealthConfig = HealthConfig()
     queue: int = 0
     queue_mode: str = "auto"  # auto | native | xtables
+    handshakes: str = "kernel"  # kernel: SYNs decided and tokens copied in the kernel | queue: both held for the worker
     table_name: str = "mplb"
     mark_base: int = 0x100
     table_base: int = 1000
@@ -137,7 +138,7 @@ class Config:
             backends[b.name] = backend
         return [Service(s.name, tuple(ipaddress.ip_address(v).packed for v in s.vips), s.ports,
                         [backends[n] for n in s.backends], s.scheduler, s.unknown_join, s.mptcp_aware,
-                        s.persistence, s.maglev_size) for s in self.services]
+                        s.persistence, s.maglev_size, s.direct_return) for s in self.services]
 
     def balancer(self, **overrides) -> Balancer:
         return Balancer(self.build_services(), flow_capacity=self.flow_capacity, flow_ttl=self.flow_timeout,
@@ -237,7 +238,7 @@ BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark", "tunnel", "rem
 TUNNELS = ("none", "vxlan", "ipip")
 HEALTH_KEYS = {"enabled", "interval", "timeout", "rise", "fall", "port", "mptcp"}
 KERNEL_KEYS = {"queue", "queue_mode", "table_name", "mark_base", "table_base", "max_backends", "rule_priority",
-               "conntrack_interval", "workers", "hold_ms", "hold_max"}
+               "conntrack_interval", "workers", "hold_ms", "hold_max", "handshakes"}
 LIMIT_KEYS = {"flow_capacity", "flow_timeout", "token_capacity", "token_timeout"}
 
 
@@ -294,6 +295,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
                             health.boolean("mptcp", False)),
         queue=queue,
         queue_mode=kernel.choice("queue_mode", "auto", ("auto", "native", "xtables")),
+        handshakes=kernel.choice("handshakes", "kernel", ("kernel", "queue")),
         table_name=table_name, mark_base=mark_base, table_base=table_base, max_backends=max_backends,
         rule_priority=kernel.integer("rule_priority", 1000, 1, 32764),
         conntrack_interval=kernel.number("conntrack_interval", 2.0, 0.1, 3600),

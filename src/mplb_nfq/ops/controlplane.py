@@ -15,7 +15,7 @@ from .counters import Report
 from .fleet import Drained, Fleet, HealthChanged, Message, Reloaded, Stop
 
 log = logging.getLogger("mplb_nfq.worker")
-RESTART_ONLY = ("queue", "queue_mode", "workers", "table_name", "mark_base", "table_base", "max_backends",
+RESTART_ONLY = ("queue", "queue_mode", "handshakes", "workers", "table_name", "mark_base", "table_base", "max_backends",
                 "rule_priority", "metrics_address", "control_socket", "conntrack_interval", "hold_ms", "hold_max",
                 "flow_capacity", "flow_timeout", "token_capacity", "token_timeout")
 
@@ -61,10 +61,13 @@ class ControlPlane:
         return [(r.config, r.vips) for r in self.retired.values()]
 
     def sync_unavailable(self) -> None:
-        """Backends that take no new connections: the ruleset sends their joins to the worker,
-        which reads them as Linux will before they reach such a backend. Called from the loop (the
-        health thread only changes the backends' state)."""
-        self.balancer.prepare_tables()
+        """Backends that take no new connections: the services' tables leave them out, and the
+        ruleset sends their joins to the worker, which reads them as Linux will before they reach
+        such a backend. Called from the loop (the health thread only changes the backends' state)."""
+        try:
+            self.dataplane.sync_tables(self.balancer.lookup_tables())
+        except Exception as e:  # the tables in the kernel stay as they were; tried again next turn
+            log.error("updating the scheduler tables failed: %s", e)
         unavailable = [b for b in self.balancer.backends if not b.available]
         marks = {b.mark for b in unavailable}
         if marks == self.unavailable_in_kernel:

@@ -8,8 +8,10 @@ from collections import Counter
 
 from ..core.balancer import Balancer
 from ..core.marks import REJECT
+from ..core.packet import parse_ip
 from ..core.tokens import flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
+from ..kernel.copies import CopyReader
 from .logs import ThrottledLog
 
 
@@ -55,6 +57,25 @@ class TokenStore:
             self.balancer.install_failed(token, now)
         self.lifetimes.extend((t, f) for t, f in flows.items() if t not in failed and t not in writes.ignored)
         return failed
+
+    def learn(self, reader: CopyReader, limit: int) -> None:
+        """Copies of MP_CAPABLE handshake packets, each with its connection's backend mark: their
+        tokens go to the kernel map in one transaction. The packets went on long ago."""
+        copies = reader.read(limit)
+        now, verdicts = time.perf_counter(), []
+        for payload, mark in copies:
+            try:
+                verdict = self.balancer.decide(parse_ip(payload), mark, now)
+            except Exception:  # a bug must not stop the learning of the others
+                self.errors.error("copy", "learning from a copy failed", exc_info=True)
+                self.stats["errors"] += 1
+                continue
+            if verdict.token is not None:
+                verdicts.append(verdict)
+        self.stats["copies"] += len(copies)
+        self.stats["copies_lost"] = reader.lost
+        if verdicts:
+            self.write(verdicts)
 
     def adopt(self) -> int:
         """A restarted worker rebuilds its token table from the kernel map it finds, and watches
