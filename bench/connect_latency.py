@@ -1,8 +1,10 @@
-"""Connect latency (SYN -> SYN-ACK -> connected) to an address, as percentiles.
+"""Connect latency (SYN -> SYN-ACK -> connected) to an address, or the time to fetch a small
+object (connect, ask for FETCH bytes, read them, close), as percentiles.
 
-    python connect_latency.py HOST PORT COUNT RATE [THREADS [PROTOCOL]]
-RATE: connections/s, 0 = as fast as possible; PROTOCOL: mptcp (the default) or tcp.
-Prints one JSON line: count, rate reached, p50 and p99, and every connect time, in microseconds."""
+    python connect_latency.py HOST PORT COUNT RATE [THREADS [PROTOCOL [FETCH]]]
+RATE: connections/s, 0 = as fast as possible; PROTOCOL: mptcp (the default) or tcp; FETCH: bytes
+to fetch from mplb_nfq.lab.transfer's server (0, the default: connect only).
+Prints one JSON line: count, rate reached, p50 and p99, and every time, in microseconds."""
 import json
 import socket
 import statistics
@@ -13,6 +15,7 @@ import time
 host, port, count, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 threads = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 protocol = socket.IPPROTO_TCP if len(sys.argv) > 6 and sys.argv[6] == "tcp" else socket.IPPROTO_MPTCP
+fetch = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 samples: list[float] = []
 lock = threading.Lock()
 
@@ -22,9 +25,15 @@ def run(n: int) -> None:
     next_at = time.perf_counter()
     for _ in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, protocol)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
+        if not fetch:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
         started = time.perf_counter()
         s.connect((host, port))
+        if fetch:
+            s.sendall(fetch.to_bytes(8, "big"))
+            left = fetch
+            while left > 0:
+                left -= len(s.recv(left)) or left
         elapsed = time.perf_counter() - started
         s.close()
         with lock:

@@ -1,7 +1,12 @@
 """Speed of the data path, side by side in one run, on the lab topology without rate limits.
 
-    .venv/bin/python bench/speed.py [--only delay,bulk,queue,memory]
+    .venv/bin/python bench/speed.py [--only handshake,delay,bulk,queue,memory] [--json]
 
+0. handshake: the time to fetch a small object (connect, ask, 1 KB back) at 50 and 1,000
+   fetches/s, p50 and p99, plain TCP and MPTCP, through plain forwarding, mplb-nfq (the kernel
+   decides), mplb-nfq with handshakes = "queue" (every handshake held for the worker) and HAProxy
+   (mode tcp, made MPTCP with mptcpize); connections per second each sustains; packets queued
+   per MPTCP connection; with --json, one JSON document whose `summary` holds the ratios;
 1. queued handshake packets per second, one worker, against the binding's floor (a worker that
    accepts without looking) and two steps between them (the floor reading the payload and
    setting a mark; and parsing it too): a generator in the client namespace floods MP_CAPABLE
@@ -156,10 +161,130 @@ def floor_instead_of(worker: WorkerProcess, topo, config: Path, mode: str = "acc
         topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(config))
 
 
-def latency(topo, count, rate, threads, protocol) -> dict:
+def latency(topo, count, rate, threads, protocol, fetch_bytes: int = 0) -> dict:
     out = topo.exec("client", sys.executable, str(BENCH / "connect_latency.py"), VIP, str(PORT), str(count),
-                    str(rate), str(threads), protocol, capture_output=True).stdout
+                    str(rate), str(threads), protocol, str(fetch_bytes), capture_output=True).stdout
     return json.loads(out)
+
+
+HAPROXY_CONFIG = """global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend vip
+    bind {vip}:{port}
+    default_backend servers
+backend servers
+    balance roundrobin
+{servers}
+"""
+
+
+@contextlib.contextmanager
+def haproxy(topo, run: Path):
+    """The user's alternative on the LB: Debian's HAProxy in mode tcp, its sockets made MPTCP by
+    mptcpize, listening on the VIP (an address of the LB here); it ends MPTCP at the LB and opens
+    its own connection to a backend."""
+    servers = "\n".join(f"    server b{i + 1} {backend_address(i)}:{PORT}" for i in range(topo.backends))
+    config = run / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(vip=VIP, port=PORT, servers=servers))
+    topo.exec("lb", "ip", "address", "add", f"{VIP}/32", "dev", "lo")
+    proc = topo.popen("lb", "mptcpize", "run", "haproxy", "-db", "-f", str(config), stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while f"{VIP}:{PORT}" not in topo.exec("lb", "ss", "-Hltn", capture_output=True).stdout:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("haproxy did not start listening")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        topo.exec("lb", "ip", "address", "del", f"{VIP}/32", "dev", "lo")
+
+
+FETCH_BYTES = 1024
+FETCH_LOADS = {"50": (300, 50, 1), "1000": (3000, 1000, 2)}  # fetches, per second, client threads
+HANDSHAKE_ARMS = {"plain": "plain forwarding", "lb": "mplb-nfq (the kernel decides)",
+                  "queue": 'mplb-nfq, handshakes = "queue"', "haproxy": "HAProxy (mode tcp, mptcpize)"}
+
+
+@contextlib.contextmanager
+def arm_running(topo, run: Path, arm: str):
+    if arm == "plain":
+        plain_route(topo, "add")
+        try:
+            yield
+        finally:
+            plain_route(topo, "del")
+    elif arm == "haproxy":
+        with haproxy(topo, run):
+            yield
+    else:
+        config = run / f"{arm}.toml"
+        config.write_text(config_text("mplb", 2, run, kernel='handshakes = "queue"\n' if arm == "queue" else ""))
+        worker = WorkerProcess(topo, config, run / f"{arm}.log")
+        try:
+            yield
+        finally:
+            worker.stop()
+
+
+def handshake(topo, run: Path, rounds: int = 3) -> dict:
+    """Every arm in turn, `rounds` times (this machine drifts): small fetches at each load, then
+    connects as fast as four client threads go; the percentiles over all rounds' samples."""
+    samples: dict[tuple[str, str, str], list[int]] = {}
+    rates: dict[tuple[str, str], list[float]] = {}
+    queued = {"lb": [0, 0], "queue": [0, 0]}  # packets queued during MPTCP fetches, MPTCP fetches
+    for _ in range(rounds):
+        for arm in HANDSHAKE_ARMS:
+            with arm_running(topo, run, arm):
+                time.sleep(1)
+                for protocol in ("tcp", "mptcp"):
+                    before = nft_queued(topo) if arm in queued else 0
+                    for load, (count, rate, threads) in FETCH_LOADS.items():
+                        result = latency(topo, count, rate, threads, protocol, FETCH_BYTES)
+                        samples.setdefault((arm, protocol, load), []).extend(result["samples_us"])
+                    if arm in queued and protocol == "mptcp":
+                        queued[arm][0] += nft_queued(topo) - before
+                        queued[arm][1] += sum(count for count, _, _ in FETCH_LOADS.values())
+                    rates.setdefault((arm, protocol), []).append(latency(topo, 3000, 0, 4, protocol)["rate"])
+    report: dict = {"fetch": {}, "connections_per_s": {}}
+    for protocol in ("tcp", "mptcp"):
+        for load in FETCH_LOADS:
+            cut = {arm: percentiles(samples[arm, protocol, load]) for arm in HANDSHAKE_ARMS}
+            report["fetch"][f"{protocol}_{load}"] = {arm: {k: round(v) for k, v in c.items()} for arm, c in cut.items()}
+            line = ", ".join(f"{arm} {c['p50_us']:.0f} / {c['p99_us']:.0f}" for arm, c in cut.items())
+            print(f"fetch of 1 KB, {protocol}, {load}/s, p50 / p99 µs ({rounds} rounds, "
+                  f"{len(samples['plain', protocol, load])} per arm): {line}", flush=True)
+        report["connections_per_s"][protocol] = {arm: round(statistics.median(rates[arm, protocol]))
+                                                 for arm in HANDSHAKE_ARMS}
+        print(f"{protocol} connections/s (median of {rounds}): " + ", ".join(
+            f"{arm} {n}" for arm, n in report["connections_per_s"][protocol].items()), flush=True)
+    report["queued_per_mptcp_connection"] = {arm: round(n / max(total, 1), 3) for arm, (n, total) in queued.items()}
+    print(f"packets queued per MPTCP connection: {report['queued_per_mptcp_connection']}", flush=True)
+
+    def ratio(arm: str, protocol: str, q: str) -> float:
+        fetches = report["fetch"][f"{protocol}_1000"]
+        return round(fetches[arm][q] / fetches["plain"][q], 3)
+
+    cps = report["connections_per_s"]
+    report["summary"] = {
+        "mptcp_fetch_p50_ratio": ratio("lb", "mptcp", "p50_us"), "mptcp_fetch_p99_ratio": ratio("lb", "mptcp", "p99_us"),
+        "tcp_fetch_p99_ratio": ratio("lb", "tcp", "p99_us"),
+        "queue_mode_mptcp_fetch_p99_ratio": ratio("queue", "mptcp", "p99_us"),
+        "haproxy_mptcp_fetch_p99_ratio": ratio("haproxy", "mptcp", "p99_us"),
+        "queued_per_mptcp_connection": report["queued_per_mptcp_connection"]["lb"],
+        "tcp_connections_per_s_ratio": round(cps["tcp"]["lb"] / cps["tcp"]["plain"], 3),
+        "mptcp_connections_per_s_ratio": round(cps["mptcp"]["lb"] / cps["mptcp"]["plain"], 3),
+        "haproxy_mptcp_connections_per_s_ratio": round(cps["mptcp"]["haproxy"] / cps["mptcp"]["plain"], 3),
+    }
+    print(f"summary at 1,000 fetches/s (LB / plain forwarding): {json.dumps(report['summary'])}", flush=True)
+    return report
 
 
 def fetch(topo, size) -> float:
@@ -177,8 +302,19 @@ def nft_queued(topo) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default="delay,bulk,queue,memory", help="comma-separated parts to run")
-    parts = set(parser.parse_args().only.split(","))
+    parser.add_argument("--only", default="handshake,delay,bulk,queue,memory", help="comma-separated parts to run")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON document alone on "
+                        "stdout (the lines a person reads go to stderr)")
+    args = parser.parse_args()
+    if args.json:
+        with contextlib.redirect_stdout(sys.stderr):
+            report = measure(set(args.only.split(",")))
+    else:
+        report = measure(set(args.only.split(",")))
+    print(json.dumps(report))
+
+
+def measure(parts: set[str]) -> dict:
     report = {}
     with Topology(rate_mbit=None) as topo, tempfile.TemporaryDirectory(prefix="mplb-bench-") as tmp:
         run = Path(tmp)
@@ -187,6 +323,9 @@ def main() -> None:
         time.sleep(1)
         config = run / "lat.toml"
         config.write_text(config_text("mplb", 2, run))
+        if "handshake" in parts:
+            report["handshake"] = handshake(topo, run)
+            report["summary"] = report["handshake"].pop("summary")
         if "delay" in parts:
             report["handshake_delay"] = handshake_delay(topo, config, run)
         if "bulk" in parts:
@@ -197,7 +336,7 @@ def main() -> None:
         memory = subprocess.run([sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True).stdout
         print(memory.strip())
         report["memory"] = memory.strip().splitlines()
-    print(json.dumps(report))
+    return report
 
 
 def plain_route(topo, action: str) -> None:

@@ -5,10 +5,12 @@ import random
 import pytest
 from packets import ACK, CLIENT_KEY, COLLIDING, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
-from mplb_nfq.core.balancer import Backend, Balancer, Service
+from mplb_nfq.core.balancer import Backend, Balancer, LookupTable, Service
 from mplb_nfq.core.expiring import ExpiringTable
+from mplb_nfq.core.jhash import flow_key, slot
 from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
 from mplb_nfq.core.packet import Malformed, parse_ip, token_of_key
+from mplb_nfq.core.schedulers import Index
 
 VIP = "10.0.100.1"
 
@@ -413,3 +415,48 @@ def test_a_packet_with_a_broken_header_is_dropped_and_one_with_broken_options_de
     both = parse_ip(tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(SERVER_TOKEN) + mp_capable()))
     assert balancer.decide(both, 0, 0).mark == 0x101 | LEARNED  # plain TCP to Linux: a new, settled connection
     assert balancer.counts["malformed"] == 3
+
+
+# -- the tables the kernel indexes ------------------------------------------------------------------
+def test_each_scheduler_gives_the_kernel_a_table_of_the_available_backends_marks():
+    balancer = lb("wrr")
+    b1, b2, b3 = balancer.services[0].backends
+    b1.weight, b2.weight, b3.weight = 4, 2, 2
+    (table,) = balancer.lookup_tables().values()
+    assert table.index is Index.COUNTER and table.slots == (0x101, 0x102, 0x103, 0x101)  # smooth, weights / gcd
+    b2.healthy = False
+    (table,) = balancer.lookup_tables().values()
+    assert table.slots == (0x101, 0x103, 0x101)
+    b1.drained = b3.drained = True
+    assert lb_table(balancer) == LookupTable(Index.COUNTER, (REJECT,))  # none available: the SYN is reset
+    assert lb_table(lb("maglev")).index is Index.FLOW and len(lb_table(lb("maglev")).slots) == 65537
+    assert lb_table(lb("sh")).index is Index.SOURCE
+    assert lb_table(lb("lc")) == LookupTable(Index.WORKER, ())
+    assert lb_table(lb("rr", persistence=60)) == LookupTable(Index.WORKER, ())
+
+
+def lb_table(balancer):
+    (table,) = balancer.lookup_tables().values()
+    return table
+
+
+def test_a_table_is_built_again_only_when_the_backends_state_changes():
+    balancer = lb("maglev")
+    first = lb_table(balancer)
+    assert lb_table(balancer) is first
+    balancer.services[0].backends[0].weight = 3
+    assert lb_table(balancer) is not first
+
+
+def test_round_robin_under_direct_server_return_hashes_the_connection():
+    service = Service("web", (ipaddress.ip_address(VIP).packed,), (80,), backends(), "rr", direct_return=True)
+    assert lb_table(Balancer([service])).index is Index.FLOW
+
+
+def test_the_core_picks_the_slot_the_kernel_picks_for_hashed_tables():
+    for scheduler, key in (("maglev", lambda s: flow_key(s.src, s.sport, s.dst, s.dport)), ("sh", lambda s: s.src)):
+        balancer = lb(scheduler)
+        table = lb_table(balancer)
+        for port in range(40000, 40020):
+            segment = syn(sport=port)
+            assert balancer.decide(segment, 0, 0.0).mark & 0xFFFF == table.slots[slot(key(segment), len(table.slots))]

@@ -52,25 +52,31 @@ def sysctl(topo):
         topo.exec("lb", "sysctl", "-q", "-w", f"{name}={value}")
 
 
-def test_a_plain_connection_repeating_mp_capable_on_every_ack_reaches_the_worker_once(topo, worker, sysctl):
-    w = worker("mplb")
+@pytest.mark.parametrize("handshakes, reach_the_worker", [("kernel", 0), ("queue", 1)])
+def test_a_plain_connection_repeating_mp_capable_on_every_ack_reaches_the_worker_once(
+        topo, worker, sysctl, handshakes, reach_the_worker):
+    """Its SYN (plain TCP) settles it: in the kernel, or by the worker's verdict."""
+    w = worker("mplb", kernel=f'handshakes = "{handshakes}"\n')
     sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 1)  # our ACKs are forged: let conntrack take them
     before = handled(topo, w)
     client = "10.0.1.51"  # no host owns it: the backend's answers die at the LB
-    inject(topo, [tcp(client, VIP, 52001, PORT, SYN)])
+    port = 52001 + reach_the_worker  # a connection of its own: conntrack remembers the other run's
+    inject(topo, [tcp(client, VIP, port, PORT, SYN)])
     time.sleep(0.3)
-    ack = tcp(client, VIP, 52001, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY), seq=1001, ack=1)
+    ack = tcp(client, VIP, port, PORT, ACK, mp_capable(1, 0x01, CLIENT_KEY), seq=1001, ack=1)
     assert inject(topo, [ack], repeat=2000) == 2000
     time.sleep(0.5)
-    assert handled(topo, w) - before == 1  # its SYN: the verdict settled the connection
+    assert handled(topo, w) - before == reach_the_worker
 
 
 def test_under_overload_the_queue_fails_open_and_real_connections_are_served(topo, worker):
+    """A flood of joins no token matches: each is queued; held in the kernel, the SYNs are not."""
     w = worker("mplb")
     os.kill(w.proc.pid, signal.SIGSTOP)  # a worker that reads nothing: its queue fills (4096)
     try:
-        syns = [tcp(f"10.0.1.{100 + i % 100}", VIP, 2000 + i, PORT, SYN, mp_capable()) for i in range(5000)]
-        assert inject(topo, syns) == 5000
+        joins = [tcp(f"10.0.2.{100 + i % 100}", VIP, 2000 + i, PORT, SYN, mp_join_syn(0x20000000 + i))
+                 for i in range(5000)]
+        assert inject(topo, joins) == 5000
         results = fetch(topo, MB)  # its handshake finds the queue full: it passes, fail-open
         assert [r["received"] for r in results] == [MB]
         fields = open(f"/proc/{w.proc.pid}/net/netfilter/nfnetlink_queue").read().split()

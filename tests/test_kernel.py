@@ -378,3 +378,49 @@ def test_a_client_cannot_make_a_collision_its_claim_on_a_held_token_is_refused_i
         assert nft_counters(topo)["rejected"] == 0
     finally:
         topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
+
+
+JHASH_PROBE = """
+import json, socket, sys
+from pyroute2 import NFCTSocket
+connections = []
+for family, address, port in ((socket.AF_INET, "127.0.0.1", 81), (socket.AF_INET, "127.0.0.1", 82),
+                              (socket.AF_INET6, "::1", 83)):
+    server = socket.socket(family)
+    server.bind((address, port))
+    server.listen()
+    client = socket.socket(family)
+    client.connect((address, port))
+    connections += [(server, client)]
+marks = {}
+for family in (socket.AF_INET, socket.AF_INET6):
+    with NFCTSocket(nfgen_family=family) as ct:
+        for entry in ct.dump():
+            port = entry.get_nested("CTA_TUPLE_ORIG", "CTA_TUPLE_PROTO", "CTA_PROTO_DST_PORT")
+            source = entry.get_nested("CTA_TUPLE_ORIG", "CTA_TUPLE_PROTO", "CTA_PROTO_SRC_PORT")
+            marks[port] = (source, entry.get_attr("CTA_MARK"))
+print(json.dumps(marks))
+"""
+
+
+def test_the_cores_jhash_finds_the_slot_nft_finds(topo):
+    """The kernel indexes hashed tables with nft's jhash; the core must pick the same slot for
+    the same connection (queued packets, inspect, the tests' own predictions)."""
+    from mplb_nfq.core.jhash import SEED
+
+    rules = [f"tcp dport 81 ct mark set jhash ip saddr . tcp sport . ip daddr . tcp dport mod 65537 seed 0x{SEED:x}",
+             f"tcp dport 82 ct mark set jhash ip saddr mod 7 seed 0x{SEED:x}",
+             f"tcp dport 83 ct mark set jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 65537 seed 0x{SEED:x}"]
+    ruleset = "table inet jhash_probe {\nchain out {\ntype filter hook output priority mangle; policy accept;\n" \
+        + "\n".join(rules) + "\n}\n}\n"
+    topo.exec("lb", "ip", "link", "set", "lo", "up")
+    topo.exec("lb", "nft", "-f", "-", input=ruleset, text=True)
+    try:
+        marks = json.loads(topo.exec("lb", sys.executable, "-c", JHASH_PROBE, capture_output=True).stdout)
+    finally:
+        topo.exec("lb", "nft", "delete", "table", "inet", "jhash_probe")
+    v4, v6 = ipaddress.ip_address("127.0.0.1").packed, ipaddress.ip_address("::1").packed
+    for port, key, size in (("81", lambda sport: flow_key(v4, sport, v4, 81), 65537), ("82", lambda _: v4, 7),
+                            ("83", lambda sport: flow_key(v6, sport, v6, 83), 65537)):
+        sport, mark = marks[port]
+        assert mark == slot(key(sport), size), port

@@ -12,12 +12,14 @@ from mplb_nfq.core.jhash import flow_key, slot
 from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
 from mplb_nfq.core.packet import parse_ip, token_of_key
 from mplb_nfq.core.schedulers import Index
+from mplb_nfq.kernel.copies import bind_request, parse_copies
 from mplb_nfq.kernel.routing import MAIN_TABLE, routing_plan
 from mplb_nfq.kernel.ruleset import OPERATOR_COMMENT, WORKER_COMMENT, Decider, classify, render_ruleset, xtables_rule
 from mplb_nfq.kernel.tokenmap import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
     NLM_F_ACK,
+    NLM_F_REQUEST,
     NLMSG_HEADER,
     delete_batch,
     parse_elements,
@@ -137,6 +139,29 @@ def test_a_replace_deletes_then_adds_in_one_transaction_or_only_adds():
     assert [(t, m) for t, m, _, _ in parse_elements(add[3])] == [(0xCAFE0001, REJECT)]
     (_, delete, _) = messages(delete_batch("mplb", [1, 2], 9))
     assert delete[0] & 0xFF == NFT_MSG_DELSETELEM and bytes.fromhex("00000002") in delete[3]
+
+
+def test_the_nflog_bind_asks_for_packet_copies_of_snaplen_bytes_sent_at_once():
+    ((kind, flags, seq, body),) = messages(bind_request(7, 128, 1))
+    assert kind == 4 << 8 | 1 and flags == NLM_F_REQUEST | NLM_F_ACK and seq == 1
+    assert body[:4] == bytes([0, 0, 0, 7])  # family unspecified, version 0, group 7 (big endian)
+    assert body[4:].startswith(bytes.fromhex("0500 0100 01 000000"))  # command: bind
+    assert bytes.fromhex("0a00 0200 00000080 02 00") in body  # mode: copy the packet, 128 bytes
+    assert bytes.fromhex("0800 0500 00000001") in body  # queue threshold 1
+
+
+def test_copies_are_read_with_their_marks_and_what_is_not_a_copy_is_skipped():
+    def copy(payload: bytes, mark: int | None) -> bytes:
+        attributes = (struct.pack("=HH", 8, 2) + struct.pack("!I", mark) if mark is not None else b"") + \
+            struct.pack("=HH", 4 + len(payload), 9) + payload + bytes(-len(payload) % 4)
+        body = bytes([2, 0, 0, 7]) + attributes
+        return NLMSG_HEADER.pack(16 + len(body), 4 << 8, 0, 0, 0) + body
+
+    synack = tcp(VIP, "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY))
+    other = NLMSG_HEADER.pack(20, 2, 0, 0, 0) + bytes(4)  # an acknowledgement
+    found = parse_copies(copy(synack, 0x101) + other + copy(synack[:41], None))
+    assert found == [(synack, 0x101), (synack[:41], 0)]
+    assert parse_ip(found[0][0]).capable.sender_key == SERVER_KEY
 
 
 # -- the ruleset's model ----------------------------------------------------------------------------

@@ -79,3 +79,11 @@ def test_maglev_honours_weights():
 def test_maglev_refuses_a_table_size_that_is_not_prime():
     with pytest.raises(ValueError, match="not a prime"):
         Maglev(table_size=65536)
+
+
+def test_a_counter_table_is_one_period_of_the_pickers_own_sequence():
+    candidates = [B("a", 5), B("b", 3), B("c", 2)]
+    table = WeightedRoundRobin().table(candidates)
+    assert len(table) == 10
+    assert [candidates[i].name for i in table] * 3 == picks(WeightedRoundRobin(), candidates, 30)
+    assert [candidates[i].name for i in RoundRobin().table(candidates)] == picks(RoundRobin(), candidates, 3)

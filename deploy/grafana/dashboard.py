@@ -45,6 +45,12 @@ def decision_time() -> timeseries.Panel:
 
 def build() -> dashboard.Dashboard:
     panels = [
+        series("Decided in the kernel /s: SYNs from the scheduler tables, handshakes copied (nflog)", "pps",
+               query("sum(rate(mplb_nft_decided_syns_total[$__rate_interval]))", "SYNs decided", "A"),
+               query(rate("mplb_nft_copied_packets_total", "packet"), "copied {{packet}}", "B")),
+        series("Joins that raced their token /s (held until learned, or expired); copies lost", "ops",
+               query(rate("mplb_held_joins_total", "outcome"), "held, {{outcome}}", "A"),
+               query('sum(rate(mplb_copies_total{result="lost"}[$__rate_interval]))', "copies lost", "B")),
         series("Handshake packets queued /s, by kind", "pps", query(rate("mplb_queued_packets_total", "kind"), "{{kind}}")),
         series("Diverted by the nft ruleset /s", "pps", query(rate("mplb_nft_queued_packets_total", "rule"), "{{rule}}")),
         series("MP_JOIN token lookups /s", "ops",

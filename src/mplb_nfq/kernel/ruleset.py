@@ -87,7 +87,10 @@ def handshake_rules(cfg: Config) -> dict[str, str]:
                 f"subtype 0 {copy_statement(cfg)} counter name copied_capable meta mark set meta mark | {learned}",
         synack=f"tcp flags & (syn | ack) == syn | ack ct mark & {learned} == 0 tcp option mptcp subtype 0 "
                f"meta mark set ct mark {copy_statement(cfg)} counter name copied_synack "
-               f"ct mark set ct mark | {learned} meta mark set 0")
+               f"ct mark set ct mark | {learned} meta mark set 0\n\t\t"
+               # a server that answers an MP_CAPABLE SYN in plain TCP: nothing to learn, settled
+               f"tcp flags & (syn | ack) == syn | ack ct mark & {learned} == 0 ct mark & 0x{BACKEND_MASK:08x} != 0 "
+               f"ct mark set ct mark | {learned}")
 
 
 def _index(table: LookupTable, version: int) -> str:

@@ -181,12 +181,13 @@ def _interrupt(signum, frame):
 def _check_unaware_splits(topo: Topology) -> None:
     """As in the paper, the client's two addresses (of each family) must hash to different backends."""
     import ipaddress
+    from types import SimpleNamespace
 
     from ..core.schedulers import Flow, SourceHash
 
-    backends = [f"b{i + 1}" for i in range(topo.backends)]
+    backends = [SimpleNamespace(name=f"b{i + 1}", weight=1) for i in range(topo.backends)]
     for pair in (CLIENT[4], CLIENT[6], (CLIENT[4][0], DUAL_STACK_V6)):
-        picks = {SourceHash().pick(Flow(ipaddress.ip_address(a).packed, 0, b"", PORT), backends) for a in pair}
+        picks = {SourceHash().pick(Flow(ipaddress.ip_address(a).packed, 0, b"", PORT), backends).name for a in pair}
         if len(picks) != 2:
             raise RuntimeError(f"client addresses {pair} hash to one backend; change them")
 

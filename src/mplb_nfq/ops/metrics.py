@@ -69,9 +69,30 @@ class WorkerCollector:
 
         diverted = CounterMetricFamily("mplb_nft_queued_packets", "Packets the nft ruleset sent to the queue",
                                        labels=["rule"])
-        for name in ("queued_syn", "queued_synack", "queued_capable", "queued_first", "queued_join_unavailable"):
+        for name in ("queued_syn", "queued_join", "queued_synack", "queued_capable", "queued_first",
+                     "queued_join_unavailable"):
             diverted.add_metric([name.removeprefix("queued_")], nft.get(name, 0))
         yield diverted
+
+        decided = CounterMetricFamily("mplb_nft_decided_syns", "SYNs a service's scheduler table decided in the kernel")
+        decided.add_metric([], nft.get("decided", 0))
+        yield decided
+        copied = CounterMetricFamily("mplb_nft_copied_packets", "Handshake packets copied to the worker (nflog), "
+                                     "by the packet that carried the key", labels=["packet"])
+        for name in ("copied_synack", "copied_capable"):
+            copied.add_metric([name.removeprefix("copied_")], nft.get(name, 0))
+        yield copied
+        copies = CounterMetricFamily("mplb_copies", "Copies the worker read, or lost (its socket overrun: "
+                                     "those tokens are unknown, their joins are held, then take the unknown-join "
+                                     "policy)", labels=["result"])
+        copies.add_metric(["read"], stats["copies"])
+        copies.add_metric(["lost"], stats["copies_lost"])
+        yield copies
+        raced = CounterMetricFamily("mplb_held_joins", "Joins held in the queue until their token was learned "
+                                    "(found: they raced its copy) or given up on (expired)", labels=["outcome"])
+        raced.add_metric(["found"], stats["held_found"])
+        raced.add_metric(["expired"], stats["held_expired"])
+        yield raced
 
         tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds")
         tokens.add_metric([], total.tokens)
