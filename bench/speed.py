@@ -209,18 +209,31 @@ def haproxy(topo, run: Path):
 
 FETCH_BYTES = 1024
 FETCH_LOADS = {"50": (300, 50, 1), "1000": (3000, 1000, 2)}  # fetches, per second, client threads
-HANDSHAKE_ARMS = {"plain": "plain forwarding", "lb": "mplb-nfq (the kernel decides)",
+HANDSHAKE_ARMS = {"plain": "plain forwarding (5-tuple multipath route over the backends)", "lb": "mplb-nfq (the kernel decides)",
                   "queue": 'mplb-nfq, handshakes = "queue"', "haproxy": "HAProxy (mode tcp, mptcpize)"}
+
+
+def spread_route(topo, action: str) -> None:
+    """Plain forwarding over every backend, as the balancers spread their connections: a
+    multipath route hashed on the 5-tuple (a kernel-only L4 balancer; a join may land elsewhere
+    and be reset, which costs a 1 KB fetch nothing)."""
+    if action == "add":
+        topo.exec("lb", "sysctl", "-q", "-w", "net.ipv4.fib_multipath_hash_policy=1")
+        hops = [word for i in range(topo.backends) for word in ("nexthop", "via", backend_address(i))]
+        topo.exec("lb", "ip", "route", "add", f"{VIP}/32", *hops)
+    else:
+        topo.exec("lb", "ip", "route", "del", f"{VIP}/32")
+        topo.exec("lb", "sysctl", "-q", "-w", "net.ipv4.fib_multipath_hash_policy=0")
 
 
 @contextlib.contextmanager
 def arm_running(topo, run: Path, arm: str):
     if arm == "plain":
-        plain_route(topo, "add")
+        spread_route(topo, "add")
         try:
             yield
         finally:
-            plain_route(topo, "del")
+            spread_route(topo, "del")
     elif arm == "haproxy":
         with haproxy(topo, run):
             yield

@@ -432,7 +432,7 @@ def test_each_scheduler_gives_the_kernel_a_table_of_the_available_backends_marks
     assert lb_table(lb("maglev")).index is Index.FLOW and len(lb_table(lb("maglev")).slots) == 65537
     assert lb_table(lb("sh")).index is Index.SOURCE
     assert lb_table(lb("lc")) == LookupTable(Index.WORKER, ())
-    assert lb_table(lb("rr", persistence=60)) == LookupTable(Index.WORKER, ())
+    assert lb_table(lb("rr", persistence=60)) == LookupTable(Index.COUNTER, (0x101, 0x102, 0x103), 60)
 
 
 def lb_table(balancer):

@@ -157,3 +157,32 @@ def test_mptcp_health_check_tells_a_fallback_from_mptcp(topo):
     finally:
         plain.kill()
         plain.wait()
+
+
+def test_persistence_in_the_kernel_keeps_a_client_on_its_backend_until_that_one_is_drained(topo, worker, tmp_path):
+    """The kernel remembers each client's backend (a map whose entries time out); a drained
+    backend's clients are forgotten, and remembered on the backend they get next."""
+    w = worker("mplb", text=config(tmp_path, ["b1", "b2"]).replace(MODES["mplb"], MODES["mplb"] + "persistence = 60\n"))
+    homes = []
+    for _ in range(3):
+        before = counters(topo)
+        assert [r["received"] for r in fetch(topo, 64 * 1024)] == [64 * 1024]
+        homes.append(serving(before, counters(topo)))
+    (home,) = set(homes)  # round robin alone would have alternated
+    other = next(name for name in topo.backend_names if name != home)
+    try:
+        cli(topo, "drain", home, "-c", str(w.config_path))
+        time.sleep(0.5)
+        for _ in range(2):
+            before = counters(topo)
+            fetch(topo, 64 * 1024)
+            assert serving(before, counters(topo)) == other
+        cli(topo, "undrain", home, "-c", str(w.config_path))
+        time.sleep(0.5)
+        before = counters(topo)
+        fetch(topo, 64 * 1024)
+        assert serving(before, counters(topo)) == other  # remembered where it went while home was drained
+    finally:
+        cli(topo, "undrain", home, "-c", str(w.config_path), check=False)
+    listing = topo.exec("lb", "nft", "list", "map", "inet", "mplb", "affinity4_lab", capture_output=True).stdout
+    assert "10.0.1.2" in listing

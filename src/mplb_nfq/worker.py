@@ -27,9 +27,8 @@ from .ops.tokenstore import TokenStore
 
 log = logging.getLogger("mplb_nfq.worker")
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
-# Tokens to watch go to the conntrack reader (through the first worker) at most this often: it
-# reads them once per reading of conntrack anyway, and a send per batch woke it at the moment a
-# client sets up its joins (joins completed before a 20 KB connection ended: 98-99 without, 89-97 with)
+# Tokens to watch go to the conntrack reader at most this often: a send per batch woke it just as
+# clients set up their joins (joins done before a 20 KB connection ended: 98-99 without, 89-97 with)
 WATCH_SECONDS = 1.0
 
 
@@ -48,9 +47,9 @@ class Worker:
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
-        """NetfilterQueue callback: decide, and keep the packet for give_decided(). Each verdict
-        carries the kernel's forwarding of its packet, which cools the caches: decisions made in
-        a row, then verdicts given in a row, handle a fifth more packets per CPU-second under load."""
+        """NetfilterQueue callback: decide, and keep the packet for give_decided(). Each verdict carries
+        the kernel's forwarding of its packet, which cools the caches: decisions made in a row, then
+        verdicts in a row, handle a fifth more packets per CPU-second under load."""
         started = time.perf_counter()
         cfg = self.plane.cfg
         try:
@@ -92,18 +91,20 @@ class Worker:
             self.stats["drop"] += 1
 
     def release_held(self) -> None:
-        """Held joins: those whose token reached the kernel map go to its backend; those held
-        too long get the unknown-join policy."""
+        """Held joins: those whose token this worker learned from a copy, or another put in the
+        kernel map, go to its backend; those held too long get the unknown-join policy."""
         now = time.perf_counter()
         still = []
         for packet, segment, deadline in self.held:
-            mark = self.dataplane.lookup_token(segment.join.token)
-            outcome = held_outcome(mark is not None, now, deadline)
+            token = segment.join.token
+            known = self.balancer.tokens.get(token, now) is not None
+            mark = None if known else self.dataplane.lookup_token(token)
+            outcome = held_outcome(known or mark is not None, now, deadline)
             if outcome is Held.WAITING:
                 still.append((packet, segment, deadline))
                 continue
-            if outcome is Held.FOUND:
-                self.balancer.learn_token(segment.join.token, mark, now)
+            if mark is not None:
+                self.balancer.learn_token(token, mark, now)
             self.stats[outcome] += 1
             self.give(packet, self.balancer.decide(segment, 0, now))
         self.held = still
@@ -164,8 +165,8 @@ class Worker:
                 self.give_decided()
 
         watch(nfq.get_fd(), read_queue)
-        if copies:
-            watch(copies.fileno(), lambda: self.tokens.learn(copies, BATCH))
+        if copies:  # a held join goes as soon as the copy of its connection's handshake is read
+            watch(copies.fileno(), lambda: (self.tokens.learn(copies, BATCH), self.release_held()))
         control = ControlServer(cfg.control_socket, plane.control, watch, unwatch) if first else None
         if control:
             watch(control.fileno(), control.accept_ready)

@@ -73,12 +73,9 @@ class Service:
 
     @property
     def index(self) -> Index:
-        """How the kernel indexes this service's table. Source affinity remembers each client's
-        last backend, and lc counts connections: both decide in the worker. Under direct server
-        return the SYN leaves no conntrack entry to remember a counter's pick for the next
-        packet, so round robin hashes the connection instead."""
-        if self.persistence:
-            return Index.WORKER
+        """How the kernel indexes this service's table (lc counts connections: it decides in the
+        worker). Under direct server return the SYN leaves no conntrack entry to remember a
+        counter's pick for the next packet, so round robin hashes the connection instead."""
         if self.picker.index is Index.COUNTER and self.direct_return:
             return Index.FLOW
         return self.picker.index
@@ -87,9 +84,11 @@ class Service:
 @dataclass(frozen=True)
 class LookupTable:
     """A service's SYN decision as the kernel takes it: the slot its index picks holds the
-    backend's mark; REJECT alone when no backend is available; no slot when the worker decides."""
+    backend's mark; REJECT alone when no backend is available; no slot when the worker decides.
+    affinity: seconds a client keeps the backend it last got (persistence), 0: none."""
     index: Index
     slots: tuple[int, ...]
+    affinity: int = 0
 
 
 class Balancer:
@@ -124,7 +123,7 @@ class Balancer:
         tables = {}
         for service in self.services:
             candidates = [b for b in service.backends if b.available]
-            signature = (service.index, tuple((b.name, b.mark, b.weight) for b in candidates))
+            signature = (service.index, service.persistence, tuple((b.name, b.mark, b.weight) for b in candidates))
             cached = self._tables.get(service.name)
             if cached is None or cached[0] != signature:
                 if service.index is Index.WORKER:
@@ -133,7 +132,8 @@ class Balancer:
                     slots = (REJECT,)
                 else:
                     slots = tuple(candidates[i].mark for i in service.picker.table(candidates))
-                cached = self._tables[service.name] = (signature, LookupTable(service.index, slots))
+                table = LookupTable(service.index, slots, int(service.persistence))
+                cached = self._tables[service.name] = (signature, table)
             tables[service.name] = cached[1]
         return tables
 

@@ -5,7 +5,7 @@ Pure: bytes in, a `Segment` (or a `Malformed` saying why) out. Never raises on b
 from __future__ import annotations
 
 import hashlib
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -97,9 +97,11 @@ class Malformed:
 
 
 def endpoint(address: bytes, port: int) -> str:
-    """address:port, an IPv6 address in brackets."""
-    ip = ipaddress.ip_address(address)
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    """address:port, an IPv6 address in brackets (inet_ntop: a tenth of ipaddress's cost, and
+    every learned token's comment names two)."""
+    if len(address) == 16:
+        return f"[{socket.inet_ntop(socket.AF_INET6, address)}]:{port}"
+    return f"{socket.inet_ntop(socket.AF_INET, address)}:{port}"
 
 
 def token_of_key(key: bytes, version: int) -> int:

@@ -10,13 +10,13 @@ import struct
 
 from .nft import KernelError
 from .tokenmap import (
+    ATTRIBUTE,
     NETLINK_NETFILTER,
     NLM_F_ACK,
     NLM_F_REQUEST,
     NLMSG_ERROR,
     NLMSG_HEADER,
     _attribute,
-    _attributes,
     _nfnetlink,
 )
 
@@ -39,17 +39,27 @@ def bind_request(group: int, snaplen: int, seq: int) -> bytes:
 
 
 def parse_copies(data: bytes) -> list[tuple[bytes, int]]:
-    """(packet from its IP header on, mark) of each copy in what one read returned."""
-    copies, offset = [], 0
-    while offset + NLMSG_HEADER.size <= len(data):
+    """(packet from its IP header on, mark) of each copy in what one read returned. Only the two
+    attributes it needs are read: this runs once per learned token."""
+    copies, offset, end = [], 0, len(data)
+    while offset + NLMSG_HEADER.size <= end:
         length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
         if length < NLMSG_HEADER.size:
             break
         if kind == NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET:
-            attributes = _attributes(data[offset + NLMSG_HEADER.size:offset + length], 4)
-            mark = attributes.get(NFULA_MARK, bytes(4))
-            if NFULA_PAYLOAD in attributes and len(mark) == 4:
-                copies.append((attributes[NFULA_PAYLOAD], struct.unpack("!I", mark)[0]))
+            mark, payload = 0, None
+            at, stop = offset + NLMSG_HEADER.size + 4, min(offset + length, end)
+            while at + 4 <= stop:
+                size, attribute = ATTRIBUTE.unpack_from(data, at)
+                if size < 4:
+                    break
+                if attribute == NFULA_MARK and size == 8:
+                    mark = int.from_bytes(data[at + 4:at + 8], "big")
+                elif attribute == NFULA_PAYLOAD:
+                    payload = data[at + 4:at + size]
+                at += size + (-size % 4)
+            if payload is not None:
+                copies.append((payload, mark))
         offset += length + (-length % 4)
     return copies
 

@@ -26,6 +26,7 @@ log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"
 XT_COMMENT = "mplb-nfq"
 COPY_SNAPLEN = 128  # an IPv6 header and a TCP header with 40 bytes of options
+AFFINITY_SIZE = 1_000_000  # clients remembered per service and family (persistence)
 
 
 def queue_statement(cfg: Config, native: bool) -> str:
@@ -104,7 +105,9 @@ def _index(table: LookupTable, version: int) -> str:
 
 
 def service_rules(service, table: LookupTable) -> list[str]:
-    """The rules of a service's chain: its SYN's backend from its table, in the kernel."""
+    """The rules of a service's chain: its SYN's backend from its table, in the kernel. With
+    affinity, a client's last backend comes first (from a map whose entries time out), unless
+    it takes no new connections."""
     syn, ack = "tcp flags & (syn | ack) == syn", "tcp flags & (syn | ack) == ack"
     rules = [f"{syn} tcp option mptcp subtype 1 counter name queued_join goto to_queue"] if service.mptcp_aware else []
     if table.index is Index.WORKER:
@@ -112,17 +115,33 @@ def service_rules(service, table: LookupTable) -> list[str]:
     rules.append(f"{ack} tcp option mptcp subtype 1 return")  # a join's first ACK (direct return): the worker's
     if table.index is Index.COUNTER:
         rules.append(f"{ack} return")  # mid-stream: no counter can tell what the SYN got
+    unset = ""
+    if table.affinity:
+        rules += [f"meta mark set {address} saddr map @affinity{version}_{service.name}"
+                  for address, version in (("ip", 4), ("ip6", 6))]
+        rules.append(f"meta mark & 0x{BACKEND_MASK:08x} @unavailable meta mark set 0")
+        unset = "meta mark == 0 "
     indexes = [_index(table, 4)] if table.index is Index.COUNTER else [_index(table, 4), _index(table, 6)]
-    rules += [f"meta mark set {index} map @sched_{service.name} counter name decided" for index in indexes]
+    rules += [f"{unset}meta mark set {index} map @sched_{service.name} counter name decided" for index in indexes]
+    if table.affinity:
+        rules += [f"meta mark & 0x{BACKEND_MASK:08x} != 0 update @affinity{version}_{service.name} "
+                  f"{{ {address} saddr timeout {table.affinity}s : meta mark }}"
+                  for address, version in (("ip", 4), ("ip6", 6))]
     if service.mptcp_aware:
         rules.append("tcp option mptcp subtype 0 return")  # its token is yet to learn
     rules.append(f"meta mark set meta mark | 0x{LEARNED:08x}")
     return rules
 
 
-def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Container[str] = ()) -> str:
+def affinity_maps(name: str) -> list[str]:
+    return [f"affinity4_{name}", f"affinity6_{name}"]
+
+
+def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Container[str] = (),
+                  gone_affinity: Container[str] = ()) -> str:
     """nft commands, one transaction, that (re)write the chains and tables of the services in
-    `tables`, point each VIP . port at its service's chain, and delete the services `gone`."""
+    `tables`, point each VIP . port at its service's chain, and delete the services `gone` and
+    the affinity maps of those in `gone_affinity`."""
     table = f"inet {cfg.table_name}"
     commands = []
     by_name = {s.name: s for s in cfg.services}
@@ -132,6 +151,9 @@ def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Containe
         if lookup.slots:
             elements = ", ".join(f"{i} : 0x{mark:x}" for i, mark in enumerate(lookup.slots))
             commands.append(f"add element {table} sched_{name} {{ {elements} }}")
+        if lookup.affinity:  # kept across rewrites: clients keep their backends
+            commands += [f"add map {table} {m} {{ type {kind} : mark ; flags dynamic, timeout ; size {AFFINITY_SIZE} ; }}"
+                         for m, kind in zip(affinity_maps(name), ("ipv4_addr", "ipv6_addr"))]
         commands += [f"add chain {table} svc_{name}", f"flush chain {table} svc_{name}"]
         commands += [f"add rule {table} svc_{name} {rule}" for rule in service_rules(by_name[name], lookup)]
     for version in (4, 6):
@@ -141,6 +163,8 @@ def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Containe
             commands.append(f"add element {table} decide{version} {{ {', '.join(elements)} }}")
     for name in gone:
         commands += [f"delete chain {table} svc_{name}", f"delete map {table} sched_{name}"]
+    for name in gone_affinity:
+        commands += [f"delete map {table} {m}" for m in affinity_maps(name)]
     return "\n".join(commands) + "\n"
 
 
@@ -150,6 +174,11 @@ def decide_elements(cfg: Config) -> list[tuple[int, str]]:
         return []
     return [(ipaddress.ip_address(vip).version, f"{vip} . {port} : jump svc_{s.name}")
             for s in cfg.services for vip in s.vips for port in s.ports]
+
+
+def _element_key(key) -> str:
+    """An element's key as nft's JSON listing gives it (with its timeout, nested)."""
+    return str(key["elem"]["val"]) if isinstance(key, dict) else str(key)
 
 
 def service_chains(listing: str) -> set[str]:
@@ -304,7 +333,9 @@ class Ruleset:
         else:
             self.owner = "worker" if WORKER_COMMENT in listing else "operator"
             log.info("nft table inet %s exists (%s's): adopting it with its token map", cfg.table_name, self.owner)
-            decide = render_decide(cfg, tables, service_chains(listing) - set(tables))
+            affinity = set(re.findall(r"^\s*map affinity4_(\S+) \{", listing, re.MULTILINE))
+            decide = render_decide(cfg, tables, service_chains(listing) - set(tables),
+                                   {name for name in affinity if not (name in tables and tables[name].affinity)})
             # this version's rules; sets and maps keep their elements
             rules = renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
                 if self.owner == "worker" else ""
@@ -329,8 +360,10 @@ class Ruleset:
         tables = self._kernel_tables(cfg, tables)
         changed = {name: table for name, table in tables.items() if self.tables.get(name) is not table}
         gone = set(self.tables) - set(tables)
+        gone_affinity = {name for name, table in self.tables.items()
+                         if table.affinity and not (name in tables and tables[name].affinity)}
         if changed or gone or decide_elements(cfg) != self.decided_for:
-            self.nft.run(render_decide(cfg, changed, gone))
+            self.nft.run(render_decide(cfg, changed, gone, gone_affinity))
             self.tables, self.decided_for = dict(tables), decide_elements(cfg)
 
     def listing(self) -> str | None:
@@ -361,10 +394,19 @@ class Ruleset:
                 self.nft.run(f"delete element inet {table} {name} {{ {', '.join(sorted(current - wanted))} }}")
 
     def sync_unavailable(self, marks: set[int]) -> None:
-        """The backend marks whose joins the worker must read before they are steered."""
+        """The backend marks whose joins the worker must read before they are steered; clients
+        whose remembered backend is one of them are forgotten (the map keeps an entry's backend
+        when it is refreshed: they would not be remembered on their next one)."""
         table = self.cfg.table_name
         elements = f"add element inet {table} unavailable {{ {', '.join(f'0x{m:x}' for m in sorted(marks))} }}"
         self.nft.run(f"flush set inet {table} unavailable" + (f"; {elements}" if marks else ""))
+        for name in [name for name, lookup in self.tables.items() if lookup.affinity]:
+            for affinity in affinity_maps(name):
+                listing = self.nft.json(f"list map inet {table} {affinity}")
+                stale = [_element_key(key) for item in listing.get("nftables", [])
+                         for key, mark in item.get("map", {}).get("elem", []) if mark & BACKEND_MASK in marks]
+                if stale:
+                    self.nft.run(f"delete element inet {table} {affinity} {{ {', '.join(stale)} }}")
 
     def remove(self) -> None:
         """Our xtables rules, the mangle table iptables-nft made for them alone, and our nft table

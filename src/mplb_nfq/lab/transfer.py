@@ -20,7 +20,7 @@ def serve(port: int) -> None:
     listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("::", port))
-    listener.listen(128)
+    listener.listen(4096)  # a burst of connects (bench/speed.py) must not find the queue full
     while True:
         conn, _ = listener.accept()
         threading.Thread(target=_send, args=(conn,), daemon=True).start()

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ..core.balancer import Backend, Balancer
+from ..core.schedulers import Index
 from ..kernel.conntrack import Counts, Gone
 from ..kernel.queue import queue_drops
 from .config import BackendConfig, Config, ConfigError, load
@@ -210,17 +211,20 @@ class ControlPlane:
                 "queue_mode": self.dataplane.queue_mode}
 
     def status(self) -> dict:
-        services, running = [], self.backends()
+        services, running, tables = [], self.backends(), self.balancer.lookup_tables()
         for s in self.cfg.services:
+            table = tables[s.name]
+            decided_by = "worker" if self.cfg.handshakes == "queue" or table.index is Index.WORKER else \
+                f"kernel {table.index}/{len(table.slots)}"
             services.append({
                 "name": s.name, "vips": list(s.vips), "ports": list(s.ports), "scheduler": s.scheduler,
                 "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
-                "backends": [backend_status(running[n]) for n in s.backends]})
+                "syns_decided_by": decided_by, "backends": [backend_status(running[n]) for n in s.backends]})
         report = self.report()
         return {"ok": True, "services": services,
                 "retired": [backend_status(r.backend) for r in self.retired.values()],
                 "tokens_tracked": report["tokens_tracked"], "flows_tracked": report["flows_tracked"],
-                "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode,
+                "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "handshakes": self.cfg.handshakes,
                 "queue_drops": queue_drops(self.cfg.queue), "table_owner": self.dataplane.table_owner,
                 "uptime_s": round(time.time() - self.started, 1),
                 "health_errors": {n: e for n, e in (self.health.last_error if self.health else {}).items() if e},

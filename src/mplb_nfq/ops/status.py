@@ -4,15 +4,15 @@ from __future__ import annotations
 
 def render_status(status: dict) -> str:
     drops = status["queue_drops"]
-    lines = [f"mplb-nfq: queue {status['queue']} ({status['queue_mode']}), table {status['table_owner']}'s, "
-             f"up {status['uptime_s']:.0f} s",
+    lines = [f"mplb-nfq: handshakes {status['handshakes']}, queue {status['queue']} ({status['queue_mode']}), "
+             f"table {status['table_owner']}'s, up {status['uptime_s']:.0f} s",
              f"tokens tracked {status['tokens_tracked']}, flows tracked {status['flows_tracked']}, "
              f"queue drops {drops['queue_full']} (queue full) + {drops['socket_full']} (socket full), "
              f"waiting {drops['waiting']}",
              "Prot VIP:Port                    Scheduler  Flags",
              "  -> Backend        Address                State     Weight  Conns  Subflows"]
     for s in status["services"]:
-        flags = [f"persistent {s['persistence']}s"] if s["persistence"] else []
+        flags = [f"SYNs {s['syns_decided_by']}"] + ([f"persistent {s['persistence']}s"] if s["persistence"] else [])
         flags.append(f"unknown-join {s['unknown_join']}")
         if not s["mptcp_aware"]:
             flags.append("MPTCP-unaware")
