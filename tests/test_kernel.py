@@ -124,6 +124,12 @@ def test_with_the_worker_killed_new_connections_are_still_spread_over_every_back
     capable = delta(before, counters(topo), "MPTcpExtMPCapableSYNRX")
     assert sum(capable.values()) == 8 and all(n > 0 for n in capable.values()), capable
     assert len(capable) == topo.backends
+    # a join no token map entry steers has nobody to wait for: dropped, not sent to a guess (the
+    # client's next SYN finds a worker, or is dropped again)
+    before = counters(topo)
+    inject(topo, [tcp("10.0.2.60", VIP, 50077, PORT, SYN, mp_join_syn(0x7E570001))] * 2)
+    time.sleep(0.3)
+    assert sum(delta(before, counters(topo), "MPTcpExtMPJoinSynRx").values()) == 0
 
 
 def test_stopping_the_worker_keeps_the_data_path_and_cleanup_removes_exactly_ours(topo, worker, tmp_path):

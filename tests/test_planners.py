@@ -211,7 +211,7 @@ def test_the_kernel_decides_syns_from_the_table_and_copies_what_carries_the_serv
     assert kernel_model(capable, Index.WORKER).queued == "queued_syn"
     token = token_of_key(SERVER_KEY, 1)
     join = tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(token))
-    assert kernel_model(join).queued == "queued_join"  # raced its token's copy: the worker holds it
+    assert kernel_model(join) == (JOIN, "queued_join", False, None, False)  # raced its token's copy: held
     assert kernel_model(join, token_map={token: 0x102 | JOIN}) == (0x102 | JOIN, None, True, None, False)
     synack = tcp(VIP, "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY))
     assert kernel_model(synack, ct_mark=0x101, original=False, new=False) == (0, None, False, "copied_synack", False)

@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from typing import TYPE_CHECKING, Collection
 
-from ..core.marks import BACKEND_MASK
+from ..core.marks import BACKEND_MASK, JOIN
 from .nft import KernelError
 
 if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
@@ -66,6 +66,12 @@ def routing_plan(cfg: Config, retired: RetiredRoutes = (), unavailable: Collecti
                                multipath=[_hop(by_name[n], version) for n in available]))
             rules.append(dict(family=_af(version), table=cfg.fallback_table, priority=cfg.rule_priority + 1,
                               dst=vip, dst_len=128 if version == 6 else 32))
+    # A join queued because it missed the token map carries JOIN and no backend; should no worker
+    # take it (the queue bypassed), it is dropped, not sent down the fail-open route to a guess:
+    # the client sends its SYN again, by when a worker may know its token.
+    for version in sorted({ipaddress.ip_address(vip).version for s in cfg.services for vip in s.vips}):
+        rules.append(dict(family=_af(version), priority=cfg.rule_priority, fwmark=JOIN, fwmask=JOIN | BACKEND_MASK,
+                          action="FR_ACT_BLACKHOLE"))
     return routes, rules
 
 

@@ -57,6 +57,7 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         vip4_elements=elements(4), vip6_elements=elements(6), dsr4_elements=elements(4, True),
         dsr6_elements=elements(6, True),
         token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", settled=f"0x{LEARNED | JOIN:08x}",
+        join=f"0x{JOIN:08x}",
         backend_mask=f"0x{BACKEND_MASK:08x}",
         reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
@@ -109,7 +110,9 @@ def service_rules(service, table: LookupTable) -> list[str]:
     affinity, a client's last backend comes first (from a map whose entries time out), unless
     it takes no new connections."""
     syn, ack = "tcp flags & (syn | ack) == syn", "tcp flags & (syn | ack) == ack"
-    rules = [f"{syn} tcp option mptcp subtype 1 counter name queued_join goto to_queue"] if service.mptcp_aware else []
+    # a raced join is queued with JOIN and no backend: should the queue be bypassed, routing drops it
+    rules = [f"{syn} tcp option mptcp subtype 1 meta mark set 0x{JOIN:08x} counter name queued_join goto to_queue"] \
+        if service.mptcp_aware else []
     if table.index is Index.WORKER:
         return rules  # back in classify, the SYN is queued
     rules.append(f"{ack} tcp option mptcp subtype 1 return")  # a join's first ACK (direct return): the worker's
@@ -258,7 +261,7 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
         decider = None if deciders is None else deciders.get((segment.dst, segment.dport))
         if decider and not mark and (handshake == TCP_SYN or handshake == TCP_ACK and new):
             if handshake == TCP_SYN and decider.mptcp_aware and subtype == 1:
-                return Classified(0, "queued_join")
+                return Classified(JOIN, "queued_join")
             mark = _decide(segment, decider, subtype, turn)
             decided = bool(mark)
         else:

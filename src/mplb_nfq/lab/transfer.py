@@ -12,7 +12,12 @@ import sys
 import threading
 import time
 
-CHUNK = b"\0" * 65536
+CHUNK = bytes(range(256)) * 256  # byte i of every download is i % 256: a checker knows what must arrive
+
+
+def expected(size: int) -> bytes:
+    """What a download of size bytes carries."""
+    return (CHUNK * (size // len(CHUNK) + 1))[:size]
 
 
 def serve(port: int) -> None:
@@ -35,10 +40,11 @@ def _send(conn: socket.socket) -> None:
                 if not part:
                     return
                 request += part
-            left = int.from_bytes(request, "big")
+            size, offset = int.from_bytes(request, "big"), 0
             view = memoryview(CHUNK)
-            while left > 0:
-                left -= conn.send(view[:min(left, len(CHUNK))])
+            while offset < size:
+                start = offset % len(CHUNK)
+                offset += conn.send(view[start:start + min(size - offset, len(CHUNK) - start)])
             conn.shutdown(socket.SHUT_WR)
             conn.recv(1)  # wait for the client's close, so that no data is cut by a reset
         except OSError:
