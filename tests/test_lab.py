@@ -71,3 +71,15 @@ def test_quick_lab_through_vxlan_tunnels(tmp_path):
     assert results["join_failures"] == {"unaware": results["join_failures"]["unaware"], "mplb": 0}
     assert results["join_failures"]["unaware"] >= 2
     assert results["ratio"] >= 1.6, results["ratio"]
+
+
+def test_quick_lab_with_joins_to_the_ports_the_backends_announce(tmp_path):
+    """The backends set the C flag and announce a join port each; mplb-nfq maps each port to its
+    backend, the unaware balancer hashes those ports by the client's address like its service."""
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--joins", "announced-port",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert results["settings"]["joins"] == "announced-port"
+    assert results["join_failures"]["mplb"] == 0
+    assert results["ratio"] >= 1.8, results["ratio"]

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="what this kernel supports; with -c, validate a config too")
     p.add_argument("-c", "--config")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--backend", action="store_true", help='on a backend: is it set up for joins = "announced-port"')
 
     p = sub.add_parser("render-nft", help="print the nftables ruleset for a config (loads with nft -f)")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", choices=("4", "6", "dual"), default="4",
                    help="IPv4, IPv6, or dual stack (an IPv4 connection, its second subflow over IPv6)")
     p.add_argument("--dsr", action="store_true", help="direct server return: answers bypass the LB")
+    p.add_argument("--joins", choices=("token", "announced-port"), default="token",
+                   help="announced-port: the backends announce a join port of their own (C flag)")
     p.add_argument("--tunnel", choices=("vxlan", "ipip"), help="backends behind a router, through tunnels (IPv4)")
 
     args = parser.parse_args(argv)
@@ -141,9 +144,9 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .ops.check import kernel_report
+    from .ops.check import backend_report, kernel_report
 
-    report = kernel_report()
+    report = backend_report() if args.backend else kernel_report()
     if args.config:
         cfg = load(args.config)
         report["config"] = {"path": cfg.path, "services": [s.name for s in cfg.services],
@@ -153,7 +156,8 @@ def cmd_check(args) -> int:
     else:
         for name, item in report["features"].items():
             print(f"{'ok ' if item['ok'] else 'NO '} {name:28} {item['detail']}")
-        print(f"queue mode that `run` would use: {report['queue_mode']}")
+        if not args.backend:
+            print(f"queue mode that `run` would use: {report['queue_mode']}")
         if args.config:
             print(f"config {cfg.path}: valid ({len(cfg.services)} services, {len(cfg.backends)} backends)")
     return 0 if report["usable"] else 1
@@ -194,7 +198,11 @@ def cmd_lab(args) -> int:
     if args.tunnel and (args.family != "4" or args.dsr):
         print("mplb-nfq lab: --tunnel goes with IPv4 and the return path through the LB", file=sys.stderr)
         return 2
+    if args.joins == "announced-port" and (args.family != "4" or args.tunnel):
+        print("mplb-nfq lab: --joins announced-port goes with IPv4 and backends on the LAN", file=sys.stderr)
+        return 2
     settings.family, settings.direct_return, settings.tunnel = args.family, args.dsr, args.tunnel
+    settings.joins = args.joins
     return run_lab(settings, out_dir=args.out, as_json=args.json)
 
 

@@ -41,8 +41,18 @@ OPERATOR_COMMENT = "mplb-nfq: installed by the operator, the worker only fills i
 
 
 def vip_elements(cfg: Config, version: int, direct_return_only: bool = False) -> list[str]:
-    return [f"{vip} . {port}" for s in cfg.services for vip in s.vips for port in s.ports
+    """The VIP . port pairs the ruleset handles: the services' ports and their backends' join ports."""
+    return [f"{vip} . {port}" for s in cfg.services for vip in s.vips
+            for port in (*s.ports, *cfg.join_ports(s).values())
             if ipaddress.ip_address(vip).version == version and (s.direct_return or not direct_return_only)]
+
+
+def join_port_elements(cfg: Config) -> list[tuple[int, str]]:
+    """(IP version, `VIP . join port : mark`) of each backend's join port (joins = "announced-port"):
+    a join there is the backend's, settled at once, in the kernel."""
+    marks = {b.name: b.mark for b in cfg.backends}
+    return [(ipaddress.ip_address(vip).version, f"{vip} . {port} : 0x{marks[name] | JOIN | LEARNED:08x}")
+            for s in cfg.services for vip in s.vips for name, port in cfg.join_ports(s).items()]
 
 
 def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
@@ -160,10 +170,11 @@ def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Containe
         commands += [f"add chain {table} svc_{name}", f"flush chain {table} svc_{name}"]
         commands += [f"add rule {table} svc_{name} {rule}" for rule in service_rules(by_name[name], lookup)]
     for version in (4, 6):
-        commands.append(f"flush map {table} decide{version}")
-        elements = [e for v, e in decide_elements(cfg) if v == version]
-        if elements:
-            commands.append(f"add element {table} decide{version} {{ {', '.join(elements)} }}")
+        for name, found in ((f"decide{version}", decide_elements(cfg)), (f"joinports{version}", join_port_elements(cfg))):
+            commands.append(f"flush map {table} {name}")
+            elements = [e for v, e in found if v == version]
+            if elements:
+                commands.append(f"add element {table} {name} {{ {', '.join(elements)} }}")
     for name in gone:
         commands += [f"delete chain {table} svc_{name}", f"delete map {table} sched_{name}"]
     for name in gone_affinity:
@@ -182,6 +193,11 @@ def decide_elements(cfg: Config) -> list[tuple[int, str]]:
 def _element_key(key) -> str:
     """An element's key as nft's JSON listing gives it (with its timeout, nested)."""
     return str(key["elem"]["val"]) if isinstance(key, dict) else str(key)
+
+
+def static_elements(cfg: Config) -> list[tuple[int, str]]:
+    """What render_decide writes from the config alone: VIP . port -> service, join port -> backend."""
+    return decide_elements(cfg) + join_port_elements(cfg)
 
 
 def service_chains(listing: str) -> set[str]:
@@ -239,18 +255,21 @@ def nft_mptcp_option(options: bytes) -> tuple[int | None, int | None]:
 
 def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Container[tuple[bytes, int]],
              token_map: Mapping[int, int], tracked: bool = True, unavailable: Container[int] = (),
-             deciders: Mapping[tuple[bytes, int], Decider] | None = None, turn: int = 0) -> Classified:
+             deciders: Mapping[tuple[bytes, int], Decider] | None = None, turn: int = 0,
+             join_ports: Mapping[tuple[bytes, int], int] | None = None) -> Classified:
     """What nft/mplb.nft's classify chain, its handshake chains and the services' chains do to one
     TCP segment, given its flow's conntrack state: the model `inspect` replays. deciders: each
     VIP . port's service (handshakes = "kernel"; None: "queue"); turn: the next number of a
-    service's counter. A kernel test sends packets through the real ruleset and holds this
-    function to its counters, rule by rule."""
+    service's counter; join_ports: VIP . join port -> its backend's mark. A kernel test sends
+    packets through the real ruleset and holds this function to its counters, rule by rule."""
     handshake = segment.flags & (TCP_SYN | TCP_ACK)
     subtype, token = nft_mptcp_option(segment.options)
     if (segment.dst, segment.dport) in vips:
         mark = ct_mark if original and ct_mark else 0
         if ct_mark & (LEARNED | JOIN):
             return Classified(mark, None)
+        if join_ports and (segment.dst, segment.dport) in join_ports:
+            return Classified(join_ports[segment.dst, segment.dport], None)
         hit = False
         if handshake == TCP_SYN and not mark and tracked and subtype == 1 and token is not None:
             found = token_map.get(token)
@@ -318,7 +337,7 @@ class Ruleset:
         self.native_queue = native_queue_supported(nft) if native is None else native
         self.owner = "worker"
         self.tables: dict[str, LookupTable] = {}  # as last written to the kernel
-        self.decided_for: list[str] = []  # the VIP . port -> service elements last written
+        self.decided_for: list[tuple[int, str]] = []  # static_elements as last written
 
     @property
     def queue_mode(self) -> str:
@@ -348,7 +367,7 @@ class Ruleset:
                 log.error("could not bring the rules of table inet %s up to date, keeping them: %s",
                           cfg.table_name, e)
             self.sync_vips(cfg)
-        self.tables, self.decided_for = dict(tables), decide_elements(cfg)
+        self.tables, self.decided_for = dict(tables), static_elements(cfg)
         if not self.native_queue:
             for version in families(cfg):
                 self._xtables(version, "-C") or self._xtables(version, "-A", check=True)
@@ -365,9 +384,9 @@ class Ruleset:
         gone = set(self.tables) - set(tables)
         gone_affinity = {name for name, table in self.tables.items()
                          if table.affinity and not (name in tables and tables[name].affinity)}
-        if changed or gone or decide_elements(cfg) != self.decided_for:
+        if changed or gone or static_elements(cfg) != self.decided_for:
             self.nft.run(render_decide(cfg, changed, gone, gone_affinity))
-            self.tables, self.decided_for = dict(tables), decide_elements(cfg)
+            self.tables, self.decided_for = dict(tables), static_elements(cfg)
 
     def listing(self) -> str | None:
         return self.nft.try_terse(f"list table inet {self.cfg.table_name}")

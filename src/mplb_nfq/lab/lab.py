@@ -49,6 +49,7 @@ class LabSettings:
     family: str = "4"  # 4, 6, or dual: an IPv4 connection whose second subflow is IPv6
     direct_return: bool = False  # the backends answer the client directly, not through the LB
     tunnel: str | None = None  # vxlan or ipip: backends behind a router, each reached through a tunnel
+    joins: str = "token"  # announced-port: each backend announces a join port of the VIP (C flag)
 
     @classmethod
     def quick(cls) -> "LabSettings":
@@ -71,14 +72,23 @@ def mean_ci(samples: list[float]) -> tuple[float, float]:
     return mean, t_critical(len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
 
 
+JOIN_PORT_BASE = 10000  # joins = "announced-port": backend i (mark mark_base + i) announces VIP:JOIN_PORT_BASE + i
+
+
 def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extra: str = "",
-                kernel: str = "", direct_return: bool = False, tunnel: str | None = None) -> str:
+                kernel: str = "", direct_return: bool = False, tunnel: str | None = None, joins: str = "token") -> str:
     """The worker's config for one of the lab's modes: one dual-stack service (VIP and VIP6) on
     the backends' IPv4 and IPv6 addresses, or, through tunnels, IPv4; its control socket lives
     in run_dir."""
     vips = f'["{VIP}"]' if tunnel else f'["{VIP}", "{VIP6}"]'
-    lines = ['[[services]]', 'name = "lab"', f"vips = {vips}", f"ports = [{PORT}]", MODES[mode],
+    announced = joins == "announced-port" and mode == "mplb"
+    # the unaware balancer in front of backends that announce join ports: it balances those ports
+    # as it balances the service's, by the client's address
+    ports = [PORT] + (list(range(JOIN_PORT_BASE, JOIN_PORT_BASE + backends))
+                      if joins == "announced-port" and mode == "unaware" else [])
+    lines = ['[[services]]', 'name = "lab"', f"vips = {vips}", f"ports = {ports}", MODES[mode],
              f"direct_return = {str(direct_return).lower()}",
+             *([f'joins = "announced-port"\njoin_port_base = {JOIN_PORT_BASE}'] if announced else []),
              f'[control]\nsocket = "{run_dir / "control.sock"}"', f'[metrics]\naddress = "{metrics}"',
              "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", f"[kernel]\n{kernel}", extra]
     for i in range(backends):
@@ -150,6 +160,8 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_servers(topo, settings.backends)
         _set_paths(topo, settings.family)
+        if settings.joins == "announced-port":
+            topo.announce_join_ports(JOIN_PORT_BASE)
         with tempfile.TemporaryDirectory(prefix="mplb-lab-") as tmp:
             for mode in MODES:
                 results["modes"][mode] = _run_mode(topo, mode, settings, Path(tmp), out, progress)
@@ -218,7 +230,7 @@ def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: 
               progress: Progress) -> dict:
     config = tmp / f"{mode}.toml"
     config.write_text(config_text(mode, settings.backends, tmp, direct_return=settings.direct_return,
-                                  tunnel=settings.tunnel))
+                                  tunnel=settings.tunnel, joins=settings.joins))
     before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
     worker = WorkerProcess(topo, config, out / f"worker-{mode}.log")
     samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}

@@ -236,6 +236,17 @@ class Topology:
         if present:
             self.exec("client", "ip", "mptcp", "endpoint", "add", CLIENT[version][1], "subflow")
 
+    def announce_join_ports(self, base: int, client_accepts: int = 4) -> None:
+        """joins = "announced-port": backend i announces VIP:base + i (deploy/backend-setup.sh
+        --join-port, the C flag set); the client accepts that many ADD_ADDRs and opens its joins
+        there from its second address (fullmesh: from every address it has)."""
+        for i in range(self.backends):
+            run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), "--join-port",
+                 str(base + i), VIP, VIP6], capture_output=True)
+        self.exec("client", "ip", "mptcp", "limits", "set", "subflows", "4", "add_addr_accepted", str(client_accepts))
+        self.exec("client", "ip", "mptcp", "endpoint", "flush")
+        self.exec("client", "ip", "mptcp", "endpoint", "add", self.client_addresses[1], "subflow", "fullmesh")
+
     def nstat(self, role: str) -> dict[str, int]:
         """The MPTCP counters of one namespace (absolute values, no shared history file)."""
         out = self.exec(role, "nstat", "-asz", env={**os.environ, "NSTAT_HISTORY": "/dev/null"},

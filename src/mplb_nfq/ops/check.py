@@ -82,3 +82,24 @@ def kernel_report() -> dict:
     usable = all(features.get(k, {}).get("ok") for k in needed) and (native or xt is not None)
     mode = "native nft queue" if native else ("xtables NFQUEUE on mark bit" if xt else "none")
     return {"features": features, "queue_mode": mode, "usable": usable}
+
+
+def backend_report() -> dict:
+    """On a backend: is it set up for joins = "announced-port" (deploy/backend-setup.sh --join-port)?
+    MPTCP on, the C flag (no joins to the address the client connected to), and the VIP . port
+    endpoints it announces to its clients."""
+    import subprocess
+
+    features: dict[str, dict] = {}
+    mptcp = _read("/proc/sys/net/mptcp/enabled")
+    features["MPTCP"] = {"ok": mptcp == "1", "detail": f"net.mptcp.enabled = {mptcp}"}
+    initial = _read("/proc/sys/net/mptcp/allow_join_initial_addr_port")
+    features["C flag"] = {"ok": initial == "0", "detail": f"net.mptcp.allow_join_initial_addr_port = {initial}"
+                          + ("" if initial == "0" else " (clients may join the VIP's own port: set it to 0)")}
+    shown = subprocess.run(["ip", "mptcp", "endpoint", "show"], capture_output=True, text=True).stdout.splitlines()
+    announced = [(f"[{words[0]}]" if ":" in words[0] else words[0]) + f":{words[2]}"
+                 for words in (line.split() for line in shown)
+                 if len(words) > 2 and words[1] == "port" and "signal" in words]
+    features["announced join ports"] = {"ok": bool(announced), "detail": ", ".join(announced) or
+                                        "none (ip mptcp endpoint add VIP port PORT signal)"}
+    return {"features": features, "usable": all(f["ok"] for f in features.values())}

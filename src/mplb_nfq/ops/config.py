@@ -52,6 +52,8 @@ class ServiceConfig:
     persistence: int
     maglev_size: int
     direct_return: bool = False
+    joins: str = "token"  # token | announced-port: each backend announces a join port of the VIP of its own
+    join_port_base: int | None = None  # a backend's join port: join_port_base + (its mark - mark_base)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,14 @@ class Config:
     @property
     def vips(self) -> list[str]:
         return [vip for s in self.services for vip in s.vips]
+
+    def join_ports(self, service: ServiceConfig) -> dict[str, int]:
+        """backend name -> the port of the service's VIPs its joins go to (joins = "announced-port");
+        from its mark, so that it stays across reloads and restarts as the mark does."""
+        if service.join_port_base is None:
+            return {}
+        marks = {b.name: b.mark for b in self.backends}
+        return {name: service.join_port_base + marks[name] - self.mark_base for name in service.backends}
 
     @property
     def fallback_table(self) -> int:
@@ -233,7 +243,8 @@ class _Reader:
 
 TOP_KEYS = {"services", "backends", "health", "kernel", "limits", "metrics", "control"}
 SERVICE_KEYS = {"name", "vip", "vips", "ports", "backends", "scheduler", "unknown_join", "mptcp_aware",
-                "persistence", "maglev_size", "direct_return"}
+                "persistence", "maglev_size", "direct_return", "joins", "join_port_base"}
+JOINS = ("token", "announced-port")
 BACKEND_KEYS = {"name", "address", "addresses", "weight", "mark", "tunnel", "remote", "vni"}
 TUNNELS = ("none", "vxlan", "ipip")
 HEALTH_KEYS = {"enabled", "interval", "timeout", "rise", "fall", "port", "mptcp"}
@@ -265,7 +276,7 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         kernel.fail("table_name", f"must be letters, digits and _, got {table_name!r}")
 
     backends = _backends(path, data.get("backends"), mark_base, max_backends, table_base)
-    services = _services(path, data.get("services"), {b.name: b for b in backends})
+    services = _services(path, data.get("services"), {b.name: b for b in backends}, max_backends)
     used = {n for s in services for n in s.backends}
     for i, b in enumerate(backends):
         if b.name not in used:
@@ -352,7 +363,7 @@ def _backends(path: str, raw, mark_base: int, max_backends: int, table_base: int
     return result
 
 
-def _services(path: str, raw, backends: dict[str, BackendConfig]) -> list[ServiceConfig]:
+def _services(path: str, raw, backends: dict[str, BackendConfig], max_backends: int) -> list[ServiceConfig]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(path, "services", "at least one [[services]] entry is needed")
     result, names, endpoints = [], set(), {}
@@ -394,9 +405,23 @@ def _services(path: str, raw, backends: dict[str, BackendConfig]) -> list[Servic
         maglev_size = r.integer("maglev_size", MAGLEV_DEFAULT_SIZE, 3, MAGLEV_MAX_SIZE)
         if not is_prime(maglev_size):
             r.fail("maglev_size", f"must be a prime, got {maglev_size}")
+        joins = r.choice("joins", "token", JOINS)
+        join_port_base = None
+        if joins == "announced-port":  # a port per possible backend: marks (and so ports) outlive reloads
+            join_port_base = r.integer("join_port_base", None, 1, 65536 - max_backends)
+            for vip in vips:
+                for port in range(join_port_base, join_port_base + max_backends):
+                    if (vip, port) in endpoints:
+                        r.fail("join_port_base", f"join ports {join_port_base}-{join_port_base + max_backends - 1} "
+                                                 f"(one per possible backend, max_backends {max_backends}) take "
+                                                 f"{vip} port {port}, served by {endpoints[(vip, port)]!r}")
+                    endpoints[(vip, port)] = name
+        elif "join_port_base" in r.table:
+            r.fail("join_port_base", 'only with joins = "announced-port"')
         names.add(name)
         result.append(ServiceConfig(
             name, vips, tuple(ports), tuple(members), r.choice("scheduler", "rr", SCHEDULERS),
             r.choice("unknown_join", "random", UNKNOWN_JOIN_POLICIES), r.boolean("mptcp_aware", True),
-            r.integer("persistence", 0, 0, 86400 * 7), maglev_size, r.boolean("direct_return", False)))
+            r.integer("persistence", 0, 0, 86400 * 7), maglev_size, r.boolean("direct_return", False), joins,
+            join_port_base))
     return result

@@ -219,7 +219,8 @@ class ControlPlane:
             services.append({
                 "name": s.name, "vips": list(s.vips), "ports": list(s.ports), "scheduler": s.scheduler,
                 "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
-                "syns_decided_by": decided_by, "backends": [backend_status(running[n]) for n in s.backends]})
+                "syns_decided_by": decided_by, "joins": s.joins, "join_ports": self.cfg.join_ports(s),
+                "backends": [backend_status(running[n]) for n in s.backends]})
         report = self.report()
         return {"ok": True, "services": services,
                 "retired": [backend_status(r.backend) for r in self.retired.values()],

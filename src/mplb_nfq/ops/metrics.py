@@ -65,6 +65,7 @@ class WorkerCollector:
         for kind, result in JOIN_RESULTS.items():
             lookups.add_metric([result, "worker"], kinds.get(kind, 0))
         lookups.add_metric(["hit", "kernel"], nft.get("join_kernel_hit", 0))
+        lookups.add_metric(["announced_port", "kernel"], nft.get("join_port", 0))
         yield lookups
 
         diverted = CounterMetricFamily("mplb_nft_queued_packets", "Packets the nft ruleset sent to the queue",

@@ -14,6 +14,8 @@ def render_status(status: dict) -> str:
     for s in status["services"]:
         flags = [f"SYNs {s['syns_decided_by']}"] + ([f"persistent {s['persistence']}s"] if s["persistence"] else [])
         flags.append(f"unknown-join {s['unknown_join']}")
+        if s["join_ports"]:
+            flags.append("join ports " + " ".join(f"{name}:{port}" for name, port in s["join_ports"].items()))
         if not s["mptcp_aware"]:
             flags.append("MPTCP-unaware")
         for vip in s["vips"]:
