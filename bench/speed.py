@@ -1,6 +1,7 @@
 """Speed of the data path, side by side in one run, on the lab topology without rate limits.
 
-    .venv/bin/python bench/speed.py [--only handshake,delay,bulk,queue,memory] [--json]
+    .venv/bin/python bench/speed.py [--only handshake,delay,bulk,queue,memory] [--rounds N]
+                                    [--bulk-rounds N] [--json]
 
 0. handshake: the time to fetch a small object (connect, ask, 1 KB back) at 50 and 1,000
    fetches/s, p50 and p99, plain TCP and MPTCP, through plain forwarding, mplb-nfq (the kernel
@@ -15,9 +16,9 @@
    queued, and the share of it that the binding's floor costs on its own: of a queued SYN alone
    (a plain TCP connect: its SYN-ACK is not queued), and of an MPTCP handshake (the SYN and the
    SYN-ACK, which carries the server's key, are both queued);
-3. bulk throughput through the LB against plain forwarding and against the design's kernel
-   mechanisms alone (conntrack mark and policy routing), and the packets that reached userspace
-   during a 100 MB transfer;
+3. bulk throughput and CPU per GB through the LB against plain forwarding, against the design's
+   kernel mechanisms alone (conntrack mark and policy routing) and against HAProxy, and the
+   packets that reached userspace during a 100 MB transfer;
 4. userspace memory per tracked connection (bench/memory.py).
 """
 import argparse
@@ -318,16 +319,15 @@ def main() -> None:
     parser.add_argument("--only", default="handshake,delay,bulk,queue,memory", help="comma-separated parts to run")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON document alone on "
                         "stdout (the lines a person reads go to stderr)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the handshake part")
+    parser.add_argument("--bulk-rounds", type=int, default=30, help="rounds of the bulk part")
     args = parser.parse_args()
-    if args.json:
-        with contextlib.redirect_stdout(sys.stderr):
-            report = measure(set(args.only.split(",")))
-    else:
-        report = measure(set(args.only.split(",")))
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        report = measure(set(args.only.split(",")), args.rounds, args.bulk_rounds)
     print(json.dumps(report))
 
 
-def measure(parts: set[str]) -> dict:
+def measure(parts: set[str], rounds: int, bulk_rounds: int) -> dict:
     report = {}
     with Topology(rate_mbit=None) as topo, tempfile.TemporaryDirectory(prefix="mplb-bench-") as tmp:
         run = Path(tmp)
@@ -337,12 +337,12 @@ def measure(parts: set[str]) -> dict:
         config = run / "lat.toml"
         config.write_text(config_text("mplb", 2, run))
         if "handshake" in parts:
-            report["handshake"] = handshake(topo, run)
+            report["handshake"] = handshake(topo, run, rounds)
             report["summary"] = report["handshake"].pop("summary")
         if "delay" in parts:
             report["handshake_delay"] = handshake_delay(topo, config, run)
         if "bulk" in parts:
-            report["bulk"] = bulk(topo, config, run)
+            report["bulk"] = bulk(topo, config, run, bulk_rounds)
         if "queue" in parts:
             report["queue"] = queue_rates(topo, run)
     if "memory" in parts:
@@ -469,16 +469,20 @@ def measured_fetch(topo, size) -> tuple[float, float]:
 
 
 def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
-    """Rounds of four transfers, interleaved so that drift on this shared machine hits all
+    """Rounds of five transfers, interleaved so that drift on this shared machine hits all
     alike: plain forwarding; conntrack alone; the design's kernel mechanisms alone (conntrack, its
-    mark, a fwmark rule: what any conntrack-and-policy-routing balancer pays); through the LB. A single transfer
+    mark, a fwmark rule: what any conntrack-and-policy-routing balancer pays); through the LB;
+    through HAProxy (mode tcp, mptcpize: it ends MPTCP and copies every byte). A single transfer
     varies by +-20% here (TCP and MPTCP-level retransmissions in the veth path, with or without
     the LB), hence many rounds and confidence intervals, and the CPU seconds per GB beside them:
     on this CPU-bound machine what a path costs per byte is what it takes off the throughput.
     Each transfer starts a second after its path was set up: past the worker's start (its
     conntrack counter forks, its health checks begin)."""
-    plain, tracked, mechanisms, lb = [], [], [], []
+    plain, tracked, mechanisms, lb, proxied = [], [], [], [], []
     for _ in range(rounds):
+        with haproxy(topo, run):
+            time.sleep(1)
+            proxied.append(measured_fetch(topo, size))
         for arm, setup in ((plain, plain_route), (tracked, conntrack_only), (mechanisms, mechanisms_only)):
             setup(topo, "add")
             time.sleep(1)
@@ -492,8 +496,8 @@ def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
         fetch(topo, 100 * MB)
         per_100mb = nft_queued(topo) - middle
         worker.stop()
-    (lb_mbit, lb_cpu), (mech_mbit, mech_cpu), (ct_mbit, ct_cpu), (plain_mbit, plain_cpu) = [
-        [statistics.fmean(r[k] for r in arm) for k in (0, 1)] for arm in (lb, mechanisms, tracked, plain)]
+    (lb_mbit, lb_cpu), (mech_mbit, mech_cpu), (ct_mbit, ct_cpu), (plain_mbit, plain_cpu), (ha_mbit, ha_cpu) = [
+        [statistics.fmean(r[k] for r in arm) for k in (0, 1)] for arm in (lb, mechanisms, tracked, plain, proxied)]
     low, high = paired_ratio_interval([x[0] for x in lb], [x[0] for x in plain])
     mech_low, mech_high = paired_ratio_interval([x[0] for x in mechanisms], [x[0] for x in plain])
     ct_low, ct_high = paired_ratio_interval([x[0] for x in tracked], [x[0] for x in plain])
@@ -506,6 +510,9 @@ def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
           f"ratio to plain {mech_mbit / plain_mbit:.3f} ({mech_low:.3f}-{mech_high:.3f}), CPU per GB "
           f"{mech_cpu / plain_cpu - 1:+.1%}; the LB against them: {lb_mbit / mech_mbit:.3f} "
           f"({own_low:.3f}-{own_high:.3f}), CPU per GB {lb_cpu / mech_cpu - 1:+.1%}", flush=True)
+    print(f"  HAProxy (mode tcp, mptcpize): {ha_mbit:.0f} Mbit/s, ratio to plain {ha_mbit / plain_mbit:.3f}, CPU per "
+          f"GB {ha_cpu:.3f} ({ha_cpu / plain_cpu - 1:+.1%}); the LB against it: {lb_mbit / ha_mbit:.3f}, CPU per GB "
+          f"{lb_cpu / ha_cpu - 1:+.1%}", flush=True)
     print(f"  of them, conntrack alone (every packet tracked, plain routes, no fwmark rule): {ct_mbit:.0f} Mbit/s, "
           f"ratio to plain {ct_mbit / plain_mbit:.3f} ({ct_low:.3f}-{ct_high:.3f}), CPU per GB "
           f"{ct_cpu / plain_cpu - 1:+.1%}", flush=True)
@@ -522,6 +529,8 @@ def bulk(topo, config, run, rounds: int = 30, size: int = 1000 * MB) -> dict:
             "lb_to_mechanisms_ratio": round(lb_mbit / mech_mbit, 3), "lb_to_mechanisms_95": [round(own_low, 3),
                                                                                               round(own_high, 3)],
             "cpu_per_gb_ratio": round(lb_cpu / plain_cpu, 3),
+            "haproxy_mbit_s": [round(x[0]) for x in proxied], "haproxy_cpu_s_per_gb": [round(x[1], 3) for x in proxied],
+            "lb_to_haproxy_ratio": round(lb_mbit / ha_mbit, 3), "lb_to_haproxy_cpu_per_gb": round(lb_cpu / ha_cpu, 3),
             "queued_per_100MB_transfer": per_100mb, "queued_per_connection": middle - before}
 
 
