@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,7 +40,8 @@ from mplb_nfq.lab.netns import CLIENT, VIP, Topology, backend_address  # noqa: E
 
 FAULTS = ("restart", "kill", "reload_weights", "reload_backends", "drain", "outage", "hostile")
 SIZES = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
-SLACK = 1.0  # seconds around a fault's window in which a failure is put down to it
+SLACK = 1.5  # seconds around a fault's window in which a failure is put down to it (a SYN's first
+# retransmission comes a second after it)
 
 
 class Soak:
@@ -51,7 +53,6 @@ class Soak:
         self.worker: WorkerProcess | None = None
         self.windows: list[tuple[str, float, float]] = []
         self.memory_kib: list[int] = []  # each worker's, just before it went, and the last one's at the end
-        self.joins_lost_in_outage = 0  # joins the stopped backend could not take (their connection died there)
 
     def write_config(self) -> None:
         lines = ["[[services]]", 'name = "soak"', f'vip = "{VIP}"', f"ports = [{PORT}]", 'scheduler = "wrr"',
@@ -128,14 +129,11 @@ class Soak:
         self.cli("undrain", "b1")
 
     def outage(self) -> None:
-        before = self.topo.nstat("b2").get("MPTcpExtMPJoinNoTokenFound", 0)
         self.servers["b2"].kill()
         self.servers["b2"].wait()
         wait(lambda: not self.backend_up("b2"), 10)
         self.serve("b2")
         wait(lambda: self.backend_up("b2"), 10)
-        time.sleep(SLACK)
-        self.joins_lost_in_outage += self.topo.nstat("b2").get("MPTcpExtMPJoinNoTokenFound", 0) - before
 
     def hostile(self) -> None:
         rng = random.Random(len(self.windows))
@@ -182,6 +180,23 @@ def leftovers(topo: Topology) -> list[str]:
     return found
 
 
+class JoinRefusals(threading.Thread):
+    """When the backends refused joins (MPJoinNoTokenFound), read every half second: each is put
+    down to the fault in progress then, if any."""
+
+    def __init__(self, topo: Topology):
+        super().__init__(daemon=True)
+        self.topo, self.times, self.running = topo, [], True
+        self.total = nstat_sum(topo, "MPTcpExtMPJoinNoTokenFound")
+
+    def run(self) -> None:
+        while self.running:
+            time.sleep(0.5)
+            now = nstat_sum(self.topo, "MPTcpExtMPJoinNoTokenFound")
+            self.times += [time.monotonic()] * (now - self.total)
+            self.total = now
+
+
 def soak(minutes: float, rate: float) -> dict:
     seconds = minutes * 60
     period = min(15.0, max(8.0, seconds / (2 * len(FAULTS))))
@@ -200,7 +215,8 @@ def soak(minutes: float, rate: float) -> dict:
         state.start_worker()
         memory_start = state.rss_kib()
         joins_before = nstat_sum(topo, "MPTcpExtMPJoinAckRx")
-        misrouted_before = nstat_sum(topo, "MPTcpExtMPJoinNoTokenFound")
+        refusals = JoinRefusals(topo)
+        refusals.start()
         client = topo.popen("client", sys.executable, str(BENCH / "soak_client.py"), VIP, str(PORT), str(seconds),
                             str(rate), ",".join(CLIENT[4]), ",".join(map(str, SIZES)), "0.8",
                             stdout=subprocess.PIPE, text=True)
@@ -213,8 +229,10 @@ def soak(minutes: float, rate: float) -> dict:
             injected[kind] += 1
         out, _ = client.communicate(timeout=seconds + 120)
         records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        time.sleep(1)
+        refusals.running = False
+        refusals.join()
         joins = nstat_sum(topo, "MPTcpExtMPJoinAckRx") - joins_before
-        misrouted = nstat_sum(topo, "MPTcpExtMPJoinNoTokenFound") - misrouted_before
         drained = wait(lambda: tokens_in_map(topo) == 0, 60)  # closed connections leave conntrack, then the map
         tokens_left = tokens_in_map(topo)
         memory_end = state.rss_kib()
@@ -230,7 +248,9 @@ def soak(minutes: float, rate: float) -> dict:
         "failures_by_fault": dict(Counter(state.fault_during(r) or "none" for r in outside)),
         "failure_examples": [r["error"] for r in outside[:5]],
         "mptcp_connections": sum(r["mptcp"] for r in records), "joins_completed": joins,
-        "misrouted_joins": misrouted - state.joins_lost_in_outage, "joins_lost_in_outage": state.joins_lost_in_outage,
+        "misrouted_joins": sum(1 for t in refusals.times if state.fault_during({"start": t, "end": t}) != "outage"),
+        "misrouted_joins_by_fault": dict(Counter(state.fault_during({"start": t, "end": t}) or "none"
+                                                 for t in refusals.times)),
         "corrupted_bytes": sum(r["received"] for r in records if r["received"] == r["size"] and not r["intact"]),
         "bytes_received": sum(r["received"] for r in records),
         "faults_injected": dict(injected), "worker_restarts_survived": injected["restart"] + injected["kill"],
