@@ -69,6 +69,10 @@ def test_good_config():
     ("backends.0.mark", 0x101, "backends[1].mark", None),
     ("kernel.queue", 70000, "kernel.queue", "0 to 65535"),
     ("kernel.queue_mode", "fast", "kernel.queue_mode", "one of auto, native, xtables"),
+    ("kernel.handshakes", "held", "kernel.handshakes", "one of kernel, queue"),
+    ("services.0.joins", "ports", "services[0].joins", "one of token, announced-port"),
+    ("services.0.joins", "announced-port", "services[0].join_port_base", "integer from 1"),
+    ("services.0.join_port_base", 10000, "services[0].join_port_base", 'only with joins = "announced-port"'),
     ("kernel.mark_base", 0xFFF0, "kernel.max_backends", "overlap the flag bits"),
     ("kernel.table_base", 250, "kernel.table_base", "reserved"),
     ("limits.token_timeout", 0, "limits.token_timeout", "integer from 1"),
@@ -141,3 +145,17 @@ def test_running_out_of_marks_is_a_config_error_not_a_crash():
     cfg = from_dict(changed("kernel", {"max_backends": 2}))
     with pytest.raises(ConfigError, match="no free mark for backend 'b2'"):
         cfg.with_stable_marks({"gone1": 0x100, "gone2": 0x101, "b1": 0x100})
+
+
+def test_join_ports_follow_the_marks_and_may_not_take_a_port_already_served():
+    data = changed("services.0.joins", "announced-port")
+    data["services"][0]["join_port_base"] = 10000
+    cfg = from_dict(data)
+    web = cfg.services[0]
+    assert cfg.join_ports(web) == {"b1": 10000, "b2": 10001} and cfg.join_ports(cfg.services[1]) == {}
+    moved = cfg.with_stable_marks({"b1": 0x105})  # a reload where b1 keeps the mark it had: its port follows
+    assert moved.join_ports(moved.services[0])["b1"] == 10005
+    data["services"][0]["join_port_base"] = 300  # 300-555: one port per possible backend, 443 among them
+    with pytest.raises(ConfigError) as e:
+        from_dict(data, "/etc/x.toml")
+    assert e.value.key == "services[0].join_port_base" and "port 443, served by 'web'" in e.value.reason

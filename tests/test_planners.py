@@ -14,7 +14,15 @@ from mplb_nfq.core.packet import parse_ip, token_of_key
 from mplb_nfq.core.schedulers import Index
 from mplb_nfq.kernel.copies import bind_request, parse_copies
 from mplb_nfq.kernel.routing import MAIN_TABLE, routing_plan
-from mplb_nfq.kernel.ruleset import OPERATOR_COMMENT, WORKER_COMMENT, Decider, classify, render_ruleset, xtables_rule
+from mplb_nfq.kernel.ruleset import (
+    OPERATOR_COMMENT,
+    WORKER_COMMENT,
+    Decider,
+    classify,
+    render_decide,
+    render_ruleset,
+    xtables_rule,
+)
 from mplb_nfq.kernel.tokenmap import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
@@ -64,6 +72,28 @@ def test_without_nft_queue_the_ruleset_sets_a_mark_bit_that_one_xtables_rule_que
     assert render_ruleset(cfg(workers=3, queue=10), native=True).count("queue num 10-12 bypass") == 1
 
 
+def test_kernel_decisions_copy_the_handshake_and_the_queue_mode_holds_it():
+    kernel, held = render_ruleset(cfg(), native=True), render_ruleset(cfg(handshakes="queue"), native=True)
+    assert "daddr . tcp dport vmap @decide4" in kernel and "vmap" not in held
+    assert "log group 0 snaplen 128 counter name copied_synack" in kernel and "log group" not in held
+    assert "counter name queued_synack goto to_queue" in held and "queued_synack goto" not in kernel
+
+
+def test_each_service_gets_a_chain_that_indexes_its_table_and_each_vip_points_at_it():
+    c = cfg()
+    tables = c.balancer().lookup_tables()
+    text = render_decide(c, tables, gone=["old"])
+    assert "add element inet mplb sched_web { 0 : 0x100, 1 : 0x101 }" in text
+    assert "meta mark set numgen inc mod 2 map @sched_web counter name decided" in text
+    # direct server return: the first ACK must find its SYN's backend again, so a hash, not a counter
+    assert "meta mark set jhash ip saddr . tcp sport . ip daddr . tcp dport mod 1 seed" in text
+    assert "add element inet mplb decide4 { 10.0.100.1 . 80 : jump svc_web, 10.0.100.1 . 443 : jump svc_web, " \
+           "10.0.200.1 . 8080 : jump svc_dsr }" in text
+    assert "add element inet mplb decide6 { fd00:100::1 . 80 : jump svc_web" in text
+    assert text.index("flush map inet mplb decide4") < text.index("delete chain inet mplb svc_old")
+    assert "decide4 {" not in render_decide(cfg(handshakes="queue"), {})  # held: no VIP is decided here
+
+
 # -- routing ---------------------------------------------------------------------------------------
 def test_the_routing_plan_gives_each_backend_a_table_and_a_fwmark_rule_and_each_vip_a_fail_open_route():
     c = cfg()
@@ -82,6 +112,9 @@ def test_the_routing_plan_gives_each_backend_a_table_and_a_fwmark_rule_and_each_
                              multipath=[{"gateway": "10.0.9.11"}, {"gateway": "10.0.9.12"}])]
     assert dict(family=socket.AF_INET, table=c.fallback_table, priority=c.rule_priority + 1, dst="10.0.100.1",
                 dst_len=32) in rules
+    for family in (socket.AF_INET, socket.AF_INET6):  # a raced join no worker took: dropped, never guessed
+        assert dict(family=family, priority=c.rule_priority, fwmark=JOIN, fwmask=JOIN | BACKEND_MASK,
+                    action="FR_ACT_BLACKHOLE") in rules
 
 
 def test_a_retired_backend_keeps_its_routes_and_a_tunnelled_one_gets_a_device_and_a_host_route():
