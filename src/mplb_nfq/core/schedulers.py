@@ -57,37 +57,35 @@ class RoundRobin:
 
 
 class WeightedRoundRobin:
-    """Smooth weighted round robin (as nginx): weights 5,1,1 give a a b a c a a, not a a a a a b c."""
+    """Smooth weighted round robin (as nginx): weights 5,1,1 give a a b a c a a, not a a a a a b c.
+    The core walks the same period of the sequence the kernel's counter walks."""
 
     index = Index.COUNTER
 
     def __init__(self, **_):
-        self._current: dict[str, int] = {}
+        self._next = 0
+        self._built_for: tuple | None = None
+        self._table: list[int] = []
 
     def table(self, candidates: Sequence[Candidate]) -> list[int]:
         """One period of the sequence: the weights' sum over their greatest common divisor."""
-        divisor = gcd(*(b.weight for b in candidates))
-        current = [0] * len(candidates)
-        sequence = []
-        for _ in range(sum(b.weight for b in candidates) // divisor):
-            for i, backend in enumerate(candidates):
-                current[i] += backend.weight
-            best = max(range(len(candidates)), key=lambda i: (current[i], -i))
-            current[best] -= sum(b.weight for b in candidates)
-            sequence.append(best)
-        return sequence
+        signature = tuple((b.name, b.weight) for b in candidates)
+        if signature != self._built_for:
+            weights = [b.weight for b in candidates]
+            total, current, sequence = sum(weights), [0] * len(weights), []
+            for _ in range(total // gcd(*weights)):
+                current = [c + w for c, w in zip(current, weights)]
+                best = max(range(len(weights)), key=lambda i: (current[i], -i))
+                current[best] -= total
+                sequence.append(best)
+            self._table, self._built_for = sequence, signature
+        return self._table
 
     def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
-        total = 0
-        best = None
-        for backend in candidates:
-            current = self._current.get(backend.name, 0) + backend.weight
-            self._current[backend.name] = current
-            total += backend.weight
-            if best is None or current > self._current[best.name]:
-                best = backend
-        self._current[best.name] -= total
-        return best
+        table = self.table(candidates)
+        backend = candidates[table[self._next % len(table)]]
+        self._next += 1
+        return backend
 
 
 class LeastConnections:

@@ -24,7 +24,8 @@ NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 4, 0, 1
 NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
 NFULNL_CFG_CMD_BIND, NFULNL_COPY_PACKET = 1, 2
 NFULA_MARK, NFULA_PAYLOAD = 2, 9
-RECEIVE_BUFFER = 32 << 20  # copies of a burst of handshakes (about 1 KB each in it) wait here while the worker decides queued packets
+# copies of a burst of handshakes (about 1 KB each in it) wait here while the worker decides queued packets
+RECEIVE_BUFFER = 32 << 20
 
 
 def bind_request(group: int, snaplen: int, seq: int) -> bytes:
@@ -68,7 +69,6 @@ class CopyReader:
     """The group's socket; one process reads a group."""
 
     def __init__(self, group: int, snaplen: int):
-        self.group = group
         self.lost = 0  # reads that found the socket overrun: copies the kernel could not deliver
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:

@@ -44,7 +44,7 @@ class Dataplane:
         return installed_backends(self.cfg)
 
     def install(self, tables: Mapping[str, LookupTable]) -> None:
-        self.ruleset.install(tables)
+        self.ruleset.install(self.cfg, tables)
         self.routing.sync_tunnels(self.cfg)
         self.routing.sync_routes(self.cfg, unavailable=self.unavailable)
         log.info("queue %d, mode: %s", self.cfg.queue, self.queue_mode)

@@ -195,14 +195,14 @@ def _element_key(key) -> str:
     return str(key["elem"]["val"]) if isinstance(key, dict) else str(key)
 
 
-def static_elements(cfg: Config) -> list[tuple[int, str]]:
-    """What render_decide writes from the config alone: VIP . port -> service, join port -> backend."""
-    return decide_elements(cfg) + join_port_elements(cfg)
+def named(listing: str, prefix: str) -> set[str]:
+    """The services that have a chain or map `prefix` + NAME in a table's listing (svc_, affinity4_)."""
+    return set(re.findall(rf"^\s*(?:chain|map) {prefix}(\S+) \{{", listing, re.MULTILINE))
 
 
-def service_chains(listing: str) -> set[str]:
-    """The services whose chains a table holds."""
-    return set(re.findall(r"^\s*chain svc_(\S+) \{", listing, re.MULTILINE))
+def without_affinity(names: set[str], tables: Mapping[str, LookupTable]) -> set[str]:
+    """Of these services, those whose affinity maps go: gone, or persistent no more."""
+    return {name for name in names if not (name in tables and tables[name].affinity)}
 
 
 def xtables_rule(cfg: Config) -> list[str]:
@@ -337,17 +337,16 @@ class Ruleset:
         self.native_queue = native_queue_supported(nft) if native is None else native
         self.owner = "worker"
         self.tables: dict[str, LookupTable] = {}  # as last written to the kernel
-        self.decided_for: list[tuple[int, str]] = []  # static_elements as last written
+        self.written_for: Config | None = None  # the config the decide and join-port maps were written from
 
     @property
     def queue_mode(self) -> str:
         return "native nft queue" if self.native_queue else "xtables NFQUEUE on mark bit"
 
-    def install(self, tables: Mapping[str, LookupTable]) -> None:
+    def install(self, cfg: Config, tables: Mapping[str, LookupTable]) -> None:
         """Load the table with the services' chains and tables, or adopt the one there (a
         restarted worker's, or the operator's): one transaction, so no SYN finds a service's
-        chain empty."""
-        cfg = self.cfg
+        chain empty. cfg: the config in force (its marks read back from the kernel)."""
         tables = self._kernel_tables(cfg, tables)
         listing = self.listing()
         if listing is None:
@@ -355,9 +354,8 @@ class Ruleset:
         else:
             self.owner = "worker" if WORKER_COMMENT in listing else "operator"
             log.info("nft table inet %s exists (%s's): adopting it with its token map", cfg.table_name, self.owner)
-            affinity = set(re.findall(r"^\s*map affinity4_(\S+) \{", listing, re.MULTILINE))
-            decide = render_decide(cfg, tables, service_chains(listing) - set(tables),
-                                   {name for name in affinity if not (name in tables and tables[name].affinity)})
+            decide = render_decide(cfg, tables, named(listing, "svc_") - set(tables),
+                                   without_affinity(named(listing, "affinity4_"), tables))
             # this version's rules; sets and maps keep their elements
             rules = renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
                 if self.owner == "worker" else ""
@@ -367,7 +365,7 @@ class Ruleset:
                 log.error("could not bring the rules of table inet %s up to date, keeping them: %s",
                           cfg.table_name, e)
             self.sync_vips(cfg)
-        self.tables, self.decided_for = dict(tables), static_elements(cfg)
+        self.tables, self.written_for = dict(tables), cfg
         if not self.native_queue:
             for version in families(cfg):
                 self._xtables(version, "-C") or self._xtables(version, "-A", check=True)
@@ -378,15 +376,15 @@ class Ruleset:
 
     def sync_tables(self, cfg: Config, tables: Mapping[str, LookupTable]) -> None:
         """Rewrite the tables that changed (health, drain, weights, reload), each in one
-        transaction with its chain, so that no SYN sees half of one."""
+        transaction with its chain, so that no SYN sees half of one; a new config (a reload)
+        rewrites the maps from VIP . port to service and from join port to backend too."""
         tables = self._kernel_tables(cfg, tables)
         changed = {name: table for name, table in tables.items() if self.tables.get(name) is not table}
         gone = set(self.tables) - set(tables)
-        gone_affinity = {name for name, table in self.tables.items()
-                         if table.affinity and not (name in tables and tables[name].affinity)}
-        if changed or gone or static_elements(cfg) != self.decided_for:
-            self.nft.run(render_decide(cfg, changed, gone, gone_affinity))
-            self.tables, self.decided_for = dict(tables), static_elements(cfg)
+        if changed or gone or cfg is not self.written_for:
+            remembering = {name for name, table in self.tables.items() if table.affinity}
+            self.nft.run(render_decide(cfg, changed, gone, without_affinity(remembering, tables)))
+            self.tables, self.written_for = dict(tables), cfg
 
     def listing(self) -> str | None:
         return self.nft.try_terse(f"list table inet {self.cfg.table_name}")
