@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--joins", choices=("token", "announced-port"), default="token",
                    help="announced-port: the backends announce a join port of their own (C flag)")
     p.add_argument("--tunnel", choices=("vxlan", "ipip"), help="backends behind a router, through tunnels (IPv4)")
+    p.add_argument("--balancers", type=int, default=0,
+                   help="a cluster of N balancers behind a router (BGP, ECMP), sharing tokens through Redis")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -201,8 +203,11 @@ def cmd_lab(args) -> int:
     if args.joins == "announced-port" and (args.family != "4" or args.tunnel):
         print("mplb-nfq lab: --joins announced-port goes with IPv4 and backends on the LAN", file=sys.stderr)
         return 2
+    if args.balancers and (args.family != "4" or args.tunnel or args.joins != "token"):
+        print("mplb-nfq lab: --balancers goes with IPv4, tokens and direct server return", file=sys.stderr)
+        return 2
     settings.family, settings.direct_return, settings.tunnel = args.family, args.dsr, args.tunnel
-    settings.joins = args.joins
+    settings.joins, settings.balancers = args.joins, args.balancers
     return run_lab(settings, out_dir=args.out, as_json=args.json)
 
 

@@ -12,17 +12,20 @@ from .core.marks import LEARNED, REJECT
 from .core.packet import parse_ip
 from .core.tokens import Held, held_outcome, may_hold
 from .core.verdicts import Kind, Verdict
+from .kernel.announce import Announcement
 from .kernel.conntrack import Counts, Gone, Watch, start_reader
 from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
 from .kernel.ruleset import COPY_SNAPLEN
+from .ops.cluster import LinkState, PeerNews, start_link
 from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
 from .ops.fleet import Fleet, serve_other_worker
 from .ops.instance import hold_instance, on_signals
 from .ops.logs import ThrottledLog
+from .ops.peers import Peers
 from .ops.tokenstore import TokenStore
 
 log = logging.getLogger("mplb_nfq.worker")
@@ -43,6 +46,8 @@ class Worker:
         self.decided: list[tuple[object, Verdict]] = []  # their verdicts go out together
         self.errors = ThrottledLog(log)
         self.tokens = TokenStore(self.balancer, dataplane, self.stats, self.errors)
+        self.peers = Peers(cfg.cluster.balancer, self.balancer, dataplane, self.errors) if cfg.cluster else None
+        self.tokens.peers = self.plane.peers = self.peers
         self.reload_requested = False
 
     # -- the hot path ------------------------------------------------------------------------
@@ -60,6 +65,8 @@ class Worker:
                 packet.retain()
                 self.held.append((packet, segment, started + cfg.hold_ms / 1000))
                 return
+            if verdict.kind is Kind.JOIN_HIT and self.peers:
+                self.peers.steered(segment.flow, segment.join.token, verdict.mark)
         except Exception:  # a bug must not stall the queue: accept unchanged and count it
             self.errors.error("decision", "decision failed; packet accepted unchanged", exc_info=True)
             self.stats["errors"] += 1
@@ -106,7 +113,11 @@ class Worker:
             if mark is not None:
                 self.balancer.learn_token(token, mark, now)
             self.stats[outcome] += 1
-            self.give(packet, self.balancer.decide(segment, 0, now))
+            verdict = self.balancer.decide(segment, 0, now)
+            if verdict.kind is Kind.JOIN_HIT and self.peers:
+                self.peers.held_found(token)
+                self.peers.steered(segment.flow, token, verdict.mark)
+            self.give(packet, verdict)
         self.held = still
 
     def from_conntrack(self, message: Counts | Gone) -> None:
@@ -115,6 +126,19 @@ class Worker:
             self.plane.fleet.broadcast(message)
         else:
             self.plane.apply_conntrack_counts(message)
+
+    def from_link(self, link) -> None:
+        try:
+            message: PeerNews | LinkState = link.recv()
+        except EOFError:
+            self.peers.state = None  # shown as down; the worker balances alone
+            raise
+        if isinstance(message, LinkState):
+            self.peers.state = message
+        else:
+            self.peers.news(message)
+            if self.held:  # a join may have waited for this peer's token
+                self.release_held()
 
     def from_peer(self, index: int, message: Report | Watch) -> None:
         if isinstance(message, Watch):
@@ -170,6 +194,14 @@ class Worker:
         control = ControlServer(cfg.control_socket, plane.control, watch, unwatch) if first else None
         if control:
             watch(control.fileno(), control.accept_ready)
+        link = announcement = None
+        if self.peers:
+            link_process, link = start_link(cfg.cluster, cfg.token_timeout, plane.fingerprint())
+            fingerprinted, self.peers.fingerprint = plane.cfg, plane.fingerprint()
+            watch(link.fileno(), lambda: self.from_link(link))
+            pipes.add(link.fileno())
+            # after every fork: a child holding the device would keep the route announced
+            announcement = Announcement(cfg.cluster.announce_device) if cfg.cluster.announce_device else None
         log.info("worker %d listening on queue %d", index, cfg.queue + index)
         ready()
         next_report = next_watch = 0.0
@@ -193,12 +225,23 @@ class Worker:
                 if self.reload_requested:
                     self.reload_requested = False
                     plane.reload()
+                if link and plane.cfg is not fingerprinted:  # a reload: peers compare the new one
+                    fingerprinted, self.peers.fingerprint = plane.cfg, plane.fingerprint()
+                    link.send(self.peers.fingerprint)
                 if first:
                     plane.sync_unavailable()
+                if link:
+                    self.peers.flush(link)
+                if announcement:
+                    announcement.set(plane.any_available())
                 if not first and time.monotonic() >= next_report:
                     parent.send(plane.own_report())
                     next_report = time.monotonic() + 0.5
         finally:
+            if announcement:  # first: the router moves this balancer's flows to its peers
+                announcement.close()
+            if link:
+                link_process.kill()
             for packet, segment, _ in self.held:  # never leave a packet without a verdict
                 self.give(packet, self.balancer.decide(segment, 0, time.perf_counter()))
             nfq.unbind()

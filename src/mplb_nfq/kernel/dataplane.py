@@ -6,6 +6,7 @@ table that the operator installed (from `render-nft`) is filled, never deleted.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import TYPE_CHECKING, Mapping
 
@@ -99,6 +100,31 @@ class Dataplane:
     def read_tokens(self) -> list[tuple[int, int, float, str | None]]:
         return self.token_map.read()
 
+    def add_subflows(self, subflows: list[tuple[tuple, int]]) -> None:
+        """Join subflows that cluster peers steered (client -> VIP) and their marks, in one
+        transaction: one the router moves here mid-stream keeps its backend."""
+        if subflows:
+            self.nft.run("\n".join(f"add element inet {self.cfg.table_name} subflows{_version(flow)} "
+                                   f"{{ {_flow_key(flow)} timeout {self.cfg.token_timeout}s : 0x{mark:x} }}"
+                                   for flow, mark in subflows))
+
+    def delete_subflows(self, flows: list[tuple]) -> None:
+        """Their connection ended; one that timed out meanwhile is no error."""
+        commands = [f"delete element inet {self.cfg.table_name} subflows{_version(flow)} {{ {_flow_key(flow)} }}"
+                    for flow in flows]
+        if commands and not self.nft.try_run("\n".join(commands)):
+            for command in commands:
+                self.nft.try_run(command)
+
     def remove(self) -> None:
         self.routing.remove(self.cfg)
         self.ruleset.remove()
+
+
+def _version(flow: tuple) -> int:
+    return 6 if len(flow[0]) == 16 else 4
+
+
+def _flow_key(flow: tuple) -> str:
+    src, sport, dst, dport = flow
+    return f"{ipaddress.ip_address(src)} . {sport} . {ipaddress.ip_address(dst)} . {dport}"

@@ -227,6 +227,7 @@ class Classified(NamedTuple):
     kernel_hit: bool = False  # a MP_JOIN SYN the token map steered
     copied: str | None = None  # the counter of the rule that copies it to the worker (it goes on)
     decided: bool = False  # its service's table gave it a backend (counter `decided`)
+    shared: bool = False  # a join subflow a cluster peer steered (counter `subflow_shared`)
 
 
 class Decider(NamedTuple):
@@ -256,11 +257,13 @@ def nft_mptcp_option(options: bytes) -> tuple[int | None, int | None]:
 def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Container[tuple[bytes, int]],
              token_map: Mapping[int, int], tracked: bool = True, unavailable: Container[int] = (),
              deciders: Mapping[tuple[bytes, int], Decider] | None = None, turn: int = 0,
-             join_ports: Mapping[tuple[bytes, int], int] | None = None) -> Classified:
+             join_ports: Mapping[tuple[bytes, int], int] | None = None,
+             subflows: Mapping[tuple, int] | None = None) -> Classified:
     """What nft/mplb.nft's classify chain, its handshake chains and the services' chains do to one
     TCP segment, given its flow's conntrack state: the model `inspect` replays. deciders: each
     VIP . port's service (handshakes = "kernel"; None: "queue"); turn: the next number of a
-    service's counter; join_ports: VIP . join port -> its backend's mark. A kernel test sends
+    service's counter; join_ports: VIP . join port -> its backend's mark; subflows: join subflows a
+    cluster peer steered (client, port, VIP, port) -> their mark. A kernel test sends
     packets through the real ruleset and holds this function to its counters, rule by rule."""
     handshake = segment.flags & (TCP_SYN | TCP_ACK)
     subtype, token = nft_mptcp_option(segment.options)
@@ -270,6 +273,8 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
             return Classified(mark, None)
         if join_ports and (segment.dst, segment.dport) in join_ports:
             return Classified(join_ports[segment.dst, segment.dport], None)
+        if subflows and handshake == TCP_ACK and new and segment.flow in subflows:
+            return Classified(subflows[segment.flow], None, shared=True)
         hit = False
         if handshake == TCP_SYN and not mark and tracked and subtype == 1 and token is not None:
             found = token_map.get(token)

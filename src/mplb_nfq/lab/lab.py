@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cluster import ClusterTopology
 from .netns import (
     CLIENT,
     DUAL_STACK_V6,
@@ -50,6 +51,7 @@ class LabSettings:
     direct_return: bool = False  # the backends answer the client directly, not through the LB
     tunnel: str | None = None  # vxlan or ipip: backends behind a router, each reached through a tunnel
     joins: str = "token"  # announced-port: each backend announces a join port of the VIP (C flag)
+    balancers: int = 0  # N: a cluster of N balancers behind a router (BGP, ECMP), Redis shared; 0: one LB
 
     @classmethod
     def quick(cls) -> "LabSettings":
@@ -76,25 +78,29 @@ JOIN_PORT_BASE = 10000  # joins = "announced-port": backend i (mark mark_base + 
 
 
 def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extra: str = "",
-                kernel: str = "", direct_return: bool = False, tunnel: str | None = None, joins: str = "token") -> str:
+                kernel: str = "", direct_return: bool = False, tunnel: str | None = None, joins: str = "token",
+                cluster: str = "") -> str:
     """The worker's config for one of the lab's modes: one dual-stack service (VIP and VIP6) on
-    the backends' IPv4 and IPv6 addresses, or, through tunnels, IPv4; its control socket lives
-    in run_dir."""
-    vips = f'["{VIP}"]' if tunnel else f'["{VIP}", "{VIP6}"]'
+    the backends' IPv4 and IPv6 addresses, or, through tunnels or in a cluster (the [cluster]
+    table given), IPv4; its control socket lives in run_dir."""
+    vips = f'["{VIP}"]' if tunnel or cluster else f'["{VIP}", "{VIP6}"]'
     announced = joins == "announced-port" and mode == "mplb"
     # the unaware balancer in front of backends that announce join ports: it balances those ports
     # as it balances the service's, by the client's address
     ports = [PORT] + (list(range(JOIN_PORT_BASE, JOIN_PORT_BASE + backends))
                       if joins == "announced-port" and mode == "unaware" else [])
-    lines = ['[[services]]', 'name = "lab"', f"vips = {vips}", f"ports = {ports}", MODES[mode],
+    scheduling = MODES[mode].replace('"rr"', '"maglev"') if cluster else MODES[mode]  # what every balancer computes
+    lines = ['[[services]]', 'name = "lab"', f"vips = {vips}", f"ports = {ports}", scheduling,
              f"direct_return = {str(direct_return).lower()}",
              *([f'joins = "announced-port"\njoin_port_base = {JOIN_PORT_BASE}'] if announced else []),
              f'[control]\nsocket = "{run_dir / "control.sock"}"', f'[metrics]\naddress = "{metrics}"',
-             "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", f"[kernel]\n{kernel}", extra]
+             "[health]\ninterval = 0.5\ntimeout = 0.4\nrise = 2\nfall = 2", f"[kernel]\n{kernel}", extra, cluster]
     for i in range(backends):
         if tunnel:
             where = (f'address = "{tunnel_address(i)}"\ntunnel = "{tunnel}"\nremote = "{underlay_address(i)}"'
                      + (f"\nvni = {tunnel_vni(i)}" if tunnel == "vxlan" else ""))
+        elif cluster:
+            where = f'address = "{backend_address(i)}"'
         else:
             where = f'addresses = ["{backend_address(i)}", "{backend_address(i, 6)}"]'
         lines.append(f'[[backends]]\nname = "b{i + 1}"\n{where}')
@@ -122,10 +128,10 @@ class Progress:
 class WorkerProcess:
     """The balancer worker running in the lab's LB namespace."""
 
-    def __init__(self, topo: Topology, config_path: Path, log_path: Path):
-        self.topo, self.config_path, self.log_path = topo, config_path, log_path
+    def __init__(self, topo: Topology, config_path: Path, log_path: Path, role: str = "lb"):
+        self.topo, self.config_path, self.log_path, self.role = topo, config_path, log_path, role
         self.log = open(log_path, "w")
-        self.proc = topo.popen("lb", sys.executable, "-m", "mplb_nfq", "run", "-c", str(config_path),
+        self.proc = topo.popen(role, sys.executable, "-m", "mplb_nfq", "run", "-c", str(config_path),
                                stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.ready = ready = json.loads(self.proc.stdout.readline() or '{"event": "died"}')
         if ready.get("event") != "ready":
@@ -139,7 +145,7 @@ class WorkerProcess:
         out, _ = self.proc.communicate(timeout=30)
         self.log.close()
         if cleanup:
-            self.topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(self.config_path))
+            self.topo.exec(self.role, sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(self.config_path))
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         return next((line for line in lines if line.get("event") == "stopped"), {})
 
@@ -148,33 +154,41 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
-    topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit, direct_return=settings.direct_return,
-                    tunnel=settings.tunnel)
     results = {"settings": asdict(settings), "modes": {}}
     progress = Progress(len(MODES) * len(settings.sizes_mb) * settings.repeat)
-    try:
-        topo.build()
-        _check_unaware_splits(topo)
-        for i in range(settings.backends):
-            topo.python(f"b{i + 1}", "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_servers(topo, settings.backends)
-        _set_paths(topo, settings.family)
-        if settings.joins == "announced-port":
-            topo.announce_join_ports(JOIN_PORT_BASE)
-        with tempfile.TemporaryDirectory(prefix="mplb-lab-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mplb-lab-") as tmp:
+        if settings.balancers:
+            topo = ClusterTopology(backends=settings.backends, rate_mbit=settings.rate_mbit,
+                                   balancers=settings.balancers, run_dir=Path(tmp))
+        else:
+            topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit,
+                            direct_return=settings.direct_return, tunnel=settings.tunnel)
+        try:
+            topo.build()
+            _check_unaware_splits(topo)
+            for i in range(settings.backends):
+                topo.python(f"b{i + 1}", "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait_for_servers(topo, settings.backends)
+            if not settings.balancers:
+                _set_paths(topo, settings.family)
+            if settings.joins == "announced-port":
+                topo.announce_join_ports(JOIN_PORT_BASE)
             for mode in MODES:
                 results["modes"][mode] = _run_mode(topo, mode, settings, Path(tmp), out, progress)
-    except KeyboardInterrupt:
-        print("\ninterrupted; namespaces removed", file=sys.stderr)
-        return 130
-    finally:
-        topo.destroy()
+        except KeyboardInterrupt:
+            print("\ninterrupted; namespaces removed", file=sys.stderr)
+            return 130
+        finally:
+            topo.destroy()
     largest = str(max(settings.sizes_mb))
     mbit = {m: results["modes"][m]["sizes"][largest]["mean_mbit_s"] for m in MODES}
     results["ratio"] = mbit["mplb"] / mbit["unaware"] if mbit["unaware"] else math.inf
     results["ratio_size_mb"] = max(settings.sizes_mb)
     results["join_failures"] = {m: results["modes"][m]["join_failures"] for m in MODES}
+    if settings.balancers:
+        results["balancers"] = settings.balancers
+        results["joins_crossed"] = results["modes"]["mplb"]["joins_crossed"]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plotted = _plot(results, out / "lab.png")
     if as_json:
@@ -228,13 +242,22 @@ def _wait_for_servers(topo: Topology, backends: int) -> None:
 
 def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: Path,
               progress: Progress) -> dict:
-    config = tmp / f"{mode}.toml"
-    config.write_text(config_text(mode, settings.backends, tmp, direct_return=settings.direct_return,
-                                  tunnel=settings.tunnel, joins=settings.joins))
+    roles = topo.balancer_names if settings.balancers else ["lb"]
+    workers = []
     before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
-    worker = WorkerProcess(topo, config, out / f"worker-{mode}.log")
     samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}
     try:
+        for role in roles:
+            (tmp / role).mkdir(exist_ok=True)
+            config = tmp / role / f"{mode}.toml"
+            cluster = topo.cluster_config(role, f"lab-{mode}") if settings.balancers else ""
+            config.write_text(config_text(mode, settings.backends, tmp / role,
+                                          direct_return=settings.direct_return or bool(cluster),
+                                          tunnel=settings.tunnel, joins=settings.joins, cluster=cluster))
+            log_name = f"worker-{mode}-{role}.log" if settings.balancers else f"worker-{mode}.log"
+            workers.append(WorkerProcess(topo, config, out / log_name, role))
+        if settings.balancers:
+            topo.wait_announced(len(roles))
         for _ in range(settings.repeat):
             for size in settings.sizes_mb:
                 fetch = topo.exec("client", sys.executable, "-m", "mplb_nfq.lab.transfer", "fetch",
@@ -247,7 +270,7 @@ def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: 
                 samples[size].append(result)
                 progress.step(f"{mode} {size:g} MB")
     finally:
-        stats = worker.stop()
+        stats = {w.role: w.stop() for w in workers}
     after = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
     sizes = {}
     for size, runs in samples.items():
@@ -257,7 +280,13 @@ def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: 
         mean_mbit, ci_mbit = mean_ci(mbit)
         sizes[str(size)] = {"mean_s": mean_s, "ci_s": ci_s, "mean_mbit_s": mean_mbit, "ci_mbit_s": ci_mbit,
                             "samples_s": seconds, "samples_mbit_s": mbit}
-    return {"sizes": sizes, "join_failures": sum(after) - sum(before), "worker": stats}
+    result = {"sizes": sizes, "join_failures": sum(after) - sum(before)}
+    if settings.balancers:
+        result["workers"] = stats
+        result["joins_crossed"] = sum(s.get("cluster", {}).get("joins_crossed", 0) for s in stats.values())
+    else:
+        result["worker"] = stats["lb"]
+    return result
 
 
 def _table(results: dict) -> str:

@@ -114,12 +114,7 @@ class Topology:
                      f"-n {lb} addr add {l1}{prefix} dev l1{six}", f"-n {lb} addr add {l2}{prefix} dev l2{six}",
                      f"-n {lb} addr add {LB_BACKEND_SIDE[version]}{prefix} dev s0{six}"]
         cmds.append(f"-n {client} mptcp endpoint add {CLIENT[4][1]} subflow")  # no dev: answers may come elsewhere
-        batches: dict[str | None, list[str]] = {}
-        for cmd in cmds:
-            ns, _, rest = cmd[3:].partition(" ") if cmd.startswith("-n ") else (None, "", cmd)
-            batches.setdefault(ns, []).append(rest)
-        for ns, lines in batches.items():  # root namespace first: it creates the others
-            run(["ip", *(["-n", ns] if ns else []), "-batch", "-"], input="\n".join(lines) + "\n")
+        run_batched(cmds)
         for version in (4, 6):  # `ip rule` takes its family from -4/-6 only, which a batch cannot set
             run(["ip", f"-{version}", "-n", client, "rule", "add", "from", CLIENT[version][1], "table", "102",
                  "priority", "100"])
@@ -262,6 +257,17 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, **kwargs)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"{' '.join(cmd)} failed: {(e.stderr or '').strip()}") from None
+
+
+def run_batched(cmds: list[str]) -> None:
+    """`ip` commands, those prefixed `-n NS` in that namespace: one `ip -batch` per namespace, the
+    root namespace's first (it creates the others)."""
+    batches: dict[str | None, list[str]] = {}
+    for cmd in cmds:
+        ns, _, rest = cmd[3:].partition(" ") if cmd.startswith("-n ") else (None, "", cmd)
+        batches.setdefault(ns, []).append(rest)
+    for ns, lines in batches.items():
+        run(["ip", *(["-n", ns] if ns else []), "-batch", "-"], input="\n".join(lines) + "\n")
 
 
 def leftover_namespaces() -> list[str]:

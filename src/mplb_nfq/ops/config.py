@@ -5,8 +5,9 @@ Nothing here touches the kernel: a file is wholly valid before anything is insta
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -68,6 +69,20 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Balancers behind ECMP that share what they learn through Redis."""
+    name: str  # the cluster's key prefix in Redis: balancers of one cluster share it
+    balancer: str  # this balancer's name, unique in the cluster
+    redis: str  # redis://HOST:PORT/DB, rediss:// (TLS) or unix:///PATH
+    username: str | None = None  # an ACL user; None: the default user, with the password
+    password: str = field(default="", repr=False)  # read from password_file
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    announce_device: str | None = "mplb-announce"  # the device whose link BIRD checks; None: no announcement
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     services: tuple[ServiceConfig, ...]
@@ -91,6 +106,7 @@ class Config:
     workers: int = 1  # processes, one queue each (queue .. queue + workers - 1)
     hold_ms: int = 50  # how long a worker holds a join whose token it does not know yet
     hold_max: int = 256  # how many joins it holds at most
+    cluster: ClusterConfig | None = None
 
     @property
     def vips(self) -> list[str]:
@@ -241,7 +257,10 @@ class _Reader:
         return tuple(result)
 
 
-TOP_KEYS = {"services", "backends", "health", "kernel", "limits", "metrics", "control"}
+TOP_KEYS = {"services", "backends", "health", "kernel", "limits", "metrics", "control", "cluster"}
+CLUSTER_KEYS = {"name", "balancer", "redis", "username", "password_file", "tls_ca", "tls_cert", "tls_key",
+                "announce_device"}
+CLUSTER_SCHEDULERS = ("maglev", "sh")  # every balancer computes the same table from the same config
 SERVICE_KEYS = {"name", "vip", "vips", "ports", "backends", "scheduler", "unknown_join", "mptcp_aware",
                 "persistence", "maglev_size", "direct_return", "joins", "join_port_base"}
 JOINS = ("token", "announced-port")
@@ -317,7 +336,55 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         token_capacity=limits.integer("token_capacity", 1_000_000, 1, 100_000_000),
         token_timeout=limits.integer("token_timeout", 5 * 86400, 1, 30 * 86400),
         metrics_address=metrics_address or None, control_socket=socket_path,
+        cluster=_cluster(path, data["cluster"], services, workers) if "cluster" in data else None,
     )
+
+
+def _cluster(path: str, table, services: list[ServiceConfig], workers: int) -> ClusterConfig:
+    r = _Reader(path, table, "cluster", CLUSTER_KEYS)
+    if workers != 1:
+        raise ConfigError(path, "kernel.workers", f"a balancer of a cluster runs one worker, got {workers}")
+    for i, s in enumerate(services):
+        if s.scheduler not in CLUSTER_SCHEDULERS:
+            raise ConfigError(path, f"services[{i}].scheduler", f"a cluster needs a scheduler every balancer "
+                              f"computes alike ({', '.join(CLUSTER_SCHEDULERS)}), got {s.scheduler!r}")
+        if not s.direct_return:
+            raise ConfigError(path, f"services[{i}].direct_return", "a cluster needs direct server return: "
+                              "a reply cannot be counted on to pass the balancer its connection came through")
+    url = r.table.get("redis")
+    if not isinstance(url, str) or not re.fullmatch(r"(rediss?://[^/@\s]+(/\d+)?|unix:///\S+)", url):
+        r.fail("redis", "must be redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] (TLS) or unix:///PATH, with no "
+                        f"credentials in it (they go in username and password_file), got {url!r}")
+    password_path = r.table.get("password_file")
+    if not isinstance(password_path, str) or not password_path.startswith("/"):
+        r.fail("password_file", f"must be the absolute path of a file holding the Redis password (a cluster never "
+                                f"talks to an open Redis), got {password_path!r}")
+    try:
+        password = Path(password_path).read_text().strip()
+    except OSError as e:
+        r.fail("password_file", f"cannot read {password_path}: {e.strerror}")
+    if not password:
+        r.fail("password_file", f"{password_path} is empty")
+    files = {}
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = r.table.get(key)
+        if value is None:
+            continue
+        if not url.startswith("rediss://"):
+            r.fail(key, "only with a rediss:// (TLS) address")
+        if not isinstance(value, str) or not Path(value).is_file():
+            r.fail(key, f"must be the path of a readable file, got {value!r}")
+        files[key] = value
+    if ("tls_cert" in files) != ("tls_key" in files):
+        r.fail("tls_cert" if "tls_key" in files else "tls_key", "a client certificate needs both tls_cert and tls_key")
+    device = r.table.get("announce_device", "mplb-announce")
+    if not isinstance(device, str) or not re.fullmatch(r"([A-Za-z0-9_.-]{1,15})?", device):
+        r.fail("announce_device", f"must be an interface name of at most 15 characters (or \"\"), got {device!r}")
+    username = r.table.get("username")
+    if username is not None and not (isinstance(username, str) and username.strip()):
+        r.fail("username", f"must be a Redis ACL user name, got {username!r}")
+    return ClusterConfig(r.name("name"), r.name("balancer"), url, username, password, **files,
+                         announce_device=device or None)
 
 
 def _backends(path: str, raw, mark_base: int, max_backends: int, table_base: int) -> list[BackendConfig]:

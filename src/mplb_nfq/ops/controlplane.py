@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ..core.balancer import Backend, Balancer
+from ..core.cluster import fingerprint
 from ..core.schedulers import Index
 from ..kernel.conntrack import Counts, Gone
 from ..kernel.queue import queue_drops
@@ -18,7 +19,7 @@ from .fleet import Drained, Fleet, HealthChanged, Message, Reloaded, Stop
 log = logging.getLogger("mplb_nfq.worker")
 RESTART_ONLY = ("queue", "queue_mode", "handshakes", "workers", "table_name", "mark_base", "table_base", "max_backends",
                 "rule_priority", "metrics_address", "control_socket", "conntrack_interval", "hold_ms", "hold_max",
-                "flow_capacity", "flow_timeout", "token_capacity", "token_timeout")
+                "flow_capacity", "flow_timeout", "token_capacity", "token_timeout", "cluster")
 
 
 @dataclass
@@ -37,6 +38,17 @@ class ControlPlane:
         self.health = None
         self.stopping = False
         self.started = time.time()
+        self.peers = None  # in a cluster: ops.peers.Peers
+
+    def fingerprint(self) -> str:
+        """What must be the same on every balancer of a cluster for them to decide alike."""
+        return fingerprint([[s.name, s.vips, s.ports, s.scheduler, s.maglev_size, s.unknown_join,
+                             [(b.name, b.weight) for b in self.cfg.backends if b.name in s.backends]]
+                            for s in self.cfg.services])
+
+    def any_available(self) -> bool:
+        """Some backend takes new connections: the balancer's route stays announced."""
+        return any(b.available for s in self.balancer.services for b in s.backends)
 
     def adopt_retired(self, installed: dict[int, tuple[int, set[str], set[str]]]) -> list[str]:
         """Backends a process before this one installed that this config no longer has: retired,
@@ -208,7 +220,7 @@ class ControlPlane:
         return {"packets": handled, **total.stats, "kinds": dict(total.kinds), "tokens_tracked": total.tokens,
                 "flows_tracked": total.flows, "workers": self.cfg.workers,
                 "decide_us_per_packet": round(total.latency_sum * 1e6 / handled, 2) if handled else None,
-                "queue_mode": self.dataplane.queue_mode}
+                "queue_mode": self.dataplane.queue_mode, **({"cluster": self.peers.report()} if self.peers else {})}
 
     def status(self) -> dict:
         services, running, tables = [], self.backends(), self.balancer.lookup_tables()

@@ -19,6 +19,7 @@ class TokenStore:
     def __init__(self, balancer: Balancer, dataplane, stats: Counter[str], errors: ThrottledLog):
         self.balancer, self.dataplane, self.stats, self.errors = balancer, dataplane, stats, errors
         self.lifetimes: list[tuple[int, tuple]] = []  # tokens and their connections, for the conntrack reader
+        self.peers = None  # in a cluster (ops.peers.Peers): what this balancer learns, it publishes
 
     def write(self, verdicts: list[Verdict]) -> set[int]:
         """One transaction of installs, then the replacements and rejections (rare, one by one);
@@ -56,6 +57,8 @@ class TokenStore:
         for token in failed:
             self.balancer.install_failed(token, now)
         self.lifetimes.extend((t, f) for t, f in flows.items() if t not in failed and t not in writes.ignored)
+        if self.peers:
+            self.peers.learned({t: m for t, m in writes.install + writes.replace if t not in failed})
         return failed
 
     def learn(self, reader: CopyReader, limit: int) -> None:
@@ -101,3 +104,5 @@ class TokenStore:
         for token in tokens:
             self.balancer.forget(token)
         self.stats["tokens_removed"] += len(tokens)
+        if self.peers:
+            self.peers.ended(tokens)

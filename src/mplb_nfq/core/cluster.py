@@ -1,0 +1,137 @@
+"""What balancers of one cluster tell each other, as pure data: the tokens each learned and the
+join subflows each steered, by backend name (marks are local), and the tokens whose connections
+ended. Encoded as the text fields of a Redis stream entry or hash; whatever is read back is
+untrusted: it is parsed strictly, and an entry that is malformed or names a backend this
+balancer does not know is counted and dropped, never installed."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .tokens import flow_comment, flow_of_comment
+
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOKEN = re.compile(r"[0-9a-f]{8}")
+MAX_ITEMS = 100_000  # in one field: more is not a batch a balancer writes
+
+
+@dataclass
+class Batch:
+    """One balancer's news: token -> backend, join subflow (client -> VIP) -> (token, backend),
+    tokens whose connection ended; `at`: when the oldest of it was learned (Unix seconds)."""
+    origin: str
+    at: float
+    tokens: dict[int, str] = field(default_factory=dict)
+    subflows: dict[tuple, tuple[int, str]] = field(default_factory=dict)
+    ended: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens or self.subflows or self.ended)
+
+
+def encode(batch: Batch) -> dict[str, str]:
+    """A stream entry's fields."""
+    fields = {"o": batch.origin, "at": str(int(batch.at * 1000))}
+    if batch.tokens:
+        fields["t"] = " ".join(f"{t:08x}={b}" for t, b in batch.tokens.items())
+    if batch.subflows:
+        fields["s"] = " ".join(f"{flow_comment(f)}={t:08x}={b}" for f, (t, b) in batch.subflows.items())
+    if batch.ended:
+        fields["d"] = " ".join(f"{t:08x}" for t in batch.ended)
+    return fields
+
+
+def decode(fields: Mapping[str, str], rejected: Counter[str]) -> Batch | None:
+    """A stream entry back to a Batch; its malformed items (or the whole entry) counted in
+    `rejected` by reason and left out."""
+    origin, at = fields.get("o", ""), fields.get("at", "")
+    if not NAME.fullmatch(origin) or not at.isdigit():
+        rejected["malformed"] += 1
+        return None
+    batch = Batch(origin, int(at) / 1000)
+    for item in _items(fields.get("t", ""), rejected):
+        token, _, backend = item.partition("=")
+        if TOKEN.fullmatch(token) and NAME.fullmatch(backend):
+            batch.tokens[int(token, 16)] = backend
+        else:
+            rejected["malformed"] += 1
+    for item in _items(fields.get("s", ""), rejected):
+        parts = item.split("=")
+        flow = flow_of_comment(parts[0]) if len(parts) == 3 else None
+        if flow is not None and TOKEN.fullmatch(parts[1]) and NAME.fullmatch(parts[2]):
+            batch.subflows[flow] = (int(parts[1], 16), parts[2])
+        else:
+            rejected["malformed"] += 1
+    for item in _items(fields.get("d", ""), rejected):
+        if TOKEN.fullmatch(item):
+            batch.ended.append(int(item, 16))
+        else:
+            rejected["malformed"] += 1
+    return batch
+
+
+def _items(text: str, rejected: Counter[str]) -> list[str]:
+    items = text.split()
+    if len(items) > MAX_ITEMS:
+        rejected["malformed"] += len(items)
+        return []
+    return items
+
+
+def record(token: int, backend: str, origin: str, at: float,
+           subflows: Iterable[tuple[tuple, str]] = ()) -> dict[str, str]:
+    """The hash a token is kept in (for a balancer that catches up): its backend, who learned
+    it and when, and its join subflows (field s:FLOW -> backend)."""
+    fields = {"b": backend, "o": origin, "at": str(int(at * 1000))}
+    fields.update({f"s:{flow_comment(flow)}": b for flow, b in subflows})
+    return fields
+
+
+def from_record(token: int, fields: Mapping[str, str], rejected: Counter[str]) -> Batch | None:
+    """A kept token's hash as a Batch of one, from its origin."""
+    origin, backend = fields.get("o", ""), fields.get("b", "")
+    at = fields.get("at", "")
+    if not NAME.fullmatch(origin) or not NAME.fullmatch(backend) or not at.isdigit():
+        rejected["malformed"] += 1
+        return None
+    batch = Batch(origin, int(at) / 1000, {token: backend})
+    for key, value in fields.items():
+        if key.startswith("s:"):
+            flow = flow_of_comment(key[2:])
+            if flow is None or not NAME.fullmatch(value):
+                rejected["malformed"] += 1
+                continue
+            batch.subflows[flow] = (token, value)
+    return batch
+
+
+def accepted(batch: Batch, backends: Mapping[str, int], services: Iterable[tuple[bytes, int]],
+             rejected: Counter[str]) -> Batch:
+    """Of a peer's batch, what names a backend this balancer has (`backends`: name -> mark) and,
+    for subflows, a VIP . port it serves; the rest counted in `rejected` by reason."""
+    served = set(services)
+    tokens = {}
+    for token, backend in batch.tokens.items():
+        if backend in backends:
+            tokens[token] = backend
+        else:
+            rejected["unknown_backend"] += 1
+    subflows = {}
+    for flow, (token, backend) in batch.subflows.items():
+        if backend not in backends:
+            rejected["unknown_backend"] += 1
+        elif (flow[2], flow[3]) not in served or len(flow[0]) != len(flow[2]):
+            rejected["unknown_service"] += 1
+        else:
+            subflows[flow] = (token, backend)
+    return Batch(batch.origin, batch.at, tokens, subflows, list(batch.ended))
+
+
+def fingerprint(description: object) -> str:
+    """A short digest of what makes two balancers decide alike (services, backends, weights):
+    peers compare theirs to see a config that drifted."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,237 @@
+"""A cluster of balancers in network namespaces, for `lab --balancers N` and the kernel tests:
+
+    client ==(2 links)== router --- switch (bridge) --- lb1..lbN, b1..bM (VIP on lo), store (Redis)
+
+The router runs BIRD and takes each balancer's BGP announcement of the VIP into one ECMP route,
+hashed on L4 (fib_multipath_hash_policy=1); each balancer runs BIRD, which announces the VIP while
+the worker's announcement device is up. The backends answer the client through the router (direct
+server return). Redis (an ACL user with a password, nothing for the default user) lives in a
+namespace of its own. Everything is a real process, started here and stopped by destroy().
+"""
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .netns import BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, Topology, backend_address, run, run_batched
+
+ROUTER_ON_SWITCH = "10.0.9.1"
+STORE = "10.0.9.250"
+REDIS_PORT = 6379
+REDIS_USER = "mplb"
+ROUTER_AS, BALANCER_AS = 65000, 65001
+ANNOUNCE_DEVICE = "mplb-announce"
+MAX_BALANCERS = 8
+
+
+def balancer_address(k: int) -> str:
+    """Balancer k's (from 1) address on the switch."""
+    return f"10.0.9.{1 + k}"
+
+
+def router_bird(vips: list[str]) -> str:
+    """The router's BIRD: BGP from any balancer of the switch, only the VIPs taken, and the
+    kernel route of a VIP with one nexthop per balancer that announces it."""
+    accepted = ", ".join(f"{v}/32" for v in vips)
+    return f"""router id {ROUTER_ON_SWITCH};
+protocol device {{}}
+protocol kernel {{ ipv4 {{ export all; }}; merge paths on; }}
+protocol bgp balancers {{
+    local {ROUTER_ON_SWITCH} as {ROUTER_AS};
+    neighbor range 10.0.9.0/24 as {BALANCER_AS};
+    dynamic name "lb";
+    hold time 3; keepalive time 1;
+    ipv4 {{ import filter {{ if net ~ [ {accepted} ] then accept; reject; }}; export none; }};
+}}
+"""
+
+
+def balancer_bird(k: int, vips: list[str], device: str = ANNOUNCE_DEVICE) -> str:
+    """Balancer k's BIRD: the VIPs announced while `device` (the worker's) is up."""
+    routes = "\n".join(f'    route {v}/32 via "{device}";' for v in vips)
+    announced = ", ".join(f"{v}/32" for v in vips)
+    return f"""router id {balancer_address(k)};
+protocol device {{}}
+protocol static vips {{
+    ipv4;
+    check link on;
+{routes}
+}}
+protocol bgp uplink {{
+    local {balancer_address(k)} as {BALANCER_AS};
+    neighbor {ROUTER_ON_SWITCH} as {ROUTER_AS};
+    hold time 3; keepalive time 1;
+    ipv4 {{ import none; export filter {{ if net ~ [ {announced} ] then accept; reject; }}; }};
+}}
+"""
+
+
+@dataclass
+class ClusterTopology(Topology):
+    balancers: int = 2
+    run_dir: Path = field(default_factory=lambda: Path("/tmp"))
+    redis_password: str = field(default_factory=lambda: secrets.token_hex(16))
+    direct_return: bool = True
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    added: set = field(default_factory=set)  # balancers added after the build
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.ns(r) for r in ("client", "router", "switch", "store", *self.balancer_names)] + [
+            self.ns(f"b{i + 1}") for i in range(self.backends)]
+
+    @property
+    def balancer_names(self) -> list[str]:
+        return [f"lb{k}" for k in range(1, MAX_BALANCERS + 1) if k <= self.balancers or k in self.added]
+
+    def _build(self) -> None:
+        if not 1 <= self.balancers <= MAX_BALANCERS:
+            raise ValueError(f"1 to {MAX_BALANCERS} balancers, got {self.balancers}")
+        client, router, switch, store = (self.ns(r) for r in ("client", "router", "switch", "store"))
+        for n in [client, router, switch, store] + [self.ns(f"b{i + 1}") for i in range(self.backends)]:
+            run(["ip", "netns", "add", n])
+        cmds = [f"link add c1 netns {client} type veth peer name r1 netns {router}",
+                f"link add c2 netns {client} type veth peer name r2 netns {router}",
+                f"link add sw netns {router} type veth peer name router netns {switch}",
+                f"link add eth0 netns {store} type veth peer name store netns {switch}",
+                f"-n {switch} link add br0 type bridge", f"-n {switch} link set br0 up"]
+        for port in ["router", "store"] + [f"b{i + 1}" for i in range(self.backends)]:
+            if port.startswith("b"):
+                cmds.append(f"link add eth0 netns {self.ns(port)} type veth peer name {port} netns {switch}")
+            cmds += [f"-n {switch} link set {port} master br0", f"-n {switch} link set {port} up"]
+        (c1, c2), (r1, r2) = CLIENT[4], LB_CLIENT_SIDE[4]
+        cmds += [f"-n {client} addr add {c1}/24 dev c1", f"-n {client} addr add {c2}/24 dev c2",
+                 f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
+                 f"-n {client} route add default via {r1} dev c1",
+                 f"-n {client} route add default via {r2} dev c2 table 102",
+                 f"-n {client} rule add from {c2} table 102 priority 100",
+                 f"-n {client} mptcp limits set subflows 4 add_addr_accepted 4",
+                 f"-n {client} mptcp endpoint add {c2} subflow",
+                 f"-n {router} addr add {r1}/24 dev r1", f"-n {router} addr add {r2}/24 dev r2",
+                 f"-n {router} addr add {ROUTER_ON_SWITCH}/24 dev sw", f"-n {router} link set r1 up",
+                 f"-n {router} link set r2 up", f"-n {router} link set sw up", f"-n {router} link set lo up",
+                 f"-n {store} addr add {STORE}/24 dev eth0", f"-n {store} link set eth0 up",
+                 f"-n {store} link set lo up"]
+        for i in range(self.backends):
+            b = self.ns(f"b{i + 1}")
+            cmds += [f"-n {b} addr add {backend_address(i)}/24 dev eth0", f"-n {b} link set eth0 up",
+                     f"-n {b} link set lo up", f"-n {b} route add default via {ROUTER_ON_SWITCH}"]
+        run_batched(cmds)
+        for n in (client, router):
+            self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)
+            self.sysctl(n, "net.ipv4.conf.default.rp_filter", 0)
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.fib_multipath_hash_policy", 1)):
+            self.sysctl(router, key, value)
+        self.sysctl(client, "net.mptcp.enabled", 1)
+        for i in range(self.backends):
+            run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP], capture_output=True)
+        if self.rate_mbit:
+            for ns, dev in [(router, "r1"), (router, "r2"), (client, "c1"), (client, "c2")]:
+                run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                     "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "50ms"])
+        self.start_redis()
+        self._start_bird("router", router_bird([VIP]))
+        for k in range(1, self.balancers + 1):
+            self._add_balancer_namespace(k)
+
+    def _add_balancer_namespace(self, k: int) -> None:
+        lb, switch = self.ns(f"lb{k}"), self.ns("switch")
+        run(["ip", "netns", "add", lb])
+        run_batched([f"link add s0 netns {lb} type veth peer name lb{k} netns {switch}",
+                     f"-n {switch} link set lb{k} master br0", f"-n {switch} link set lb{k} up",
+                     f"-n {lb} addr add {balancer_address(k)}/24 dev s0", f"-n {lb} link set s0 up",
+                     f"-n {lb} link set lo up", f"-n {lb} route add default via {ROUTER_ON_SWITCH}"])
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.all.rp_filter", 0),
+                           ("net.ipv4.conf.default.rp_filter", 0), ("net.ipv4.conf.all.send_redirects", 0),
+                           ("net.ipv4.conf.s0.send_redirects", 0), ("net.mptcp.enabled", 1),
+                           # direct server return, as deploy/sysctl.d/ says: one direction of each flow
+                           ("net.netfilter.nf_conntrack_tcp_loose", 1),
+                           ("net.netfilter.nf_conntrack_tcp_timeout_max_retrans", 86400),
+                           ("net.netfilter.nf_conntrack_tcp_timeout_unacknowledged", 86400)):
+            self.sysctl(lb, key, value)
+        self._start_bird(f"lb{k}", balancer_bird(k, [VIP]))
+
+    def add_balancer(self) -> str:
+        """One more balancer on the switch, its BIRD running (it announces once its worker runs)."""
+        k = len(self.balancer_names) + 1
+        self.added.add(k)
+        self._add_balancer_namespace(k)
+        return f"lb{k}"
+
+    def _start_bird(self, role: str, config: str) -> None:
+        conf = self.run_dir / f"bird-{role}.conf"
+        conf.write_text(config)
+        self.processes[f"bird-{role}"] = self.popen(
+            role, "bird", "-f", "-c", str(conf), "-s", str(self.run_dir / f"bird-{role}.ctl"),
+            "-P", str(self.run_dir / f"bird-{role}.pid"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_bird(self, role: str) -> None:
+        self._stop(f"bird-{role}")
+
+    def redis_config(self) -> str:
+        return "\n".join([f"bind {STORE}", f"port {REDIS_PORT}", 'save ""', "appendonly no", "protected-mode yes",
+                          f"dir {self.run_dir}", "user default off",
+                          f"user {REDIS_USER} on >{self.redis_password} ~mplb:* resetchannels +@all -@dangerous"]) + "\n"
+
+    def start_redis(self) -> None:
+        conf = self.run_dir / "redis.conf"
+        conf.write_text(self.redis_config())
+        conf.chmod(0o600)
+        self.processes["redis"] = self.popen("store", "redis-server", str(conf), stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ping = subprocess.run(["ip", "netns", "exec", self.ns("store"), "redis-cli", "-h", STORE, "--user",
+                                   REDIS_USER, "--pass", self.redis_password, "--no-auth-warning", "ping"],
+                                  capture_output=True, text=True)
+            if ping.stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop_redis(self) -> None:
+        self._stop("redis")
+
+    def _stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def password_file(self) -> Path:
+        path = self.run_dir / "redis.password"
+        path.write_text(self.redis_password + "\n")
+        path.chmod(0o600)
+        return path
+
+    def cluster_config(self, role: str, name: str) -> str:
+        """The [cluster] table of balancer `role`'s config."""
+        return "\n".join(["[cluster]", f'name = "{name}"', f'balancer = "{role}"',
+                          f'redis = "redis://{STORE}:{REDIS_PORT}/0"', f'username = "{REDIS_USER}"',
+                          f'password_file = "{self.password_file()}"', f'announce_device = "{ANNOUNCE_DEVICE}"']) + "\n"
+
+    def wait_announced(self, count: int, timeout: float = 30.0) -> None:
+        """Until the router's route to the VIP goes through `count` balancers."""
+        deadline = time.monotonic() + timeout
+        while len(self.nexthops()) != count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the router has {self.nexthops()} for {VIP}, not {count} balancers")
+            time.sleep(0.1)
+
+    def nexthops(self) -> list[str]:
+        """The balancers the router's route to the VIP goes through now."""
+        out = self.exec("router", "ip", "-4", "route", "show", f"{VIP}/32", capture_output=True).stdout
+        return sorted(set(word for line in out.splitlines() for i, word in enumerate(line.split())
+                          if i and line.split()[i - 1] == "via"))
+
+    def destroy(self) -> None:
+        for name in list(self.processes):
+            self._stop(name)
+        super().destroy()

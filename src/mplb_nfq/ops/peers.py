@@ -1,0 +1,138 @@
+"""The worker's side of a cluster: what it learned and steered goes to the link (ops/cluster.py),
+what peers learned and steered comes into its kernel maps and its core. A peer's word is
+untrusted: what names a backend or a service this balancer does not have is counted, not
+installed; a token this balancer knows already keeps what it knows; a peer may end only the
+tokens it taught."""
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+
+from ..core.balancer import Balancer
+from ..core.cluster import Batch, accepted
+from ..core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
+from .cluster import LinkState, PeerNews
+from .logs import ThrottledLog
+
+DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class Peers:
+    def __init__(self, name: str, balancer: Balancer, dataplane, errors: ThrottledLog):
+        self.name, self.balancer, self.dataplane, self.errors = name, balancer, dataplane, errors
+        self.outgoing = Batch(name, time.time())
+        self.fingerprint = ""  # of the config in force, as the link last heard it
+        self.taught: dict[int, str] = {}  # token -> the peer that taught it
+        self.subflows_of: dict[int, list[tuple]] = {}  # token -> its subflows in the kernel's subflow map
+        self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0, tokens_received=0)
+        self.rejected: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()  # items installed, per peer
+        self.state: LinkState | None = None
+        self.delay_counts = [0] * (len(DELAY_BUCKETS) + 1)
+        self.delay_sum = 0.0
+
+    # -- out ----------------------------------------------------------------------------------
+    def learned(self, tokens: dict[int, int]) -> None:
+        """Tokens this balancer put in its kernel map (token -> mark)."""
+        for token, mark in tokens.items():
+            backend = self.balancer.backend_of(mark)
+            if backend is not None:
+                self._starting()
+                self.outgoing.tokens[token] = backend.name
+
+    def steered(self, flow: tuple, token: int, mark: int) -> None:
+        """A join this balancer steered: should the router move it, a peer keeps its backend."""
+        backend = self.balancer.backend_of(mark)
+        if backend is not None:
+            self._starting()
+            self.outgoing.subflows[flow] = (token, backend.name)
+            if self.taught.get(token, self.name) != self.name:
+                self.stats["joins_crossed"] += 1  # its connection came through another balancer
+
+    def ended(self, tokens: list[int]) -> None:
+        """Connections this balancer taught are gone: peers take their tokens out."""
+        self.outgoing.ended += tokens
+        self._drop_subflows(tokens)
+
+    def _starting(self) -> None:
+        """A batch is as old as its oldest news: the receiver's propagation delay starts there."""
+        if not self.outgoing.tokens and not self.outgoing.subflows:
+            self.outgoing.at = time.time()
+
+    def flush(self, link) -> None:
+        if self.outgoing:
+            link.send(self.outgoing)
+            self.outgoing = Batch(self.name, time.time())
+
+    # -- in -----------------------------------------------------------------------------------
+    def news(self, news: PeerNews) -> None:
+        backends = {b.name: b.mark for b in self.balancer.backends}
+        served = [(vip, port) for s in self.balancer.services for vip in s.vips for port in s.ports]
+        batch = accepted(news.batch, backends, served, self.rejected)
+        now = time.perf_counter()
+        fresh = [(token, backends[name]) for token, name in batch.tokens.items()
+                 if self.balancer.tokens.get(token, now) is None]
+        if fresh:
+            values = [(token, mark | JOIN | TAUGHT_BY_CLIENT) for token, mark in fresh]
+            try:  # a token the map holds already (another connection here) stays as it is
+                refused = set(self.dataplane.add_tokens(values, {t: f"peer {batch.origin}" for t, _ in fresh}))
+            except Exception as e:  # the core still has them: joins that reach this worker are steered
+                self.errors.error("peer-install", f"installing {len(fresh)} tokens from {batch.origin} failed: {e}")
+                refused = set()
+            for token, mark in values:
+                if token not in refused:
+                    self.balancer.learn_token(token, mark, now)
+                    self.taught[token] = batch.origin
+            self.received[batch.origin] += len(fresh) - len(refused)
+            self.stats["tokens_received"] += len(fresh) - len(refused)
+        subflows = [(flow, backends[name] | JOIN | LEARNED) for flow, (_, name) in batch.subflows.items()
+                    if batch.origin != self.name]
+        if subflows:
+            try:
+                self.dataplane.add_subflows(subflows)
+            except Exception as e:
+                self.errors.error("peer-subflows", f"installing {len(subflows)} subflows from {batch.origin} "
+                                                   f"failed: {e}")
+            else:
+                for (flow, mark), (token, _) in zip(subflows, batch.subflows.values()):
+                    self.balancer.flows.put(flow, mark & ~LEARNED, now)  # its first ACK may reach the worker
+                    self.subflows_of.setdefault(token, []).append(flow)
+                self.stats["subflows_installed"] += len(subflows)
+        ended = [t for t in batch.ended if self.taught.get(t) == batch.origin]
+        if ended:
+            try:
+                self.dataplane.delete_tokens(ended)
+            except Exception as e:  # the map's timeout takes them later
+                self.errors.error("peer-delete", f"deleting {len(ended)} tokens {batch.origin} ended failed: {e}")
+            for token in ended:
+                self.balancer.forget(token)
+                del self.taught[token]
+            self._drop_subflows(ended)
+        if not news.resync and (batch.tokens or batch.subflows):
+            delay = max(0.0, time.time() - batch.at)
+            self.delay_counts[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
+            self.delay_sum += delay
+
+    def _drop_subflows(self, tokens: list[int]) -> None:
+        flows = [flow for token in tokens for flow in self.subflows_of.pop(token, [])]
+        if flows:
+            try:
+                self.dataplane.delete_subflows(flows)
+            except Exception as e:
+                self.errors.error("peer-subflows", f"deleting {len(flows)} subflows failed: {e}")
+
+    def held_found(self, token: int) -> None:
+        if self.taught.get(token, self.name) != self.name:
+            self.stats["held_for_peer"] += 1
+
+    def report(self) -> dict:
+        state = self.state
+        return {"balancer": self.name, "redis": "connected" if state and state.connected else "down",
+                "error": state.error if state else "starting", "published": state.published if state else 0,
+                "received": dict(self.received), "peers": state.peers if state else {},
+                "rejected": {**self.rejected, **(state.rejected if state else {})},
+                "resyncs": state.resyncs if state else 0, "outages": state.outages if state else 0,
+                **self.stats, "peer_tokens": len(self.taught),
+                "propagation_ms_mean": round(self.delay_sum * 1000 / sum(self.delay_counts), 2)
+                if sum(self.delay_counts) else None}
