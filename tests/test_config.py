@@ -159,3 +159,58 @@ def test_join_ports_follow_the_marks_and_may_not_take_a_port_already_served():
     with pytest.raises(ConfigError) as e:
         from_dict(data, "/etc/x.toml")
     assert e.value.key == "services[0].join_port_base" and "port 443, served by 'web'" in e.value.reason
+
+
+def cluster_config(tmp_path, **cluster):
+    password = tmp_path / "redis.password"
+    password.write_text("s3cret\n")
+    data = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80], "scheduler": "maglev",
+                          "direct_return": True}],
+            "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}],
+            "cluster": {"name": "edge", "balancer": "lb1", "redis": "redis://10.0.9.250:6379/0", "username": "mplb",
+                        "password_file": str(password), **cluster}}
+    return data
+
+
+def test_a_cluster_reads_its_password_from_a_file_and_never_shows_it(tmp_path):
+    cfg = from_dict(cluster_config(tmp_path), "/etc/x.toml")
+    assert (cfg.cluster.name, cfg.cluster.balancer, cfg.cluster.username) == ("edge", "lb1", "mplb")
+    assert cfg.cluster.password == "s3cret" and "s3cret" not in repr(cfg)
+    assert cfg.cluster.announce_device == "mplb-announce"
+    assert from_dict(cluster_config(tmp_path, announce_device=""), "x").cluster.announce_device is None
+
+
+@pytest.mark.parametrize("change, key, reason", [
+    ({"redis": "redis://:pw@10.0.9.250:6379"}, "cluster.redis", "no credentials in it"),
+    ({"redis": "http://10.0.9.250"}, "cluster.redis", "must be redis://"),
+    ({"password_file": "relative"}, "cluster.password_file", "never talks to an open Redis"),
+    ({"password_file": "/nonexistent/pw"}, "cluster.password_file", "cannot read"),
+    ({"tls_ca": "/etc/hostname"}, "cluster.tls_ca", "only with a rediss://"),
+    ({"redis": "rediss://h:6380", "tls_ca": "/nonexistent"}, "cluster.tls_ca", "readable file"),
+    ({"redis": "rediss://h:6380", "tls_cert": "/etc/hostname"}, "cluster.tls_key", "both tls_cert and tls_key"),
+    ({"announce_device": "a-name-too-long-for-linux"}, "cluster.announce_device", "at most 15"),
+    ({"balancer": "lb 1"}, "cluster.balancer", "letters, digits"),
+    ({"peers": 3}, "cluster.peers", "unknown key"),
+])
+def test_a_bad_cluster_table_is_refused_naming_key_and_reason(tmp_path, change, key, reason):
+    with pytest.raises(ConfigError) as e:
+        from_dict(cluster_config(tmp_path, **change), "/etc/x.toml")
+    assert e.value.key == key and reason in e.value.reason, str(e.value)
+
+
+def test_a_cluster_needs_a_scheduler_every_balancer_computes_alike_direct_return_and_one_worker(tmp_path):
+    for service_change, key, reason in ((("scheduler", "rr"), "services[0].scheduler", "maglev, sh"),
+                                        (("direct_return", False), "services[0].direct_return", "direct server")):
+        data = cluster_config(tmp_path)
+        data["services"][0][service_change[0]] = service_change[1]
+        with pytest.raises(ConfigError) as e:
+            from_dict(data, "x")
+        assert e.value.key == key and reason in e.value.reason
+    data = cluster_config(tmp_path)
+    data["kernel"] = {"workers": 2}
+    with pytest.raises(ConfigError, match="kernel.workers: a balancer of a cluster runs one worker"):
+        from_dict(data, "x")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        from_dict(cluster_config(tmp_path, password_file=str(empty)), "x")

@@ -18,8 +18,8 @@ url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": s
 print(urllib.request.urlopen(url, timeout=5).read().decode())"""
 
 
-def query(topo, expr):
-    out = topo.exec("lb", sys.executable, "-c", QUERY, expr, capture_output=True).stdout
+def query(topo, expr, role="lb"):
+    out = topo.exec(role, sys.executable, "-c", QUERY, expr, capture_output=True).stdout
     return json.loads(out)
 
 
@@ -38,40 +38,59 @@ def on_the_kernel(test):
     return test
 
 
-@on_the_kernel
-def test_every_dashboard_panel_returns_data_from_a_real_prometheus(topo, worker, tmp_path):
+CLUSTER = "Cluster:"  # the panels of the cluster's row: tests/test_cluster.py checks them on a cluster
+
+
+def dashboard_queries(cluster: bool) -> set[tuple[str, str]]:
+    """(panel title, query) of the dashboard's panels: the cluster's row, or all the others."""
+    panels = json.loads((DEPLOY / "grafana" / "mplb-nfq.json").read_text())["panels"]
+    return {(panel["title"], target["expr"].replace("$__rate_interval", "30s"))
+            for panel in panels if panel.get("targets") and panel["title"].startswith(CLUSTER) == cluster
+            for target in panel["targets"]}
+
+
+def assert_panels_answer(topo, role, tmp_path, queries, traffic):
+    """A real Prometheus in namespace `role` scrapes the worker there (deploy/prometheus's config)
+    while `traffic()` runs, until every query returns data through its HTTP API."""
     if not shutil.which("prometheus"):
         pytest.skip("Debian's prometheus package is needed (./dev installs it)")
-    worker("mplb", kernel="conntrack_interval = 0.5", metrics="127.0.0.1:9842")
     scrape = (DEPLOY / "prometheus" / "prometheus.yml").read_text().replace("15s", "1s")
     (tmp_path / "prometheus.yml").write_text(scrape)
-    prometheus = topo.popen("lb", "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+    prometheus = topo.popen(role, "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.listen-address=127.0.0.1:9090",
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
     try:
         for _ in range(150):  # Prometheus starts scraping a few seconds after it answers
             try:
-                if query(topo, 'up{job="mplb-nfq"}')["data"]["result"]:
+                if query(topo, 'up{job="mplb-nfq"}', role)["data"]["result"]:
                     break
             except (json.JSONDecodeError, RuntimeError, KeyError):
                 pass
             time.sleep(0.2)
-        dashboard = json.loads((DEPLOY / "grafana" / "mplb-nfq.json").read_text())
-        assert len(dashboard["panels"]) >= 10
-        queries = {(panel["title"], target["expr"].replace("$__rate_interval", "30s"))
-                   for panel in dashboard["panels"] for target in panel["targets"]}
         empty = queries
         for _ in range(20):  # traffic between scrapes, until every rate has two samples to work on
-            assert [r["received"] for r in fetch(topo, 2 * MB, 2 * MB)] == [2 * MB] * 2
+            traffic()
             time.sleep(1.0)
-            answers = {q: query(topo, q[1]) for q in empty}
+            answers = {q: query(topo, q[1], role) for q in empty}
             assert all(a["status"] == "success" for a in answers.values()), answers
             empty = {q for q, a in answers.items() if not a["data"]["result"]}
             if not empty:
                 break
         assert not empty, f"panels with no data: {sorted(title for title, _ in empty)}"
-        up = query(topo, 'up{job="mplb-nfq"}')["data"]["result"]
+        up = query(topo, 'up{job="mplb-nfq"}', role)["data"]["result"]
         assert up and up[0]["value"][1] == "1"
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=10)
+
+
+@on_the_kernel
+def test_every_dashboard_panel_returns_data_from_a_real_prometheus(topo, worker, tmp_path):
+    worker("mplb", kernel="conntrack_interval = 0.5", metrics="127.0.0.1:9842")
+    queries = dashboard_queries(cluster=False)
+    assert len(queries) >= 10
+
+    def traffic():
+        assert [r["received"] for r in fetch(topo, 2 * MB, 2 * MB)] == [2 * MB] * 2
+
+    assert_panels_answer(topo, "lb", tmp_path, queries, traffic)

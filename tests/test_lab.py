@@ -83,3 +83,22 @@ def test_quick_lab_with_joins_to_the_ports_the_backends_announce(tmp_path):
     assert results["settings"]["joins"] == "announced-port"
     assert results["join_failures"]["mplb"] == 0
     assert results["ratio"] >= 1.8, results["ratio"]
+
+
+def test_quick_lab_with_a_cluster_of_two_balancers_crosses_joins_and_loses_none(tmp_path):
+    """Two balancers behind a router (BGP from BIRD, ECMP on L4), sharing tokens through Redis:
+    joins reach the other balancer than their connection's first subflow, and none fails."""
+    before = set(leftover_namespaces())
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--balancers", "2", "--quick", "--json",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert results["balancers"] == 2 and results["joins_crossed"] > 0
+    assert results["ratio"] >= 1.8, results["ratio"]
+    assert results["join_failures"]["mplb"] == 0 and results["join_failures"]["unaware"] >= 3
+    for worker in results["modes"]["mplb"]["workers"].values():
+        assert worker["cluster"]["redis"] == "connected" and worker["cluster"]["rejected"] == {}
+    assert set(leftover_namespaces()) == before
+    engines = subprocess.run(["pgrep", "-af", "bird .*mplb-lab-|redis-server 10.0.9.250"], capture_output=True,
+                             text=True).stdout
+    assert not engines, engines

@@ -71,10 +71,33 @@ def build() -> dashboard.Dashboard:
         series("Token map writes /s, by result (error: the kernel map full or refusing)", "ops",
                query(rate("mplb_token_writes_total", "result"), "{{result}}")),
     ]
+    cluster = [
+        gauge("Cluster: Redis link up, VIPs announced (per balancer)",
+              "min by (instance) (mplb_cluster_redis_up) + 2 * min by (instance) (mplb_cluster_announced)",
+              "{{instance}} (3 = both)"),
+        series("Cluster: tokens from peers installed /s, published /s", "ops",
+               query(rate("mplb_cluster_received_total", "peer"), "from {{peer}}", "A"),
+               query(rate("mplb_cluster_published_total", "instance"), "{{instance}} published", "B")),
+        series("Cluster: propagation delay, a peer's learning to this kernel map (p50, p99)", "s",
+               *(query(f"histogram_quantile({q}, sum by (le) (rate(mplb_cluster_propagation_seconds_bucket"
+                       f"[$__rate_interval])))", f"p{int(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.99, "B")))),
+        series("Cluster: joins /s whose connection came through a peer (crossed), held for a peer's token; "
+               "moved subflows", "ops",
+               query(rate("mplb_cluster_joins_total", "kind"), "{{kind}}", "A"),
+               query("sum(rate(mplb_cluster_moved_subflows_total[$__rate_interval]))", "moved subflows", "B")),
+        series("Cluster: Redis outages, entries rejected /s (malformed, unknown backend)", "ops",
+               query("sum(rate(mplb_cluster_redis_outages_total[$__rate_interval]))", "outages", "A"),
+               query(rate("mplb_cluster_rejected_total", "reason"), "rejected {{reason}}", "B")),
+        gauge("Cluster: peers whose config differs", "count(mplb_cluster_peer_config_same == 0) or vector(0)",
+              "peers"),
+    ]
     board = (dashboard.Dashboard("mplb-nfq: MPTCP-aware load balancer").uid("mplb-nfq").tags(["mplb-nfq", "mptcp"])
              .timezone("browser").refresh("10s").time("now-1h", "now")
              .with_variable(dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus")))
     for panel in panels:
+        board = board.with_panel(panel)
+    board = board.with_row(dashboard.Row("Cluster (balancers behind ECMP sharing tokens through Redis)"))
+    for panel in cluster:
         board = board.with_panel(panel)
     return board.build()
 

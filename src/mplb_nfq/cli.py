@@ -192,7 +192,7 @@ def cmd_inspect(args) -> int:
 def cmd_lab(args) -> int:
     from .lab.lab import LabSettings, run_lab
 
-    settings = LabSettings.quick() if args.quick else LabSettings()
+    settings = LabSettings.quick(args.balancers) if args.quick else LabSettings()
     if args.sizes:
         settings.sizes_mb = [float(s) for s in args.sizes.split(",")]
     if args.repeat:

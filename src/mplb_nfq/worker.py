@@ -233,7 +233,8 @@ class Worker:
                 if link:
                     self.peers.flush(link)
                 if announcement:
-                    announcement.set(plane.any_available())
+                    announcement.set(plane.any_available() and self.peers.ready_to_announce())
+                    self.peers.announced = announcement.up
                 if not first and time.monotonic() >= next_report:
                     parent.send(plane.own_report())
                     next_report = time.monotonic() + 0.5

@@ -11,6 +11,8 @@ import fcntl
 import os
 import struct
 
+from .nft import KernelError
+
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 
@@ -18,12 +20,15 @@ IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 class Announcement:
     def __init__(self, device: str):
         self.device, self.up = device, False
-        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KernelError(f"the announcement device {device}: /dev/net/tun: {e.strerror}") from None
         try:
             fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", device.encode(), IFF_TUN | IFF_NO_PI))
-        except OSError:
+        except OSError as e:
             os.close(self.fd)
-            raise
+            raise KernelError(f"the announcement device {device}: {e.strerror} (held by another worker?)") from None
 
     def set(self, up: bool) -> None:
         """Announce (link up) or withdraw (link down)."""

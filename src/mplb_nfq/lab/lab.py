@@ -54,8 +54,9 @@ class LabSettings:
     balancers: int = 0  # N: a cluster of N balancers behind a router (BGP, ECMP), Redis shared; 0: one LB
 
     @classmethod
-    def quick(cls) -> "LabSettings":
-        return cls(sizes_mb=[2, 30], repeat=3)
+    def quick(cls, balancers: int = 0) -> "LabSettings":
+        # a cluster's run needs joins to cross balancers, half of them do: a few more connections
+        return cls(sizes_mb=[0.5, 1, 2, 30] if balancers else [2, 30], repeat=3, balancers=balancers)
 
 
 def t_critical(df: int) -> float:

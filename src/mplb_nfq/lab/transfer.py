@@ -13,6 +13,8 @@ import threading
 import time
 
 CHUNK = bytes(range(256)) * 256  # byte i of every download is i % 256: a checker knows what must arrive
+RECEIVE = 1 << 20
+PATTERN = CHUNK * (RECEIVE // len(CHUNK) + 1)  # any received piece, wherever it starts, is a slice of it
 
 
 def expected(size: int) -> bytes:
@@ -63,14 +65,16 @@ def fetch(host: str, port: int, size: int, timeout: float = 120.0, mapped: bool 
         s.settimeout(timeout)
         s.connect((f"::ffff:{host}" if mapped else host, port))
         s.sendall(size.to_bytes(8, "big"))
-        received = 0
+        received, intact = 0, True
         while True:
-            n = len(s.recv(1 << 20))
-            if not n:
+            data = s.recv(RECEIVE)
+            if not data:
                 break
-            received += n
+            start = received % len(CHUNK)
+            intact = intact and data == PATTERN[start:start + len(data)]
+            received += len(data)
     seconds = time.monotonic() - started
-    return {"size": size, "received": received, "seconds": seconds,
+    return {"size": size, "received": received, "intact": intact, "seconds": seconds,
             "mbit_s": received * 8 / seconds / 1e6 if seconds else 0.0}
 
 

@@ -237,6 +237,7 @@ class Link:
                 last = newest[0][0] if newest else "0-0"
                 self.resync(client)  # entries written meanwhile come again from the stream: installs are idempotent
                 self.reader_up, retry = True, 0
+                self.send(self.state())  # after the batches: the worker knows it has caught up
                 while True:
                     for _, entries in client.xread({self.stream: last}, count=1000, block=1000) or []:
                         for last, fields in entries:

@@ -13,6 +13,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from ..kernel.queue import queue_drops
 from .counters import LATENCY_BUCKETS
+from .peers import DELAY_BUCKETS
 
 log = logging.getLogger("mplb_nfq.metrics")
 JOIN_RESULTS = {"join_hit": "hit", "join_miss": "miss", "join_collision": "collision"}
@@ -139,14 +140,56 @@ class WorkerCollector:
         drops.add_metric(["socket_full"], found["socket_full"])
         yield drops
 
-        buckets, cumulative = [], 0
-        for bound, count in zip(list(LATENCY_BUCKETS) + [float("inf")], total.latency_counts):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         latency = HistogramMetricFamily("mplb_packet_processing_seconds",
                                         "CPU time to parse and decide one queued packet")
-        latency.add_metric([], buckets, total.latency_sum)
+        latency.add_metric([], _buckets(LATENCY_BUCKETS, total.latency_counts), total.latency_sum)
         yield latency
+        if w.peers:
+            yield from _cluster_metrics(w.peers, nft)
+
+
+def _buckets(bounds, counts) -> list[tuple[str, int]]:
+    """Cumulative histogram buckets from per-bucket counts (the last one: +Inf)."""
+    buckets, cumulative = [], 0
+    for bound, count in zip(list(bounds) + [float("inf")], counts):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets
+
+
+def _cluster_metrics(peers, nft: dict[str, int]):
+    report = peers.report()
+    redis = GaugeMetricFamily("mplb_cluster_redis_up", "1 when the link to Redis publishes and follows")
+    redis.add_metric([], int(report["redis"] == "connected"))
+    announced = GaugeMetricFamily("mplb_cluster_announced", "1 while BIRD may announce this balancer's VIPs")
+    announced.add_metric([], int(bool(report["announced"])))
+    outages = CounterMetricFamily("mplb_cluster_redis_outages", "Times the link lost Redis")
+    outages.add_metric([], report["outages"])
+    published = CounterMetricFamily("mplb_cluster_published", "Tokens and join subflows this balancer published")
+    published.add_metric([], report["published"])
+    received = CounterMetricFamily("mplb_cluster_received", "Tokens from each peer installed here", labels=["peer"])
+    for peer, n in sorted(report["received"].items()):
+        received.add_metric([peer], n)
+    rejected = CounterMetricFamily("mplb_cluster_rejected", "Entries read from Redis and ignored, by reason",
+                                   labels=["reason"])
+    for reason, n in sorted(report["rejected"].items()):
+        rejected.add_metric([reason], n)
+    joins = CounterMetricFamily("mplb_cluster_joins", "Joins steered by a token a peer taught (crossed: their "
+                                "connection came through another balancer; held: they waited for it)",
+                                labels=["kind"])
+    joins.add_metric(["crossed"], report["joins_crossed"])
+    joins.add_metric(["held_for_peer"], report["held_for_peer"])
+    moved = CounterMetricFamily("mplb_cluster_moved_subflows", "First packets of join subflows a peer steered, "
+                                "picked up here mid-stream (the router moved them)")
+    moved.add_metric([], nft.get("subflow_shared", 0))
+    same = GaugeMetricFamily("mplb_cluster_peer_config_same", "1 when a peer's config decides as this one's",
+                             labels=["peer"])
+    for peer, beat in sorted(report["peers"].items()):
+        same.add_metric([peer], int(beat["fingerprint"] == report["fingerprint"]))
+    delay = HistogramMetricFamily("mplb_cluster_propagation_seconds",
+                                  "From a peer's learning to this balancer's kernel map")
+    delay.add_metric([], _buckets(DELAY_BUCKETS, peers.delay_counts), peers.delay_sum)
+    yield from (redis, announced, outages, published, received, rejected, joins, moved, same, delay)
 
 
 def serve_metrics(plane, address: str) -> None:

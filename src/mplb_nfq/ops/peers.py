@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from ..core.balancer import Balancer
 from ..core.cluster import Batch, accepted
@@ -15,6 +15,9 @@ from ..core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
 from .cluster import LinkState, PeerNews
 from .logs import ThrottledLog
 
+# A starting balancer announces its VIPs once it has caught up from Redis (a flow the router moves
+# to it then finds its join subflows), or after this long without Redis: then it balances alone
+CATCH_UP_SECONDS = 5.0
 DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
@@ -23,6 +26,8 @@ class Peers:
         self.name, self.balancer, self.dataplane, self.errors = name, balancer, dataplane, errors
         self.outgoing = Batch(name, time.time())
         self.fingerprint = ""  # of the config in force, as the link last heard it
+        self.announced: bool | None = None  # the VIPs' route (None: no announcement device)
+        self.started = time.monotonic()
         self.taught: dict[int, str] = {}  # token -> the peer that taught it
         self.subflows_of: dict[int, list[tuple]] = {}  # token -> its subflows in the kernel's subflow map
         self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0, tokens_received=0)
@@ -31,6 +36,7 @@ class Peers:
         self.state: LinkState | None = None
         self.delay_counts = [0] * (len(DELAY_BUCKETS) + 1)
         self.delay_sum = 0.0
+        self.recent_delays: deque[float] = deque(maxlen=4096)  # for the percentiles `status` shows
 
     # -- out ----------------------------------------------------------------------------------
     def learned(self, tokens: dict[int, int]) -> None:
@@ -113,6 +119,7 @@ class Peers:
             delay = max(0.0, time.time() - batch.at)
             self.delay_counts[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
             self.delay_sum += delay
+            self.recent_delays.append(delay)
 
     def _drop_subflows(self, tokens: list[int]) -> None:
         flows = [flow for token in tokens for flow in self.subflows_of.pop(token, [])]
@@ -122,17 +129,27 @@ class Peers:
             except Exception as e:
                 self.errors.error("peer-subflows", f"deleting {len(flows)} subflows failed: {e}")
 
+    def ready_to_announce(self) -> bool:
+        caught_up = self.state is not None and self.state.resyncs > 0
+        return caught_up or time.monotonic() - self.started > CATCH_UP_SECONDS
+
     def held_found(self, token: int) -> None:
         if self.taught.get(token, self.name) != self.name:
             self.stats["held_for_peer"] += 1
 
     def report(self) -> dict:
         state = self.state
-        return {"balancer": self.name, "redis": "connected" if state and state.connected else "down",
+        return {"balancer": self.name, "announced": self.announced, "fingerprint": self.fingerprint, "redis": "connected" if state and state.connected else "down",
                 "error": state.error if state else "starting", "published": state.published if state else 0,
                 "received": dict(self.received), "peers": state.peers if state else {},
                 "rejected": {**self.rejected, **(state.rejected if state else {})},
                 "resyncs": state.resyncs if state else 0, "outages": state.outages if state else 0,
-                **self.stats, "peer_tokens": len(self.taught),
-                "propagation_ms_mean": round(self.delay_sum * 1000 / sum(self.delay_counts), 2)
-                if sum(self.delay_counts) else None}
+                **self.stats, "peer_tokens": len(self.taught), **self.propagation_ms()}
+
+    def propagation_ms(self) -> dict:
+        """From a peer's learning to this balancer's kernel map, over the last batches received."""
+        delays = sorted(self.recent_delays.copy())  # a copy is atomic: the metrics thread reads it too
+        if not delays:
+            return {"propagation_ms_p50": None, "propagation_ms_p99": None}
+        return {"propagation_ms_p50": round(delays[len(delays) // 2] * 1000, 2),
+                "propagation_ms_p99": round(delays[min(len(delays) - 1, int(len(delays) * 0.99))] * 1000, 2)}

@@ -27,7 +27,26 @@ def render_status(status: dict) -> str:
     if status["retired"]:
         lines.append("Retired (removed from the config, kept for their connections):")
         lines += [_backend_line(b) for b in status["retired"]]
+    cluster = status["packets"].get("cluster")
+    if cluster:
+        lines += _cluster_lines(cluster)
     return "\n".join(lines)
+
+
+def _cluster_lines(c: dict) -> list[str]:
+    announced = {True: "announced", False: "withdrawn", None: "not announced by mplb-nfq"}[c["announced"]]
+    lines = [f"Cluster: this balancer {c['balancer']}, VIPs {announced}, Redis {c['redis']}"
+             + (f" ({c['error']})" if c["error"] else "") + f", {c['outages']} outages, {c['resyncs']} catch-ups",
+             f"  published {c['published']}, peer tokens held {c['peer_tokens']}, joins crossed {c['joins_crossed']}, "
+             f"held for a peer's token {c['held_for_peer']}, propagation p50 {c['propagation_ms_p50']} ms "
+             f"p99 {c['propagation_ms_p99']} ms, rejected {sum(c['rejected'].values())}",
+             "  -> Peer           Received  Config      Heartbeat"]
+    for name in sorted(set(c["peers"]) | set(c["received"])):
+        peer = c["peers"].get(name)
+        config = "—" if peer is None else ("same" if peer["fingerprint"] == c["fingerprint"] else "DIFFERS")
+        beat = "gone" if peer is None else f"{peer['age_s']} s ago"
+        lines.append(f"  -> {name:14} {c['received'].get(name, 0):8}  {config:10}  {beat}")
+    return lines
 
 
 def _backend_line(b: dict) -> str:

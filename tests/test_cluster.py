@@ -1,0 +1,177 @@
+"""A cluster of balancers, for real: a router namespace running BIRD takes each balancer's BGP
+announcement into an ECMP route hashed on L4; each balancer runs BIRD and a worker; Redis (an ACL
+user with a password) is shared. The client has two addresses: its connections' joins reach
+either balancer. Every join must reach its connection's backend (the backends'
+MPJoinNoTokenFound stays 0) through balancer deaths, a Redis outage and a balancer added."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from netlab import KERNEL, MB, fetch, fetch_in_background, wait_for
+
+from mplb_nfq.lab.cluster import ClusterTopology
+from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
+from mplb_nfq.lab.netns import leftover_namespaces
+
+pytestmark = KERNEL
+
+
+class Cluster:
+    def __init__(self, topo: ClusterTopology, run_dir):
+        self.topo, self.run_dir, self.workers = topo, run_dir, {}
+
+    def start(self, role: str, metrics: str = "") -> WorkerProcess:
+        (self.run_dir / role).mkdir(exist_ok=True)
+        config = self.run_dir / role / "mplb.toml"
+        config.write_text(config_text("mplb", self.topo.backends, self.run_dir / role, metrics=metrics,
+                                      direct_return=True, cluster=self.topo.cluster_config(role, "test"),
+                                      kernel="conntrack_interval = 0.5"))
+        self.workers[role] = WorkerProcess(self.topo, config, self.run_dir / role / "worker.log", role)
+        return self.workers[role]
+
+    def status(self, role: str) -> dict:
+        out = self.topo.exec(role, sys.executable, "-m", "mplb_nfq", "status", "--json", "-c",
+                             str(self.workers[role].config_path), capture_output=True).stdout
+        return json.loads(out)["packets"]["cluster"]
+
+    def crossed(self) -> int:
+        return sum(self.status(role)["joins_crossed"] for role, w in self.workers.items() if w.proc.poll() is None)
+
+    def stop_all(self) -> None:
+        for w in self.workers.values():
+            if w.proc.poll() is None:
+                w.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    topo = ClusterTopology(backends=2, balancers=2, run_dir=tmp_path)
+    topo.build()
+    servers = [topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in topo.backend_names]
+    wait_for(lambda: all(topo.exec(n, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip()
+                         for n in topo.backend_names), 5)
+    c = Cluster(topo, tmp_path)
+    try:
+        for role in topo.balancer_names:
+            c.start(role)
+        topo.wait_announced(2)
+        yield c
+    finally:
+        c.stop_all()
+        for s in servers:
+            s.kill()
+        topo.destroy()
+    assert not [n for n in leftover_namespaces() if topo.tag in n]
+
+
+def no_token_found(topo) -> int:
+    return sum(topo.nstat(name).get("MPTcpExtMPJoinNoTokenFound", 0) for name in topo.backend_names)
+
+
+def joins_established(topo) -> int:
+    return sum(topo.nstat(name).get("MPTcpExtMPJoinAckRx", 0) for name in topo.backend_names)
+
+
+def resets(topo) -> int:
+    """Resets the backends sent: a subflow that reached a backend without its socket."""
+    total = 0
+    for name in topo.backend_names:
+        out = topo.exec(name, "nstat", "-asz", "TcpOutRsts", capture_output=True, text=True,
+                        env={"NSTAT_HISTORY": "/dev/null", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).stdout
+        total += sum(int(line.split()[1]) for line in out.splitlines() if line.startswith("TcpOutRsts"))
+    return total
+
+
+def downloads(topo, count, size):
+    results = fetch(topo, *[size] * count, pause=0.05)
+    assert len(results) == count
+    assert all(r.get("received") == size and r["intact"] for r in results), results
+    return results
+
+
+def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
+    topo = cluster.topo
+    established = joins_established(topo)
+    downloads(topo, 20, MB)
+    assert no_token_found(topo) == 0
+    # wait for the last joins' counts: a status answers between two packets
+    crossed = cluster.crossed()
+    assert crossed > 0, "no join reached another balancer than its connection: nothing was shown"
+    assert joins_established(topo) - established >= 18  # a join may lose the race with a 1 MB download's end
+    for role in topo.balancer_names:
+        state = cluster.status(role)
+        assert state["redis"] == "connected" and state["announced"] is True
+        assert state["propagation_ms_p50"] is not None and state["rejected"] == {}
+        (peer,) = set(topo.balancer_names) - {role}
+        assert state["peers"][peer]["fingerprint"] == state["fingerprint"]
+
+
+def test_entries_from_redis_that_are_malformed_or_name_an_unknown_backend_are_counted_not_installed(cluster):
+    topo = cluster.topo
+    cli = ["redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password, "--no-auth-warning"]
+    topo.exec("store", *cli, "XADD", "mplb:test:log", "*", "o", "intruder", "at", "1", "t", "0badc0de=nobody",
+              capture_output=True)
+    topo.exec("store", *cli, "XADD", "mplb:test:log", "*", "o", "intruder", "at", "1", "t", "zz=b1 12345678=b1;",
+              "s", "nonsense", capture_output=True)
+    wait_for(lambda: cluster.status("lb1")["rejected"].get("unknown_backend", 0) >= 1
+             and cluster.status("lb1")["rejected"].get("malformed", 0) >= 3, 10)
+    for role in topo.balancer_names:
+        tokens = topo.exec(role, "nft", "list", "map", "inet", "mplb", "tokens", capture_output=True).stdout
+        assert "0xbadc0de" not in tokens and "0x12345678" not in tokens
+
+
+def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(cluster):
+    topo = cluster.topo
+    before_resets, before_missing = resets(topo), no_token_found(topo)
+    running = [fetch_in_background(topo, 6 * MB) for _ in range(6)]
+    time.sleep(1.0)
+    # the machine dies: its worker, its BIRD and its link; the router withdraws it when BGP's
+    # hold time (3 s) runs out
+    cluster.workers["lb1"].proc.send_signal(signal.SIGKILL)
+    topo.stop_bird("lb1")
+    topo.exec("lb1", "ip", "link", "set", "s0", "down")
+    wait_for(lambda: topo.nexthops() == ["10.0.9.3"], 10)
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in running]
+    assert all(r.get("received") == 6 * MB and r["intact"] for r in results), results
+    lost = resets(topo) - before_resets
+    print(f"subflows reset by a backend after the balancer died: {lost}")
+    assert lost == 0
+    assert no_token_found(topo) == before_missing
+    downloads(topo, 4, MB)  # the survivor serves alone
+
+
+def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_again_once_back(cluster):
+    topo = cluster.topo
+    downloads(topo, 4, MB)
+    topo.stop_redis()
+    wait_for(lambda: all(cluster.status(r)["redis"] == "down" for r in topo.balancer_names), 15)
+    downloads(topo, 6, MB)  # connections complete; a join that crosses now meets the unknown-join policy
+    topo.start_redis()
+    wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
+    missing, crossed = no_token_found(topo), cluster.crossed()
+    downloads(topo, 12, MB)
+    assert cluster.crossed() > crossed, "no join crossed balancers after Redis came back"
+    assert no_token_found(topo) == missing
+    assert all(cluster.status(r)["outages"] >= 1 for r in topo.balancer_names)
+
+
+def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):
+    topo = cluster.topo
+    before_resets, before_missing = resets(topo), no_token_found(topo)
+    running = [fetch_in_background(topo, 6 * MB) for _ in range(6)]
+    time.sleep(1.0)
+    role = topo.add_balancer()
+    cluster.start(role)
+    topo.wait_announced(3)
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in running]
+    assert all(r.get("received") == 6 * MB and r["intact"] for r in results), results
+    lost = resets(topo) - before_resets
+    print(f"subflows reset by a backend after a balancer was added: {lost}")
+    assert lost == 0
+    assert no_token_found(topo) == before_missing
+    assert cluster.status(role)["resyncs"] >= 1
+    downloads(topo, 6, MB)

@@ -1,0 +1,151 @@
+"""What balancers of a cluster tell each other (pure): the encoding through Redis, what a balancer
+accepts from it (untrusted), and what the worker's side does with a peer's news, on a stand-in
+for the kernel maps."""
+import ipaddress
+import time
+from collections import Counter
+
+from mplb_nfq.core.balancer import Backend, Balancer, Service
+from mplb_nfq.core.cluster import Batch, accepted, decode, encode, from_record, record
+from mplb_nfq.core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
+from mplb_nfq.ops.cluster import LinkState, Own, PeerNews
+from mplb_nfq.ops.logs import ThrottledLog
+from mplb_nfq.ops.peers import Peers
+
+VIP = ipaddress.ip_address("10.0.100.1").packed
+VIP6 = ipaddress.ip_address("fd00:100::1").packed
+FLOW = (ipaddress.ip_address("10.0.2.2").packed, 40001, VIP, 8080)
+FLOW6 = (ipaddress.ip_address("fd00:2::4").packed, 40002, VIP6, 8080)
+
+
+def test_a_batch_goes_through_a_stream_entry_unchanged():
+    batch = Batch("lb1", 1700000000.123, {0x7A9913B1: "b1", 0x00000001: "b2"},
+                  {FLOW: (0x7A9913B1, "b1"), FLOW6: (0x00000001, "b2")}, [0xDEADBEEF])
+    fields = encode(batch)
+    assert all(isinstance(v, str) for v in fields.values())
+    rejected = Counter()
+    assert decode(fields, rejected) == batch and not rejected
+
+
+def test_what_is_malformed_is_counted_and_left_out_the_rest_kept():
+    rejected = Counter()
+    assert decode({"o": "lb 1", "at": "1"}, rejected) is None
+    assert decode({"o": "lb1", "at": "soon"}, rejected) is None
+    batch = decode({"o": "lb1", "at": "1000", "t": "7a9913b1=b1 7A9913B1=b1 123=b1 00000002=b;1 00000003",
+                    "s": "10.0.2.2:1>10.0.100.1:80=00000002=b1 nonsense 10.0.2.2:1>10.0.100.1:80=xyz=b1",
+                    "d": "00000004 -1"}, rejected)
+    assert batch.tokens == {0x7A9913B1: "b1"}
+    assert batch.subflows == {(FLOW[0], 1, VIP, 80): (2, "b1")} and batch.ended == [4]
+    assert rejected["malformed"] == 2 + 4 + 2 + 1  # two entries; then four tokens, two subflows, one end
+    flood = decode({"o": "lb1", "at": "1", "t": " ".join(["00000001=b1"] * 100_001)}, rejected)
+    assert flood.tokens == {}
+
+
+def test_a_kept_token_reads_back_with_its_subflows():
+    fields = record(0x7A9913B1, "b1", "lb2", 1700000000.5, [(FLOW, "b1")])
+    rejected = Counter()
+    batch = from_record(0x7A9913B1, fields, rejected)
+    assert (batch.origin, batch.tokens, batch.subflows) == ("lb2", {0x7A9913B1: "b1"}, {FLOW: (0x7A9913B1, "b1")})
+    assert from_record(1, {"b": "b1", "o": "lb2"}, rejected) is None and rejected["malformed"] == 1
+
+
+def test_only_known_backends_and_served_vips_are_accepted():
+    batch = Batch("lb2", 0.0, {1: "b1", 2: "ghost"},
+                  {FLOW: (1, "b1"), (FLOW[0], 1, VIP, 9999): (1, "b1"), (FLOW[0], 2, VIP, 8080): (2, "ghost"),
+                   (FLOW6[0], 3, VIP, 8080): (1, "b1")}, [7])
+    rejected = Counter()
+    kept = accepted(batch, {"b1": 0x101}, [(VIP, 8080)], rejected)
+    assert kept.tokens == {1: "b1"} and kept.subflows == {FLOW: (1, "b1")} and kept.ended == [7]
+    assert rejected == {"unknown_backend": 2, "unknown_service": 2}
+
+
+class KernelMaps:
+    """Stand-in for the dataplane's token and subflow maps."""
+
+    def __init__(self, held=()):
+        self.tokens = dict(held)
+        self.subflows = {}
+
+    def add_tokens(self, tokens, comments=None):
+        refused = [t for t, _ in tokens if t in self.tokens]
+        self.tokens.update((t, m) for t, m in tokens if t not in refused)
+        return refused
+
+    def delete_tokens(self, tokens):
+        for t in tokens:
+            self.tokens.pop(t, None)
+
+    def add_subflows(self, subflows):
+        self.subflows.update(subflows)
+
+    def delete_subflows(self, flows):
+        for f in flows:
+            self.subflows.pop(f, None)
+
+
+def make_peers(held=()):
+    b1, b2 = Backend("b1", ("10.0.9.11",), 0x101, 1001), Backend("b2", ("10.0.9.12",), 0x102, 1002)
+    balancer = Balancer([Service("web", (VIP,), (8080,), [b1, b2], "maglev", direct_return=True)])
+    maps = KernelMaps(held)
+    return Peers("lb1", balancer, maps, ThrottledLog(None)), balancer, maps
+
+
+def test_a_peers_tokens_and_subflows_reach_the_kernel_maps_and_the_core():
+    peers, balancer, maps = make_peers(held={5: 0x102 | JOIN})
+    peers.news(PeerNews(Batch("lb2", time.time() - 0.004, {1: "b1", 5: "b1", 6: "ghost"}, {FLOW: (1, "b1")})))
+    assert maps.tokens[1] == 0x101 | JOIN | TAUGHT_BY_CLIENT
+    assert maps.tokens[5] == 0x102 | JOIN  # a token this balancer holds keeps what it holds
+    assert 6 not in maps.tokens and peers.rejected["unknown_backend"] == 1
+    assert maps.subflows == {FLOW: 0x101 | JOIN | LEARNED}
+    assert balancer.flows.get(FLOW, time.perf_counter()) == 0x101 | JOIN  # for its first ACK, should it come here
+    assert balancer.tokens.get(1, time.perf_counter()) is not None
+    assert peers.received == {"lb2": 1} and 3.0 < peers.propagation_ms()["propagation_ms_p50"] < 1000
+
+
+def test_only_the_peer_that_taught_a_token_may_end_it_and_its_subflows_go_with_it():
+    peers, balancer, maps = make_peers()
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"}, {FLOW: (1, "b1")})))
+    peers.news(PeerNews(Batch("lb3", time.time(), ended=[1])))
+    assert 1 in maps.tokens and FLOW in maps.subflows
+    peers.news(PeerNews(Batch("lb2", time.time(), ended=[1])))
+    assert 1 not in maps.tokens and maps.subflows == {}
+    assert balancer.tokens.get(1, time.perf_counter()) is None
+
+
+def test_what_this_balancer_learns_and_steers_goes_out_and_a_join_on_a_peers_token_counts_as_crossed():
+    peers, _, _ = make_peers()
+    peers.learned({9: 0x102 | JOIN})
+    peers.steered(FLOW, 9, 0x102 | JOIN)  # its own token: the join came through this balancer too
+    assert peers.stats["joins_crossed"] == 0
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"})))
+    peers.steered(FLOW6, 1, 0x101 | JOIN)
+    assert peers.stats["joins_crossed"] == 1
+    peers.ended([9])
+    sent = []
+
+    class Link:
+        def send(self, batch):
+            sent.append(batch)
+
+    peers.flush(Link())
+    peers.flush(Link())  # nothing new: nothing sent
+    (batch,) = sent
+    assert batch.tokens == {9: "b2"} and batch.subflows == {FLOW: (9, "b2"), FLOW6: (1, "b1")} and batch.ended == [9]
+
+
+def test_a_starting_balancer_announces_once_caught_up_from_redis():
+    peers, _, _ = make_peers()
+    assert not peers.ready_to_announce()
+    peers.state = LinkState(True, 0, {}, {}, {}, None, resyncs=1, outages=0)
+    assert peers.ready_to_announce()
+    peers, _, _ = make_peers()
+    peers.started -= 10  # Redis never answered: it balances alone
+    assert peers.ready_to_announce()
+
+
+def test_what_a_balancer_published_is_published_again_after_an_outage_less_what_ended():
+    own = Own()
+    own.add(Batch("lb1", 10.0, {1: "b1", 2: "b2"}, {FLOW: (1, "b1"), FLOW6: (2, "b2")}))
+    own.add(Batch("lb1", 11.0, ended=[2]))
+    (batch,) = own.batches("lb1")
+    assert batch.tokens == {1: "b1"} and batch.subflows == {FLOW: (1, "b1")} and batch.at == 10.0
