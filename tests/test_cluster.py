@@ -23,7 +23,7 @@ class Cluster:
     def __init__(self, topo: ClusterTopology, run_dir):
         self.topo, self.run_dir, self.workers = topo, run_dir, {}
 
-    def start(self, role: str, metrics: str = "") -> WorkerProcess:
+    def start(self, role: str, metrics: str = "127.0.0.1:9842") -> WorkerProcess:  # a namespace each
         (self.run_dir / role).mkdir(exist_ok=True)
         config = self.run_dir / role / "mplb.toml"
         config.write_text(config_text("mplb", self.topo.backends, self.run_dir / role, metrics=metrics,
@@ -175,3 +175,11 @@ def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):
     assert no_token_found(topo) == before_missing
     assert cluster.status(role)["resyncs"] >= 1
     downloads(topo, 6, MB)
+
+
+def test_every_cluster_panel_of_the_dashboard_returns_data_from_a_real_prometheus(cluster, tmp_path):
+    from test_dashboard import assert_panels_answer, dashboard_queries
+
+    queries = dashboard_queries(cluster=True)
+    assert len(queries) >= 6
+    assert_panels_answer(cluster.topo, "lb1", tmp_path, queries, lambda: downloads(cluster.topo, 3, MB))

@@ -1,4 +1,7 @@
 import copy
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -110,8 +113,6 @@ def test_load_reports_unreadable_and_invalid_toml(tmp_path):
 
 
 def test_example_config_in_deploy_is_valid():
-    from pathlib import Path
-
     cfg = load(Path(__file__).parents[1] / "deploy" / "config.example.toml")
     assert cfg.services and cfg.backends
 
@@ -214,3 +215,23 @@ def test_a_cluster_needs_a_scheduler_every_balancer_computes_alike_direct_return
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         from_dict(cluster_config(tmp_path, password_file=str(empty)), "x")
+
+
+def test_the_cluster_examples_in_deploy_are_valid(tmp_path):
+    from mplb_nfq.lab.cluster import balancer_bird, router_bird
+
+    deploy = Path(__file__).parents[1] / "deploy" / "cluster"
+    password = tmp_path / "pw"
+    password.write_text("x\n")
+    text = (deploy / "config.toml").read_text().replace("/etc/mplb-nfq/redis.password", str(password))
+    (tmp_path / "config.toml").write_text(text)
+    cfg = load(tmp_path / "config.toml")
+    assert cfg.cluster.balancer == "lb1" and cfg.services[0].direct_return
+    if not shutil.which("bird"):
+        pytest.skip("Debian's bird2 is needed to parse the BIRD examples (./dev installs it)")
+    (tmp_path / "lab-router.conf").write_text(router_bird(["10.0.100.1"]))
+    (tmp_path / "lab-balancer.conf").write_text(balancer_bird(1, ["10.0.100.1"]))
+    for conf in [deploy / "bird-balancer.conf", deploy / "bird-router.conf", tmp_path / "lab-router.conf",
+                 tmp_path / "lab-balancer.conf"]:
+        parsed = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{conf}: {parsed.stderr}"

@@ -17,6 +17,7 @@ from .peers import DELAY_BUCKETS
 
 log = logging.getLogger("mplb_nfq.metrics")
 JOIN_RESULTS = {"join_hit": "hit", "join_miss": "miss", "join_collision": "collision"}
+REJECTED = ("malformed", "unknown_backend", "unknown_service")  # core.cluster's reasons
 
 
 class WorkerCollector:
@@ -172,8 +173,8 @@ def _cluster_metrics(peers, nft: dict[str, int]):
         received.add_metric([peer], n)
     rejected = CounterMetricFamily("mplb_cluster_rejected", "Entries read from Redis and ignored, by reason",
                                    labels=["reason"])
-    for reason, n in sorted(report["rejected"].items()):
-        rejected.add_metric([reason], n)
+    for reason in REJECTED:
+        rejected.add_metric([reason], report["rejected"].get(reason, 0))
     joins = CounterMetricFamily("mplb_cluster_joins", "Joins steered by a token a peer taught (crossed: their "
                                 "connection came through another balancer; held: they waited for it)",
                                 labels=["kind"])
