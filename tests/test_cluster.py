@@ -47,14 +47,15 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    topo = ClusterTopology(backends=2, balancers=2, run_dir=tmp_path)
+def cluster(tmp_path, request):
+    topo = ClusterTopology(backends=2, balancers=2, run_dir=tmp_path, tls=getattr(request, "param", False))
     topo.build()
     servers = [topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in topo.backend_names]
     wait_for(lambda: all(topo.exec(n, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip()
                          for n in topo.backend_names), 5)
     c = Cluster(topo, tmp_path)
+    c.servers = servers
     try:
         for role in topo.balancer_names:
             c.start(role)
@@ -62,7 +63,7 @@ def cluster(tmp_path):
         yield c
     finally:
         c.stop_all()
-        for s in servers:
+        for s in c.servers:
             s.kill()
         topo.destroy()
     assert not [n for n in leftover_namespaces() if topo.tag in n]
@@ -93,6 +94,7 @@ def downloads(topo, count, size):
     return results
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-over-tls"], indirect=True)
 def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
     topo = cluster.topo
     established = joins_established(topo)
@@ -108,11 +110,15 @@ def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(clu
         assert state["propagation_ms_p50"] is not None and state["rejected"] == {}
         (peer,) = set(topo.balancer_names) - {role}
         assert state["peers"][peer]["fingerprint"] == state["fingerprint"]
+    if topo.tls:  # and Redis would not have talked in clear
+        plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password,
+                          "--no-auth-warning", "ping", capture_output=True, check=False)
+        assert "PONG" not in plain.stdout
 
 
 def test_entries_from_redis_that_are_malformed_or_name_an_unknown_backend_are_counted_not_installed(cluster):
     topo = cluster.topo
-    cli = ["redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password, "--no-auth-warning"]
+    cli = topo.redis_cli()
     topo.exec("store", *cli, "XADD", "mplb:test:log", "*", "o", "intruder", "at", "1", "t", "0badc0de=nobody",
               capture_output=True)
     topo.exec("store", *cli, "XADD", "mplb:test:log", "*", "o", "intruder", "at", "1", "t", "zz=b1 12345678=b1;",
@@ -183,3 +189,24 @@ def test_every_cluster_panel_of_the_dashboard_returns_data_from_a_real_prometheu
     queries = dashboard_queries(cluster=True)
     assert len(queries) >= 6
     assert_panels_answer(cluster.topo, "lb1", tmp_path, queries, lambda: downloads(cluster.topo, 3, MB))
+
+
+def test_a_balancer_withdraws_when_its_worker_stops_or_dies_and_while_no_backend_is_healthy(cluster):
+    topo = cluster.topo
+    cluster.workers["lb2"].stop()  # SIGTERM, as systemd stops it
+    wait_for(lambda: topo.nexthops() == ["10.0.9.2"], 5)
+    cluster.start("lb2")
+    topo.wait_announced(2)
+    cluster.workers["lb2"].proc.send_signal(signal.SIGKILL)  # no handler runs: the kernel drops its device
+    wait_for(lambda: topo.nexthops() == ["10.0.9.2"], 5)
+    downloads(topo, 2, MB)  # its BIRD is alive, its data path in place: only the route went
+    cluster.start("lb2")
+    topo.wait_announced(2)
+    for server in cluster.servers:  # every backend fails its health check
+        server.kill()
+    wait_for(lambda: topo.nexthops() == [], 10)
+    assert all(cluster.status(role)["announced"] is False for role in topo.balancer_names)
+    cluster.servers = [topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in topo.backend_names]
+    topo.wait_announced(2, timeout=15)
+    downloads(topo, 2, MB)

@@ -77,6 +77,7 @@ class ClusterTopology(Topology):
     direct_return: bool = True
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     added: set = field(default_factory=set)  # balancers added after the build
+    tls: bool = False  # Redis only over TLS, its certificate from a CA of the run's own
 
     @property
     def namespaces(self) -> list[str]:
@@ -172,9 +173,19 @@ class ClusterTopology(Topology):
         self._stop(f"bird-{role}")
 
     def redis_config(self) -> str:
-        return "\n".join([f"bind {STORE}", f"port {REDIS_PORT}", 'save ""', "appendonly no", "protected-mode yes",
+        listen = [f"port {REDIS_PORT}"]
+        if self.tls:
+            ca, cert, key = make_certificates(self.run_dir)
+            listen = ["port 0", f"tls-port {REDIS_PORT}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+                      f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
+        return "\n".join([f"bind {STORE}", *listen, 'save ""', "appendonly no", "protected-mode yes",
                           f"dir {self.run_dir}", "user default off",
                           f"user {REDIS_USER} on >{self.redis_password} ~mplb:* resetchannels +@all -@dangerous"]) + "\n"
+
+    def redis_cli(self) -> list[str]:
+        tls = ["--tls", "--cacert", str(self.run_dir / "ca.pem")] if self.tls else []
+        return ["redis-cli", "-h", STORE, "-p", str(REDIS_PORT), *tls, "--user", REDIS_USER, "--pass",
+                self.redis_password, "--no-auth-warning"]
 
     def start_redis(self) -> None:
         conf = self.run_dir / "redis.conf"
@@ -184,8 +195,7 @@ class ClusterTopology(Topology):
                                              stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            ping = subprocess.run(["ip", "netns", "exec", self.ns("store"), "redis-cli", "-h", STORE, "--user",
-                                   REDIS_USER, "--pass", self.redis_password, "--no-auth-warning", "ping"],
+            ping = subprocess.run(["ip", "netns", "exec", self.ns("store"), *self.redis_cli(), "ping"],
                                   capture_output=True, text=True)
             if ping.stdout.strip() == "PONG":
                 return
@@ -213,8 +223,9 @@ class ClusterTopology(Topology):
 
     def cluster_config(self, role: str, name: str) -> str:
         """The [cluster] table of balancer `role`'s config."""
+        scheme, ca = ("rediss", [f'tls_ca = "{self.run_dir / "ca.pem"}"']) if self.tls else ("redis", [])
         return "\n".join(["[cluster]", f'name = "{name}"', f'balancer = "{role}"',
-                          f'redis = "redis://{STORE}:{REDIS_PORT}/0"', f'username = "{REDIS_USER}"',
+                          f'redis = "{scheme}://{STORE}:{REDIS_PORT}/0"', *ca, f'username = "{REDIS_USER}"',
                           f'password_file = "{self.password_file()}"', f'announce_device = "{ANNOUNCE_DEVICE}"']) + "\n"
 
     def wait_announced(self, count: int, timeout: float = 30.0) -> None:
@@ -235,3 +246,41 @@ class ClusterTopology(Topology):
         for name in list(self.processes):
             self._stop(name)
         super().destroy()
+
+
+def make_certificates(run_dir: Path) -> tuple[Path, Path, Path]:
+    """A CA of the run's own and Redis's certificate (for STORE), signed by it: ca.pem, redis.pem,
+    redis.key in run_dir."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def certificate(subject: str, key, issuer: str, signer, ca: bool, address: str | None = None):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(valid[0]).not_valid_after(valid[1])
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if address:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("mplb-nfq lab CA", ca_key, "mplb-nfq lab CA", ca_key, True)
+    server = certificate(STORE, key, "mplb-nfq lab CA", ca_key, False, STORE)
+    paths = run_dir / "ca.pem", run_dir / "redis.pem", run_dir / "redis.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].chmod(0o600)
+    return paths
