@@ -110,6 +110,12 @@ def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(clu
         assert state["propagation_ms_p50"] is not None and state["rejected"] == {}
         (peer,) = set(topo.balancer_names) - {role}
         assert state["peers"][peer]["fingerprint"] == state["fingerprint"]
+    config = str(cluster.workers["lb1"].config_path)
+    text = topo.exec("lb1", sys.executable, "-m", "mplb_nfq", "status", "-c", config, capture_output=True).stdout
+    assert "Cluster: this balancer lb1, VIPs announced, Redis connected" in text
+    assert "  -> lb2" in text and "same" in text
+    check = topo.exec("lb1", sys.executable, "-m", "mplb_nfq", "check", "-c", config, capture_output=True).stdout
+    assert "ok  cluster Redis" in check and "ok  announcement device" in check
     if topo.tls:  # and Redis would not have talked in clear
         plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password,
                           "--no-auth-warning", "ping", capture_output=True, check=False)

@@ -153,6 +153,11 @@ def cmd_check(args) -> int:
         cfg = load(args.config)
         report["config"] = {"path": cfg.path, "services": [s.name for s in cfg.services],
                             "backends": [b.name for b in cfg.backends], "valid": True}
+        if cfg.cluster and not args.backend:
+            from .ops.check import cluster_report
+
+            report["features"].update(cluster_report(cfg.cluster))
+            report["usable"] = report["usable"] and report["features"]["announcement device"]["ok"]
     if args.json:
         print(json.dumps(report, indent=2))
     else:

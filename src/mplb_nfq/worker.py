@@ -147,9 +147,10 @@ class Worker:
             self.plane.fleet.reports[index] = message
 
     # -- the loop ----------------------------------------------------------------------------
-    def serve(self, ready=lambda: None, parent=None, index: int = 0) -> None:
+    def serve(self, ready=lambda: None, parent=None, index: int = 0, cluster_link=None) -> None:
         """The loop of worker `index` (queue cfg.queue + index). The first one (no parent) also
-        serves the control socket and counts conntrack; the others hear from it through parent."""
+        serves the control socket and counts conntrack; the others hear from it through parent.
+        cluster_link: (process, pipe) of the link to Redis, in a cluster."""
         from netfilterqueue import NetfilterQueue
 
         from .ops.control import ControlServer
@@ -194,9 +195,9 @@ class Worker:
         control = ControlServer(cfg.control_socket, plane.control, watch, unwatch) if first else None
         if control:
             watch(control.fileno(), control.accept_ready)
-        link = announcement = None
-        if self.peers:
-            link_process, link = start_link(cfg.cluster, cfg.token_timeout, plane.fingerprint())
+        link_process, link = cluster_link or (None, None)
+        announcement = None
+        if link:
             fingerprinted, self.peers.fingerprint = plane.cfg, plane.fingerprint()
             watch(link.fileno(), lambda: self.from_link(link))
             pipes.add(link.fileno())
@@ -277,6 +278,7 @@ def run(cfg: Config) -> int:
                      adopted, ", ".join(retired) or "none")
         # forked before any thread or socket of the first worker
         plane.fleet.start(cfg.workers, serve_other_worker, (worker,), cfg.queue)
+        cluster_link = start_link(cfg.cluster, cfg.token_timeout, plane.fingerprint()) if cfg.cluster else None
         if cfg.metrics_address:
             from .ops.metrics import serve_metrics
 
@@ -284,7 +286,8 @@ def run(cfg: Config) -> int:
         plane.start_health()
         worker.serve(ready=lambda: print(json.dumps({
             "event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode, "adopted": adopted,
-            "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True))
+            "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True),
+            cluster_link=cluster_link)
     finally:
         if plane.health:
             plane.health.stop()

@@ -84,6 +84,24 @@ def kernel_report() -> dict:
     return {"features": features, "queue_mode": mode, "usable": usable}
 
 
+def cluster_report(cluster) -> dict[str, dict]:
+    """A balancer of a cluster: can it announce, and does Redis answer with these credentials?
+    Redis being away is no reason not to start (the balancer then balances alone)."""
+    from .cluster import connect
+
+    tun = Path("/dev/net/tun").exists()
+    features = {"announcement device": {
+        "ok": tun or cluster.announce_device is None,
+        "detail": "none asked for" if cluster.announce_device is None else
+        f"{cluster.announce_device}: /dev/net/tun {'present' if tun else 'missing (modprobe tun)'}"}}
+    try:
+        connect(cluster).close()
+        features["cluster Redis"] = {"ok": True, "detail": f"{cluster.redis} answers as {cluster.username or 'default'}"}
+    except Exception as e:
+        features["cluster Redis"] = {"ok": False, "detail": f"{cluster.redis}: {e} (the balancer would balance alone)"}
+    return features
+
+
 def backend_report() -> dict:
     """On a backend: is it set up for joins = "announced-port" (deploy/backend-setup.sh --join-port)?
     MPTCP on, the C flag (no joins to the address the client connected to), and the VIP . port

@@ -92,17 +92,16 @@ class Peers:
                     self.taught[token] = batch.origin
             self.received[batch.origin] += len(fresh) - len(refused)
             self.stats["tokens_received"] += len(fresh) - len(refused)
-        subflows = [(flow, backends[name] | JOIN | LEARNED) for flow, (_, name) in batch.subflows.items()
-                    if batch.origin != self.name]
-        if subflows:
+        subflows = {flow: (token, backends[name] | JOIN) for flow, (token, name) in batch.subflows.items()}
+        if subflows and batch.origin != self.name:  # (this balancer's own, read back: conntrack has them)
             try:
-                self.dataplane.add_subflows(subflows)
+                self.dataplane.add_subflows([(flow, mark | LEARNED) for flow, (_, mark) in subflows.items()])
             except Exception as e:
                 self.errors.error("peer-subflows", f"installing {len(subflows)} subflows from {batch.origin} "
                                                    f"failed: {e}")
             else:
-                for (flow, mark), (token, _) in zip(subflows, batch.subflows.values()):
-                    self.balancer.flows.put(flow, mark & ~LEARNED, now)  # its first ACK may reach the worker
+                for flow, (token, mark) in subflows.items():
+                    self.balancer.flows.put(flow, mark, now)  # its first ACK may reach the worker
                     self.subflows_of.setdefault(token, []).append(flow)
                 self.stats["subflows_installed"] += len(subflows)
         ended = [t for t in batch.ended if self.taught.get(t) == batch.origin]
