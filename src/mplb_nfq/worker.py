@@ -59,7 +59,8 @@ class Worker:
         cfg = self.plane.cfg
         try:
             segment = parse_ip(packet.get_payload())
-            hold = may_hold(cfg.workers > 1 or cfg.handshakes == "kernel", len(self.held), cfg.hold_max)
+            learned_elsewhere = cfg.workers > 1 or cfg.handshakes == "kernel" or cfg.cluster is not None
+            hold = may_hold(learned_elsewhere, len(self.held), cfg.hold_max)
             verdict = self.balancer.decide(segment, packet.get_mark(), started, hold)
             if verdict.kind is Kind.JOIN_HELD:
                 packet.retain()

@@ -84,7 +84,7 @@ def learned_at(now: float, ttl: float, seconds_left: float) -> float:
 
 def may_hold(learned_elsewhere: bool, held: int, hold_max: int) -> bool:
     """An unknown join may wait only where its token may yet reach the kernel map (from a copy of
-    its connection's handshake, or from another worker), and only so many."""
+    its connection's handshake, from another worker, or from a peer balancer), and only so many."""
     return learned_elsewhere and held < hold_max
 
 
