@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 from netlab import KERNEL, MB, fetch, fetch_in_background, wait_for
@@ -136,23 +137,31 @@ def test_entries_from_redis_that_are_malformed_or_name_an_unknown_backend_are_co
         assert "0xbadc0de" not in tokens and "0x12345678" not in tokens
 
 
-def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(cluster):
-    topo = cluster.topo
+@contextmanager
+def transfers_intact(topo, event):
+    """Six 6 MB downloads across `event` (the with block, a second in): each must complete with
+    every byte as sent, no backend may reset a subflow or refuse a join."""
     before_resets, before_missing = resets(topo), no_token_found(topo)
     running = [fetch_in_background(topo, 6 * MB) for _ in range(6)]
     time.sleep(1.0)
-    # the machine dies: its worker, its BIRD and its link; the router withdraws it when BGP's
-    # hold time (3 s) runs out
-    cluster.workers["lb1"].proc.send_signal(signal.SIGKILL)
-    topo.stop_bird("lb1")
-    topo.exec("lb1", "ip", "link", "set", "s0", "down")
-    wait_for(lambda: topo.nexthops() == ["10.0.9.3"], 10)
+    yield
     results = [json.loads(p.communicate(timeout=120)[0]) for p in running]
     assert all(r.get("received") == 6 * MB and r["intact"] for r in results), results
     lost = resets(topo) - before_resets
-    print(f"subflows reset by a backend after the balancer died: {lost}")
+    print(f"subflows reset by a backend after {event}: {lost}")
     assert lost == 0
     assert no_token_found(topo) == before_missing
+
+
+def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(cluster):
+    topo = cluster.topo
+    with transfers_intact(topo, "the balancer died"):
+        # the machine dies: its worker, its BIRD and its link; the router withdraws it when
+        # BGP's hold time (3 s) runs out
+        cluster.workers["lb1"].proc.send_signal(signal.SIGKILL)
+        topo.stop_bird("lb1")
+        topo.exec("lb1", "ip", "link", "set", "s0", "down")
+        wait_for(lambda: topo.nexthops() == ["10.0.9.3"], 10)
     downloads(topo, 4, MB)  # the survivor serves alone
 
 
@@ -178,18 +187,10 @@ def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_aga
 
 def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):
     topo = cluster.topo
-    before_resets, before_missing = resets(topo), no_token_found(topo)
-    running = [fetch_in_background(topo, 6 * MB) for _ in range(6)]
-    time.sleep(1.0)
-    role = topo.add_balancer()
-    cluster.start(role)
-    topo.wait_announced(3)
-    results = [json.loads(p.communicate(timeout=120)[0]) for p in running]
-    assert all(r.get("received") == 6 * MB and r["intact"] for r in results), results
-    lost = resets(topo) - before_resets
-    print(f"subflows reset by a backend after a balancer was added: {lost}")
-    assert lost == 0
-    assert no_token_found(topo) == before_missing
+    with transfers_intact(topo, "a balancer was added"):
+        role = topo.add_balancer()
+        cluster.start(role)
+        topo.wait_announced(3)
     assert cluster.status(role)["resyncs"] >= 1
     downloads(topo, 6, MB)
 
