@@ -229,8 +229,8 @@ def test_the_cluster_examples_in_deploy_are_valid(tmp_path):
     assert cfg.cluster.balancer == "lb1" and cfg.services[0].direct_return
     if not shutil.which("bird"):
         pytest.skip("Debian's bird2 is needed to parse the BIRD examples (./dev installs it)")
-    (tmp_path / "lab-router.conf").write_text(router_bird(["10.0.100.1"]))
-    (tmp_path / "lab-balancer.conf").write_text(balancer_bird(1, ["10.0.100.1"]))
+    (tmp_path / "lab-router.conf").write_text(router_bird(["10.0.100.1", "fd00:100::1"]))
+    (tmp_path / "lab-balancer.conf").write_text(balancer_bird(1, ["10.0.100.1", "fd00:100::1"]))
     for conf in [deploy / "bird-balancer.conf", deploy / "bird-router.conf", tmp_path / "lab-router.conf",
                  tmp_path / "lab-balancer.conf"]:
         parsed = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)

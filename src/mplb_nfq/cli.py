@@ -208,8 +208,8 @@ def cmd_lab(args) -> int:
     if args.joins == "announced-port" and (args.family != "4" or args.tunnel):
         print("mplb-nfq lab: --joins announced-port goes with IPv4 and backends on the LAN", file=sys.stderr)
         return 2
-    if args.balancers and (args.family != "4" or args.tunnel or args.joins != "token"):
-        print("mplb-nfq lab: --balancers goes with IPv4, tokens and direct server return", file=sys.stderr)
+    if args.balancers and (args.family == "dual" or args.tunnel or args.joins != "token"):
+        print("mplb-nfq lab: --balancers goes with IPv4 or IPv6, tokens and direct server return", file=sys.stderr)
         return 2
     settings.family, settings.direct_return, settings.tunnel = args.family, args.dsr, args.tunnel
     settings.joins, settings.balancers = args.joins, args.balancers

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .netns import BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, Topology, backend_address, run, run_batched
+from .netns import BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, VIP6, Topology, backend_address, run, run_batched
 
-ROUTER_ON_SWITCH = "10.0.9.1"
+ROUTER_ON_SWITCH, ROUTER_ON_SWITCH6 = "10.0.9.1", "fd00:9::1"
 STORE = "10.0.9.250"
 REDIS_PORT = 6379
 REDIS_USER = "mplb"
@@ -27,46 +27,56 @@ ANNOUNCE_DEVICE = "mplb-announce"
 MAX_BALANCERS = 8
 
 
-def balancer_address(k: int) -> str:
+def balancer_address(k: int, version: int = 4) -> str:
     """Balancer k's (from 1) address on the switch."""
-    return f"10.0.9.{1 + k}"
+    return f"10.0.9.{1 + k}" if version == 4 else f"fd00:9::{1 + k:x}"
+
+
+def _prefixes(vips: list[str], version: int) -> list[str]:
+    return [f"{v}/{32 if version == 4 else 128}" for v in vips if (":" in v) == (version == 6)]
 
 
 def router_bird(vips: list[str]) -> str:
-    """The router's BIRD: BGP from any balancer of the switch, only the VIPs taken, and the
-    kernel route of a VIP with one nexthop per balancer that announces it."""
-    accepted = ", ".join(f"{v}/32" for v in vips)
-    return f"""router id {ROUTER_ON_SWITCH};
-protocol device {{}}
-protocol kernel {{ ipv4 {{ export all; }}; merge paths on; }}
-protocol bgp balancers {{
-    local {ROUTER_ON_SWITCH} as {ROUTER_AS};
-    neighbor range 10.0.9.0/24 as {BALANCER_AS};
-    dynamic name "lb";
+    """The router's BIRD: BGP from any balancer of the switch (a session per family), only the
+    VIPs taken, and the kernel route of a VIP with one nexthop per balancer that announces it."""
+    config = [f"router id {ROUTER_ON_SWITCH};", "protocol device {}"]
+    for version, channel, router, subnet in ((4, "ipv4", ROUTER_ON_SWITCH, "10.0.9.0/24"),
+                                             (6, "ipv6", ROUTER_ON_SWITCH6, "fd00:9::/64")):
+        accepted = ", ".join(_prefixes(vips, version))
+        if not accepted:
+            continue
+        config.append(f"""protocol kernel {{ {channel} {{ export all; }}; merge paths on; }}
+protocol bgp balancers{version} {{
+    local {router} as {ROUTER_AS};
+    neighbor range {subnet} as {BALANCER_AS};
+    dynamic name "lb{version}_";
     hold time 3; keepalive time 1;
-    ipv4 {{ import filter {{ if net ~ [ {accepted} ] then accept; reject; }}; export none; }};
-}}
-"""
+    {channel} {{ import filter {{ if net ~ [ {accepted} ] then accept; reject; }}; export none; }};
+}}""")
+    return "\n".join(config) + "\n"
 
 
 def balancer_bird(k: int, vips: list[str], device: str = ANNOUNCE_DEVICE) -> str:
-    """Balancer k's BIRD: the VIPs announced while `device` (the worker's) is up."""
-    routes = "\n".join(f'    route {v}/32 via "{device}";' for v in vips)
-    announced = ", ".join(f"{v}/32" for v in vips)
-    return f"""router id {balancer_address(k)};
-protocol device {{}}
-protocol static vips {{
-    ipv4;
+    """Balancer k's BIRD: the VIPs announced while `device` (the worker's) is up, a BGP session
+    to the router per family."""
+    config = [f"router id {balancer_address(k)};", "protocol device {}"]
+    for version, channel, router in ((4, "ipv4", ROUTER_ON_SWITCH), (6, "ipv6", ROUTER_ON_SWITCH6)):
+        prefixes = _prefixes(vips, version)
+        if not prefixes:
+            continue
+        routes = "\n".join(f'    route {p} via "{device}";' for p in prefixes)
+        config.append(f"""protocol static vips{version} {{
+    {channel};
     check link on;
 {routes}
 }}
-protocol bgp uplink {{
-    local {balancer_address(k)} as {BALANCER_AS};
-    neighbor {ROUTER_ON_SWITCH} as {ROUTER_AS};
+protocol bgp uplink{version} {{
+    local {balancer_address(k, version)} as {BALANCER_AS};
+    neighbor {router} as {ROUTER_AS};
     hold time 3; keepalive time 1;
-    ipv4 {{ import none; export filter {{ if net ~ [ {announced} ] then accept; reject; }}; }};
-}}
-"""
+    {channel} {{ import none; export filter {{ if net ~ [ {", ".join(prefixes)} ] then accept; reject; }}; }};
+}}""")
+    return "\n".join(config) + "\n"
 
 
 @dataclass
@@ -103,38 +113,46 @@ class ClusterTopology(Topology):
             if port.startswith("b"):
                 cmds.append(f"link add eth0 netns {self.ns(port)} type veth peer name {port} netns {switch}")
             cmds += [f"-n {switch} link set {port} master br0", f"-n {switch} link set {port} up"]
-        (c1, c2), (r1, r2) = CLIENT[4], LB_CLIENT_SIDE[4]
-        cmds += [f"-n {client} addr add {c1}/24 dev c1", f"-n {client} addr add {c2}/24 dev c2",
-                 f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
-                 f"-n {client} route add default via {r1} dev c1",
-                 f"-n {client} route add default via {r2} dev c2 table 102",
-                 f"-n {client} rule add from {c2} table 102 priority 100",
+        cmds += [f"-n {client} link set c1 up", f"-n {client} link set c2 up", f"-n {client} link set lo up",
                  f"-n {client} mptcp limits set subflows 4 add_addr_accepted 4",
-                 f"-n {client} mptcp endpoint add {c2} subflow",
-                 f"-n {router} addr add {r1}/24 dev r1", f"-n {router} addr add {r2}/24 dev r2",
-                 f"-n {router} addr add {ROUTER_ON_SWITCH}/24 dev sw", f"-n {router} link set r1 up",
-                 f"-n {router} link set r2 up", f"-n {router} link set sw up", f"-n {router} link set lo up",
-                 f"-n {store} addr add {STORE}/24 dev eth0", f"-n {store} link set eth0 up",
-                 f"-n {store} link set lo up"]
-        for i in range(self.backends):
-            b = self.ns(f"b{i + 1}")
-            cmds += [f"-n {b} addr add {backend_address(i)}/24 dev eth0", f"-n {b} link set eth0 up",
-                     f"-n {b} link set lo up", f"-n {b} route add default via {ROUTER_ON_SWITCH}"]
+                 f"-n {router} link set r1 up", f"-n {router} link set r2 up", f"-n {router} link set sw up",
+                 f"-n {router} link set lo up", f"-n {store} addr add {STORE}/24 dev eth0",
+                 f"-n {store} link set eth0 up", f"-n {store} link set lo up"]
+        cmds += [f"-n {self.ns(f'b{i + 1}')} link set {dev} up" for i in range(self.backends) for dev in ("eth0", "lo")]
+        for version, prefix in ((4, "/24"), (6, "/64")):
+            six = " nodad" if version == 6 else ""  # usable at once
+            (c1, c2), (r1, r2) = CLIENT[version], LB_CLIENT_SIDE[version]
+            on_switch = ROUTER_ON_SWITCH if version == 4 else ROUTER_ON_SWITCH6
+            cmds += [f"-n {client} addr add {c1}{prefix} dev c1{six}", f"-n {client} addr add {c2}{prefix} dev c2{six}",
+                     f"-n {client} route add default via {r1} dev c1",
+                     f"-n {client} route add default via {r2} dev c2 table 102",
+                     f"-n {client} mptcp endpoint add {c2} subflow",
+                     f"-n {router} addr add {r1}{prefix} dev r1{six}", f"-n {router} addr add {r2}{prefix} dev r2{six}",
+                     f"-n {router} addr add {on_switch}{prefix} dev sw{six}"]
+            for i in range(self.backends):
+                b = self.ns(f"b{i + 1}")
+                cmds += [f"-n {b} addr add {backend_address(i, version)}{prefix} dev eth0{six}",
+                         f"-n {b} route add default via {on_switch}"]
         run_batched(cmds)
+        for version in (4, 6):  # `ip rule` takes its family from -4/-6 only, which a batch cannot set
+            run(["ip", f"-{version}", "-n", client, "rule", "add", "from", CLIENT[version][1], "table", "102",
+                 "priority", "100"])
         for n in (client, router):
             self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)
             self.sysctl(n, "net.ipv4.conf.default.rp_filter", 0)
-        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.fib_multipath_hash_policy", 1)):
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.fib_multipath_hash_policy", 1),
+                           ("net.ipv6.conf.all.forwarding", 1), ("net.ipv6.fib_multipath_hash_policy", 1)):
             self.sysctl(router, key, value)
         self.sysctl(client, "net.mptcp.enabled", 1)
         for i in range(self.backends):
-            run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP], capture_output=True)
+            run(["ip", "netns", "exec", self.ns(f"b{i + 1}"), "sh", str(BACKEND_SETUP), VIP, VIP6],
+                capture_output=True)
         if self.rate_mbit:
             for ns, dev in [(router, "r1"), (router, "r2"), (client, "c1"), (client, "c2")]:
                 run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                      "rate", f"{self.rate_mbit}mbit", "burst", "64kb", "latency", "50ms"])
         self.start_redis()
-        self._start_bird("router", router_bird([VIP]))
+        self._start_bird("router", router_bird([VIP, VIP6]))
         for k in range(1, self.balancers + 1):
             self._add_balancer_namespace(k)
 
@@ -143,9 +161,12 @@ class ClusterTopology(Topology):
         run(["ip", "netns", "add", lb])
         run_batched([f"link add s0 netns {lb} type veth peer name lb{k} netns {switch}",
                      f"-n {switch} link set lb{k} master br0", f"-n {switch} link set lb{k} up",
-                     f"-n {lb} addr add {balancer_address(k)}/24 dev s0", f"-n {lb} link set s0 up",
-                     f"-n {lb} link set lo up", f"-n {lb} route add default via {ROUTER_ON_SWITCH}"])
-        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.all.rp_filter", 0),
+                     f"-n {lb} addr add {balancer_address(k)}/24 dev s0",
+                     f"-n {lb} addr add {balancer_address(k, 6)}/64 dev s0 nodad", f"-n {lb} link set s0 up",
+                     f"-n {lb} link set lo up", f"-n {lb} route add default via {ROUTER_ON_SWITCH}",
+                     f"-n {lb} route add default via {ROUTER_ON_SWITCH6}"])
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1),
+                           ("net.ipv4.conf.all.rp_filter", 0),
                            ("net.ipv4.conf.default.rp_filter", 0), ("net.ipv4.conf.all.send_redirects", 0),
                            ("net.ipv4.conf.s0.send_redirects", 0), ("net.mptcp.enabled", 1),
                            # direct server return, as deploy/sysctl.d/ says: one direction of each flow
@@ -153,7 +174,7 @@ class ClusterTopology(Topology):
                            ("net.netfilter.nf_conntrack_tcp_timeout_max_retrans", 86400),
                            ("net.netfilter.nf_conntrack_tcp_timeout_unacknowledged", 86400)):
             self.sysctl(lb, key, value)
-        self._start_bird(f"lb{k}", balancer_bird(k, [VIP]))
+        self._start_bird(f"lb{k}", balancer_bird(k, [VIP, VIP6]))
 
     def add_balancer(self) -> str:
         """One more balancer on the switch, its BIRD running (it announces once its worker runs)."""
@@ -229,16 +250,18 @@ class ClusterTopology(Topology):
                           f'password_file = "{self.password_file()}"', f'announce_device = "{ANNOUNCE_DEVICE}"']) + "\n"
 
     def wait_announced(self, count: int, timeout: float = 30.0) -> None:
-        """Until the router's route to the VIP goes through `count` balancers."""
+        """Until the router's routes to both VIPs go through `count` balancers."""
         deadline = time.monotonic() + timeout
-        while len(self.nexthops()) != count:
+        while len(self.nexthops()) != count or len(self.nexthops(6)) != count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the router has {self.nexthops()} for {VIP}, not {count} balancers")
+                raise RuntimeError(f"the router has {self.nexthops()} for {VIP} and {self.nexthops(6)} for {VIP6}, "
+                                   f"not {count} balancers")
             time.sleep(0.1)
 
-    def nexthops(self) -> list[str]:
-        """The balancers the router's route to the VIP goes through now."""
-        out = self.exec("router", "ip", "-4", "route", "show", f"{VIP}/32", capture_output=True).stdout
+    def nexthops(self, version: int = 4) -> list[str]:
+        """The balancers the router's route to the VIP (VIP6) goes through now."""
+        vip = f"{VIP}/32" if version == 4 else f"{VIP6}/128"
+        out = self.exec("router", "ip", f"-{version}", "route", "show", vip, capture_output=True).stdout
         return sorted(set(word for line in out.splitlines() for i, word in enumerate(line.split())
                           if i and line.split()[i - 1] == "via"))
 

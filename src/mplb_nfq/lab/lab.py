@@ -82,9 +82,9 @@ def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extr
                 kernel: str = "", direct_return: bool = False, tunnel: str | None = None, joins: str = "token",
                 cluster: str = "") -> str:
     """The worker's config for one of the lab's modes: one dual-stack service (VIP and VIP6) on
-    the backends' IPv4 and IPv6 addresses, or, through tunnels or in a cluster (the [cluster]
-    table given), IPv4; its control socket lives in run_dir."""
-    vips = f'["{VIP}"]' if tunnel or cluster else f'["{VIP}", "{VIP6}"]'
+    the backends' IPv4 and IPv6 addresses, or, through tunnels, IPv4; in a cluster with the
+    [cluster] table given; its control socket lives in run_dir."""
+    vips = f'["{VIP}"]' if tunnel else f'["{VIP}", "{VIP6}"]'
     announced = joins == "announced-port" and mode == "mplb"
     # the unaware balancer in front of backends that announce join ports: it balances those ports
     # as it balances the service's, by the client's address
@@ -100,8 +100,6 @@ def config_text(mode: str, backends: int, run_dir: Path, metrics: str = "", extr
         if tunnel:
             where = (f'address = "{tunnel_address(i)}"\ntunnel = "{tunnel}"\nremote = "{underlay_address(i)}"'
                      + (f"\nvni = {tunnel_vni(i)}" if tunnel == "vxlan" else ""))
-        elif cluster:
-            where = f'address = "{backend_address(i)}"'
         else:
             where = f'addresses = ["{backend_address(i)}", "{backend_address(i, 6)}"]'
         lines.append(f'[[backends]]\nname = "b{i + 1}"\n{where}')
