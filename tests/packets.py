@@ -50,6 +50,11 @@ def mp_join_syn(token: int, nonce: int = 0x11223344, address_id: int = 1, backup
     return bytes([30, 12, 0x10 | int(backup), address_id]) + token.to_bytes(4, "big") + nonce.to_bytes(4, "big")
 
 
+def mp_join_ack(hmac: bytes = bytes(20)) -> bytes:
+    """The MP_JOIN of a join's third packet (the client's ACK): its truncated HMAC, no token."""
+    return bytes([30, 24, 0x10, 0]) + hmac
+
+
 CLIENT_KEY = bytes.fromhex("1fdb5df328bc3def")
 SERVER_KEY = bytes.fromhex("29a6c86981ad933c")
 

@@ -8,7 +8,18 @@ import time
 
 import pytest
 from conftest import lab_topology
-from netlab import KERNEL, MB, counters, delta, fetch, fetch_in_background, inject, nft_counters, worker_stats
+from netlab import (
+    KERNEL,
+    MB,
+    counters,
+    delta,
+    fetch,
+    fetch_in_background,
+    inject,
+    nft_counters,
+    one_path_download,
+    worker_stats,
+)
 from packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.jhash import flow_key, slot
@@ -81,11 +92,14 @@ def test_only_handshake_packets_reach_the_worker(topo, worker, family):
     # that carries the server's key, and sees a join only if it raced that copy
     assert nft["queued_syn"] == 0 and stats["copies"] == connections, (stats, nft)
     if topo.direct_return:
-        # the LB sees no SYN-ACK: the third ACK (both keys) is copied; a join's SYN is not
-        # tracked, so the worker steers it and its first ACK
+        # the LB sees no SYN-ACK: the third ACK (both keys) is copied. A join's SYN is not
+        # tracked: one the token map steers leaves its flow for its first ACK, in the kernel too;
+        # one that raced its token's copy is steered by the worker, and so is its first ACK
         assert nft["copied_capable"] == connections and kinds["third_ack"] == connections
-        assert kinds["join_hit"] == connections and kinds["first_packet"] == connections
-        assert queued == 2 * connections, (kinds, nft)
+        assert nft["join_kernel_hit"] + nft["queued_join"] == connections
+        assert nft["join_first_ack"] == nft["join_kernel_hit"] and nft["queued_first"] == nft["queued_join"]
+        assert kinds.get("join_hit", 0) == kinds.get("first_packet", 0) == nft["queued_join"], (kinds, nft)
+        assert queued == 2 * nft["queued_join"], (kinds, nft)
     else:
         assert nft["copied_synack"] == connections and kinds["syn_ack"] == connections
         assert nft["join_kernel_hit"] + nft["queued_join"] == connections
@@ -110,6 +124,22 @@ def test_killing_the_worker_mid_transfer_does_not_break_the_transfer(topo, worke
     # with no worker listening, the queue is bypassed: new connections still get through
     (later,) = fetch(topo, 1 * MB, family=family)
     assert later["received"] == 1 * MB
+
+
+def test_with_the_worker_killed_a_join_whose_token_was_learned_is_still_steered_in_the_kernel(topo, worker):
+    """Under direct server return too: the join's SYN is steered by the token map and leaves its
+    flow for its first ACK, which carries no token."""
+    w = worker("mplb")
+    with one_path_download(topo, 30 * MB) as download:
+        time.sleep(0.5)  # its token learned from the copy
+        w.proc.send_signal(signal.SIGKILL)
+        w.proc.wait()
+        topo.subflow_endpoint(True)  # the join of the live connection, with no worker anywhere
+        result = json.loads(download.process.communicate(timeout=60)[0])
+    assert result["received"] == 30 * MB and result["intact"]
+    end = counters(topo)
+    assert delta(download.before, end, "MPTcpExtMPJoinAckRx")[download.home] == 1
+    assert sum(delta(download.before, end, "MPTcpExtMPJoinNoTokenFound").values()) == 0
 
 
 def test_with_the_worker_killed_new_connections_are_still_spread_over_every_backend(topo, worker):
@@ -311,7 +341,6 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     cfg = load(config)
     (table,) = cfg.balancer().lookup_tables().values()
     deciders = {key: Decider(table, True) for key in vips}
-    tracked = not topo.direct_return
     cases = [
         ("plain SYN", tcp(client, VIP, 51001, PORT, SYN), []),
         ("MP_CAPABLE SYN", tcp(client, VIP, 51002, PORT, SYN, mp_capable()),
@@ -331,7 +360,7 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
         for name, packet, replies in cases:
             expected = []
             tokens = {known: mark, drained: drained_mark}
-            outcome = classify(as_linux_reads(packet), 0, True, True, vips, tokens, tracked, {0x102}, deciders)
+            outcome = classify(as_linux_reads(packet), 0, True, True, vips, tokens, {0x102}, deciders)
             expected += [outcome.queued] if outcome.queued else []
             expected += ["join_kernel_hit"] if outcome.kernel_hit or outcome.queued == "queued_join_unavailable" else []
             expected += [outcome.copied] if outcome.copied else []
@@ -378,9 +407,10 @@ def test_a_client_cannot_make_a_collision_its_claim_on_a_held_token_is_refused_i
         (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
         held = {key["elem"]["val"]: mark for key, mark in elements}
         assert list(held) == [token] and held[token] & TAUGHT_BY_CLIENT and not held[token] & REJECT
+        hits = nft_counters(topo)["join_kernel_hit"]
         inject(topo, [tcp("10.0.2.50", VIP, 50003, PORT, SYN, mp_join_syn(token))])
         time.sleep(0.3)
-        assert worker_stats(topo, w)["packets"]["kinds"].get("join_hit") == 1  # an untracked SYN: the worker steers it
+        assert nft_counters(topo)["join_kernel_hit"] == hits + 1  # the first connection's backend, in the kernel
         assert nft_counters(topo)["rejected"] == 0
     finally:
         topo.exec("lb", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=0")

@@ -5,7 +5,7 @@ import ipaddress
 import socket
 import struct
 
-from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_ack, mp_join_syn, tcp
 
 from mplb_nfq.core.balancer import LookupTable
 from mplb_nfq.core.jhash import flow_key, slot
@@ -202,18 +202,18 @@ VIP = "10.0.100.1"
 VIPS = {(ipaddress.ip_address(VIP).packed, 80)}
 
 
-def model(packet: bytes, ct_mark=0, original=True, new=False, token_map=None, tracked=True):
-    return classify(parse_ip(packet), ct_mark, original, new, VIPS, token_map or {}, tracked)
+def model(packet: bytes, ct_mark=0, original=True, new=False, token_map=None):
+    return classify(parse_ip(packet), ct_mark, original, new, VIPS, token_map or {})
 
 
 def test_the_model_queues_syns_and_capable_handshakes_until_the_token_is_learned():
     assert model(tcp("10.0.1.2", VIP, flags=SYN), new=True).queued == "queued_syn"
     assert model(tcp("10.0.1.2", VIP, flags=SYN, options=mp_capable()), new=True).queued == "queued_syn"
     synack = tcp(VIP, "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY))
-    assert model(synack, ct_mark=0x100, original=False) == (0x100, "queued_synack", False, None, False, False)
+    assert model(synack, ct_mark=0x100, original=False) == (0x100, "queued_synack", False, None, False, None)
     assert model(synack, ct_mark=0x100 | LEARNED, original=False).queued is None
     third = tcp("10.0.1.2", VIP, flags=ACK, options=mp_capable(1, 1, SERVER_KEY, SERVER_KEY))
-    assert model(third, ct_mark=0x100) == (0x100, "queued_capable", False, None, False, False)
+    assert model(third, ct_mark=0x100) == (0x100, "queued_capable", False, None, False, None)
     assert model(third, ct_mark=0x100 | LEARNED).queued is None
     assert model(tcp("10.0.1.2", VIP, flags=ACK), new=True).queued == "queued_first"  # mid-stream entry
     assert model(tcp("10.0.1.2", VIP, flags=ACK), ct_mark=0x100).queued is None
@@ -223,16 +223,15 @@ def test_the_model_queues_syns_and_capable_handshakes_until_the_token_is_learned
 def test_the_model_steers_a_join_whose_token_the_map_holds_and_queues_one_it_misses():
     token = token_of_key(SERVER_KEY, 1)
     join = tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(token))
-    assert model(join, new=True, token_map={token: 0x101 | JOIN}) == (0x101 | JOIN, None, True, None, False, False)
+    assert model(join, new=True, token_map={token: 0x101 | JOIN}) == (0x101 | JOIN, None, True, None, False, None)
     assert model(join, new=True, token_map={}).queued == "queued_syn"
-    assert model(join, new=True, token_map={token: 0x101 | JOIN}, tracked=False).queued == "queued_syn"
 
 
 def kernel_model(packet: bytes, index=Index.COUNTER, aware=True, turn=0, **state):
     deciders = {next(iter(VIPS)): Decider(LookupTable(index, (0x101, 0x102, 0x103)), aware)}
     return classify(parse_ip(packet), state.get("ct_mark", 0), state.get("original", True), state.get("new", True),
-                    VIPS, state.get("token_map", {}), state.get("tracked", True), (), deciders, turn,
-                    subflows=state.get("subflows"))
+                    VIPS, state.get("token_map", {}), (), deciders, turn,
+                    subflows=state.get("subflows"), join_flows=state.get("join_flows"))
 
 
 def test_a_join_subflow_a_cluster_peer_steered_keeps_its_backend_when_it_arrives_mid_stream():
@@ -240,27 +239,37 @@ def test_a_join_subflow_a_cluster_peer_steered_keeps_its_backend_when_it_arrives
     flow = parse_ip(moved).flow
     subflows = {flow: 0x102 | JOIN | LEARNED}
     assert kernel_model(moved, Index.FLOW, subflows=subflows) == (0x102 | JOIN | LEARNED, None, False, None, False,
-                                                                  True)
+                                                                  "subflow_shared")
     hashed = kernel_model(moved, Index.FLOW)  # without the peer's word: its own hash, another backend maybe
-    assert not hashed.shared and hashed.decided
-    assert not kernel_model(moved, Index.FLOW, subflows=subflows, new=False).shared  # conntrack has it already
+    assert hashed.flow_map is None and hashed.decided
+    assert kernel_model(moved, Index.FLOW, subflows=subflows, new=False).flow_map is None  # conntrack has it
+
+
+def test_under_direct_server_return_a_joins_first_ack_finds_the_flow_its_syn_left():
+    first_ack = tcp("10.0.2.2", VIP, 50000, 80, ACK, mp_join_ack())
+    flows = {parse_ip(first_ack).flow: 0x101 | JOIN}
+    assert kernel_model(first_ack, Index.FLOW, join_flows=flows) == (0x101 | JOIN, None, False, None, False,
+                                                                     "join_first_ack")
+    assert kernel_model(first_ack, Index.FLOW).flow_map is None
+    data = tcp("10.0.2.2", VIP, 50000, 80, ACK)  # not a join's first ACK: the map is not asked
+    assert kernel_model(data, Index.FLOW, join_flows={parse_ip(data).flow: 0x101 | JOIN}).flow_map is None
 
 
 def test_the_kernel_decides_syns_from_the_table_and_copies_what_carries_the_server_key():
     plain, capable = tcp("10.0.1.2", VIP, 40000, 80, SYN), tcp("10.0.1.2", VIP, 40000, 80, SYN, mp_capable())
-    assert kernel_model(plain, turn=4) == (0x102 | LEARNED, None, False, None, True, False)  # settled: nothing to learn
-    assert kernel_model(capable, turn=2) == (0x103, None, False, None, True, False)  # its token is yet to learn
-    assert kernel_model(capable, aware=False, turn=3) == (0x101 | LEARNED, None, False, None, True, False)
+    assert kernel_model(plain, turn=4) == (0x102 | LEARNED, None, False, None, True, None)  # settled: nothing to learn
+    assert kernel_model(capable, turn=2) == (0x103, None, False, None, True, None)  # its token is yet to learn
+    assert kernel_model(capable, aware=False, turn=3) == (0x101 | LEARNED, None, False, None, True, None)
     by_flow = kernel_model(capable, Index.FLOW).mark
     assert by_flow == (0x101, 0x102, 0x103)[slot(flow_key(*parse_ip(capable).flow), 3)]
     assert kernel_model(capable, Index.WORKER).queued == "queued_syn"
     token = token_of_key(SERVER_KEY, 1)
     join = tcp("10.0.2.2", VIP, 50000, 80, SYN, mp_join_syn(token))
-    assert kernel_model(join) == (JOIN, "queued_join", False, None, False, False)  # raced its token's copy: held
-    assert kernel_model(join, token_map={token: 0x102 | JOIN}) == (0x102 | JOIN, None, True, None, False, False)
+    assert kernel_model(join) == (JOIN, "queued_join", False, None, False, None)  # raced its token's copy: held
+    assert kernel_model(join, token_map={token: 0x102 | JOIN}) == (0x102 | JOIN, None, True, None, False, None)
     synack = tcp(VIP, "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY))
-    assert kernel_model(synack, ct_mark=0x101, original=False, new=False) == (0, None, False, "copied_synack", False, False)
+    assert kernel_model(synack, ct_mark=0x101, original=False, new=False) == (0, None, False, "copied_synack", False, None)
     # direct server return: the third ACK makes the entry; hashed again, it finds its SYN's backend
     third = tcp("10.0.1.2", VIP, 40000, 80, ACK, mp_capable(1, 1, SERVER_KEY, SERVER_KEY))
-    assert kernel_model(third, Index.FLOW) == (by_flow | LEARNED, None, False, "copied_capable", True, False)
+    assert kernel_model(third, Index.FLOW) == (by_flow | LEARNED, None, False, "copied_capable", True, None)
     assert kernel_model(third, Index.COUNTER).queued == "queued_first"  # no counter can tell

@@ -133,7 +133,7 @@ def inspect_packets(packets, cfg: Config | None = None) -> dict:
         if balancer is not None:
             decider = deciders.get((segment.dst, segment.dport)) if deciders else None
             turn = turns[id(decider.table)] if decider else 0
-            classified = classify(segment, marks.get(connection, 0), original, new, vips, token_map, True, (),
+            classified = classify(segment, marks.get(connection, 0), original, new, vips, token_map, (),
                                   deciders, turn)
             if classified.copied:  # the packet went on; the worker learns from its copy
                 verdict = balancer.decide(segment, classified.mark & ~LEARNED or marks.get(connection, 0), ts)

@@ -177,7 +177,7 @@ class Worker:
         else:
             watch(parent.fileno(), lambda: plane.apply(parent.recv()))
         pipes = set(handlers)
-        copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first and cfg.handshakes == "kernel" else None
+        copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first and (cfg.handshakes == "kernel" or cfg.cluster) else None
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
         set_fail_open(nfq.get_fd(), cfg.queue + index)

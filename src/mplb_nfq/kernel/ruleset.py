@@ -71,7 +71,11 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         backend_mask=f"0x{BACKEND_MASK:08x}",
         reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
-        queue_statement=queue_statement(cfg, native), **handshake_rules(cfg))
+        queue_statement=queue_statement(cfg, native), join_flow_timeout=cfg.flow_timeout,
+        join_flow_key6=f"jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 4294967291 seed 0x{SEED:08x}",
+        join_copy=f"tcp flags & (syn | ack) == syn meta mark & 0x{JOIN:08x} != 0 tcp option mptcp subtype 1 "
+                  f"{copy_statement(cfg)} counter name copied_join" if cfg.cluster else "",
+        **handshake_rules(cfg))
 
 
 def copy_statement(cfg: Config) -> str:
@@ -227,7 +231,9 @@ class Classified(NamedTuple):
     kernel_hit: bool = False  # a MP_JOIN SYN the token map steered
     copied: str | None = None  # the counter of the rule that copies it to the worker (it goes on)
     decided: bool = False  # its service's table gave it a backend (counter `decided`)
-    shared: bool = False  # a join subflow a cluster peer steered (counter `subflow_shared`)
+    # the first packet of a join's flow, found in a map of flows: subflow_shared (a cluster peer
+    # steered it) or join_first_ack (its SYN, steered by the token map under DSR, left it there)
+    flow_map: str | None = None
 
 
 class Decider(NamedTuple):
@@ -255,15 +261,17 @@ def nft_mptcp_option(options: bytes) -> tuple[int | None, int | None]:
 
 
 def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Container[tuple[bytes, int]],
-             token_map: Mapping[int, int], tracked: bool = True, unavailable: Container[int] = (),
+             token_map: Mapping[int, int], unavailable: Container[int] = (),
              deciders: Mapping[tuple[bytes, int], Decider] | None = None, turn: int = 0,
              join_ports: Mapping[tuple[bytes, int], int] | None = None,
-             subflows: Mapping[tuple, int] | None = None) -> Classified:
+             subflows: Mapping[tuple, int] | None = None, join_flows: Mapping[tuple, int] | None = None) -> Classified:
     """What nft/mplb.nft's classify chain, its handshake chains and the services' chains do to one
     TCP segment, given its flow's conntrack state: the model `inspect` replays. deciders: each
     VIP . port's service (handshakes = "kernel"; None: "queue"); turn: the next number of a
     service's counter; join_ports: VIP . join port -> its backend's mark; subflows: join subflows a
-    cluster peer steered (client, port, VIP, port) -> their mark. A kernel test sends
+    cluster peer steered (client, port, VIP, port) -> their mark; join_flows: those the token map
+    steered while untracked (direct server return: a join's SYN leaves its flow there for its
+    first ACK, which carries no token). A kernel test sends
     packets through the real ruleset and holds this function to its counters, rule by rule."""
     handshake = segment.flags & (TCP_SYN | TCP_ACK)
     subtype, token = nft_mptcp_option(segment.options)
@@ -274,9 +282,11 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
         if join_ports and (segment.dst, segment.dport) in join_ports:
             return Classified(join_ports[segment.dst, segment.dport], None)
         if subflows and handshake == TCP_ACK and new and segment.flow in subflows:
-            return Classified(subflows[segment.flow], None, shared=True)
+            return Classified(subflows[segment.flow], None, flow_map="subflow_shared")
+        if join_flows and handshake == TCP_ACK and new and subtype == 1 and segment.flow in join_flows:
+            return Classified(join_flows[segment.flow], None, flow_map="join_first_ack")
         hit = False
-        if handshake == TCP_SYN and not mark and tracked and subtype == 1 and token is not None:
+        if handshake == TCP_SYN and not mark and subtype == 1 and token is not None:
             found = token_map.get(token)
             if found is not None:
                 mark, hit = found, True

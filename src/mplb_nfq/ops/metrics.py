@@ -69,6 +69,10 @@ class WorkerCollector:
         lookups.add_metric(["hit", "kernel"], nft.get("join_kernel_hit", 0))
         lookups.add_metric(["announced_port", "kernel"], nft.get("join_port", 0))
         yield lookups
+        first_acks = CounterMetricFamily("mplb_nft_join_first_acks", "First ACKs of joins the token map steered "
+                                         "under direct server return, sent to their backend in the kernel")
+        first_acks.add_metric([], nft.get("join_first_ack", 0))
+        yield first_acks
 
         diverted = CounterMetricFamily("mplb_nft_queued_packets", "Packets the nft ruleset sent to the queue",
                                        labels=["rule"])
@@ -82,7 +86,7 @@ class WorkerCollector:
         yield decided
         copied = CounterMetricFamily("mplb_nft_copied_packets", "Handshake packets copied to the worker (nflog), "
                                      "by the packet that carried the key", labels=["packet"])
-        for name in ("copied_synack", "copied_capable"):
+        for name in ("copied_synack", "copied_capable", "copied_join"):
             copied.add_metric([name.removeprefix("copied_")], nft.get(name, 0))
         yield copied
         copies = CounterMetricFamily("mplb_copies", "Copies the worker read, or lost (its socket overrun: "

@@ -8,7 +8,7 @@ from collections import Counter
 
 from ..core.balancer import Balancer
 from ..core.marks import REJECT
-from ..core.packet import parse_ip
+from ..core.packet import Segment, parse_ip
 from ..core.tokens import flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from ..kernel.copies import CopyReader
@@ -63,12 +63,18 @@ class TokenStore:
 
     def learn(self, reader: CopyReader, limit: int) -> None:
         """Copies of MP_CAPABLE handshake packets, each with its connection's backend mark: their
-        tokens go to the kernel map in one transaction. The packets went on long ago."""
+        tokens go to the kernel map in one transaction. The packets went on long ago. In a
+        cluster, copies of the joins the kernel steered too."""
         copies = reader.read(limit)
         now, verdicts = time.perf_counter(), []
         for payload, mark in copies:
             try:
-                verdict = self.balancer.decide(parse_ip(payload), mark, now)
+                segment = parse_ip(payload)
+                if self.peers and isinstance(segment, Segment) and segment.is_syn and segment.join is not None:
+                    # a cluster's: a join the kernel steered; its peers keep its backend if the router moves it
+                    self.peers.steered(segment.flow, segment.join.token, mark)
+                    continue
+                verdict = self.balancer.decide(segment, mark, now)
             except Exception:  # a bug must not stop the learning of the others
                 self.errors.error("copy", "learning from a copy failed", exc_info=True)
                 self.stats["errors"] += 1
