@@ -79,12 +79,15 @@ def joins_established(topo) -> int:
 
 
 def resets(topo) -> int:
-    """Resets the backends sent: a subflow that reached a backend without its socket."""
+    """Resets the backends sent for a packet no socket of theirs owned: a subflow that reached
+    the wrong backend (all their resets, less those MPTCP sent on purpose: MP_TCPRST, MP_FASTCLOSE)."""
     total = 0
     for name in topo.backend_names:
-        out = topo.exec(name, "nstat", "-asz", "TcpOutRsts", capture_output=True, text=True,
+        out = topo.exec(name, "nstat", "-asz", "TcpOutRsts", "MPTcpExtMPRstTx", "MPTcpExtMPFastcloseTx",
+                        capture_output=True, text=True,
                         env={"NSTAT_HISTORY": "/dev/null", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).stdout
-        total += sum(int(line.split()[1]) for line in out.splitlines() if line.startswith("TcpOutRsts"))
+        counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if not line.startswith("#")}
+        total += counts.get("TcpOutRsts", 0) - counts.get("MPTcpExtMPRstTx", 0) - counts.get("MPTcpExtMPFastcloseTx", 0)
     return total
 
 
