@@ -25,11 +25,11 @@ from pathlib import Path
 DRIVER = """
 import random, sys, time
 from mplb_nfq.core.cluster import Batch
-from mplb_nfq.ops.cluster import start_link
+from mplb_nfq.ops.cluster import LinkHandle
 from mplb_nfq.ops.config import ClusterConfig
 redis, password, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-link_process, link = start_link(ClusterConfig("bench", "lb1", redis, "mplb", password, announce_device=None),
-                                600, "bench")
+link = LinkHandle(ClusterConfig("bench", "lb1", redis, "mplb", password, announce_device=None), 600, "bench")
+link_process = link.process
 time.sleep(1.5)  # connected
 started, sent, backends = time.monotonic(), 0, ("b1", "b2")
 before = open(f"/proc/{link_process.pid}/stat").read().split()

@@ -18,7 +18,7 @@ from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
 from .kernel.ruleset import COPY_SNAPLEN
-from .ops.cluster import LinkState, PeerNews, start_link
+from .ops.cluster import LinkHandle, LinkState, PeerNews
 from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
@@ -128,12 +128,7 @@ class Worker:
         else:
             self.plane.apply_conntrack_counts(message)
 
-    def from_link(self, link) -> None:
-        try:
-            message: PeerNews | LinkState = link.recv()
-        except EOFError:
-            self.peers.state = None  # shown as down; the worker balances alone
-            raise
+    def from_link(self, message: PeerNews | LinkState) -> None:
         if isinstance(message, LinkState):
             self.peers.state = message
         else:
@@ -151,7 +146,7 @@ class Worker:
     def serve(self, ready=lambda: None, parent=None, index: int = 0, cluster_link=None) -> None:
         """The loop of worker `index` (queue cfg.queue + index). The first one (no parent) also
         serves the control socket and counts conntrack; the others hear from it through parent.
-        cluster_link: (process, pipe) of the link to Redis, in a cluster."""
+        cluster_link: the link to Redis (ops.cluster.LinkHandle), in a cluster."""
         from netfilterqueue import NetfilterQueue
 
         from .ops.control import ControlServer
@@ -196,12 +191,23 @@ class Worker:
         control = ControlServer(cfg.control_socket, plane.control, watch, unwatch) if first else None
         if control:
             watch(control.fileno(), control.accept_ready)
-        link_process, link = cluster_link or (None, None)
-        announcement = None
+        link, announcement = cluster_link, None
+
+        def watch_link():
+            fd = link.pipe.fileno()
+
+            def from_link():
+                try:
+                    self.from_link(link.recv())
+                except EOFError:  # started again in a while; meanwhile this balancer balances alone
+                    unwatch(fd)
+                    self.peers.state = None
+
+            watch(fd, from_link)
+
         if link:
             fingerprinted, self.peers.fingerprint = plane.cfg, plane.fingerprint()
-            watch(link.fileno(), lambda: self.from_link(link))
-            pipes.add(link.fileno())
+            watch_link()
             # after every fork: a child holding the device would keep the route announced
             announcement = Announcement(cfg.cluster.announce_device) if cfg.cluster.announce_device else None
         log.info("worker %d listening on queue %d", index, cfg.queue + index)
@@ -234,6 +240,9 @@ class Worker:
                     plane.sync_unavailable()
                 if link:
                     self.peers.flush(link)
+                    if link.restart_due():
+                        link.restart(self.peers.fingerprint)
+                        watch_link()
                 if announcement:
                     announcement.set(plane.any_available() and self.peers.ready_to_announce())
                     self.peers.announced = announcement.up
@@ -244,7 +253,7 @@ class Worker:
             if announcement:  # first: the router moves this balancer's flows to its peers
                 announcement.close()
             if link:
-                link_process.kill()
+                link.stop()
             for packet, segment, _ in self.held:  # never leave a packet without a verdict
                 self.give(packet, self.balancer.decide(segment, 0, time.perf_counter()))
             nfq.unbind()
@@ -279,7 +288,7 @@ def run(cfg: Config) -> int:
                      adopted, ", ".join(retired) or "none")
         # forked before any thread or socket of the first worker
         plane.fleet.start(cfg.workers, serve_other_worker, (worker,), cfg.queue)
-        cluster_link = start_link(cfg.cluster, cfg.token_timeout, plane.fingerprint()) if cfg.cluster else None
+        cluster_link = LinkHandle(cfg.cluster, cfg.token_timeout, plane.fingerprint()) if cfg.cluster else None
         if cfg.metrics_address:
             from .ops.metrics import serve_metrics
 

@@ -56,7 +56,7 @@ class LabSettings:
     @classmethod
     def quick(cls, balancers: int = 0) -> "LabSettings":
         # a cluster's run needs joins to cross balancers, half of them do: a few more connections
-        return cls(sizes_mb=[0.5, 1, 2, 30] if balancers else [2, 30], repeat=3, balancers=balancers)
+        return cls(sizes_mb=[1, 2, 5, 30] if balancers else [2, 30], repeat=3, balancers=balancers)
 
 
 def t_critical(df: int) -> float:

@@ -33,6 +33,7 @@ STATE_SECONDS = 1.0
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
 SCAN_CHUNK = 500
 ENDED_KEPT = 1_000_000  # tokens ended while Redis was away, to delete once it is back
+RESTART_SECONDS = 1.0  # a link process that died is started again this long after
 
 
 @dataclass(frozen=True)
@@ -305,13 +306,66 @@ def serve_link(pipe, cfg: ClusterConfig, ttl: int, fingerprint: str) -> None:
         return
 
 
-def start_link(cfg: ClusterConfig, ttl: int, fingerprint: str):
-    """The link's process, and the worker's end of its pipe."""
-    import multiprocessing
+class LinkHandle:
+    """The worker's end of the link: the process, spawned (a fresh interpreter: it can be started
+    again from a worker whose threads run), and its pipe. A link that dies is started again after
+    RESTART_SECONDS; meanwhile the worker balances alone and what it sends is dropped (the new
+    link catches up from Redis, and the worker's own entries come back through its next news)."""
 
-    mine, theirs = multiprocessing.Pipe()
-    process = multiprocessing.Process(target=serve_link, args=(theirs, cfg, ttl, fingerprint),
-                                      name="mplb-nfq cluster link", daemon=True)
-    process.start()
-    theirs.close()
-    return process, mine
+    def __init__(self, cfg: ClusterConfig, ttl: int, fingerprint: str):
+        self.cfg, self.ttl, self.fingerprint = cfg, ttl, fingerprint
+        self.process = self.pipe = None
+        self.lost_at: float | None = None
+        self.restarts = 0
+        self.start()
+
+    def start(self) -> None:
+        import multiprocessing
+
+        spawn = multiprocessing.get_context("spawn")
+        self.pipe, theirs = spawn.Pipe()
+        self.process = spawn.Process(target=serve_link, args=(theirs, self.cfg, self.ttl, self.fingerprint),
+                                     name="mplb-nfq cluster link", daemon=True)
+        self.process.start()
+        theirs.close()
+        self.lost_at = None
+
+    @property
+    def alive(self) -> bool:
+        return self.lost_at is None
+
+    def send(self, message) -> None:
+        if self.alive:
+            try:
+                self.pipe.send(message)
+            except OSError:  # its end is gone: recv() says so too
+                self.lost()
+
+    def recv(self):
+        """The link's next message; EOFError once it is gone."""
+        try:
+            return self.pipe.recv()
+        except (EOFError, OSError):
+            self.lost()
+            raise EOFError("the cluster link is gone") from None
+
+    def lost(self) -> None:
+        if self.lost_at is None:
+            log.error("cluster: the link process ended (exit code %s); started again in %.0f s",
+                      self.process.exitcode, RESTART_SECONDS)
+            self.lost_at = time.monotonic()
+            self.process.kill()
+            self.process.join(1)
+            self.pipe.close()
+
+    def restart_due(self) -> bool:
+        return self.lost_at is not None and time.monotonic() - self.lost_at >= RESTART_SECONDS
+
+    def restart(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.restarts += 1
+        self.start()
+
+    def stop(self) -> None:
+        if self.alive:
+            self.process.kill()
