@@ -25,11 +25,15 @@ from mplb_nfq.kernel.ruleset import (
 )
 from mplb_nfq.kernel.tokenmap import (
     NFT_MSG_DELSETELEM,
+    NFT_MSG_GETOBJ,
     NFT_MSG_NEWSETELEM,
     NLM_F_ACK,
+    NLM_F_DUMP,
     NLM_F_REQUEST,
     NLMSG_HEADER,
+    counters_request,
     delete_batch,
+    parse_counter,
     parse_elements,
     replace_batch,
     token_batch,
@@ -273,3 +277,18 @@ def test_the_kernel_decides_syns_from_the_table_and_copies_what_carries_the_serv
     third = tcp("10.0.1.2", VIP, 40000, 80, ACK, mp_capable(1, 1, SERVER_KEY, SERVER_KEY))
     assert kernel_model(third, Index.FLOW) == (by_flow | LEARNED, None, False, "copied_capable", True, None)
     assert kernel_model(third, Index.COUNTER).queued == "queued_first"  # no counter can tell
+
+
+def test_the_counters_are_read_in_one_dump_of_the_tables_counter_objects():
+    request = counters_request("mplb", 9)
+    length, kind, flags, seq, _ = NLMSG_HEADER.unpack_from(request)
+    assert (length, kind & 0xFF, kind >> 8, flags, seq) == (len(request), NFT_MSG_GETOBJ, 10,
+                                                              NLM_F_REQUEST | NLM_F_DUMP, 9)
+    # table "mplb\0" (padded), then the object type, counter (1), big endian
+    assert request[20:] == bytes([9, 0, 1, 0]) + b"mplb\0" + bytes(3) + bytes([8, 0, 3, 0, 0, 0, 0, 1])
+    # an answer as the kernel sends it: nfgenmsg, name, type, data (bytes, packets: big endian u64)
+    data = bytes([12, 0, 1, 0]) + (4096).to_bytes(8, "big") + bytes([12, 0, 2, 0]) + (42).to_bytes(8, "big")
+    body = bytes(4) + bytes([12, 0, 2, 0]) + b"decided\0" + bytes([8, 0, 3, 0, 0, 0, 0, 1]) + \
+        (4 + len(data)).to_bytes(2, "little") + bytes([4, 0x80]) + data
+    assert parse_counter(body) == ("decided", 42)
+    assert parse_counter(bytes(4) + bytes([12, 0, 2, 0]) + b"decided\0") is None  # no data: not a counter

@@ -44,12 +44,6 @@ class Nft:
         return out if rc == 0 else None
 
 
-def nft_counters(nft: Nft, table: str) -> dict[str, int]:
-    """The packet counts of the table's named counters."""
-    data = nft.json(f"list counters table inet {table}")
-    return {c["counter"]["name"]: c["counter"]["packets"] for c in data.get("nftables", []) if "counter" in c}
-
-
 def native_queue_supported(nft: Nft) -> bool:
     """Probe for nft_queue: a rule with `queue` in a throw-away table with no hook."""
     probe = "mplb_probe_queue"

@@ -25,17 +25,17 @@ class WorkerCollector:
 
     def __init__(self, plane, ruleset_counters: Callable[[], dict[str, int]] | None = None):
         self.plane = plane
-        self._nft = None
-        self._nft_lock = threading.Lock()
+        self._counters = None
+        self._counters_lock = threading.Lock()
         self.ruleset_counters = ruleset_counters or self._nft_counters
 
     def _nft_counters(self) -> dict[str, int]:
-        from ..kernel.nft import Nft, nft_counters
+        from ..kernel.tokenmap import Counters
 
-        with self._nft_lock:  # the HTTP server answers scrapes in threads; a libnftables context is not shared
-            if self._nft is None:
-                self._nft = Nft()  # its own context: the worker's is used by its own thread
-            return nft_counters(self._nft, self.plane.cfg.table_name)
+        with self._counters_lock:  # the HTTP server answers scrapes in threads; one socket is not shared
+            if self._counters is None:
+                self._counters = Counters(self.plane.cfg.table_name)  # its own: the worker's is its thread's
+            return self._counters.read()
 
     def collect(self):
         w = self.plane
