@@ -42,7 +42,7 @@ def test_what_is_malformed_is_counted_and_left_out_the_rest_kept():
 
 
 def test_a_kept_token_reads_back_with_its_subflows():
-    fields = record(0x7A9913B1, "b1", "lb2", 1700000000.5, [(FLOW, "b1")])
+    fields = record("b1", "lb2", 1700000000.5, [(FLOW, "b1")])
     rejected = Counter()
     batch = from_record(0x7A9913B1, fields, rejected)
     assert (batch.origin, batch.tokens, batch.subflows) == ("lb2", {0x7A9913B1: "b1"}, {FLOW: (0x7A9913B1, "b1")})

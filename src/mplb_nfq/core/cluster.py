@@ -82,10 +82,9 @@ def _items(text: str, rejected: Counter[str]) -> list[str]:
     return items
 
 
-def record(token: int, backend: str, origin: str, at: float,
-           subflows: Iterable[tuple[tuple, str]] = ()) -> dict[str, str]:
-    """The hash a token is kept in (for a balancer that catches up): its backend, who learned
-    it and when, and its join subflows (field s:FLOW -> backend)."""
+def record(backend: str, origin: str, at: float, subflows: Iterable[tuple[tuple, str]] = ()) -> dict[str, str]:
+    """The fields a token is kept with (for a balancer that catches up): its backend, who learned
+    it and when; its join subflows (s:FLOW -> backend), as the link reads them back from their own hash."""
     fields = {"b": backend, "o": origin, "at": str(int(at * 1000))}
     fields.update({f"s:{flow_comment(flow)}": b for flow, b in subflows})
     return fields

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..core.cluster import Batch, decode, encode, from_record
+from ..core.cluster import Batch, decode, encode, from_record, record
 from ..core.tokens import flow_comment
 from .config import ClusterConfig
 
@@ -146,7 +146,7 @@ class Link:
         pipe = client.pipeline(transaction=False)
         for token, backend in batch.tokens.items():
             key = f"{self.prefix}t:{token:08x}"
-            pipe.hset(key, mapping={"b": backend, "o": batch.origin, "at": str(int(batch.at * 1000))})
+            pipe.hset(key, mapping=record(backend, batch.origin, batch.at))
             pipe.expire(key, self.ttl)
         by_token: dict[int, dict[str, str]] = {}
         for flow, (token, backend) in batch.subflows.items():
@@ -266,12 +266,12 @@ class Link:
                 pipe.hgetall(key.replace(":t:", ":s:", 1))
             answers = pipe.execute()
             by_origin: dict[str, Batch] = {}
-            for key, record, subflows in zip(chunk, answers[::2], answers[1::2]):
+            for key, kept, subflows in zip(chunk, answers[::2], answers[1::2]):
                 token = key.rpartition(":")[2]
-                if len(token) != 8 or any(c not in "0123456789abcdef" for c in token) or not record:
+                if len(token) != 8 or any(c not in "0123456789abcdef" for c in token) or not kept:
                     self.rejected["malformed"] += 1
                     continue
-                batch = from_record(int(token, 16), {**record, **{f"s:{k}": v for k, v in subflows.items()}},
+                batch = from_record(int(token, 16), {**kept, **{f"s:{k}": v for k, v in subflows.items()}},
                                     self.rejected)
                 if batch is None:
                     continue
@@ -316,7 +316,6 @@ class LinkHandle:
         self.cfg, self.ttl, self.fingerprint = cfg, ttl, fingerprint
         self.process = self.pipe = None
         self.lost_at: float | None = None
-        self.restarts = 0
         self.start()
 
     def start(self) -> None:
@@ -363,7 +362,6 @@ class LinkHandle:
 
     def restart(self, fingerprint: str) -> None:
         self.fingerprint = fingerprint
-        self.restarts += 1
         self.start()
 
     def stop(self) -> None:

@@ -30,7 +30,7 @@ class Peers:
         self.started = time.monotonic()
         self.taught: dict[int, str] = {}  # token -> the peer that taught it
         self.subflows_of: dict[int, list[tuple]] = {}  # token -> its subflows in the kernel's subflow map
-        self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0, tokens_received=0)
+        self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0)
         self.rejected: Counter[str] = Counter()
         self.received: Counter[str] = Counter()  # items installed, per peer
         self.state: LinkState | None = None
@@ -91,7 +91,6 @@ class Peers:
                     self.balancer.learn_token(token, mark, now)
                     self.taught[token] = batch.origin
             self.received[batch.origin] += len(fresh) - len(refused)
-            self.stats["tokens_received"] += len(fresh) - len(refused)
         subflows = {flow: (token, backends[name] | JOIN) for flow, (token, name) in batch.subflows.items()}
         if subflows and batch.origin != self.name:  # (this balancer's own, read back: conntrack has them)
             try:
@@ -138,12 +137,14 @@ class Peers:
 
     def report(self) -> dict:
         state = self.state
-        return {"balancer": self.name, "announced": self.announced, "fingerprint": self.fingerprint, "redis": "connected" if state and state.connected else "down",
+        return {"balancer": self.name, "announced": self.announced, "fingerprint": self.fingerprint,
+                "redis": "connected" if state and state.connected else "down",
                 "error": state.error if state else "starting", "published": state.published if state else 0,
                 "received": dict(self.received), "peers": state.peers if state else {},
                 "rejected": {**self.rejected, **(state.rejected if state else {})},
                 "resyncs": state.resyncs if state else 0, "outages": state.outages if state else 0,
-                **self.stats, "peer_tokens": len(self.taught), **self.propagation_ms()}
+                **self.stats, "tokens_received": sum(self.received.values()), "peer_tokens": len(self.taught),
+                **self.propagation_ms()}
 
     def propagation_ms(self) -> dict:
         """From a peer's learning to this balancer's kernel map, over the last batches received."""
