@@ -25,14 +25,16 @@ def start_server(topo, name):
 
 
 def lab_topology(direct_return=False, tunnel=None):
-    """The lab topology (client, LB, switch, 2 backends serving downloads)."""
+    """The lab topology (client, LB, switch, 2 backends serving downloads), the judge watching its joins."""
+    from mplb_nfq.lab.judge import Judge
     from mplb_nfq.lab.netns import Topology, leftover_namespaces
 
     with Topology(backends=2, direct_return=direct_return, tunnel=tunnel) as t:
         t.servers = {}
         for name in t.backend_names:
             start_server(t, name)
-        yield t
+        with Judge(t) as t.judge:
+            yield t
     assert not [n for n in leftover_namespaces() if t.tag in n]
 
 

@@ -34,8 +34,20 @@ def fetch_in_background(topo, size, family=4, mapped=False):
                        stdout=subprocess.PIPE, text=True)
 
 
+WRONG_JOINS = ("misrouted", "foreign", "late")
+NO_WRONG_JOINS = dict.fromkeys(WRONG_JOINS, 0)
+
+
 def counters(topo):
-    return {name: topo.nstat(name) for name in topo.backend_names}
+    """Per backend: its MPTCP counters (nstat), and the judge's exact verdicts on the joins it
+    received (`joins`, `misrouted`, `foreign`, `late`: mplb_nfq.lab.judge)."""
+    verdicts = topo.judge.verdicts()
+    return {name: {**topo.nstat(name), **verdicts[name]} for name in topo.backend_names}
+
+
+def wrong_joins(before, after):
+    """The joins between two readings that reached a backend not their connection's, or were refused there."""
+    return {key: sum(delta(before, after, key).values()) for key in WRONG_JOINS}
 
 
 def delta(before, after, key):
@@ -84,15 +96,20 @@ def worker_stats(topo, w):
 def one_path_download(topo, size):
     """A download that starts on one subflow: the client's second address is no subflow endpoint
     until the test adds it back (topo.subflow_endpoint(True)), which opens a subflow on it then.
-    Yields the process, the backend counters before it and once it runs, and its backend."""
+    Yields the process, the backend counters before it and once it runs, and its backend. The
+    download ends with the block: a failed test leaves no traffic to the next one."""
     topo.subflow_endpoint(False)
+    process = None
     try:
         before = counters(topo)
         process = fetch_in_background(topo, size)
-        time.sleep(0.7)
+        wait_for(lambda: sum(delta(before, counters(topo), "MPTcpExtMPCapableSYNRX").values()) == 1, 10)
         running = counters(topo)
         yield SimpleNamespace(process=process, before=before, running=running, home=serving(before, running))
     finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.communicate()
         topo.subflow_endpoint(True)
 
 

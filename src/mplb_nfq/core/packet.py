@@ -91,7 +91,8 @@ class Segment(NamedTuple):
 class Malformed:
     """A packet that breaks a rule of IP, TCP or MPTCP. `linux` is the segment as Linux's stack
     would take it (it stops reading TCP options at a broken one, and ignores an MPTCP option of a
-    wrong length); None when the IP or TCP header itself is broken, which Linux drops."""
+    wrong length); None when the IP or TCP header itself is broken, which Linux drops, or when
+    kernels disagree on its reading: dropped then."""
     reason: str
     linux: Segment | None = None
 
@@ -162,8 +163,9 @@ def parse_ip(buf: bytes) -> Segment | Malformed | None:
 
 def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: bytes) -> Segment | Malformed:
     """The TCP header at buf[start:end] (end: where the IP packet says it stops, or the capture does).
-    MPTCP options are read as Linux reads them: every one of them, the last of a subtype winning;
-    a SYN that asks for both MP_CAPABLE and MP_JOIN is plain TCP to Linux, and to us."""
+    MPTCP options are read as Linux reads them: every one of them, the last of a subtype winning.
+    A SYN that asks for both MP_CAPABLE and MP_JOIN is read as plain TCP by some kernels and as a
+    join by others (6.18): no verdict but a drop is safe under both, so it has no `linux` reading."""
     if end - start < 20:
         return Malformed("truncated TCP header")
     sport, dport, offset, flags = TCP_FIXED.unpack_from(buf, start)
@@ -200,11 +202,10 @@ def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: 
                 subtype = found[0] if subtype is None else subtype
                 capable, join = found[1] or capable, found[2] or join
         i += length
-    if capable is not None and join is not None and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
-        capable = join = None
-        problem = problem or "a SYN with both MP_CAPABLE and MP_JOIN"
     segment = Segment(version, src, dst, sport, dport, flags, buf[start + 20:start + doff], end - start - doff,
                       subtype, capable, join)
+    if capable is not None and join is not None and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+        return Malformed("a SYN with both MP_CAPABLE and MP_JOIN")  # kernels read it differently: dropped
     return segment if problem is None else Malformed(problem, segment)
 
 
