@@ -113,6 +113,14 @@ def one_path_download(topo, size):
         topo.subflow_endpoint(True)
 
 
+def token_map(topo):
+    """The LB's kernel token map: token -> (mark, comment)."""
+    listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+                                   capture_output=True).stdout)
+    (elements,) = [item["map"].get("elem", []) for item in listing["nftables"] if "map" in item]
+    return {key["elem"]["val"]: (mark, key["elem"].get("comment")) for key, mark in elements}
+
+
 CT_MARKS = """
 import sys
 from pyroute2 import NFCTSocket

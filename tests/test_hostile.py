@@ -18,6 +18,7 @@ from netlab import (
     inject,
     nft_counters,
     one_path_download,
+    token_map,
     wait_for,
     worker_stats,
     wrong_joins,
@@ -29,13 +30,6 @@ from mplb_nfq.lab.lab import PORT, WorkerProcess
 from mplb_nfq.lab.netns import VIP, backend_address
 
 pytestmark = KERNEL
-def token_map(topo):
-    listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
-                                   capture_output=True).stdout)
-    (elements,) = [item["map"].get("elem", []) for item in listing["nftables"] if "map" in item]
-    return {key["elem"]["val"]: (mark, key["elem"].get("comment")) for key, mark in elements}
-
-
 def handled(topo, w):
     return worker_stats(topo, w)["packets"]["packets"]
 

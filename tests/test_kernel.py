@@ -19,6 +19,8 @@ from netlab import (
     inject,
     nft_counters,
     one_path_download,
+    token_map,
+    wait_for,
     worker_stats,
     wrong_joins,
 )
@@ -133,7 +135,7 @@ def test_with_the_worker_killed_a_join_whose_token_was_learned_is_still_steered_
     flow for its first ACK, which carries no token."""
     w = worker("mplb")
     with one_path_download(topo, 30 * MB) as download:
-        time.sleep(0.5)  # its token learned from the copy
+        wait_for(lambda: token_map(topo), 5)  # its token learned from the copy, in the kernel map
         w.proc.send_signal(signal.SIGKILL)
         w.proc.wait()
         topo.subflow_endpoint(True)  # the join of the live connection, with no worker anywhere
@@ -319,9 +321,9 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
     from mplb_nfq.kernel.ruleset import Decider, classify
     from mplb_nfq.ops.config import load
 
-    def as_linux_reads(packet):
+    def as_nft_reads(packet):  # the headers as on the wire, however a backend would take them
         parsed = parse_ip(packet)
-        return parsed.linux if isinstance(parsed, Malformed) else parsed
+        return parsed.segment if isinstance(parsed, Malformed) else parsed
 
     config = tmp_path / "c.toml"
     config.write_text(config_text("mplb", 2, tmp_path, direct_return=topo.direct_return))
@@ -362,13 +364,13 @@ def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by
         for name, packet, replies in cases:
             expected = []
             tokens = {known: mark, drained: drained_mark}
-            outcome = classify(as_linux_reads(packet), 0, True, True, vips, tokens, {0x102}, deciders)
+            outcome = classify(as_nft_reads(packet), 0, True, True, vips, tokens, {0x102}, deciders)
             expected += [outcome.queued] if outcome.queued else []
             expected += ["join_kernel_hit"] if outcome.kernel_hit or outcome.queued == "queued_join_unavailable" else []
             expected += [outcome.copied] if outcome.copied else []
             expected += ["decided"] if outcome.decided else []
             for reply in replies:  # its SYN's backend, as conntrack keeps it
-                answer = classify(as_linux_reads(reply), outcome.mark, False, False, vips, {}, deciders=deciders)
+                answer = classify(as_nft_reads(reply), outcome.mark, False, False, vips, {}, deciders=deciders)
                 expected += [answer.queued or answer.copied]
             assert expected, name  # every case moves a counter: a ruleset that moves none fails
             before = nft_counters(topo)

@@ -89,12 +89,19 @@ class Segment(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Malformed:
-    """A packet that breaks a rule of IP, TCP or MPTCP. `linux` is the segment as Linux's stack
-    would take it (it stops reading TCP options at a broken one, and ignores an MPTCP option of a
-    wrong length); None when the IP or TCP header itself is broken, which Linux drops, or when
-    kernels disagree on its reading: dropped then."""
+    """A packet that breaks a rule of IP, TCP or MPTCP. `segment`: its headers as on the wire;
+    None when the IP or TCP header itself is broken, which Linux drops. `ambiguous`: kernels
+    disagree on how to take it."""
     reason: str
-    linux: Segment | None = None
+    segment: Segment | None = None
+    ambiguous: bool = False
+
+    @property
+    def linux(self) -> Segment | None:
+        """The segment as Linux's stack takes it (it stops reading TCP options at a broken one,
+        and ignores an MPTCP option of a wrong length); None when it drops it, or when kernels
+        disagree on its reading: then nobody may take it."""
+        return None if self.ambiguous else self.segment
 
 
 def endpoint(address: bytes, port: int) -> str:
@@ -205,7 +212,7 @@ def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: 
     segment = Segment(version, src, dst, sport, dport, flags, buf[start + 20:start + doff], end - start - doff,
                       subtype, capable, join)
     if capable is not None and join is not None and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
-        return Malformed("a SYN with both MP_CAPABLE and MP_JOIN")  # kernels read it differently: dropped
+        return Malformed("a SYN with both MP_CAPABLE and MP_JOIN", segment, ambiguous=True)
     return segment if problem is None else Malformed(problem, segment)
 
 
