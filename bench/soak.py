@@ -11,10 +11,11 @@ changing weights, a reload adding or removing b3 (retired), drain and undrain, a
 server stopped until its health check fails, then started), a hostile burst (MP_CAPABLE SYNs
 and MP_JOIN SYNs with random tokens from addresses no host owns). The service's unknown-join
 policy is `reset`: a join whose token nobody knows (a hostile one, or one of a connection
-opened while no worker ran) is refused, never guessed. A backend's MPJoinNoTokenFound then
-counts joins sent to the wrong backend, and also joins that reached the right one after their
-connection had ended there (a 256 KB fetch takes some 20 ms; a join SYN dropped during a
-restart comes again a second later); the backends cannot tell the two apart.
+opened while no worker ran) is refused, never guessed. The judge (mplb_nfq.lab.judge) counts,
+from what the backends sent and received, the joins that reached a backend other than their
+connection's (misrouted), carried a token no backend issued (foreign), or reached their
+connection's backend after the connection had ended there (late: a 256 KB fetch takes some
+20 ms; a join SYN dropped during a restart comes again a second later).
 
 Prints what happened and, with --json, one JSON document alone on stdout. Removes everything
 it started."""
@@ -26,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,6 +36,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from packets import SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
+from mplb_nfq.lab.judge import Judge  # noqa: E402
 from mplb_nfq.lab.lab import PORT, WorkerProcess  # noqa: E402
 from mplb_nfq.lab.netns import CLIENT, VIP, Topology, backend_address  # noqa: E402
 
@@ -181,23 +182,6 @@ def leftovers(topo: Topology) -> list[str]:
     return found
 
 
-class JoinRefusals(threading.Thread):
-    """When the backends refused joins (MPJoinNoTokenFound), read every half second: each is put
-    down to the fault in progress then, if any."""
-
-    def __init__(self, topo: Topology):
-        super().__init__(daemon=True)
-        self.topo, self.times, self.running = topo, [], True
-        self.total = nstat_sum(topo, "MPTcpExtMPJoinNoTokenFound")
-
-    def run(self) -> None:
-        while self.running:
-            time.sleep(0.5)
-            now = nstat_sum(self.topo, "MPTcpExtMPJoinNoTokenFound")
-            self.times += [time.monotonic()] * (now - self.total)
-            self.total = now
-
-
 def soak(minutes: float, rate: float) -> dict:
     seconds = minutes * 60
     period = min(15.0, max(8.0, seconds / (2 * len(FAULTS))))
@@ -216,8 +200,7 @@ def soak(minutes: float, rate: float) -> dict:
         state.start_worker()
         memory_start = state.rss_kib()
         joins_before = nstat_sum(topo, "MPTcpExtMPJoinAckRx")
-        refusals = JoinRefusals(topo)
-        refusals.start()
+        judge = Judge(topo)
         client = topo.popen("client", sys.executable, str(BENCH / "soak_client.py"), VIP, str(PORT), str(seconds),
                             str(rate), ",".join(CLIENT[4]), ",".join(map(str, SIZES)), "0.8",
                             stdout=subprocess.PIPE, text=True)
@@ -230,9 +213,8 @@ def soak(minutes: float, rate: float) -> dict:
             injected[kind] += 1
         out, _ = client.communicate(timeout=seconds + 120)
         records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        time.sleep(1)
-        refusals.running = False
-        refusals.join()
+        wrong = judge.sync().wrong()
+        judge.close()
         joins = nstat_sum(topo, "MPTcpExtMPJoinAckRx") - joins_before
         drained = wait(lambda: tokens_in_map(topo) == 0, 60)  # closed connections leave conntrack, then the map
         tokens_left = tokens_in_map(topo)
@@ -249,9 +231,9 @@ def soak(minutes: float, rate: float) -> dict:
         "failures_by_fault": dict(Counter(state.fault_during(r) or "none" for r in outside)),
         "failure_examples": [r["error"] for r in outside[:5]],
         "mptcp_connections": sum(r["mptcp"] for r in records), "joins_completed": joins,
-        "misrouted_joins": sum(1 for t in refusals.times if state.fault_during({"start": t, "end": t}) != "outage"),
-        "misrouted_joins_by_fault": dict(Counter(state.fault_during({"start": t, "end": t}) or "none"
-                                                 for t in refusals.times)),
+        **{f"{verdict}_joins": sum(1 for v, _ in wrong if v == verdict) for verdict in ("misrouted", "foreign", "late")},
+        "late_joins_by_fault": dict(Counter(state.fault_during({"start": t, "end": t}) or "none"
+                                            for v, t in wrong if v == "late")),
         "corrupted_bytes": sum(r["received"] for r in records if r["received"] == r["size"] and not r["intact"]),
         "bytes_received": sum(r["received"] for r in records),
         "faults_injected": dict(injected), "worker_restarts_survived": injected["restart"] + injected["kill"],

@@ -2,7 +2,7 @@
 announcements (IPv4 and IPv6 VIPs) into ECMP routes hashed on L4; each balancer runs BIRD and a
 worker; Redis (an ACL user with a password) is shared. The client has two addresses: its connections' joins reach
 either balancer. Every join must reach its connection's backend (the backends'
-MPJoinNoTokenFound stays 0) through balancer deaths, a Redis outage and a balancer added."""
+judge counts no misrouted, foreign or late join) through balancer deaths, a Redis outage and a balancer added."""
 import json
 import os
 import signal
@@ -15,6 +15,7 @@ import pytest
 from netlab import KERNEL, MB, fetch, fetch_in_background, wait_for
 
 from mplb_nfq.lab.cluster import ClusterTopology
+from mplb_nfq.lab.judge import Judge
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import leftover_namespaces
 
@@ -51,31 +52,53 @@ class Cluster:
                 w.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path, request):
-    topo = ClusterTopology(backends=2, balancers=2, run_dir=tmp_path, tls=getattr(request, "param", False))
+def build_cluster(run_dir, tls=False):
+    """Two balancers, each with its worker, both announced; the judge on the backends."""
+    topo = ClusterTopology(backends=2, balancers=2, run_dir=run_dir, tls=tls)
     topo.build()
-    servers = [topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in topo.backend_names]
-    wait_for(lambda: all(topo.exec(n, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip()
-                         for n in topo.backend_names), 5)
-    c = Cluster(topo, tmp_path)
-    c.servers = servers
+    c = Cluster(topo, run_dir)
     try:
-        for role in topo.balancer_names:
-            c.start(role)
-        topo.wait_announced(2)
-        yield c
+        c.servers = [topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in topo.backend_names]
+        wait_for(lambda: all(topo.exec(n, "ss", "-Hltn", f"sport = :{PORT}", capture_output=True).stdout.strip()
+                             for n in topo.backend_names), 5)
+        with Judge(topo) as topo.judge:
+            for role in topo.balancer_names:
+                c.start(role)
+            topo.wait_announced(2)
+            yield c
     finally:
         c.stop_all()
-        for s in c.servers:
+        for s in getattr(c, "servers", []):
             s.kill()
         topo.destroy()
     assert not [n for n in leftover_namespaces() if topo.tag in n]
 
 
-def no_token_found(topo) -> int:
-    return sum(topo.nstat(name).get("MPTcpExtMPJoinNoTokenFound", 0) for name in topo.backend_names)
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    yield from build_cluster(tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture
+def cluster(shared_cluster):
+    """The module's cluster, for a test that leaves it whole: both balancers announced, Redis connected."""
+    topo = shared_cluster.topo
+    topo.wait_announced(2)
+    wait_for(lambda: all(shared_cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
+    return shared_cluster
+
+
+@pytest.fixture
+def own_cluster(tmp_path, request):
+    """A cluster of the test's own, for one that breaks it (or needs Redis over TLS: param True)."""
+    yield from build_cluster(tmp_path, tls=getattr(request, "param", False))
+
+
+def wrong_joins(topo) -> dict[str, int]:
+    """The judge's count of joins that reached a backend not their connection's, or were refused there."""
+    counts = topo.judge.total()
+    return {key: counts[key] for key in ("misrouted", "foreign", "late")}
 
 
 def joins_established(topo) -> int:
@@ -102,15 +125,14 @@ def downloads(topo, count, size, family=4):
     return results
 
 
-@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-over-tls"], indirect=True)
-def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
+def joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
     topo = cluster.topo
-    established = joins_established(topo)
+    established, wrong = joins_established(topo), wrong_joins(topo)
     # 2 MB: a join held for its peer's token (milliseconds) must not come after its connection
     # ended, which the backend would count as a join for an unknown token too
     downloads(topo, 20, 2 * MB)
     downloads(topo, 10, 2 * MB, family=6)
-    assert no_token_found(topo) == 0, {role: cluster.full_status(role)["packets"] for role in topo.balancer_names}
+    assert wrong_joins(topo) == wrong, {role: cluster.full_status(role)["packets"] for role in topo.balancer_names}
     # wait for the last joins' counts: a status answers between two packets
     crossed = cluster.crossed()
     assert crossed > 0, "no join reached another balancer than its connection: nothing was shown"
@@ -131,6 +153,15 @@ def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(clu
         plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password,
                           "--no-auth-warning", "ping", capture_output=True, check=False)
         assert "PONG" not in plain.stdout
+
+
+def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
+    joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster)
+
+
+@pytest.mark.parametrize("own_cluster", [True], ids=["redis-over-tls"], indirect=True)
+def test_over_tls_too_joins_cross_balancers_and_every_one_reaches_its_connections_backend(own_cluster):
+    joins_cross_balancers_and_every_one_reaches_its_connections_backend(own_cluster)
 
 
 def test_entries_from_redis_that_are_malformed_or_name_an_unknown_backend_are_counted_not_installed(cluster):
@@ -162,16 +193,16 @@ def test_a_link_process_that_dies_is_started_again_and_the_balancer_catches_up(c
     wait_for(lambda: cluster.status("lb1")["redis"] == "down", 5)
     wait_for(lambda: cluster.status("lb1")["redis"] == "connected", 10)
     assert link_pid(topo, "lb1") != first and cluster.status("lb1")["resyncs"] >= 1
-    missing, crossed = no_token_found(topo), cluster.crossed()
+    wrong, crossed = wrong_joins(topo), cluster.crossed()
     downloads(topo, 12, MB)
-    assert cluster.crossed() > crossed and no_token_found(topo) == missing
+    assert cluster.crossed() > crossed and wrong_joins(topo) == wrong
 
 
 @contextmanager
 def transfers_intact(topo, event):
     """Six 6 MB downloads across `event` (the with block, a second in): each must complete with
     every byte as sent, no backend may reset a subflow or refuse a join."""
-    before_resets, before_missing = resets(topo), no_token_found(topo)
+    before_resets, before_wrong = resets(topo), wrong_joins(topo)
     running = [fetch_in_background(topo, 6 * MB) for _ in range(6)]
     time.sleep(1.0)
     yield
@@ -180,10 +211,11 @@ def transfers_intact(topo, event):
     lost = resets(topo) - before_resets
     print(f"subflows reset by a backend after {event}: {lost}")
     assert lost == 0
-    assert no_token_found(topo) == before_missing
+    assert wrong_joins(topo) == before_wrong
 
 
-def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(cluster):
+def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(own_cluster):
+    cluster = own_cluster
     topo = cluster.topo
     with transfers_intact(topo, "the balancer died"):
         # the machine dies: its worker, its BIRD and its link; the router withdraws it when
@@ -208,14 +240,15 @@ def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_aga
     downloads(topo, 2, MB)
     topo.start_redis()
     wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
-    missing, crossed = no_token_found(topo), cluster.crossed()
+    wrong, crossed = wrong_joins(topo), cluster.crossed()
     downloads(topo, 12, MB)
     assert cluster.crossed() > crossed, "no join crossed balancers after Redis came back"
-    assert no_token_found(topo) == missing
+    assert wrong_joins(topo) == wrong
     assert cluster.status("lb1")["outages"] >= 1
 
 
-def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):
+def test_a_balancer_added_while_traffic_flows_breaks_no_connection(own_cluster):
+    cluster = own_cluster
     topo = cluster.topo
     with transfers_intact(topo, "a balancer was added"):
         role = topo.add_balancer()

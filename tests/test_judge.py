@@ -25,13 +25,13 @@ def test_a_backend_issues_the_token_of_the_key_in_its_mp_capable_syn_ack_and_rec
                        tcp(VIP, "10.0.1.2", 80, 40002, TCP_RST | ACK),
                        tcp("10.0.1.2", VIP, 40003, 80, SYN, mp_capable(1, 0x01)))  # a new connection: no join
     assert events["issued"] == [token]
-    assert events["joins"] == [["10.0.2.2:40001>10.0.100.1:80", token]]
+    assert events["joins"] == [["10.0.2.2:40001>10.0.100.1:80", token, 0.0]]
     assert events["answers"] == [["10.0.2.2:40001>10.0.100.1:80", "taken"], ["10.0.1.2:40002>10.0.100.1:80", "refused"]]
 
 
 def ledger(issued_b1=(), issued_b2=(), joins_b1=(), answers_b1=()):
     found = Ledger()
-    found.add("b1", {"issued": list(issued_b1), "joins": [list(j) for j in joins_b1],
+    found.add("b1", {"issued": list(issued_b1), "joins": [[*j, 1.5] for j in joins_b1],
                      "answers": [list(a) for a in answers_b1], "lost": 0})
     found.add("b2", {**new_events(), "issued": list(issued_b2)})
     return found
@@ -46,11 +46,13 @@ def ledger(issued_b1=(), issued_b2=(), joins_b1=(), answers_b1=()):
 ])
 def test_a_join_is_judged_by_where_its_token_was_issued_and_how_it_was_answered(issued_b1, issued_b2, answer, verdict):
     answers = [("f", answer)] if answer else []
-    counts = total(ledger(issued_b1, issued_b2, [("f", 7)], answers).verdicts())
+    found = ledger(issued_b1, issued_b2, [("f", 7)], answers)
+    counts = total(found.verdicts())
     expected = {"joins": 1, "misrouted": 0, "foreign": 0, "late": 0}
     if verdict:
         expected[verdict] = 1
     assert counts == expected
+    assert found.wrong() == ([(verdict, 1.5)] if verdict else [])
 
 
 def test_a_retransmitted_join_counts_once_and_its_first_answer_decides():

@@ -24,6 +24,7 @@ import json
 import select
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 from ..core.packet import MP_JOIN, TCP_ACK, TCP_RST, TCP_SYN, Malformed, Segment, endpoint, parse_ip, token_of_key
@@ -46,11 +47,11 @@ RULESET = f"""table inet {TABLE} {{
 VERDICTS = ("joins", "misrouted", "foreign", "late")
 
 
-def observe(segment: Segment, events: dict) -> None:
-    """File one copied packet (parsed) under the backend's events."""
+def observe(segment: Segment, events: dict, at: float = 0.0) -> None:
+    """File one copied packet (parsed; read at monotonic time `at`) under the backend's events."""
     if segment.flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
         if segment.join is not None:
-            events["joins"].append([_flow(segment.flow), segment.join.token])
+            events["joins"].append([_flow(segment.flow), segment.join.token, at])
         return
     answer_to = _flow((segment.dst, segment.dport, segment.src, segment.sport))
     if segment.flags & TCP_SYN:  # a SYN-ACK
@@ -73,6 +74,7 @@ def new_events() -> dict:
 @dataclass
 class Join:
     token: int
+    at: float  # when it arrived (time.monotonic, shared by every process of the machine)
     answer: str | None = None  # "taken", "refused", or None while unanswered
 
 
@@ -86,14 +88,22 @@ class Ledger:
         issued = self.issued.setdefault(backend, set())
         joins = self.joins.setdefault(backend, {})
         issued.update(events["issued"])
-        for flow, token in events["joins"]:
-            joins.setdefault(flow, Join(token))  # a retransmitted SYN is the same join
+        for flow, token, at in events["joins"]:
+            joins.setdefault(flow, Join(token, at))  # a retransmitted SYN is the same join
         if events["lost"]:
             raise RuntimeError(f"the judge's watcher on {backend} lost copies: its counts would not be exact")
         for flow, answer in events["answers"]:
             join = joins.get(flow)
             if join is not None and join.answer is None:  # the first answer; later resets end the subflow
                 join.answer = answer
+
+    def verdict(self, backend: str, join: Join) -> str | None:
+        """misrouted, foreign, late, or None: it reached its connection's backend, which took it (or has not answered)."""
+        if join.token in self.issued[backend]:
+            return "late" if join.answer == "refused" else None
+        if any(join.token in tokens for other, tokens in self.issued.items() if other != backend):
+            return "misrouted"
+        return "foreign"
 
     def verdicts(self) -> dict[str, dict[str, int]]:
         """Per backend: joins received, and how many of them were misrouted, foreign or late."""
@@ -102,14 +112,16 @@ class Ledger:
             counts = dict.fromkeys(VERDICTS, 0)
             for join in joins.values():
                 counts["joins"] += 1
-                if join.token in self.issued[backend]:
-                    counts["late"] += join.answer == "refused"
-                elif any(join.token in tokens for other, tokens in self.issued.items() if other != backend):
-                    counts["misrouted"] += 1
-                else:
-                    counts["foreign"] += 1
+                verdict = self.verdict(backend, join)
+                if verdict:
+                    counts[verdict] += 1
             found[backend] = counts
         return found
+
+    def wrong(self) -> list[tuple[str, float]]:
+        """(verdict, arrival) of every join that was misrouted, foreign or late."""
+        return [(verdict, join.at) for backend, joins in self.joins.items() for join in joins.values()
+                if (verdict := self.verdict(backend, join))]
 
 
 def total(verdicts: dict[str, dict[str, int]]) -> dict[str, int]:
@@ -139,8 +151,8 @@ class Judge:
             self.close()
             raise
 
-    def verdicts(self) -> dict[str, dict[str, int]]:
-        """Per backend, every join the backends received until now."""
+    def sync(self) -> Ledger:
+        """The ledger, with every packet the backends had seen when this was called."""
         for watcher in self.watchers.values():
             watcher.stdin.write("sync\n")
         for name, watcher in self.watchers.items():
@@ -148,7 +160,11 @@ class Judge:
             if not line:
                 raise RuntimeError(f"the judge's watcher on {name} is gone")
             self.ledger.add(name, json.loads(line))
-        return self.ledger.verdicts()
+        return self.ledger
+
+    def verdicts(self) -> dict[str, dict[str, int]]:
+        """Per backend, every join the backends received until now."""
+        return self.sync().verdicts()
 
     def total(self) -> dict[str, int]:
         return total(self.verdicts())
@@ -185,7 +201,7 @@ def watch() -> None:
                 if isinstance(segment, Malformed):
                     segment = segment.linux
                 if isinstance(segment, Segment):
-                    observe(segment, events)
+                    observe(segment, events, time.monotonic())
 
     try:
         print("ready", flush=True)

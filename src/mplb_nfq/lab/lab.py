@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cluster import ClusterTopology
+from .judge import Judge, difference
 from .netns import (
     CLIENT,
     DUAL_STACK_V6,
@@ -162,6 +163,7 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
         else:
             topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit,
                             direct_return=settings.direct_return, tunnel=settings.tunnel)
+        judge = None
         try:
             topo.build()
             _check_unaware_splits(topo)
@@ -169,22 +171,25 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
                 topo.python(f"b{i + 1}", "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _wait_for_servers(topo, settings.backends)
+            judge = Judge(topo)
             if not settings.balancers:
                 _set_paths(topo, settings.family)
             if settings.joins == "announced-port":
                 topo.announce_join_ports(JOIN_PORT_BASE)
             for mode in MODES:
-                results["modes"][mode] = _run_mode(topo, mode, settings, Path(tmp), out, progress)
+                results["modes"][mode] = _run_mode(topo, judge, mode, settings, Path(tmp), out, progress)
         except KeyboardInterrupt:
             print("\ninterrupted; namespaces removed", file=sys.stderr)
             return 130
         finally:
+            if judge is not None:
+                judge.close()
             topo.destroy()
     largest = str(max(settings.sizes_mb))
     mbit = {m: results["modes"][m]["sizes"][largest]["mean_mbit_s"] for m in MODES}
     results["ratio"] = mbit["mplb"] / mbit["unaware"] if mbit["unaware"] else math.inf
     results["ratio_size_mb"] = max(settings.sizes_mb)
-    results["join_failures"] = {m: results["modes"][m]["join_failures"] for m in MODES}
+    results["oracle"] = {m: results["modes"][m]["oracle"] for m in MODES}
     if settings.balancers:
         results["balancers"] = settings.balancers
         results["joins_crossed"] = results["modes"]["mplb"]["joins_crossed"]
@@ -239,11 +244,11 @@ def _wait_for_servers(topo: Topology, backends: int) -> None:
             time.sleep(0.05)
 
 
-def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: Path,
+def _run_mode(topo: Topology, judge: Judge, mode: str, settings: LabSettings, tmp: Path, out: Path,
               progress: Progress) -> dict:
     roles = topo.balancer_names if settings.balancers else ["lb"]
     workers = []
-    before = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
+    before = judge.total()
     samples: dict[float, list[dict]] = {s: [] for s in settings.sizes_mb}
     try:
         for role in roles:
@@ -270,7 +275,7 @@ def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: 
                 progress.step(f"{mode} {size:g} MB")
     finally:
         stats = {w.role: w.stop() for w in workers}
-    after = [topo.nstat(f"b{i + 1}").get("MPTcpExtMPJoinNoTokenFound", 0) for i in range(settings.backends)]
+    oracle = difference(before, judge.total())
     sizes = {}
     for size, runs in samples.items():
         seconds = [r["seconds"] for r in runs]
@@ -279,7 +284,7 @@ def _run_mode(topo: Topology, mode: str, settings: LabSettings, tmp: Path, out: 
         mean_mbit, ci_mbit = mean_ci(mbit)
         sizes[str(size)] = {"mean_s": mean_s, "ci_s": ci_s, "mean_mbit_s": mean_mbit, "ci_mbit_s": ci_mbit,
                             "samples_s": seconds, "samples_mbit_s": mbit}
-    result = {"sizes": sizes, "join_failures": sum(after) - sum(before)}
+    result = {"sizes": sizes, "oracle": oracle}
     if settings.balancers:
         result["workers"] = stats
         result["joins_crossed"] = sum(s.get("cluster", {}).get("joins_crossed", 0) for s in stats.values())
@@ -300,9 +305,9 @@ def _table(results: dict) -> str:
                          f"({entry['mean_s']:5.2f} s)")
         lines.append(f"{float(size):>8g} | " + " | ".join(f"{c:>26}" for c in cells)
                      + f" | {means[1] / means[0]:6.2f}")
-    lines.append(f"ratio at {results['ratio_size_mb']:g} MB: {results['ratio']:.2f}; "
-                 + ", ".join(f"{m} join failures (backend MPJoinNoTokenFound): {n}"
-                             for m, n in results["join_failures"].items()))
+    lines.append(f"ratio at {results['ratio_size_mb']:g} MB: {results['ratio']:.2f}; joins "
+                 + "; ".join(f"{m}: {o['joins']} received, {o['misrouted']} misrouted, {o['late']} late, "
+                             f"{o['foreign']} foreign" for m, o in results["oracle"].items()))
     return "\n".join(lines)
 
 
