@@ -1,6 +1,6 @@
 """A cluster of balancers, for real: a router namespace running BIRD takes each balancer's BGP
 announcements (IPv4 and IPv6 VIPs) into ECMP routes hashed on L4; each balancer runs BIRD and a
-worker; Redis (an ACL user with a password) is shared. The client has two addresses: its connections' joins reach
+worker; Redis (an ACL user with a password; over TLS for the shared cluster) is shared. The client has two addresses: its connections' joins reach
 either balancer. Every join must reach its connection's backend (the backends'
 judge counts no misrouted, foreign or late join) through balancer deaths, a Redis outage and a balancer added."""
 import json
@@ -77,7 +77,8 @@ def build_cluster(run_dir, tls=False):
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory):
-    yield from build_cluster(tmp_path_factory.mktemp("cluster"))
+    """Redis over TLS (a CA of the run's own): the clear-text path is the cluster lab's (test_lab.py)."""
+    yield from build_cluster(tmp_path_factory.mktemp("cluster"), tls=True)
 
 
 @pytest.fixture
@@ -90,9 +91,9 @@ def cluster(shared_cluster):
 
 
 @pytest.fixture
-def own_cluster(tmp_path, request):
-    """A cluster of the test's own, for one that breaks it (or needs Redis over TLS: param True)."""
-    yield from build_cluster(tmp_path, tls=getattr(request, "param", False))
+def own_cluster(tmp_path):
+    """A cluster of the test's own, for one that breaks it."""
+    yield from build_cluster(tmp_path)
 
 
 def wrong_joins(topo) -> dict[str, int]:
@@ -125,7 +126,7 @@ def downloads(topo, count, size, family=4):
     return results
 
 
-def joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
+def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
     topo = cluster.topo
     established, wrong = joins_established(topo), wrong_joins(topo)
     # 2 MB: a join held for its peer's token (milliseconds) must not come after its connection
@@ -149,19 +150,10 @@ def joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster)
     assert "  -> lb2" in text and "same" in text
     check = topo.exec("lb1", sys.executable, "-m", "mplb_nfq", "check", "-c", config, capture_output=True).stdout
     assert "ok  cluster Redis" in check and "ok  announcement device" in check
-    if topo.tls:  # and Redis would not have talked in clear
-        plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password,
-                          "--no-auth-warning", "ping", capture_output=True, check=False)
-        assert "PONG" not in plain.stdout
-
-
-def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster):
-    joins_cross_balancers_and_every_one_reaches_its_connections_backend(cluster)
-
-
-@pytest.mark.parametrize("own_cluster", [True], ids=["redis-over-tls"], indirect=True)
-def test_over_tls_too_joins_cross_balancers_and_every_one_reaches_its_connections_backend(own_cluster):
-    joins_cross_balancers_and_every_one_reaches_its_connections_backend(own_cluster)
+    # the balancers spoke TLS: Redis would not have talked in clear
+    plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password,
+                      "--no-auth-warning", "ping", capture_output=True, check=False)
+    assert topo.tls and "PONG" not in plain.stdout
 
 
 def test_entries_from_redis_that_are_malformed_or_name_an_unknown_backend_are_counted_not_installed(cluster):

@@ -130,6 +130,7 @@ class WorkerProcess:
 
     def __init__(self, topo: Topology, config_path: Path, log_path: Path, role: str = "lb"):
         self.topo, self.config_path, self.log_path, self.role = topo, config_path, log_path, role
+        self.cleaned = False  # by `stop`: nothing of this worker's is left in the kernel
         self.log = open(log_path, "w")
         self.proc = topo.popen(role, sys.executable, "-m", "mplb_nfq", "run", "-c", str(config_path),
                                stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -146,6 +147,7 @@ class WorkerProcess:
         self.log.close()
         if cleanup:
             self.topo.exec(self.role, sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(self.config_path))
+            self.cleaned = True
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         return next((line for line in lines if line.get("event") == "stopped"), {})
 
