@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
-from mplb_nfq.core.cluster import Batch, accepted, decode, encode, from_record, record
+from mplb_nfq.core.cluster import MAX_PEERS, Batch, accepted, decode, encode, from_record, heartbeat, peer_beats, record
 from mplb_nfq.core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
 from mplb_nfq.ops.cluster import LinkState, Own, PeerNews
 from mplb_nfq.ops.logs import ThrottledLog
@@ -149,3 +149,32 @@ def test_what_a_balancer_published_is_published_again_after_an_outage_less_what_
     own.add(Batch("lb1", 11.0, ended=[2]))
     (batch,) = own.batches("lb1")
     assert batch.tokens == {1: "b1"} and batch.subflows == {FLOW: (1, "b1")} and batch.at == 10.0
+
+
+def test_numbers_from_redis_are_ascii_digits_of_a_bounded_length_or_the_entry_is_malformed():
+    """str.isdigit takes "²", int() refuses it; 5,000 digits pass isdigit and fail int(): one such
+    value in a kept token stopped every balancer's catching up."""
+    for at in ("²", "٣", "9" * 400, "9" * 5000, "1e999", "-1", ""):
+        rejected = Counter()
+        assert decode({"o": "lb1", "at": at, "t": "0a0b0c0d=b1"}, rejected) is None
+        assert from_record(0x0A0B0C0D, {"o": "lb1", "b": "b1", "at": at}, rejected) is None
+        assert rejected["malformed"] == 2, at
+
+
+def test_a_subflow_whose_port_is_not_a_port_is_left_out_and_the_rest_of_its_batch_kept():
+    rejected = Counter()
+    batch = decode({"o": "lb1", "at": "1", "s": "10.0.1.2:70000>10.0.100.1:80=0a0b0c0d=b1 "
+                    "10.0.1.2:٣>10.0.100.1:80=0a0b0c0d=b1 10.0.1.2:4000>10.0.100.1:80=0a0b0c0d=b1"}, rejected)
+    assert list(batch.subflows.values()) == [(0x0A0B0C0D, "b1")] and rejected["malformed"] == 2
+
+
+def test_heartbeats_are_parsed_strictly_and_at_most_so_many_peers_are_kept():
+    good = heartbeat("0123456789ab", 5, 1000.0)
+    rejected = Counter()
+    beats = peer_beats([("lb2", good), ("lb3", '{"fingerprint": "0123456789ab", "at": 1e999}'),
+                        ("lb4", '{"fingerprint": "0123456789ab", "at": true}'), ("lb5", "\ufffd"),
+                        ("lb6", None), ("x" * 65, good), ("lb7", '{"fingerprint": "<script>", "at": 1}'),
+                        ("lb8", "[]")], rejected)
+    assert beats == {"lb2": ("0123456789ab", 1000.0)} and rejected["malformed"] == 7
+    many = peer_beats([(f"lb{i}", good) for i in range(MAX_PEERS + 10)], rejected)
+    assert len(many) == MAX_PEERS and rejected["malformed"] == 17

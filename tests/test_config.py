@@ -235,3 +235,13 @@ def test_the_cluster_examples_in_deploy_are_valid(tmp_path):
                  tmp_path / "lab-balancer.conf"]:
         parsed = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
         assert parsed.returncode == 0, f"{conf}: {parsed.stderr}"
+
+
+def test_the_shipped_sysctls_set_what_direct_server_return_needs():
+    """The lab's DSR balancer runs with these; an operator's runs with deploy/sysctl.d's."""
+    from mplb_nfq.lab.netns import DIRECT_RETURN_SYSCTLS
+
+    text = (Path(__file__).parents[1] / "deploy" / "sysctl.d" / "90-mplb-nfq.conf").read_text()
+    shipped = dict(line.replace(" ", "").split("=") for line in text.splitlines() if line and line[0] != "#")
+    assert {key: shipped.get(key) for key in DIRECT_RETURN_SYSCTLS} == {
+        key: str(value) for key, value in DIRECT_RETURN_SYSCTLS.items()}

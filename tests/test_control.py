@@ -114,3 +114,20 @@ def test_the_client_side_round_trip(tmp_path):
             assert os.waitstatus_to_exitcode(status) == 0
             return
     raise AssertionError("the client got no answer")
+
+
+def test_one_instance_per_table_and_namespace_and_no_other_user_can_take_its_place(tmp_path):
+    """Any local user could bind the abstract socket name an instance once held, and so stop the
+    balancer from starting; the lock lives in a directory only root may write."""
+    from mplb_nfq.ops.instance import AlreadyRunning, hold_instance
+
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    squatter.bind("\0mplb-nfq/mplb")  # where the instance used to be held
+    directory = tmp_path / "run"
+    with hold_instance("mplb", str(directory)):
+        assert directory.stat().st_mode & 0o777 == 0o700
+        with pytest.raises(AlreadyRunning, match="another mplb-nfq runs with table 'mplb'"):
+            hold_instance("mplb", str(directory))
+        hold_instance("other", str(directory)).close()  # another table is another instance
+    hold_instance("mplb", str(directory)).close()  # released with its holder
+    squatter.close()

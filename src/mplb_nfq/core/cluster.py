@@ -16,7 +16,10 @@ from .tokens import flow_comment, flow_of_comment
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TOKEN = re.compile(r"[0-9a-f]{8}")
+MILLIS = re.compile(r"[0-9]{1,15}")  # Unix milliseconds, ASCII digits only (str.isdigit takes "²")
+FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 MAX_ITEMS = 100_000  # in one field: more is not a batch a balancer writes
+MAX_PEERS = 64  # heartbeats read: their names become metric labels
 
 
 @dataclass
@@ -49,7 +52,7 @@ def decode(fields: Mapping[str, str], rejected: Counter[str]) -> Batch | None:
     """A stream entry back to a Batch; its malformed items (or the whole entry) counted in
     `rejected` by reason and left out."""
     origin, at = fields.get("o", ""), fields.get("at", "")
-    if not NAME.fullmatch(origin) or not at.isdigit():
+    if not NAME.fullmatch(origin) or not MILLIS.fullmatch(at):
         rejected["malformed"] += 1
         return None
     batch = Batch(origin, int(at) / 1000)
@@ -94,7 +97,7 @@ def from_record(token: int, fields: Mapping[str, str], rejected: Counter[str]) -
     """A kept token's hash as a Batch of one, from its origin."""
     origin, backend = fields.get("o", ""), fields.get("b", "")
     at = fields.get("at", "")
-    if not NAME.fullmatch(origin) or not NAME.fullmatch(backend) or not at.isdigit():
+    if not NAME.fullmatch(origin) or not NAME.fullmatch(backend) or not MILLIS.fullmatch(at):
         rejected["malformed"] += 1
         return None
     batch = Batch(origin, int(at) / 1000, {token: backend})
@@ -106,6 +109,29 @@ def from_record(token: int, fields: Mapping[str, str], rejected: Counter[str]) -
                 continue
             batch.subflows[flow] = (token, value)
     return batch
+
+
+def heartbeat(fingerprint: str, published: int, at: float) -> str:
+    """A balancer's heartbeat value: its config's fingerprint, what it published, when (Unix seconds)."""
+    return json.dumps({"fingerprint": fingerprint, "published": published, "at": int(at * 1000)})
+
+
+def peer_beats(beats: Iterable[tuple[str, str | None]], rejected: Counter[str]) -> dict[str, tuple[str, float]]:
+    """(name, heartbeat value) as read from Redis -> name: (fingerprint, Unix seconds), at most
+    MAX_PEERS of them; a malformed one is counted in `rejected` and left out."""
+    peers = {}
+    for name, value in beats:
+        try:
+            beat = json.loads(value or "")
+            fingerprint, at = beat["fingerprint"], beat["at"]
+        except (ValueError, KeyError, TypeError):
+            beat = fingerprint = at = None
+        if (not NAME.fullmatch(name) or not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint)
+                or type(at) is not int or not 0 <= at < 10 ** 15 or len(peers) >= MAX_PEERS):
+            rejected["malformed"] += 1
+            continue
+        peers[name] = (fingerprint, at / 1000)
+    return peers
 
 
 def accepted(batch: Batch, backends: Mapping[str, int], services: Iterable[tuple[bytes, int]],

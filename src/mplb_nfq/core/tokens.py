@@ -13,6 +13,7 @@ joins are reset, never guessed.
 from __future__ import annotations
 
 import ipaddress
+import re
 from enum import StrEnum
 from typing import Iterable, Mapping, NamedTuple
 
@@ -20,6 +21,7 @@ from .marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
 from .packet import endpoint
 from .verdicts import Kind, Verdict
 
+PORT = re.compile(r"[0-9]{1,5}")
 # Held in the token table for a token that two live connections on different backends share: a
 # join carrying it could belong to either, so it is refused (TCP reset) rather than misrouted.
 AMBIGUOUS = -1
@@ -107,12 +109,15 @@ def flow_comment(flow: tuple) -> str:
 
 
 def flow_of_comment(comment: str) -> tuple | None:
-    """The connection a map element's comment names, or None when it names none."""
+    """The connection a map element's comment names, or None when it names none (or a port
+    that is not one: comments also come from Redis, untrusted)."""
     try:
         client, vip = comment.split(">")
         ends = []
         for endpoint in (client, vip):
             address, _, port = endpoint.rpartition(":")
+            if not PORT.fullmatch(port) or int(port) > 65535:
+                return None
             ends += [ipaddress.ip_address(address.strip("[]")).packed, int(port)]
         return tuple(ends)
     except ValueError:

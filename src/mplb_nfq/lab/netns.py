@@ -22,6 +22,10 @@ LB_CLIENT_SIDE = {4: ("10.0.1.1", "10.0.2.1"), 6: ("fd00:1::1", "fd00:2::1")}
 LB_BACKEND_SIDE = {4: "10.0.9.1", 6: "fd00:9::1"}
 CLIENT_ON_SWITCH = {4: ("10.0.9.101", "10.0.9.102"), 6: ("fd00:9::101", "fd00:9::102")}  # direct return only
 BACKEND_SETUP = Path(__file__).resolve().parent.parent / "backend-setup.sh"
+# the LB sees one direction of each flow only: what deploy/sysctl.d/ sets for it, too
+DIRECT_RETURN_SYSCTLS = {"net.netfilter.nf_conntrack_tcp_loose": 1,
+                         "net.netfilter.nf_conntrack_tcp_timeout_max_retrans": 86400,
+                         "net.netfilter.nf_conntrack_tcp_timeout_unacknowledged": 86400}
 
 
 LB_UNDERLAY, ROUTER_UNDERLAY, BACKEND_UNDERLAY_NET = "10.0.8.1", "10.0.8.2", "10.0.64.0/18"
@@ -124,10 +128,9 @@ class Topology:
         if self.tunnel:
             self.sysctl(self.ns("router"), "net.ipv4.ip_forward", 1)
         self.sysctl(lb, "net.ipv6.conf.all.forwarding", 1)
-        if self.direct_return:  # as deploy/sysctl.d/ says: the LB sees one direction of each flow only
-            self.sysctl(lb, "net.netfilter.nf_conntrack_tcp_loose", 1)
-            self.sysctl(lb, "net.netfilter.nf_conntrack_tcp_timeout_max_retrans", 86400)
-            self.sysctl(lb, "net.netfilter.nf_conntrack_tcp_timeout_unacknowledged", 86400)
+        if self.direct_return:
+            for key, value in DIRECT_RETURN_SYSCTLS.items():
+                self.sysctl(lb, key, value)
         self.sysctl(client, "net.ipv4.conf.all.arp_ignore", 1)  # each return port answers for its own address
         for n in [lb, client]:
             self.sysctl(n, "net.ipv4.conf.all.rp_filter", 0)

@@ -13,7 +13,6 @@ outage. Both directions are plain data over a pipe (Batch, LinkState).
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -22,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..core.cluster import Batch, decode, encode, from_record, record
+from ..core.cluster import MAX_PEERS, Batch, decode, encode, from_record, heartbeat, peer_beats, record
 from ..core.tokens import flow_comment
 from .config import ClusterConfig
 
@@ -88,8 +87,10 @@ def connect(cfg: ClusterConfig):
 
     tls = {k: v for k, v in (("ssl_ca_certs", cfg.tls_ca), ("ssl_certfile", cfg.tls_cert),
                              ("ssl_keyfile", cfg.tls_key)) if v}
+    # bytes that are not UTF-8 (anyone with the user can write them) read as U+FFFD, which no
+    # parser accepts: counted as malformed rather than raised from inside redis-py
     client = redis.Redis.from_url(cfg.redis, username=cfg.username, password=cfg.password, decode_responses=True,
-                                  socket_timeout=2, socket_connect_timeout=2, **tls)
+                                  encoding_errors="replace", socket_timeout=2, socket_connect_timeout=2, **tls)
     client.ping()
     return client
 
@@ -207,21 +208,15 @@ class Link:
         return None
 
     def heartbeat(self, client) -> None:
-        client.set(f"{self.prefix}b:{self.cfg.balancer}", json.dumps(
-            {"fingerprint": self.fingerprint, "published": self.published, "at": int(time.time() * 1000)}),
-            ex=HEARTBEAT_TTL)
-        keys = [k for k in client.scan_iter(f"{self.prefix}b:*", count=100)]
-        peers = {}
-        for key, value in zip(keys, client.mget(keys) if keys else []):
-            name = key.removeprefix(f"{self.prefix}b:")
-            try:
-                beat = json.loads(value or "")
-                peers[name] = {"fingerprint": str(beat["fingerprint"]), "age_s": round(
-                    time.time() - int(beat["at"]) / 1000, 1)}
-            except (ValueError, KeyError, TypeError):
-                self.rejected["malformed"] += 1
-        peers.pop(self.cfg.balancer, None)
-        self.peers = peers
+        client.set(f"{self.prefix}b:{self.cfg.balancer}", heartbeat(self.fingerprint, self.published, time.time()),
+                   ex=HEARTBEAT_TTL)
+        keys = [k for k in client.scan_iter(f"{self.prefix}b:*", count=100)][:MAX_PEERS + 1]
+        names = [key.removeprefix(f"{self.prefix}b:") for key in keys]
+        beats = peer_beats(zip(names, client.mget(keys) if keys else []), self.rejected)
+        beats.pop(self.cfg.balancer, None)
+        now = time.time()
+        self.peers = {name: {"fingerprint": fingerprint, "age_s": round(now - at, 1)}
+                      for name, (fingerprint, at) in beats.items()}
 
     def state(self) -> LinkState:
         return LinkState(self.writer_up and self.reader_up, self.published, dict(self.received), dict(self.rejected),

@@ -1,17 +1,23 @@
 """One running instance per table and network namespace, and what signals ask of it."""
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
-import socket
-from typing import Callable
+from typing import Callable, IO
+
+LOCK_DIRECTORY = "/run/mplb-nfq"
 
 
-def hold_instance(table: str) -> socket.socket:
-    """One instance per table and network namespace: an abstract unix socket, which the kernel
-    frees when the process ends, however it ends."""
-    holder = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def hold_instance(table: str, directory: str = LOCK_DIRECTORY) -> IO:
+    """One instance per table and network namespace: an exclusive lock on a file in a directory
+    only root may write, which the kernel releases when the process ends, however it ends. (An
+    abstract unix socket does that too, but any local user may bind its name first.)"""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    namespace = os.stat("/proc/self/ns/net").st_ino
+    holder = open(os.path.join(directory, f"{namespace}-{table}.lock"), "a")
     try:
-        holder.bind(f"\0mplb-nfq/{table}")
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder.close()
         raise AlreadyRunning(f"another mplb-nfq runs with table {table!r} in this network namespace; "
