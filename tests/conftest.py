@@ -38,9 +38,10 @@ def lab_topology(direct_return=False, tunnel=None):
     assert not [n for n in leftover_namespaces() if t.tag in n]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def topo():
-    """One lab topology per test module."""
+    """The lab topology, shared by the modules that take it as it is (each test puts back what
+    it changes); modules that need another shape build theirs."""
     yield from lab_topology()
 
 

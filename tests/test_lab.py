@@ -22,8 +22,8 @@ def assert_judged(results, unaware_misrouted):
 
 def test_quick_lab_doubles_throughput_and_leaves_nothing_behind(tmp_path):
     before = set(leftover_namespaces())
-    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--repeat", "2", "--json",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
     assert results["ratio"] >= 1.8, results["ratio"]
@@ -57,7 +57,7 @@ def test_quick_lab_dual_stack_with_direct_server_return(tmp_path):
     """The dual-stack client (IPv4 connection, IPv6 second subflow to the VIP the backends
     announce) behind a DSR balancer: MPLB loses no join, the unaware balancer loses every one."""
     done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--family", "dual", "--dsr",
-                           "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
+                           "--sizes", "10", "--repeat", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
@@ -69,7 +69,7 @@ def test_quick_lab_dual_stack_with_direct_server_return(tmp_path):
 def test_quick_lab_through_vxlan_tunnels(tmp_path):
     """Backends behind a router, each reached through a VXLAN tunnel: the same doubling."""
     done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--tunnel", "vxlan",
-                           "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
+                           "--sizes", "10", "--repeat", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
