@@ -178,3 +178,14 @@ def test_heartbeats_are_parsed_strictly_and_at_most_so_many_peers_are_kept():
     assert beats == {"lb2": ("0123456789ab", 1000.0)} and rejected["malformed"] == 7
     many = peer_beats([(f"lb{i}", good) for i in range(MAX_PEERS + 10)], rejected)
     assert len(many) == MAX_PEERS and rejected["malformed"] == 17
+
+
+def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf8_as_malformed():
+    from mplb_nfq.ops.cluster import client_options
+    from mplb_nfq.ops.config import ClusterConfig
+
+    tls = client_options(ClusterConfig("c", "lb1", "rediss://10.0.9.250:6379/0", "mplb", "pw", tls_ca="/ca.pem"))
+    assert tls["ssl_check_hostname"] is True and tls["ssl_ca_certs"] == "/ca.pem"
+    plain = client_options(ClusterConfig("c", "lb1", "redis://10.0.9.250:6379/0", "mplb", "pw"))
+    assert not any(key.startswith("ssl") for key in plain)
+    assert tls["encoding_errors"] == plain["encoding_errors"] == "replace" and plain["decode_responses"]

@@ -167,3 +167,17 @@ def test_malformed_input_gives_a_reason_never_an_exception(packet, reason):
 ])
 def test_other_mptcp_subtypes_of_valid_length(options):
     assert isinstance(parse_ip(with_options(options)), Segment)
+
+
+def test_a_third_ack_behind_ipv6_extension_headers_fits_the_copy_the_worker_learns_from():
+    from mplb_nfq.kernel.ruleset import COPY_SNAPLEN
+
+    plain = tcp("2001:db8::2", "2001:db8::1", 40000, 80, ACK, mp_capable(1, 0x01, CLIENT_KEY, SERVER_KEY))
+    destination_options = bytes([60, 9, 1, 76]) + bytes(76)  # next: destination options again; 80 bytes
+    last = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next: TCP
+    header = bytearray(plain[:40])
+    header[6] = 60
+    header[4:6] = (len(plain) - 40 + len(destination_options) + len(last)).to_bytes(2, "big")
+    packet = bytes(header) + destination_options + last + plain[40:]
+    seg = parse_ip(packet[:COPY_SNAPLEN])  # what nflog hands the worker
+    assert isinstance(seg, Segment) and seg.capable.receiver_key == SERVER_KEY

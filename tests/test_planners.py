@@ -79,7 +79,7 @@ def test_without_nft_queue_the_ruleset_sets_a_mark_bit_that_one_xtables_rule_que
 def test_kernel_decisions_copy_the_handshake_and_the_queue_mode_holds_it():
     kernel, held = render_ruleset(cfg(), native=True), render_ruleset(cfg(handshakes="queue"), native=True)
     assert "daddr . tcp dport vmap @decide4" in kernel and "vmap" not in held
-    assert "log group 0 snaplen 128 counter name copied_synack" in kernel and "log group" not in held
+    assert "log group 0 snaplen 256 counter name copied_synack" in kernel and "log group" not in held
     assert "counter name queued_synack goto to_queue" in held and "queued_synack goto" not in kernel
 
 
@@ -292,3 +292,15 @@ def test_the_counters_are_read_in_one_dump_of_the_tables_counter_objects():
         (4 + len(data)).to_bytes(2, "little") + bytes([4, 0x80]) + data
     assert parse_counter(body) == ("decided", 42)
     assert parse_counter(bytes(4) + bytes([12, 0, 2, 0]) + b"decided\0") is None  # no data: not a counter
+
+
+def test_queue_drops_are_summed_over_every_workers_queue():
+    """With workers > 1 each worker reads a queue of its own: the drops of all count."""
+    from mplb_nfq.kernel.queue import count_queue_drops
+
+    table = ("   10  1234     3 2 65531 7 1 42 1\n"
+             "   11  1235     5 2 65531 2 4 17 1\n"
+             "   12  1236     9 2 65531 100 100 9 1\n"
+             "garbage\n")
+    assert count_queue_drops(table, range(10, 12)) == {"queue_full": 9, "socket_full": 5, "waiting": 8}
+    assert count_queue_drops(table, range(10, 11)) == {"queue_full": 7, "socket_full": 1, "waiting": 3}

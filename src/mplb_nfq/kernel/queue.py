@@ -59,14 +59,25 @@ class QueueReader:
         return packet
 
 
-def queue_drops(queue: int) -> dict:
-    """From /proc/net/netfilter/nfnetlink_queue: packets dropped because the queue was full, or
-    because the worker's socket buffer was."""
+def queue_drops(first: int, count: int = 1) -> dict:
+    """Packets the kernel dropped because a queue was full, or its worker's socket buffer was,
+    and those waiting, summed over queues first .. first + count - 1 (one per worker)."""
     try:
-        for line in Path("/proc/net/netfilter/nfnetlink_queue").read_text().splitlines():
-            fields = line.split()
-            if int(fields[0]) == queue:
-                return {"queue_full": int(fields[5]), "socket_full": int(fields[6]), "waiting": int(fields[2])}
-    except (OSError, ValueError, IndexError):
-        pass
-    return {"queue_full": 0, "socket_full": 0, "waiting": 0}
+        return count_queue_drops(Path("/proc/net/netfilter/nfnetlink_queue").read_text(), range(first, first + count))
+    except OSError:
+        return {"queue_full": 0, "socket_full": 0, "waiting": 0}
+
+
+def count_queue_drops(table: str, queues: range) -> dict:
+    """The sums of /proc/net/netfilter/nfnetlink_queue's columns over `queues`."""
+    found = {"queue_full": 0, "socket_full": 0, "waiting": 0}
+    for line in table.splitlines():
+        fields = line.split()
+        try:
+            if int(fields[0]) in queues:
+                found["queue_full"] += int(fields[5])
+                found["socket_full"] += int(fields[6])
+                found["waiting"] += int(fields[2])
+        except (ValueError, IndexError):
+            continue
+    return found

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the config is data here: the kernel layer never imports ope
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"
 XT_COMMENT = "mplb-nfq"
-COPY_SNAPLEN = 128  # an IPv6 header and a TCP header with 40 bytes of options
+COPY_SNAPLEN = 256  # an IPv6 header, extension headers, and a TCP header with 40 bytes of options
 AFFINITY_SIZE = 1_000_000  # clients remembered per service and family (persistence)
 
 

@@ -82,15 +82,24 @@ class Own:
         return out
 
 
+def client_options(cfg: ClusterConfig) -> dict:
+    """redis-py's options for the config's Redis: its credentials, TLS with the server's name
+    checked against its certificate (redis-py before 6 did not unless told), and bytes that are
+    not UTF-8 (anyone with the user can write them) read as U+FFFD, which no parser accepts:
+    counted as malformed rather than raised from inside redis-py."""
+    options = {"username": cfg.username, "password": cfg.password, "decode_responses": True,
+               "encoding_errors": "replace", "socket_timeout": 2, "socket_connect_timeout": 2}
+    if cfg.redis.startswith("rediss://"):
+        options["ssl_check_hostname"] = True
+        options.update({k: v for k, v in (("ssl_ca_certs", cfg.tls_ca), ("ssl_certfile", cfg.tls_cert),
+                                          ("ssl_keyfile", cfg.tls_key)) if v})
+    return options
+
+
 def connect(cfg: ClusterConfig):
     import redis
 
-    tls = {k: v for k, v in (("ssl_ca_certs", cfg.tls_ca), ("ssl_certfile", cfg.tls_cert),
-                             ("ssl_keyfile", cfg.tls_key)) if v}
-    # bytes that are not UTF-8 (anyone with the user can write them) read as U+FFFD, which no
-    # parser accepts: counted as malformed rather than raised from inside redis-py
-    client = redis.Redis.from_url(cfg.redis, username=cfg.username, password=cfg.password, decode_responses=True,
-                                  encoding_errors="replace", socket_timeout=2, socket_connect_timeout=2, **tls)
+    client = redis.Redis.from_url(cfg.redis, **client_options(cfg))
     client.ping()
     return client
 

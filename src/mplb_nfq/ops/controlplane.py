@@ -238,7 +238,7 @@ class ControlPlane:
                 "retired": [backend_status(r.backend) for r in self.retired.values()],
                 "tokens_tracked": report["tokens_tracked"], "flows_tracked": report["flows_tracked"],
                 "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "handshakes": self.cfg.handshakes,
-                "queue_drops": queue_drops(self.cfg.queue), "table_owner": self.dataplane.table_owner,
+                "queue_drops": queue_drops(self.cfg.queue, self.cfg.workers), "table_owner": self.dataplane.table_owner,
                 "uptime_s": round(time.time() - self.started, 1),
                 "health_errors": {n: e for n, e in (self.health.last_error if self.health else {}).items() if e},
                 "packets": report}

@@ -140,7 +140,7 @@ class WorkerCollector:
 
         drops = CounterMetricFamily("mplb_nfqueue_dropped_packets", "Packets the kernel dropped at the queue",
                                     labels=["reason"])
-        found = queue_drops(w.cfg.queue)
+        found = queue_drops(w.cfg.queue, w.cfg.workers)
         drops.add_metric(["queue_full"], found["queue_full"])
         drops.add_metric(["socket_full"], found["socket_full"])
         yield drops
