@@ -189,3 +189,16 @@ def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf
     plain = client_options(ClusterConfig("c", "lb1", "redis://10.0.9.250:6379/0", "mplb", "pw"))
     assert not any(key.startswith("ssl") for key in plain)
     assert tls["encoding_errors"] == plain["encoding_errors"] == "replace" and plain["decode_responses"]
+
+
+def test_a_follower_goes_on_after_the_last_entry_it_read_unless_the_stream_lost_what_followed():
+    from mplb_nfq.core.cluster import resume_from
+
+    assert resume_from(None, None, None) == ("0-0", True)  # first connection, empty stream: catch up
+    assert resume_from(None, "5-0", "9-0") == ("9-0", True)  # first connection: catch up, then the newest
+    assert resume_from("7-1", "5-0", "9-0") == ("7-1", False)  # what came after 7-1 is all there
+    assert resume_from("9-0", "5-0", "9-0") == ("9-0", False)
+    assert resume_from("4-9", "5-0", "9-0") == ("9-0", True)  # trimmed past it
+    assert resume_from("7-1", None, None) == ("0-0", True)  # Redis came back empty
+    assert resume_from("7-1", "1-0", "3-0") == ("3-0", True)  # Redis came back from an older copy
+    assert resume_from("10-0", "9-5", "11-0") == ("10-0", False)  # IDs order as numbers, not as text

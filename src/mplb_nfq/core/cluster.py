@@ -111,6 +111,23 @@ def from_record(token: int, fields: Mapping[str, str], rejected: Counter[str]) -
     return batch
 
 
+def entry_id(text: str) -> tuple[int, int]:
+    """A stream entry's ID (MILLISECONDS-SEQUENCE) as a pair that orders like Redis orders them."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def resume_from(last: str | None, oldest: str | None, newest: str | None) -> tuple[str, bool]:
+    """Where a follower of the stream goes on after (re)connecting, and whether it must catch up
+    from the kept tokens first. It goes on after the last entry it read, so that what peers
+    published meanwhile (ends too) still comes, unless the stream no longer holds what followed
+    that entry: trimmed, or Redis came back without it. A first connection starts at the newest
+    entry, after catching up."""
+    if last is not None and oldest is not None and entry_id(oldest) <= entry_id(last) <= entry_id(newest):
+        return last, False
+    return newest or "0-0", True
+
+
 def heartbeat(fingerprint: str, published: int, at: float) -> str:
     """A balancer's heartbeat value: its config's fingerprint, what it published, when (Unix seconds)."""
     return json.dumps({"fingerprint": fingerprint, "published": published, "at": int(at * 1000)})

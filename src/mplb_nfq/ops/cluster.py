@@ -21,7 +21,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..core.cluster import MAX_PEERS, Batch, decode, encode, from_record, heartbeat, peer_beats, record
+from ..core.cluster import (
+    MAX_PEERS,
+    Batch,
+    decode,
+    encode,
+    from_record,
+    heartbeat,
+    peer_beats,
+    record,
+    resume_from,
+)
 from ..core.tokens import flow_comment
 from .config import ClusterConfig
 
@@ -234,13 +244,14 @@ class Link:
 
     # -- from Redis ---------------------------------------------------------------------------
     def follow_forever(self) -> None:
-        retry = 0
+        retry, last = 0, None
         while True:
             try:
                 client = connect(self.cfg)
-                newest = client.xrevrange(self.stream, count=1)
-                last = newest[0][0] if newest else "0-0"
-                self.resync(client)  # entries written meanwhile come again from the stream: installs are idempotent
+                oldest, newest = client.xrange(self.stream, count=1), client.xrevrange(self.stream, count=1)
+                last, behind = resume_from(last, oldest[0][0] if oldest else None, newest[0][0] if newest else None)
+                if behind:
+                    self.resync(client)  # entries written meanwhile come again from the stream: installs are idempotent
                 self.reader_up, retry = True, 0
                 self.send(self.state())  # after the batches: the worker knows it has caught up
                 while True:

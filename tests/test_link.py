@@ -1,0 +1,79 @@
+"""The link's follower against a real Redis (Debian's redis-server, on loopback, started here):
+what peers publish while its connection is down still reaches the worker once it is back."""
+import multiprocessing
+import shutil
+import socket
+import subprocess
+
+import pytest
+import redis
+from netlab import wait_for
+
+from mplb_nfq.core.cluster import Batch, encode
+from mplb_nfq.ops.cluster import Link, PeerNews
+from mplb_nfq.ops.config import ClusterConfig
+
+pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian's redis-server is needed")
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        wait_for(lambda: _answers(client), 10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _answers(client) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def follow(cfg, news):
+    """The link's follower, in a process of its own (the test stops it); what it sends the worker goes to `news`."""
+    Link(cfg, 60, "0123456789ab", news.put).follow_forever()
+
+
+def reading(client) -> bool:
+    """The follower waits on the stream (XREAD)."""
+    return any(c.get("cmd") == "xread" for c in client.client_list())
+
+
+def test_an_end_published_while_the_follower_was_cut_off_still_reaches_the_worker(redis_url):
+    cfg = ClusterConfig("t", "lb2", redis_url, password="")
+    stream = "mplb:t:log"
+    peer = redis.Redis.from_url(redis_url, decode_responses=True)
+    peer.xadd(stream, encode(Batch("lb1", 1.0, tokens={0x0A0B0C0D: "b1"})))
+    news = multiprocessing.get_context("fork").Queue()
+    follower = multiprocessing.get_context("fork").Process(target=follow, args=(cfg, news), daemon=True)
+    follower.start()
+    try:
+        seen = []
+
+        def heard(condition) -> bool:
+            while not news.empty():
+                message = news.get()
+                if isinstance(message, PeerNews):
+                    seen.append(message.batch)
+            return any(condition(batch) for batch in seen)
+
+        wait_for(lambda: reading(peer), 10)  # caught up: what comes now comes through the stream
+        peer.xadd(stream, encode(Batch("lb1", 2.0, tokens={0x01020304: "b1"})))
+        wait_for(lambda: heard(lambda b: 0x01020304 in b.tokens), 10)
+        peer.client_kill_filter(_type="normal", skipme=True)  # the follower's connection drops
+        peer.xadd(stream, encode(Batch("lb1", 3.0, ended=[0x01020304])))  # published before it is back
+        wait_for(lambda: heard(lambda b: b.ended == [0x01020304]), 10)
+    finally:
+        follower.terminate()
+        follower.join(10)
