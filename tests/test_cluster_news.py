@@ -202,3 +202,28 @@ def test_a_follower_goes_on_after_the_last_entry_it_read_unless_the_stream_lost_
     assert resume_from("7-1", None, None) == ("0-0", True)  # Redis came back empty
     assert resume_from("7-1", "1-0", "3-0") == ("3-0", True)  # Redis came back from an older copy
     assert resume_from("10-0", "9-5", "11-0") == ("10-0", False)  # IDs order as numbers, not as text
+
+
+def test_joins_repeated_or_forged_with_a_known_token_are_published_and_installed_once_and_at_most_8_a_connection():
+    """Every join SYN the token map steers is copied to the worker: a client repeating one, or
+    forging many with a token it knows, must not grow what balancers publish and install."""
+    from mplb_nfq.core.cluster import MAX_SUBFLOWS
+
+    def flow(port):
+        return (ipaddress.ip_address("10.0.2.2").packed, port, ipaddress.ip_address(VIP).packed, 8080)
+
+    peers, _, maps = make_peers()
+    for _ in range(3):
+        peers.steered(flow(40000), 9, 0x102 | JOIN)
+    for port in range(40001, 40100):
+        peers.steered(flow(port), 9, 0x102 | JOIN)
+    assert len(peers.outgoing.subflows) == MAX_SUBFLOWS and peers.stats["subflows_not_published"] == 2 + 99 - 7
+    forged = {flow(port): (1, "b1") for port in range(50000, 50100)}
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"}, forged)))
+    assert len(maps.subflows) == MAX_SUBFLOWS and peers.rejected["subflow_full"] == 100 - MAX_SUBFLOWS
+    peers.news(PeerNews(Batch("lb2", time.time(), {}, {flow(50000): (1, "b1"), flow(40000): (2, "b1")})))
+    assert len(maps.subflows) == MAX_SUBFLOWS + 1  # the repeated one once, another connection's too
+    peers.news(PeerNews(Batch("lb3", time.time(), {}, {flow(50000): (2, "b1")})))  # a flow of token 1's under 2
+    assert peers.rejected["subflow_conflict"] == 1 and len(maps.subflows) == MAX_SUBFLOWS + 1
+    peers.news(PeerNews(Batch("lb2", time.time(), ended=[1])))
+    assert list(maps.subflows) == [flow(40000)] and len(peers.installed) == 1

@@ -20,6 +20,7 @@ MILLIS = re.compile(r"[0-9]{1,15}")  # Unix milliseconds, ASCII digits only (str
 FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 MAX_ITEMS = 100_000  # in one field: more is not a batch a balancer writes
 MAX_PEERS = 64  # heartbeats read: their names become metric labels
+MAX_SUBFLOWS = 8  # join subflows kept per connection (Linux opens at most 8): more are a client's replays
 
 
 @dataclass
@@ -171,6 +172,46 @@ def accepted(batch: Batch, backends: Mapping[str, int], services: Iterable[tuple
         else:
             subflows[flow] = (token, backend)
     return Batch(batch.origin, batch.at, tokens, subflows, list(batch.ended))
+
+
+class Subflows:
+    """Join subflows by connection (token): each flow once, under one token, at most MAX_SUBFLOWS
+    a connection, so that SYNs a client repeats or forges with a known token cannot grow what
+    balancers publish and install."""
+
+    def __init__(self):
+        self.of: dict[int, set[tuple]] = {}
+        self.token_of: dict[tuple, int] = {}
+
+    def add(self, flow: tuple, token: int) -> str | None:
+        """None when taken; else why not: "known" (the same flow and token again), "conflict" (the
+        flow is another token's), "full" (its connection has MAX_SUBFLOWS already)."""
+        held = self.token_of.get(flow)
+        if held is not None:
+            return "known" if held == token else "conflict"
+        flows = self.of.setdefault(token, set())
+        if len(flows) >= MAX_SUBFLOWS:
+            return "full"
+        flows.add(flow)
+        self.token_of[flow] = token
+        return None
+
+    def end(self, tokens: Iterable[int]) -> list[tuple]:
+        """The subflows of connections that ended, forgotten."""
+        flows = [flow for token in tokens for flow in self.of.get(token, ())]
+        self.discard(flows)
+        return flows
+
+    def discard(self, flows: Iterable[tuple]) -> None:
+        for flow in flows:
+            token = self.token_of.pop(flow, None)
+            if token is not None:
+                self.of[token].discard(flow)
+                if not self.of[token]:
+                    del self.of[token]
+
+    def __len__(self) -> int:
+        return len(self.token_of)
 
 
 def fingerprint(description: object) -> str:

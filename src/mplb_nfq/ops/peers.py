@@ -10,7 +10,7 @@ import time
 from collections import Counter, deque
 
 from ..core.balancer import Balancer
-from ..core.cluster import Batch, accepted
+from ..core.cluster import Batch, Subflows, accepted
 from ..core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
 from .cluster import LinkState, PeerNews
 from .logs import ThrottledLog
@@ -29,8 +29,10 @@ class Peers:
         self.announced: bool | None = None  # the VIPs' route (None: no announcement device)
         self.started = time.monotonic()
         self.taught: dict[int, str] = {}  # token -> the peer that taught it
-        self.subflows_of: dict[int, list[tuple]] = {}  # token -> its subflows in the kernel's subflow map
-        self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0)
+        self.published = Subflows()  # the join subflows this balancer steered and told its peers
+        self.installed = Subflows()  # those its peers steered, in the kernel's subflow map
+        self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0,
+                                           subflows_not_published=0)
         self.rejected: Counter[str] = Counter()
         self.received: Counter[str] = Counter()  # items installed, per peer
         self.state: LinkState | None = None
@@ -50,15 +52,20 @@ class Peers:
     def steered(self, flow: tuple, token: int, mark: int) -> None:
         """A join this balancer steered: should the router move it, a peer keeps its backend."""
         backend = self.balancer.backend_of(mark)
-        if backend is not None:
-            self._starting()
-            self.outgoing.subflows[flow] = (token, backend.name)
-            if self.taught.get(token, self.name) != self.name:
-                self.stats["joins_crossed"] += 1  # its connection came through another balancer
+        if backend is None:
+            return
+        if self.published.add(flow, token):  # a repeated SYN, or more than a connection opens
+            self.stats["subflows_not_published"] += 1
+            return
+        self._starting()
+        self.outgoing.subflows[flow] = (token, backend.name)
+        if self.taught.get(token, self.name) != self.name:
+            self.stats["joins_crossed"] += 1  # its connection came through another balancer
 
     def ended(self, tokens: list[int]) -> None:
         """Connections this balancer taught are gone: peers take their tokens out."""
         self.outgoing.ended += tokens
+        self.published.end(tokens)
         self._drop_subflows(tokens)
 
     def _starting(self) -> None:
@@ -91,17 +98,24 @@ class Peers:
                     self.balancer.learn_token(token, mark, now)
                     self.taught[token] = batch.origin
             self.received[batch.origin] += len(fresh) - len(refused)
-        subflows = {flow: (token, backends[name] | JOIN) for flow, (token, name) in batch.subflows.items()}
-        if subflows and batch.origin != self.name:  # (this balancer's own, read back: conntrack has them)
+        subflows = {}
+        if batch.origin != self.name:  # (this balancer's own, read back: conntrack has them)
+            for flow, (token, name) in batch.subflows.items():
+                why_not = self.installed.add(flow, token)
+                if why_not is None:
+                    subflows[flow] = (token, backends[name] | JOIN)
+                elif why_not != "known":
+                    self.rejected[f"subflow_{why_not}"] += 1
+        if subflows:
             try:
                 self.dataplane.add_subflows([(flow, mark | LEARNED) for flow, (_, mark) in subflows.items()])
             except Exception as e:
                 self.errors.error("peer-subflows", f"installing {len(subflows)} subflows from {batch.origin} "
                                                    f"failed: {e}")
+                self.installed.discard(subflows)  # not in the kernel: a later copy may try again
             else:
                 for flow, (token, mark) in subflows.items():
                     self.balancer.flows.put(flow, mark, now)  # its first ACK may reach the worker
-                    self.subflows_of.setdefault(token, []).append(flow)
                 self.stats["subflows_installed"] += len(subflows)
         ended = [t for t in batch.ended if self.taught.get(t) == batch.origin]
         if ended:
@@ -120,7 +134,7 @@ class Peers:
             self.recent_delays.append(delay)
 
     def _drop_subflows(self, tokens: list[int]) -> None:
-        flows = [flow for token in tokens for flow in self.subflows_of.pop(token, [])]
+        flows = self.installed.end(tokens)
         if flows:
             try:
                 self.dataplane.delete_subflows(flows)
