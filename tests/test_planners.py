@@ -13,6 +13,7 @@ from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
 from mplb_nfq.core.packet import parse_ip, token_of_key
 from mplb_nfq.core.schedulers import Index
 from mplb_nfq.kernel.copies import bind_request, parse_copies
+from mplb_nfq.kernel.nft import KernelError
 from mplb_nfq.kernel.routing import MAIN_TABLE, routing_plan
 from mplb_nfq.kernel.ruleset import (
     OPERATOR_COMMENT,
@@ -304,3 +305,42 @@ def test_queue_drops_are_summed_over_every_workers_queue():
              "garbage\n")
     assert count_queue_drops(table, range(10, 12)) == {"queue_full": 9, "socket_full": 5, "waiting": 8}
     assert count_queue_drops(table, range(10, 11)) == {"queue_full": 7, "socket_full": 1, "waiting": 3}
+
+
+class AdoptedTable:
+    """The kernel as a restarted worker finds it: its own table there, and a transaction that
+    brings its rules up to date refused (e.g. a token map of another size)."""
+
+    def __init__(self, tables_refused: bool):
+        self.tables_refused, self.ran = tables_refused, []
+
+    def try_terse(self, commands):
+        return f"table inet mplb {{ comment \"{WORKER_COMMENT}\" }}"
+
+    def run(self, commands):
+        if "# mplb-nfq ruleset" in commands:  # this version's rules, with the tables
+            raise KernelError("nft: Could not process rule: File exists")
+        return ""  # the VIP sets
+
+    def try_run(self, commands):
+        self.ran.append(commands)
+        return not self.tables_refused
+
+    def json(self, commands):
+        return {}
+
+
+def test_a_refused_adoption_writes_the_scheduler_tables_alone_or_leaves_them_to_be_written_again():
+    """Recorded as written although the transaction failed, the tables stayed stale: a backend
+    removed while the worker was down kept getting new connections."""
+    from mplb_nfq.kernel.ruleset import Ruleset
+
+    config = cfg(queue_mode="native")
+    tables = config.balancer().lookup_tables()
+    for refused in (False, True):
+        kernel = AdoptedTable(tables_refused=refused)
+        ruleset = Ruleset(kernel, config)
+        ruleset.install(config, tables)
+        assert len(kernel.ran) == 1 and "svc_web" in kernel.ran[0]  # the tables, in a transaction of their own
+        assert ruleset.tables == ({} if refused else dict(tables))
+        assert (ruleset.written_for is None) == refused

@@ -374,12 +374,17 @@ class Ruleset:
             # this version's rules; sets and maps keep their elements
             rules = renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
                 if self.owner == "worker" else ""
+            written = True
             try:
                 self.nft.run(rules + decide)
             except KernelError as e:  # e.g. a token map of another size: the rules in place go on
                 log.error("could not bring the rules of table inet %s up to date, keeping them: %s",
                           cfg.table_name, e)
+                written = self.nft.try_run(decide)  # the tables alone: a backend gone meanwhile gets nothing new
             self.sync_vips(cfg)
+            if not written:  # what the kernel holds is unknown: the next sync writes every table
+                log.error("could not write the scheduler tables of table inet %s; trying again", cfg.table_name)
+                tables, cfg = {}, None
         self.tables, self.written_for = dict(tables), cfg
         if not self.native_queue:
             for version in families(cfg):
