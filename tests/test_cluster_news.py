@@ -64,12 +64,17 @@ class KernelMaps:
 
     def __init__(self, held=()):
         self.tokens = dict(held)
+        self.comments = {}
         self.subflows = {}
 
     def add_tokens(self, tokens, comments=None):
         refused = [t for t, _ in tokens if t in self.tokens]
         self.tokens.update((t, m) for t, m in tokens if t not in refused)
+        self.comments.update({t: c for t, c in (comments or {}).items() if t not in refused})
         return refused
+
+    def read_tokens(self):
+        return [(t, m, 3600.0, self.comments.get(t)) for t, m in self.tokens.items()]
 
     def delete_tokens(self, tokens):
         for t in tokens:
@@ -227,3 +232,22 @@ def test_joins_repeated_or_forged_with_a_known_token_are_published_and_installed
     assert peers.rejected["subflow_conflict"] == 1 and len(maps.subflows) == MAX_SUBFLOWS + 1
     peers.news(PeerNews(Batch("lb2", time.time(), ended=[1])))
     assert list(maps.subflows) == [flow(40000)] and len(peers.installed) == 1
+
+
+def test_a_restarted_worker_knows_which_peer_taught_the_tokens_it_adopts_and_that_peers_end_still_counts():
+    """It adopted them without their teacher, so the teacher's later end was ignored: every
+    upgrade leaked the peers' tokens until their timeout."""
+    from mplb_nfq.ops.tokenstore import TokenStore
+
+    peers, balancer, maps = make_peers()
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"})))
+    assert maps.comments[1] == "peer lb2"
+    restarted, balancer, _ = make_peers()
+    restarted.dataplane = maps
+    store = TokenStore(balancer, maps, Counter(), ThrottledLog(None))
+    store.peers = restarted
+    assert store.adopt() == 1 and restarted.taught == {1: "lb2"}
+    restarted.news(PeerNews(Batch("lb3", time.time(), ended=[1])))  # not its teacher
+    assert 1 in maps.tokens
+    restarted.news(PeerNews(Batch("lb2", time.time(), ended=[1])))
+    assert 1 not in maps.tokens and balancer.tokens.get(1, time.perf_counter()) is None

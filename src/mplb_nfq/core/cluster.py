@@ -129,6 +129,17 @@ def resume_from(last: str | None, oldest: str | None, newest: str | None) -> tup
     return newest or "0-0", True
 
 
+def peer_comment(origin: str) -> str:
+    """The comment of a kernel map element a peer taught: a restarted worker reads who it was."""
+    return f"peer {origin}"
+
+
+def teacher_of(comment: str | None) -> str | None:
+    """The peer a map element's comment names, or None."""
+    kind, _, origin = (comment or "").partition(" ")
+    return origin if kind == "peer" and NAME.fullmatch(origin) else None
+
+
 def heartbeat(fingerprint: str, published: int, at: float) -> str:
     """A balancer's heartbeat value: its config's fingerprint, what it published, when (Unix seconds)."""
     return json.dumps({"fingerprint": fingerprint, "published": published, "at": int(at * 1000)})

@@ -10,7 +10,7 @@ import time
 from collections import Counter, deque
 
 from ..core.balancer import Balancer
-from ..core.cluster import Batch, Subflows, accepted
+from ..core.cluster import Batch, Subflows, accepted, peer_comment, teacher_of
 from ..core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
 from .cluster import LinkState, PeerNews
 from .logs import ThrottledLog
@@ -89,7 +89,7 @@ class Peers:
         if fresh:
             values = [(token, mark | JOIN | TAUGHT_BY_CLIENT) for token, mark in fresh]
             try:  # a token the map holds already (another connection here) stays as it is
-                refused = set(self.dataplane.add_tokens(values, {t: f"peer {batch.origin}" for t, _ in fresh}))
+                refused = set(self.dataplane.add_tokens(values, {t: peer_comment(batch.origin) for t, _ in fresh}))
             except Exception as e:  # the core still has them: joins that reach this worker are steered
                 self.errors.error("peer-install", f"installing {len(fresh)} tokens from {batch.origin} failed: {e}")
                 refused = set()
@@ -132,6 +132,13 @@ class Peers:
             self.delay_counts[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
             self.delay_sum += delay
             self.recent_delays.append(delay)
+
+    def adopted(self, token: int, comment: str | None) -> None:
+        """A token a restarted worker found in the kernel map: if a peer taught it, that peer's
+        end of it still takes it out."""
+        origin = teacher_of(comment)
+        if origin is not None:
+            self.taught[token] = origin
 
     def _drop_subflows(self, tokens: list[int]) -> None:
         flows = self.installed.end(tokens)

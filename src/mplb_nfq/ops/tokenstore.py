@@ -97,6 +97,8 @@ class TokenStore:
                 flow = flow_of_comment(comment or "")
                 if flow is not None:
                     self.lifetimes.append((token, flow))
+                elif self.peers:
+                    self.peers.adopted(token, comment)
                 adopted += 1
         return adopted
 
