@@ -91,9 +91,9 @@ def cluster(shared_cluster):
 
 
 @pytest.fixture
-def cluster_as_left(shared_cluster):
-    """The module's cluster as the test before left it: for its last tests, which break it."""
-    return shared_cluster
+def own_cluster(tmp_path):
+    """A cluster of the test's own (two balancers), for a test that breaks it."""
+    yield from build_cluster(tmp_path)
 
 
 def wrong_joins(topo) -> dict[str, int]:
@@ -255,19 +255,8 @@ def test_a_balancer_withdraws_when_its_worker_stops_or_dies_and_while_no_backend
     downloads(topo, 2, MB)
 
 
-# The last two break the module's cluster: a third balancer joins it, then the first dies.
-def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):
-    topo = cluster.topo
-    with transfers_intact(topo, "a balancer was added"):
-        role = topo.add_balancer()
-        cluster.start(role)
-        topo.wait_announced(3)
-    assert cluster.status(role)["resyncs"] >= 1
-    downloads(topo, 6, MB)
-
-
-def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_others_intact(cluster_as_left):
-    cluster = cluster_as_left
+def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(own_cluster):
+    cluster = own_cluster
     topo = cluster.topo
     survivors = [hop for hop in topo.nexthops() if hop != balancer_address(1)]
     with transfers_intact(topo, "the balancer died"):
@@ -277,4 +266,14 @@ def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_others_intact(clu
         topo.stop_bird("lb1")
         topo.exec("lb1", "ip", "link", "set", "s0", "down")
         wait_for(lambda: topo.nexthops() == survivors, 10)
-    downloads(topo, 4, MB)  # the survivors serve alone
+    downloads(topo, 4, MB)  # the survivor serves alone
+
+
+def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):  # last: it leaves three
+    topo = cluster.topo
+    with transfers_intact(topo, "a balancer was added"):
+        role = topo.add_balancer()
+        cluster.start(role)
+        topo.wait_announced(3)
+    assert cluster.status(role)["resyncs"] >= 1
+    downloads(topo, 6, MB)
