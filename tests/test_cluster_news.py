@@ -179,10 +179,10 @@ def test_heartbeats_are_parsed_strictly_and_at_most_so_many_peers_are_kept():
     beats = peer_beats([("lb2", good), ("lb3", '{"fingerprint": "0123456789ab", "at": 1e999}'),
                         ("lb4", '{"fingerprint": "0123456789ab", "at": true}'), ("lb5", "\ufffd"),
                         ("lb6", None), ("x" * 65, good), ("lb7", '{"fingerprint": "<script>", "at": 1}'),
-                        ("lb8", "[]")], rejected)
-    assert beats == {"lb2": ("0123456789ab", 1000.0)} and rejected["malformed"] == 7
+                        ("lb8", "[]"), ("lb9", "[" * 100_000)], rejected)  # json's recursion limit
+    assert beats == {"lb2": ("0123456789ab", 1000.0)} and rejected["malformed"] == 8
     many = peer_beats([(f"lb{i}", good) for i in range(MAX_PEERS + 10)], rejected)
-    assert len(many) == MAX_PEERS and rejected["malformed"] == 17
+    assert len(many) == MAX_PEERS and rejected["malformed"] == 18
 
 
 def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf8_as_malformed():
@@ -251,3 +251,26 @@ def test_a_restarted_worker_knows_which_peer_taught_the_tokens_it_adopts_and_tha
     assert 1 in maps.tokens
     restarted.news(PeerNews(Batch("lb2", time.time(), ended=[1])))
     assert 1 not in maps.tokens and balancer.tokens.get(1, time.perf_counter()) is None
+
+
+def test_a_join_steered_on_a_peers_token_is_forgotten_with_that_token_and_its_flow_published_again_later():
+    """Kept for good, a crossing join's flow made a later connection's join on the same ports a
+    "conflict", never published."""
+    peers, _, _ = make_peers()
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"})))
+    peers.steered(FLOW, 1, 0x101 | JOIN)
+    peers.news(PeerNews(Batch("lb2", time.time(), ended=[1])))
+    peers.news(PeerNews(Batch("lb2", time.time(), {2: "b1"})))
+    peers.steered(FLOW, 2, 0x101 | JOIN)  # the same ports, a later connection
+    assert peers.outgoing.subflows[FLOW] == (2, "b1") and peers.stats["subflows_not_published"] == 0
+    assert len(peers.published) == 1
+
+
+def test_at_most_so_many_peers_are_counted_by_name():
+    """Their names are metric labels; an origin is whatever a Redis entry says."""
+    from mplb_nfq.core.cluster import MAX_PEERS
+
+    peers, _, _ = make_peers()
+    for i in range(MAX_PEERS + 5):
+        peers.news(PeerNews(Batch(f"lb{i + 2}", time.time(), {100 + i: "b1"})))
+    assert len(peers.received) == MAX_PEERS

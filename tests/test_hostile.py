@@ -97,6 +97,7 @@ def test_a_full_token_map_degrades_to_queued_joins_not_misrouted_ones(topo, work
 def test_a_crafted_join_opens_nothing_on_a_drained_backend_and_a_real_one_still_gets_there(topo, worker):
     w = worker("mplb")
     with one_path_download(topo, 60 * MB) as download:  # long enough to still run when its join comes
+        wait_for(lambda: token_map(topo), 5)  # learned from its handshake's copy
         ((token, (mark, _)),) = token_map(topo).items()
         home = download.home
         topo.exec("lb", sys.executable, "-m", "mplb_nfq", "drain", home, "-c", str(w.config_path))
@@ -160,6 +161,7 @@ def test_marks_on_other_traffic_are_not_ours_to_act_on(topo, worker):
 def test_a_restart_mid_transfer_leaves_the_transfer_whole_and_the_token_adopted(topo, worker, tmp_path, stop):
     w = worker("mplb")
     with one_path_download(topo, 30 * MB) as download:
+        wait_for(lambda: token_map(topo), 5)  # learned before the restart: the new worker adopts it
         w.proc.send_signal(stop)
         w.proc.wait(timeout=30)
         again = WorkerProcess(topo, w.config_path, tmp_path / "restarted.log")

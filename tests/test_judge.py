@@ -70,3 +70,11 @@ def test_a_watcher_that_lost_copies_makes_the_judge_refuse_to_count():
     found = Ledger()
     with pytest.raises(RuntimeError, match="lost copies"):
         found.add("b1", {**new_events(), "lost": 1})
+
+
+def test_a_later_join_on_the_same_ports_is_another_join():
+    """The ledger spans a session: a client port comes round again, and a second connection's
+    join on it must be judged too."""
+    found = ledger((7,), (), [("f", 7)], [("f", "taken")])
+    found.add("b1", {**new_events(), "joins": [["f", 8, 2.0]], "answers": [["f", "refused"]]})
+    assert found.verdicts()["b1"] == {"joins": 2, "misrouted": 0, "foreign": 1, "late": 0}

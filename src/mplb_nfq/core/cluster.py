@@ -20,6 +20,7 @@ MILLIS = re.compile(r"[0-9]{1,15}")  # Unix milliseconds, ASCII digits only (str
 FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 MAX_ITEMS = 100_000  # in one field: more is not a batch a balancer writes
 MAX_PEERS = 64  # heartbeats read: their names become metric labels
+MAX_HEARTBEAT = 256  # bytes: a balancer's is under 100
 MAX_SUBFLOWS = 8  # join subflows kept per connection (Linux opens at most 8): more are a client's replays
 
 
@@ -151,10 +152,12 @@ def peer_beats(beats: Iterable[tuple[str, str | None]], rejected: Counter[str]) 
     peers = {}
     for name, value in beats:
         try:
+            if len(value or "") > MAX_HEARTBEAT:  # "[" * 100000 would reach json's recursion limit
+                raise ValueError("too long")
             beat = json.loads(value or "")
             fingerprint, at = beat["fingerprint"], beat["at"]
-        except (ValueError, KeyError, TypeError):
-            beat = fingerprint = at = None
+        except (ValueError, KeyError, TypeError, RecursionError):
+            fingerprint = at = None
         if (not NAME.fullmatch(name) or not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint)
                 or type(at) is not int or not 0 <= at < 10 ** 15 or len(peers) >= MAX_PEERS):
             rejected["malformed"] += 1

@@ -363,7 +363,7 @@ class Ruleset:
         restarted worker's, or the operator's): one transaction, so no SYN finds a service's
         chain empty. cfg: the config in force (its marks read back from the kernel)."""
         tables = self._kernel_tables(cfg, tables)
-        listing = self.listing()
+        listing, written = self.listing(), True
         if listing is None:
             self.nft.run(render_ruleset(cfg, self.native_queue, by_worker=True) + render_decide(cfg, tables))
         else:
@@ -374,7 +374,6 @@ class Ruleset:
             # this version's rules; sets and maps keep their elements
             rules = renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
                 if self.owner == "worker" else ""
-            written = True
             try:
                 self.nft.run(rules + decide)
             except KernelError as e:  # e.g. a token map of another size: the rules in place go on
@@ -382,10 +381,11 @@ class Ruleset:
                           cfg.table_name, e)
                 written = self.nft.try_run(decide)  # the tables alone: a backend gone meanwhile gets nothing new
             self.sync_vips(cfg)
-            if not written:  # what the kernel holds is unknown: the next sync writes every table
-                log.error("could not write the scheduler tables of table inet %s; trying again", cfg.table_name)
-                tables, cfg = {}, None
-        self.tables, self.written_for = dict(tables), cfg
+        if written:
+            self.tables, self.written_for = dict(tables), cfg
+        else:  # what the kernel holds is unknown: the next sync writes every table
+            log.error("could not write the scheduler tables of table inet %s; trying again", cfg.table_name)
+            self.tables, self.written_for = {}, None
         if not self.native_queue:
             for version in families(cfg):
                 self._xtables(version, "-C") or self._xtables(version, "-A", check=True)

@@ -8,15 +8,18 @@ every MP_JOIN SYN that reached it with the backend's answer (an MP_JOIN SYN-ACK,
 A join is
 - **misrouted** when it reached a backend that never issued its token while another one did;
 - **foreign** when no backend issued its token (hostile, or garbage);
-- **late** when it reached the backend that issued its token and was refused there (its
-  connection had ended there, or it was over the connection's subflow limit);
-- otherwise it reached its connection's backend and was taken (or is still unanswered).
+- **late** when it reached the backend that issued its token and its first answer there was a
+  reset (its connection had ended there);
+- otherwise it reached its connection's backend and was taken (or is still unanswered). A join
+  the backend first takes and resets later (over the connection's subflow limit, say) counts
+  as taken.
 
 A backend's `MPJoinNoTokenFound` counts misrouted, foreign and late joins alike.
 
 The watcher answers each `sync` line on its stdin only after it has read every copy the kernel
-had made by then (nflog copies a packet as it passes the hook), so a reading taken after a
-join was sent counts it: no sleep, no estimate.
+had made by then (nflog copies a packet as it passes the backend's hook), so a reading counts
+every join that had reached a backend when it was taken: no sleep, no estimate. A join still on
+its way is not counted yet.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ RULESET = f"""table inet {TABLE} {{
 }}
 """
 VERDICTS = ("joins", "misrouted", "foreign", "late")
+SYNC_SECONDS = 30  # a watcher that does not answer by then is stuck: the reading fails
 
 
 def observe(segment: Segment, events: dict, at: float = 0.0) -> None:
@@ -82,18 +86,24 @@ class Join:
 class Ledger:
     """Everything the watchers reported, by backend; `verdicts` judges it. Pure."""
     issued: dict[str, set[int]] = field(default_factory=dict)
-    joins: dict[str, dict[str, Join]] = field(default_factory=dict)  # backend -> flow -> its join
+    joins: dict[str, list[Join]] = field(default_factory=dict)  # backend -> every join it received
+    latest: dict[str, dict[str, Join]] = field(default_factory=dict)  # backend -> flow -> its latest join
 
     def add(self, backend: str, events: dict) -> None:
         issued = self.issued.setdefault(backend, set())
-        joins = self.joins.setdefault(backend, {})
+        joins, latest = self.joins.setdefault(backend, []), self.latest.setdefault(backend, {})
         issued.update(events["issued"])
         for flow, token, at in events["joins"]:
-            joins.setdefault(flow, Join(token, at))  # a retransmitted SYN is the same join
+            known = latest.get(flow)
+            if known is None or known.answer is not None or known.token != token:
+                # a new join (a later connection may use the same ports); an unanswered SYN
+                # again with the same token is its retransmission
+                latest[flow] = Join(token, at)
+                joins.append(latest[flow])
         if events["lost"]:
             raise RuntimeError(f"the judge's watcher on {backend} lost copies: its counts would not be exact")
         for flow, answer in events["answers"]:
-            join = joins.get(flow)
+            join = latest.get(flow)
             if join is not None and join.answer is None:  # the first answer; later resets end the subflow
                 join.answer = answer
 
@@ -110,7 +120,7 @@ class Ledger:
         found = {}
         for backend, joins in self.joins.items():
             counts = dict.fromkeys(VERDICTS, 0)
-            for join in joins.values():
+            for join in joins:
                 counts["joins"] += 1
                 verdict = self.verdict(backend, join)
                 if verdict:
@@ -120,7 +130,7 @@ class Ledger:
 
     def wrong(self) -> list[tuple[str, float]]:
         """(verdict, arrival) of every join that was misrouted, foreign or late."""
-        return [(verdict, join.at) for backend, joins in self.joins.items() for join in joins.values()
+        return [(verdict, join.at) for backend, joins in self.joins.items() for join in joins
                 if (verdict := self.verdict(backend, join))]
 
 
@@ -156,6 +166,8 @@ class Judge:
         for watcher in self.watchers.values():
             watcher.stdin.write("sync\n")
         for name, watcher in self.watchers.items():
+            if not select.select([watcher.stdout], [], [], SYNC_SECONDS)[0]:
+                raise RuntimeError(f"the judge's watcher on {name} did not answer in {SYNC_SECONDS} s")
             line = watcher.stdout.readline()
             if not line:
                 raise RuntimeError(f"the judge's watcher on {name} is gone")
@@ -190,8 +202,7 @@ class Judge:
 
 def watch() -> None:
     """The watcher, inside a backend's namespace: events go out on each `sync` line of stdin."""
-    subprocess.run(["nft", "-f", "-"], input=RULESET, text=True, check=True)
-    reader = CopyReader(GROUP, 256)
+    reader = None
     events = new_events()
 
     def drain():
@@ -204,6 +215,8 @@ def watch() -> None:
                     observe(segment, events, time.monotonic())
 
     try:
+        subprocess.run(["nft", "-f", "-"], input=RULESET, text=True, check=True)
+        reader = CopyReader(GROUP, 256)
         print("ready", flush=True)
         while True:
             readable, _, _ = select.select([reader, sys.stdin], [], [])
@@ -216,7 +229,8 @@ def watch() -> None:
                 print(json.dumps(events), flush=True)
                 events = new_events()
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
         subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True)
 
 

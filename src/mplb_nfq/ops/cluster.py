@@ -13,6 +13,7 @@ outage. Both directions are plain data over a pipe (Batch, LinkState).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import signal
@@ -229,7 +230,7 @@ class Link:
     def heartbeat(self, client) -> None:
         client.set(f"{self.prefix}b:{self.cfg.balancer}", heartbeat(self.fingerprint, self.published, time.time()),
                    ex=HEARTBEAT_TTL)
-        keys = [k for k in client.scan_iter(f"{self.prefix}b:*", count=100)][:MAX_PEERS + 1]
+        keys = list(itertools.islice(client.scan_iter(f"{self.prefix}b:*", count=100), 4 * MAX_PEERS))
         names = [key.removeprefix(f"{self.prefix}b:") for key in keys]
         beats = peer_beats(zip(names, client.mget(keys) if keys else []), self.rejected)
         beats.pop(self.cfg.balancer, None)

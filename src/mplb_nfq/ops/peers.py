@@ -10,7 +10,7 @@ import time
 from collections import Counter, deque
 
 from ..core.balancer import Balancer
-from ..core.cluster import Batch, Subflows, accepted, peer_comment, teacher_of
+from ..core.cluster import MAX_PEERS, Batch, Subflows, accepted, peer_comment, teacher_of
 from ..core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
 from .cluster import LinkState, PeerNews
 from .logs import ThrottledLog
@@ -97,7 +97,8 @@ class Peers:
                 if token not in refused:
                     self.balancer.learn_token(token, mark, now)
                     self.taught[token] = batch.origin
-            self.received[batch.origin] += len(fresh) - len(refused)
+            if batch.origin in self.received or len(self.received) < MAX_PEERS:  # a metric label each
+                self.received[batch.origin] += len(fresh) - len(refused)
         subflows = {}
         if batch.origin != self.name:  # (this balancer's own, read back: conntrack has them)
             for flow, (token, name) in batch.subflows.items():
@@ -126,6 +127,7 @@ class Peers:
             for token in ended:
                 self.balancer.forget(token)
                 del self.taught[token]
+            self.published.end(ended)  # the joins this balancer steered on them
             self._drop_subflows(ended)
         if not news.resync and (batch.tokens or batch.subflows):
             delay = max(0.0, time.time() - batch.at)
