@@ -12,12 +12,14 @@ LOCK_DIRECTORY = "/run/mplb-nfq"
 def hold_instance(table: str, directory: str = LOCK_DIRECTORY) -> IO:
     """One instance per table and network namespace: an exclusive lock on a file in a directory
     only root may write, which the kernel releases when the process ends, however it ends. (An
-    abstract unix socket does that too, but any local user may bind its name first.)"""
+    abstract unix socket does that too, but any local user may bind its name first.) A POSIX
+    record lock, not flock: it belongs to this process alone, so a child forked from it and
+    still dying after a SIGKILL does not keep the next worker from starting."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     namespace = os.stat("/proc/self/ns/net").st_ino
     holder = open(os.path.join(directory, f"{namespace}-{table}.lock"), "a")
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder.close()
         raise AlreadyRunning(f"another mplb-nfq runs with table {table!r} in this network namespace; "
