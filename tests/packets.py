@@ -46,6 +46,11 @@ def mp_capable(version: int = 1, flags: int = 0x01, sender: bytes | None = None,
     return bytes([30, 2 + len(body)]) + body
 
 
+def dss(data_ack: int = 1) -> bytes:
+    """A DSS option carrying a 4-byte data ACK: what an MPTCP connection's packets carry once established."""
+    return bytes([30, 8, 0x20, 0x01]) + data_ack.to_bytes(4, "big")
+
+
 def mp_join_syn(token: int, nonce: int = 0x11223344, address_id: int = 1, backup: bool = False) -> bytes:
     return bytes([30, 12, 0x10 | int(backup), address_id]) + token.to_bytes(4, "big") + nonce.to_bytes(4, "big")
 

@@ -3,12 +3,12 @@ import ipaddress
 import random
 
 import pytest
-from packets import ACK, CLIENT_KEY, COLLIDING, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+from packets import ACK, CLIENT_KEY, COLLIDING, PSH, SERVER_KEY, SYN, dss, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, LookupTable, Service
 from mplb_nfq.core.expiring import ExpiringTable
 from mplb_nfq.core.jhash import flow_key, slot
-from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
+from mplb_nfq.core.marks import JOIN, LEARNED, PROVISIONAL, REJECT
 from mplb_nfq.core.packet import Malformed, parse_ip, token_of_key
 from mplb_nfq.core.schedulers import Index
 
@@ -35,6 +35,11 @@ def syn(src="10.0.1.2", sport=40000, options=mp_capable()):
 
 def third_ack(src="10.0.1.2", sport=40000, flags=ACK, data_len=None):
     return parse_ip(tcp(src, VIP, sport, 80, flags, mp_capable(1, 0x01, CLIENT_KEY, SERVER_KEY, data_len)))
+
+
+def proof(src="10.0.1.2", sport=40000):
+    """The connection's next packet after its third ACK, as the kernel copies it (DSS option)."""
+    return parse_ip(tcp(src, VIP, sport, 80, ACK, dss()))
 
 
 def join(src="10.0.2.2", sport=50000, token=SERVER_TOKEN):
@@ -74,7 +79,8 @@ def test_third_ack_learns_the_server_token_and_the_join_follows_it():
     balancer.decide(syn(sport=39999), 0, 0)  # another connection, so that the next one is on b2
     chosen = balancer.decide(syn(), 0, 0).mark
     learned = balancer.decide(third_ack(), chosen, 0.001)
-    assert learned.token == SERVER_TOKEN and learned.mark == chosen | LEARNED and learned.kind == "third_ack"
+    assert learned.token == SERVER_TOKEN and learned.mark == chosen | LEARNED | PROVISIONAL
+    assert learned.kind == "third_ack"
     subflow = balancer.decide(join(), 0, 0.002)
     assert chosen == 0x102 and subflow.mark == chosen | JOIN and subflow.kind == "join_hit"
 
@@ -127,7 +133,7 @@ def test_lost_third_ack_the_data_packet_teaches_the_token():
 def test_third_ack_without_mark_uses_the_flow_table():
     balancer = lb("rr")
     mark = balancer.decide(syn(), 0, 0).mark
-    assert balancer.decide(third_ack(), 0, 0).mark == mark | LEARNED
+    assert balancer.decide(third_ack(), 0, 0).mark == mark | LEARNED | PROVISIONAL
 
 
 def test_third_ack_of_an_unknown_flow_is_accepted_unchanged():
@@ -169,6 +175,7 @@ def test_tokens_expire():
     balancer = lb(token_ttl=10)
     mark = balancer.decide(syn(), 0, 0).mark
     balancer.decide(third_ack(), mark, 0)
+    assert balancer.decide(proof(), mark | LEARNED | PROVISIONAL, 0).kind == "token_proven"
     assert balancer.decide(join(sport=1), 0, 9.9).kind == "join_hit"
     assert balancer.decide(join(sport=2), 0, 10.1).kind == "join_miss"
 
@@ -180,9 +187,64 @@ def test_learned_tokens_give_the_cyclic_gc_nothing_to_walk():
     mark = balancer.decide(syn(), 0, 0).mark
     balancer.decide(third_ack(), mark, 0)
     gc.collect()
-    (entry,) = balancer.tokens._entries.values()
+    (entry,) = balancer.provisional._entries.values()
     assert not gc.is_tracked(entry)
     assert balancer.decide(join(), 0, 1).mark == mark | JOIN
+
+
+def spoofed_third_ack(i):
+    """A bare ACK from a source that never opened a connection, keys of the sender's choosing."""
+    key = i.to_bytes(8, "big")
+    return parse_ip(tcp(f"198.18.{i >> 8 & 0xFF}.{i & 0xFF}", VIP, 40000, 80, ACK, mp_capable(1, 0x01, key, key)))
+
+
+def test_spoofed_third_acks_push_out_only_each_other_never_a_proven_or_a_server_token():
+    balancer = lb("sh", token_capacity=40)  # 30 proven, 10 provisional
+    mark = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(third_ack(), mark, 0)
+    assert balancer.decide(proof(), mark | LEARNED | PROVISIONAL, 0.01).kind == "token_proven"
+    server = balancer.decide(synack(sport=40001, key=CLIENT_KEY), balancer.decide(syn(sport=40001), 0, 0).mark, 0)
+    flood = [balancer.decide(spoofed_third_ack(i), 0x101, 1 + i / 1000) for i in range(1000)]
+    assert all(v.kind == "third_ack" and v.mark & PROVISIONAL for v in flood)
+    assert len(balancer.provisional) == 10 and len(balancer.provisional.take_pushed_out()) == 990
+    for token in (SERVER_TOKEN, server.token):  # still known, and their joins still go home
+        assert balancer.decide(join(sport=50000 + token % 1000, token=token), 0, 2).kind == "join_hit"
+    assert len(balancer.tokens) == 2
+    # and connections opened during the flood still get in: a server's token, and a client's
+    late = balancer.decide(syn(sport=40003), 0, 3).mark
+    assert balancer.decide(synack(sport=40003, key=bytes(8)), late, 3).kind == "syn_ack"
+    key = bytes.fromhex("0102030405060708")
+    dsr = balancer.decide(syn(sport=40004), 0, 3).mark
+    taught = balancer.decide(parse_ip(tcp("10.0.1.2", VIP, 40004, 80, ACK, mp_capable(1, 1, CLIENT_KEY, key))), dsr, 3)
+    assert taught.kind == "third_ack" and balancer.decide(join(token=taught.token), 0, 3).kind == "join_hit"
+
+
+def test_a_proof_moves_its_token_to_the_proven_and_one_that_comes_too_late_finds_nothing():
+    balancer = lb("rr", token_capacity=8)  # 6 proven, 2 provisional
+    mark = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(third_ack(), mark, 0)
+    proven = balancer.decide(proof(), mark | LEARNED | PROVISIONAL, 0.01)
+    assert (proven.kind, proven.token, proven.flow) == ("token_proven", SERVER_TOKEN, third_ack().flow)
+    assert balancer.tokens.get(SERVER_TOKEN, 1) == mark & 0xFFFF | 0x04000000 and len(balancer.provisional) == 0
+    late = balancer.decide(syn(sport=40009), 0, 0).mark
+    balancer.decide(third_ack(sport=40009, flags=ACK), late, 0)
+    for i in range(2):
+        balancer.decide(spoofed_third_ack(i), 0x101, 0.5)
+    assert balancer.decide(proof(sport=40009), late | LEARNED | PROVISIONAL, 1).kind == "proof_without_token"
+    assert balancer.decide(proof(sport=40010), 0x101 | LEARNED | PROVISIONAL, 1).kind == "proof_without_token"
+
+
+def test_a_provisional_token_expires_unproven_and_a_server_s_word_settles_it():
+    balancer = lb("rr")
+    mark = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(third_ack(), mark, 0)
+    assert balancer.decide(join(sport=1), 0, 29).kind == "join_hit"
+    assert balancer.decide(join(sport=2), 0, 31).kind == "join_miss"  # PROVISIONAL_SECONDS
+    other = lb("rr")
+    mark = other.decide(syn(), 0, 0).mark
+    other.decide(third_ack(), mark, 0)
+    assert other.decide(synack(), mark, 0.01).kind == "syn_ack_over_client"
+    assert len(other.provisional) == 0 and other.decide(join(), 0, 100).kind == "join_hit"
 
 
 def test_expiring_table_is_bounded_and_evicts_oldest():
@@ -256,7 +318,7 @@ def test_direct_server_return_first_packets_take_the_backend_of_their_syn():
     balancer.decide(syn(sport=39999), 0, 0)
     chosen = balancer.decide(syn(), 0, 0).mark
     first = balancer.decide(third_ack(), 0, 0.001)
-    assert first.mark == chosen | LEARNED and first.token == SERVER_TOKEN
+    assert first.mark == chosen | LEARNED | PROVISIONAL and first.token == SERVER_TOKEN
     subflow = balancer.decide(join(), 0, 0.002)
     assert subflow.mark == chosen | JOIN
     plain = balancer.decide(parse_ip(tcp("10.0.2.2", VIP, 50000, 80, ACK)), 0, 0.003)  # the join's first ACK

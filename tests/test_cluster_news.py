@@ -5,6 +5,8 @@ import ipaddress
 import time
 from collections import Counter
 
+from fakes import KernelMaps
+
 from mplb_nfq.core.balancer import Backend, Balancer, Service
 from mplb_nfq.core.cluster import MAX_PEERS, Batch, accepted, decode, encode, from_record, heartbeat, peer_beats, record
 from mplb_nfq.core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
@@ -57,35 +59,6 @@ def test_only_known_backends_and_served_vips_are_accepted():
     kept = accepted(batch, {"b1": 0x101}, [(VIP, 8080)], rejected)
     assert kept.tokens == {1: "b1"} and kept.subflows == {FLOW: (1, "b1")} and kept.ended == [7]
     assert rejected == {"unknown_backend": 2, "unknown_service": 2}
-
-
-class KernelMaps:
-    """Stand-in for the dataplane's token and subflow maps."""
-
-    def __init__(self, held=()):
-        self.tokens = dict(held)
-        self.comments = {}
-        self.subflows = {}
-
-    def add_tokens(self, tokens, comments=None):
-        refused = [t for t, _ in tokens if t in self.tokens]
-        self.tokens.update((t, m) for t, m in tokens if t not in refused)
-        self.comments.update({t: c for t, c in (comments or {}).items() if t not in refused})
-        return refused
-
-    def read_tokens(self):
-        return [(t, m, 3600.0, self.comments.get(t)) for t, m in self.tokens.items()]
-
-    def delete_tokens(self, tokens):
-        for t in tokens:
-            self.tokens.pop(t, None)
-
-    def add_subflows(self, subflows):
-        self.subflows.update(subflows)
-
-    def delete_subflows(self, flows):
-        for f in flows:
-            self.subflows.pop(f, None)
 
 
 def make_peers(held=()):

@@ -5,11 +5,11 @@ import ipaddress
 import socket
 import struct
 
-from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_ack, mp_join_syn, tcp
+from packets import ACK, SERVER_KEY, SYN, dss, mp_capable, mp_join_ack, mp_join_syn, tcp
 
 from mplb_nfq.core.balancer import LookupTable
 from mplb_nfq.core.jhash import flow_key, slot
-from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
+from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, QUEUE, REJECT
 from mplb_nfq.core.packet import parse_ip, token_of_key
 from mplb_nfq.core.schedulers import Index
 from mplb_nfq.kernel.copies import bind_request, parse_copies
@@ -80,7 +80,10 @@ def test_without_nft_queue_the_ruleset_sets_a_mark_bit_that_one_xtables_rule_que
 def test_kernel_decisions_copy_the_handshake_and_the_queue_mode_holds_it():
     kernel, held = render_ruleset(cfg(), native=True), render_ruleset(cfg(handshakes="queue"), native=True)
     assert "daddr . tcp dport vmap @decide4" in kernel and "vmap" not in held
-    assert "log group 0 snaplen 256 counter name copied_synack" in kernel and "log group" not in held
+    assert "log group 0 snaplen 256 counter name copied_synack" in kernel
+    assert [line for line in held.splitlines() if "log group" in line and "#" not in line] == [
+        "\t\tct mark & 0x02000000 != 0 tcp option mptcp subtype 2 log group 0 snaplen 256 counter name copied_proof "
+        "ct mark set ct mark & 0xfdffffff"]  # the queue holds the handshake; only a proof is copied
     assert "counter name queued_synack goto to_queue" in held and "queued_synack goto" not in kernel
 
 
@@ -169,11 +172,11 @@ def test_an_element_s_comment_names_its_connection_and_reads_back():
 
 
 def test_a_replace_deletes_then_adds_in_one_transaction_or_only_adds():
-    kinds = [m[0] & 0xFF for m in messages(replace_batch("mplb", 0xCAFE0001, REJECT, 60, 7, True))]
+    kinds = [m[0] & 0xFF for m in messages(replace_batch("mplb", [(0xCAFE0001, REJECT)], 60, 7, True))]
     assert kinds == [16, NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, 17]
-    kinds = [m[0] & 0xFF for m in messages(replace_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))]
+    kinds = [m[0] & 0xFF for m in messages(replace_batch("mplb", [(0xCAFE0001, REJECT)], 60, 7, False))]
     assert kinds == [16, NFT_MSG_NEWSETELEM, 17]
-    (_, add, _) = messages(replace_batch("mplb", 0xCAFE0001, REJECT, 60, 7, False))
+    (_, add, _) = messages(replace_batch("mplb", [(0xCAFE0001, REJECT)], 60, 7, False))
     assert [(t, m) for t, m, _, _ in parse_elements(add[3])] == [(0xCAFE0001, REJECT)]
     (_, delete, _) = messages(delete_batch("mplb", [1, 2], 9))
     assert delete[0] & 0xFF == NFT_MSG_DELSETELEM and bytes.fromhex("00000002") in delete[3]
@@ -276,7 +279,13 @@ def test_the_kernel_decides_syns_from_the_table_and_copies_what_carries_the_serv
     assert kernel_model(synack, ct_mark=0x101, original=False, new=False) == (0, None, False, "copied_synack", False, None)
     # direct server return: the third ACK makes the entry; hashed again, it finds its SYN's backend
     third = tcp("10.0.1.2", VIP, 40000, 80, ACK, mp_capable(1, 1, SERVER_KEY, SERVER_KEY))
-    assert kernel_model(third, Index.FLOW) == (by_flow | LEARNED, None, False, "copied_capable", True, None)
+    assert kernel_model(third, Index.FLOW) == (by_flow | LEARNED | PROVISIONAL, None, False, "copied_capable", True,
+                                               None)
+    # its next MPTCP packet proves its token: copied once, the flag cleared in conntrack
+    proof = tcp("10.0.1.2", VIP, 40000, 80, ACK, dss())
+    assert kernel_model(proof, Index.FLOW, ct_mark=by_flow | LEARNED | PROVISIONAL, new=False) == \
+        (by_flow | LEARNED | PROVISIONAL, None, False, "copied_proof", False, None)
+    assert kernel_model(proof, Index.FLOW, ct_mark=by_flow | LEARNED, new=False).copied is None
     assert kernel_model(third, Index.COUNTER).queued == "queued_first"  # no counter can tell
 
 

@@ -4,13 +4,14 @@ import socket
 import time
 
 import pytest
-from packets import ACK, CLIENT_KEY, COLLIDING, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+from fakes import KernelMaps
+from packets import ACK, CLIENT_KEY, COLLIDING, SERVER_KEY, SYN, dss, mp_capable, mp_join_syn, tcp
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from mplb_nfq.core.marks import JOIN, LEARNED, REJECT, TAUGHT_BY_CLIENT
+from mplb_nfq.core.marks import JOIN, LEARNED, PROVISIONAL, REJECT, TAUGHT_BY_CLIENT
 from mplb_nfq.core.packet import token_of_key
-from mplb_nfq.core.tokens import AMBIGUOUS
+from mplb_nfq.core.tokens import AMBIGUOUS, PROVISIONAL_SECONDS
 from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader
 from mplb_nfq.ops.config import from_dict
 from mplb_nfq.ops.logs import ERROR_LOG_SECONDS
@@ -46,49 +47,9 @@ class Packet:
         pass
 
 
-class Dataplane:
-    """The kernel map as the worker writes it: installs in one transaction, which refuses a token
-    the map holds with another mark (another worker's connection); replacements one by one."""
-
-    queue_mode = "test"
-
-    def __init__(self):
-        self.map: dict[int, int] = {}
-        self.comments: dict[int, str] = {}
-        self.calls: list[tuple] = []
-
-    def add_tokens(self, tokens, comments=None):
-        self.calls.append(("add", tokens))
-        refused = [t for t, mark in tokens if self.map.get(t, mark) != mark]
-        self.map.update((t, mark) for t, mark in tokens if t not in refused)
-        self.comments.update((t, c) for t, c in (comments or {}).items() if t in self.map)
-        return refused
-
-    def replace_tokens(self, tokens, comments=None):
-        self.calls.append(("replace", tokens))
-        self.map.update(tokens)
-
-    def delete_tokens(self, tokens):
-        self.calls.append(("delete", tokens))
-        for t in tokens:
-            self.map.pop(t, None)
-
-    def lookup_token(self, token):
-        return self.map.get(token)
-
-    def read_tokens(self):
-        return [(t, m, 600.0, self.comments.get(t)) for t, m in self.map.items()]
-
-    def sync_unavailable(self, marks, names):
-        self.calls.append(("unavailable", marks))
-
-    def sync_tables(self, tables):
-        self.tables = tables
-
-
 def worker(**kernel) -> Worker:
     cfg = from_dict({**CONFIG, "kernel": kernel})
-    return Worker(cfg, Dataplane())
+    return Worker(cfg, KernelMaps())
 
 
 def test_verdicts_marks_and_tokens_in_the_kernel_map_before_the_verdict():
@@ -98,9 +59,9 @@ def test_verdicts_marks_and_tokens_in_the_kernel_map_before_the_verdict():
     assert syn.verdict is None  # decided, its verdict waits for the batch's
     synack = Packet(tcp("10.0.100.1", "10.0.1.2", 80, 40000, SYN | ACK, mp_capable(1, 1, SERVER_KEY)), 0x100)
     w.handle(synack)
-    assert w.dataplane.map == {}
+    assert w.dataplane.tokens == {}
     token = token_of_key(SERVER_KEY, 1)
-    synack.accept = lambda: verdicts.append(dict(w.dataplane.map))
+    synack.accept = lambda: verdicts.append(dict(w.dataplane.tokens))
     verdicts = []
     w.give_decided()
     assert verdicts == [{token: 0x100 | JOIN}]  # the token was in the map when the SYN-ACK left
@@ -125,17 +86,17 @@ def test_a_collision_in_one_batch_makes_the_kernel_map_reset_its_joins():
     w.handle(synack(40002, colliding[1], 0x101))
     w.give_decided()
     assert w.dataplane.calls == [("replace", [(token, REJECT)])]  # the last word per token wins: nothing installed
-    assert w.dataplane.map == {token: REJECT} and w.stats["tokens_rejected"] == 1
+    assert w.dataplane.tokens == {token: REJECT} and w.stats["tokens_rejected"] == 1
 
 
 def test_a_token_another_worker_holds_on_another_backend_is_a_collision_for_both():
     w = worker()
     other = token_of_key(bytes(8), 1)
-    w.dataplane.map[other] = 0x101 | JOIN  # another worker's connection
+    w.dataplane.tokens[other] = 0x101 | JOIN  # another worker's connection
     w.handle(synack(40001, SERVER_KEY, 0x100))
     w.handle(synack(40002, bytes(8), 0x100))
     w.give_decided()
-    assert w.dataplane.map == {token_of_key(SERVER_KEY, 1): 0x100 | JOIN, other: REJECT}  # the other still in
+    assert w.dataplane.tokens == {token_of_key(SERVER_KEY, 1): 0x100 | JOIN, other: REJECT}  # the other still in
     assert w.balancer.tokens.get(other, 0) == AMBIGUOUS and w.balancer.counts["token_collision"] == 1
     assert w.stats["tokens_installed"] == 1 and w.stats["tokens_rejected"] == 1
     join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(other)))
@@ -239,7 +200,7 @@ def test_a_token_whose_install_failed_leaves_its_connection_unsettled_then_insta
     third = Packet(tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY)), 0x100)
     w.handle(third)
     w.give_decided()
-    assert third.mark == 0x100 | LEARNED and w.dataplane.map == {token_of_key(SERVER_KEY, 1): 0x100 | JOIN}
+    assert third.mark == 0x100 | LEARNED and w.dataplane.tokens == {token_of_key(SERVER_KEY, 1): 0x100 | JOIN}
     assert w.dataplane.comments == {token_of_key(SERVER_KEY, 1): "10.0.1.2:40001>10.0.100.1:80"}
 
 
@@ -247,15 +208,57 @@ def test_a_client_s_claim_on_a_token_another_worker_holds_yields_and_a_server_s_
     w = worker()
     key_a, key_b = COLLIDING[1]
     token = token_of_key(key_a, 1)
-    w.dataplane.map[token] = 0x101 | JOIN  # another worker's connection, a server's word
+    w.dataplane.tokens[token] = 0x101 | JOIN  # another worker's connection, a server's word
     w.handle(Packet(tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, mp_capable(1, 1, CLIENT_KEY, key_b)), 0x100))
     w.give_decided()
-    assert w.dataplane.map == {token: 0x101 | JOIN} and w.stats["tokens_refused"] == 1
+    assert w.dataplane.tokens == {token: 0x101 | JOIN} and w.stats["tokens_refused"] == 1
     assert w.balancer.tokens.get(token, 0) is None  # not ours: the map's word stands
-    w.dataplane.map[token] = 0x101 | JOIN | TAUGHT_BY_CLIENT  # now a client's word
+    w.dataplane.tokens[token] = 0x101 | JOIN | TAUGHT_BY_CLIENT  # now a client's word
     w.handle(synack(40002, key_b, 0x100))
     w.give_decided()
-    assert w.dataplane.map == {token: 0x100 | JOIN}  # the server's replaced it
+    assert w.dataplane.tokens == {token: 0x100 | JOIN}  # the server's replaced it
+
+
+class Copies:
+    """What the worker uses of kernel.copies.CopyReader: (packet, its mark) as nflog copied them."""
+
+    def __init__(self, *copies):
+        self.copies, self.lost = list(copies), 0
+
+    def read(self, limit):
+        taken, self.copies = self.copies[:limit], self.copies[limit:]
+        return taken
+
+
+def test_a_client_taught_token_is_provisional_until_its_connection_s_next_packet_proves_it():
+    w = worker()
+    token, flow = token_of_key(SERVER_KEY, 1), (bytes([10, 0, 1, 2]), 40001, bytes([10, 0, 100, 1]), 80)
+    third = tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY))
+    w.tokens.learn(Copies((third, 0x100)), 256)  # direct server return: the kernel copied the third ACK
+    assert w.dataplane.tokens == {token: 0x100 | JOIN | TAUGHT_BY_CLIENT}
+    assert w.dataplane.timeouts[token] == PROVISIONAL_SECONDS and w.tokens.lifetimes == []  # not watched yet
+    proof = tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, dss())
+    w.tokens.learn(Copies((proof, 0x100 | LEARNED | PROVISIONAL)), 256)
+    assert w.dataplane.calls[-1] == ("renew", [(token, 0x100 | JOIN | TAUGHT_BY_CLIENT)])
+    assert w.dataplane.timeouts[token] == KernelMaps.TIMEOUT and w.stats["tokens_proven"] == 1
+    assert w.tokens.lifetimes == [(token, flow)]
+    restarted = Worker(w.plane.cfg, w.dataplane)  # a proven token is adopted as one
+    assert restarted.tokens.adopt() == 1 and restarted.balancer.tokens.get(token, 0) is not None
+
+
+def test_spoofed_third_acks_push_out_each_other_from_the_map_and_a_restart_keeps_them_provisional():
+    w = Worker(from_dict({**CONFIG, "limits": {"token_capacity": 8}}), KernelMaps())  # 2 provisional
+    spoofed = [Copies((tcp(f"198.18.0.{i}", "10.0.100.1", 40000, 80, ACK, mp_capable(1, 1, bytes(8), key)), 0x100))
+               for i, key in enumerate([bytes([i]) * 8 for i in range(1, 6)])]
+    for copy in spoofed:
+        w.tokens.learn(copy, 256)
+    assert len(w.dataplane.tokens) == 2 and w.stats["tokens_pushed_out"] == 3
+    assert [c[0] for c in w.dataplane.calls].count("delete") == 3
+    restarted = Worker(w.plane.cfg, w.dataplane)
+    for token in w.dataplane.tokens:
+        w.dataplane.timeouts[token] = 12.0
+    assert restarted.tokens.adopt() == 2 and len(restarted.balancer.provisional) == 2
+    assert len(restarted.balancer.tokens) == 0 and restarted.tokens.lifetimes == []
 
 
 def test_tokens_of_closed_connections_leave_the_map_and_the_core_and_a_restart_reads_them_back():
@@ -268,7 +271,7 @@ def test_tokens_of_closed_connections_leave_the_map_and_the_core_and_a_restart_r
     restarted = Worker(w.plane.cfg, w.dataplane)
     assert restarted.tokens.adopt() == 1 and restarted.tokens.lifetimes == [(token, flow)]
     restarted.tokens.gone([token])
-    assert w.dataplane.map == {} and restarted.balancer.tokens.get(token, 0) is None
+    assert w.dataplane.tokens == {} and restarted.balancer.tokens.get(token, 0) is None
     assert restarted.stats["tokens_removed"] == 1
 
 
@@ -283,7 +286,7 @@ def config_file(tmp_path, **changes):
 def test_a_reload_the_kernel_refuses_leaves_kernel_and_core_as_they_were(tmp_path):
     from mplb_nfq.ops.config import load
 
-    w = Worker(load(config_file(tmp_path)), Dataplane())
+    w = Worker(load(config_file(tmp_path)), KernelMaps())
     applied = []
 
     def apply(cfg, retired):
@@ -303,7 +306,7 @@ def test_a_reload_the_kernel_refuses_leaves_kernel_and_core_as_they_were(tmp_pat
 def test_a_reload_that_changes_limits_is_refused_naming_them(tmp_path):
     from mplb_nfq.ops.config import load
 
-    w = Worker(load(config_file(tmp_path)), Dataplane())
+    w = Worker(load(config_file(tmp_path)), KernelMaps())
     answer = w.plane.reload(config_file(tmp_path, token_capacity=10))
     assert answer["ok"] is False and "token_capacity" in answer["error"] and "restart" in answer["error"]
 
@@ -312,7 +315,7 @@ def test_maglev_tables_are_built_off_the_packet_path():
     from mplb_nfq.core.schedulers import Maglev
 
     cfg = from_dict({**CONFIG, "services": [{**CONFIG["services"][0], "scheduler": "maglev"}]})
-    w = Worker(cfg, Dataplane())
+    w = Worker(cfg, KernelMaps())
     w.plane.sync_unavailable()  # what the loop does after any change of the backends' state
     picker = w.balancer.services[0].picker
     assert isinstance(picker, Maglev) and picker._built_for is not None

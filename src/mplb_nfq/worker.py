@@ -8,7 +8,7 @@ import logging
 import select
 import time
 
-from .core.marks import LEARNED, REJECT
+from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import parse_ip
 from .core.tokens import Held, held_outcome, may_hold
 from .core.verdicts import Kind, Verdict
@@ -85,7 +85,7 @@ class Worker:
             if any(verdict.token is not None for _, verdict in self.decided) else ()
         for packet, verdict in self.decided:
             if verdict.token in failed:
-                verdict = verdict._replace(mark=verdict.mark & ~LEARNED)
+                verdict = verdict._replace(mark=verdict.mark & ~(LEARNED | PROVISIONAL))
             self.give(packet, verdict)
         self.decided.clear()
 
@@ -172,7 +172,7 @@ class Worker:
         else:
             watch(parent.fileno(), lambda: plane.apply(parent.recv()))
         pipes = set(handlers)
-        copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first and (cfg.handshakes == "kernel" or cfg.cluster) else None
+        copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first else None  # (proofs come as copies in either mode)
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
         set_fail_open(nfq.get_fd(), cfg.queue + index)

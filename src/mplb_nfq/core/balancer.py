@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .expiring import ExpiringTable
-from .marks import BACKEND_MASK, JOIN, LEARNED, REJECT, TAUGHT_BY_CLIENT
+from .marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, REJECT, TAUGHT_BY_CLIENT
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
 from .schedulers import MAGLEV_DEFAULT_SIZE, Index, make_scheduler
-from .tokens import AMBIGUOUS, INSTALL_PENDING
+from .tokens import AMBIGUOUS, INSTALL_PENDING, PROVISIONAL_SECONDS, token_capacities
 from .verdicts import Kind, Verdict
 
 UNKNOWN_JOIN_POLICIES = ("random", "drop", "reset")
@@ -96,8 +96,12 @@ class Balancer:
                  token_capacity: int = 1_000_000, token_ttl: float = 7200.0, rng: random.Random | None = None):
         self.flows: ExpiringTable[tuple, int] = ExpiringTable(flow_capacity, flow_ttl)  # flow -> the mark it got
         # token -> its backend's mark: entries of plain ints, which the cyclic GC stops tracking, so
-        # that a full collection does not walk a million of them
-        self.tokens: ExpiringTable[int, int] = ExpiringTable(token_capacity, token_ttl)
+        # that a full collection does not walk a million of them. Proven tokens, and the provisional
+        # ones a client taught (see core.tokens), with the connection that taught each
+        proven, provisional = token_capacities(token_capacity)
+        self.tokens: ExpiringTable[int, int] = ExpiringTable(proven, token_ttl)
+        self.provisional: ExpiringTable[int, int] = ExpiringTable(provisional, PROVISIONAL_SECONDS, True)
+        self.provisional_flows: ExpiringTable[tuple, int] = ExpiringTable(provisional, PROVISIONAL_SECONDS)
         self.rng = rng or random.Random()
         self.counts: Counter[Kind] = Counter()
         self._tables: dict[str, tuple[tuple, LookupTable]] = {}  # service -> (what it was built for, table)
@@ -171,23 +175,42 @@ class Balancer:
             self.tokens.put(token, AMBIGUOUS, now)
             return
         backend = self.backend_of(mark)
-        if backend is not None and self.tokens.get(token, now) is None:
+        if backend is not None and self.known_token(token, now) is None:
             self.tokens.add(token, backend.mark | (mark & TAUGHT_BY_CLIENT), now)
+
+    def learn_provisional(self, token: int, mark: int, flow: tuple, now: float) -> None:
+        """A provisional token read back from the kernel map, with the connection that taught it."""
+        backend = self.backend_of(mark)
+        if backend is not None and self.known_token(token, now) is None:
+            self.provisional.put(token, backend.mark | TAUGHT_BY_CLIENT, now)
+            self.provisional_flows.put(flow, token, now)
+
+    def known_token(self, token: int, now: float) -> int | None:
+        """What the core knows of a token: its backend's mark (flags too), AMBIGUOUS, or None."""
+        known = self.tokens.get(token, now)
+        return self.provisional.get(token, now) if known is None else known
 
     def forget(self, token: int) -> None:
         """Its connection is gone: the token means nothing any more."""
         self.tokens.remove(token)
+        self.provisional.remove(token)
 
     def install_failed(self, token: int, now: float) -> None:
         """The kernel map did not take it: the connection's next MP_CAPABLE packet tries again."""
-        known = self.tokens.get(token, now)
-        if known is not None and known != AMBIGUOUS:
-            self.tokens.put(token, known | INSTALL_PENDING, now)
+        for table in (self.tokens, self.provisional):
+            known = table.get(token, now)
+            if known is not None and known != AMBIGUOUS:
+                table.put(token, known | INSTALL_PENDING, now)
 
     def collide(self, token: int, now: float) -> None:
         """The kernel map refused this token: another worker's connection holds it on another backend."""
-        self.tokens.put(token, AMBIGUOUS, now)
+        self._settle(token, AMBIGUOUS, now)
         self.counts[Kind.TOKEN_COLLISION] += 1
+
+    def _settle(self, token: int, value: int, now: float) -> None:
+        """The token's lasting value (a server's word, or a collision): it is provisional no more."""
+        self.provisional.remove(token)
+        self.tokens.put(token, value, now)
 
     def _decide(self, segment: Segment | None, mark: int, now: float, hold: bool) -> Verdict:
         if segment is None:
@@ -207,6 +230,8 @@ class Balancer:
                 return Verdict(True, mark, Kind.FIRST_PACKET)
         capable = segment.capable
         if capable is None:
+            if mark & PROVISIONAL and not segment.flags & TCP_SYN:  # the kernel copied its proof
+                return self._prove(segment.flow, mark, now)
             return Verdict(True, mark, Kind.OTHER)
         if segment.flags & TCP_SYN:  # the backend's SYN-ACK: its key is the server's
             if capable.sender_key is not None:
@@ -221,7 +246,7 @@ class Balancer:
         if known is not None:
             return Verdict(True, known, Kind.SYN_RETRANSMIT)
         if segment.join is not None and service.mptcp_aware:
-            known = self.tokens.get(segment.join.token, now)
+            known = self.known_token(segment.join.token, now)
             if known == AMBIGUOUS:
                 return Verdict(True, REJECT, Kind.JOIN_COLLISION)
             backend = None if known is None else self.backend_of(known)
@@ -280,24 +305,44 @@ class Balancer:
         settled = backend.mark | LEARNED
         token = token_of_key(key, version)
         by_client = TAUGHT_BY_CLIENT if kind is Kind.THIRD_ACK else 0
-        known = self.tokens.get(token, now)
+        known = self.known_token(token, now)
         if known is None:
-            if not self.tokens.add(token, backend.mark | by_client, now):
+            if by_client:  # one packet, maybe spoofed: provisional, pushing out the oldest such
+                self.provisional.put(token, backend.mark | by_client, now)
+                self.provisional_flows.put(flow, token, now)
+                return Verdict(True, settled | PROVISIONAL, kind, token, flow)
+            if not self.tokens.add(token, backend.mark, now):
                 return Verdict(True, settled, Kind.TOKEN_TABLE_FULL)
             return Verdict(True, settled, kind, token, flow)
         if known == AMBIGUOUS:
             return Verdict(True, settled, Kind.TOKEN_COLLISION_REPEAT)
         ours = known & BACKEND_MASK == backend.mark
         if ours and known & INSTALL_PENDING:  # the last install failed: once more
-            self.tokens.put(token, known & ~INSTALL_PENDING, now)
-            return Verdict(True, settled, Kind.THIRD_ACK if known & TAUGHT_BY_CLIENT else Kind.SYN_ACK, token, flow)
+            provisional = self.provisional.get(token, now) is not None
+            (self.provisional if provisional else self.tokens).put(token, known & ~INSTALL_PENDING, now)
+            retried = Kind.SYN_ACK if not known & TAUGHT_BY_CLIENT else \
+                Kind.THIRD_ACK if provisional else Kind.TOKEN_PROVEN
+            return Verdict(True, settled | (PROVISIONAL if provisional else 0), retried, token, flow)
         if by_client:
             return Verdict(True, settled, REPEATED[kind] if ours else Kind.TOKEN_REFUSED)
         if known & TAUGHT_BY_CLIENT:  # a server's word over a client's: the client's may be forged
-            self.tokens.put(token, backend.mark, now)
+            self._settle(token, backend.mark, now)
             return Verdict(True, settled, Kind.SYN_ACK_OVER_CLIENT, token, flow)
         if ours:  # already learned (SYN-ACK, then a racing ACK)
             return Verdict(True, settled, REPEATED[kind])
         # another connection, on another backend, has the same token
-        self.tokens.put(token, AMBIGUOUS, now)
+        self._settle(token, AMBIGUOUS, now)
         return Verdict(True, settled, Kind.TOKEN_COLLISION, token)
+
+    def _prove(self, flow: tuple, mark: int, now: float) -> Verdict:
+        """The connection that taught a provisional token sent its next MPTCP packet: the token
+        is proven, if it is still there and there is room among the proven."""
+        token = self.provisional_flows.get(flow, now)
+        known = None if token is None else self.provisional.get(token, now)
+        if known is None or self.backend_of(known) is None:
+            return Verdict(True, mark, Kind.PROOF_WITHOUT_TOKEN)
+        if not self.tokens.add(token, known & ~INSTALL_PENDING, now):
+            return Verdict(True, mark, Kind.TOKEN_TABLE_FULL)  # provisional still, until it expires
+        self.provisional.remove(token)
+        self.provisional_flows.remove(flow)
+        return Verdict(True, known & BACKEND_MASK | LEARNED, Kind.TOKEN_PROVEN, token, flow)

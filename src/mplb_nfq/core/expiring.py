@@ -17,8 +17,11 @@ class ExpiringTable(Generic[K, V]):
     deleted stays in the deque, stale, until it reaches the front or a compaction drops it.
     """
 
-    def __init__(self, capacity: int, ttl: float):
+    def __init__(self, capacity: int, ttl: float, track_pushed_out: bool = False):
         self.capacity, self.ttl = capacity, ttl
+        # the keys pushed out for room (not those that expired), for an owner that must undo them
+        # elsewhere; it takes them with take_pushed_out()
+        self.pushed_out: list[K] | None = [] if track_pushed_out else None
         self._entries: dict[K, tuple[V, float, K]] = {}  # key -> (value, expiry, key)
         self._order: deque[tuple[V, float, K]] = deque()  # the same tuples, oldest first
         self.evicted = 0
@@ -47,6 +50,8 @@ class ExpiringTable(Generic[K, V]):
             if entries.get(oldest[2]) is oldest:
                 del entries[oldest[2]]
                 self.evicted += 1
+                if self.pushed_out is not None:
+                    self.pushed_out.append(oldest[2])
         if len(order) > 2 * len(entries) + 1024:  # mostly stale: keep the deque in proportion
             self._order = deque(e for e in order if entries.get(e[2]) is e)
 
@@ -60,6 +65,10 @@ class ExpiringTable(Generic[K, V]):
                 return False
         self.put(key, value, now)
         return True
+
+    def take_pushed_out(self) -> list[K]:
+        taken, self.pushed_out = self.pushed_out, []
+        return taken
 
     def remove(self, key: K) -> None:
         self._entries.pop(key, None)  # its stale twin in the order deque goes when it reaches the front

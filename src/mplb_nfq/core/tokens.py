@@ -9,6 +9,12 @@ client taught never displaces another: the first connection to hold a token keep
 client's later claim is refused and counted. A server's token displaces a client's (the
 client's may be forged). Two server tokens on different backends are a real collision: its
 joins are reset, never guessed.
+
+A client's token is provisional until its connection proves itself: one spoofed packet teaches
+a token, so the tokens of connections that sent nothing after their third ACK live in a pool of
+their own (a quarter of the capacity, the oldest pushed out first, PROVISIONAL_SECONDS each)
+and never take the place of a proven connection's. Its next MPTCP packet (a DSS option: the
+client heard the server) proves it; its token then lives as long as the connection.
 """
 from __future__ import annotations
 
@@ -28,7 +34,14 @@ AMBIGUOUS = -1
 # In the core's token table (never in a kernel mark): the kernel map does not have it yet; the
 # connection's next MP_CAPABLE packet tries the install again
 INSTALL_PENDING = 1 << 32
-TAUGHT_BY_CLIENT_KINDS = (Kind.THIRD_ACK,)
+TAUGHT_BY_CLIENT_KINDS = (Kind.THIRD_ACK, Kind.TOKEN_PROVEN)
+PROVISIONAL_SECONDS = 30
+
+
+def token_capacities(capacity: int) -> tuple[int, int]:
+    """(proven, provisional): how the kernel map's `capacity` elements are shared."""
+    provisional = max(1, capacity // 4)
+    return max(1, capacity - provisional), provisional
 
 
 def map_value(verdict: Verdict) -> int:
@@ -42,12 +55,20 @@ class TokenWrites(NamedTuple):
     reject: list[int]  # tokens whose joins the kernel map answers with a reset
     replace: list[tuple[int, int]]  # a server's token in place of what a client taught
     ignored: list[int] = []  # a client's token the map holds for another connection: not ours
+    provisional: list[tuple[int, int]] = []  # installed for PROVISIONAL_SECONDS
+    renew: list[tuple[int, int]] = []  # proven: their elements get the whole token timeout
 
     def refused(self, existing: Mapping[int, int | None]) -> TokenWrites:
         """The map refused these tokens (token -> what it holds, None if gone meanwhile): another
         worker's connection holds them. A client's claim yields; a server's token replaces a
         client's, and collides with another server's, for every worker."""
         install, reject, replace, ignored = [], list(self.reject), list(self.replace), list(self.ignored)
+        provisional = []
+        for token, mark in self.provisional:
+            if token in existing:
+                ignored.append(token)
+            else:
+                provisional.append((token, mark))
         for token, mark in self.install:
             if token not in existing:
                 install.append((token, mark))
@@ -57,25 +78,28 @@ class TokenWrites(NamedTuple):
                 replace.append((token, mark))
             else:
                 reject.append(token)
-        return TokenWrites(install, reject, replace, ignored)
+        return TokenWrites(install, reject, replace, ignored, provisional, list(self.renew))
+
+    @property
+    def added(self) -> list[tuple[int, int]]:
+        return self.install + self.provisional
 
 
 def plan_writes(verdicts: Iterable[Verdict]) -> TokenWrites:
     """One batch's writes: the last word on a token wins (a collision found later in the batch
     takes back the install of the same token earlier in it)."""
+    operations = {Kind.TOKEN_COLLISION: "reject", Kind.SYN_ACK_OVER_CLIENT: "replace",
+                  Kind.THIRD_ACK: "provisional", Kind.TOKEN_PROVEN: "renew"}
     final: dict[int, tuple[str, int]] = {}
     for v in verdicts:
-        if v.token is None:
-            continue
-        if v.kind is Kind.TOKEN_COLLISION:
-            final[v.token] = ("reject", 0)
-        elif v.kind is Kind.SYN_ACK_OVER_CLIENT:
-            final[v.token] = ("replace", map_value(v))
-        else:
-            final[v.token] = ("install", map_value(v))
-    return TokenWrites([(t, m) for t, (op, m) in final.items() if op == "install"],
-                       [t for t, (op, _) in final.items() if op == "reject"],
-                       [(t, m) for t, (op, m) in final.items() if op == "replace"])
+        if v.token is not None:
+            final[v.token] = (operations.get(v.kind, "install"), 0 if v.kind is Kind.TOKEN_COLLISION else map_value(v))
+
+    def planned(operation):
+        return [(t, m) for t, (op, m) in final.items() if op == operation]
+
+    return TokenWrites(planned("install"), [t for t, _ in planned("reject")], planned("replace"), [],
+                       planned("provisional"), planned("renew"))
 
 
 def learned_at(now: float, ttl: float, seconds_left: float) -> float:

@@ -28,6 +28,8 @@ class Kind(StrEnum):
     SYN_ACK_OVER_CLIENT = "syn_ack_over_client"  # a server's token replaces one a client taught
     TOKEN_REFUSED = "token_refused"  # a client taught a token that another connection holds: ignored
     TOKEN_TABLE_FULL = "token_table_full"  # no room for a new token: the old ones are kept
+    TOKEN_PROVEN = "token_proven"  # a client-taught token's connection sent its next MPTCP packet
+    PROOF_WITHOUT_TOKEN = "proof_without_token"  # ... but no provisional token waited for it (pushed out)
     CAPABLE_WITHOUT_FLOW = "capable_without_flow"
     FIRST_PACKET = "first_packet"
     FIRST_WITHOUT_FLOW = "first_without_flow"

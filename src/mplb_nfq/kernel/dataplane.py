@@ -80,11 +80,17 @@ class Dataplane:
         self.nft = self.ruleset.nft = Nft()
         self.token_map = TokenMap(self.cfg.table_name)
 
-    def add_tokens(self, tokens: list[tuple[int, int]], comments: Mapping[int, str] | None = None) -> list[int]:
+    def add_tokens(self, tokens: list[tuple[int, int]], comments: Mapping[int, str] | None = None,
+                   timeout: int | None = None) -> list[int]:
         """Install token -> backend mark in the kernel map, in one transaction; the tokens the map
         holds already with another mark (another worker's connection) are refused, and returned.
-        A comment names the token's connection, for a restarted worker and for `nft list`."""
-        return self.token_map.add(tokens, self.cfg.token_timeout, comments)
+        A comment names the token's connection, for a restarted worker and for `nft list`.
+        timeout: seconds (the token timeout when None)."""
+        return self.token_map.add(tokens, timeout or self.cfg.token_timeout, comments)
+
+    def renew_tokens(self, tokens: list[tuple[int, int]], comments: Mapping[int, str] | None = None) -> None:
+        """The whole token timeout for tokens the map holds already (proven connections')."""
+        self.token_map.renew(tokens, self.cfg.token_timeout, comments)
 
     def lookup_token(self, token: int) -> int | None:
         return self.token_map.lookup(token)

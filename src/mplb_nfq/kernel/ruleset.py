@@ -13,7 +13,7 @@ from string import Template
 from typing import TYPE_CHECKING, Container, Mapping, NamedTuple
 
 from ..core.jhash import SEED, flow_key, slot
-from ..core.marks import BACKEND_MASK, JOIN, LEARNED, QUEUE, REJECT
+from ..core.marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, QUEUE, REJECT
 from ..core.packet import TCP_ACK, TCP_SYN, Segment
 from ..core.schedulers import Index
 from .nft import KernelError, Nft, native_queue_supported
@@ -73,6 +73,8 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
         queue_statement=queue_statement(cfg, native), join_flow_timeout=cfg.flow_timeout,
         join_flow_key6=f"jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 4294967291 seed 0x{SEED:08x}",
+        proof=f"ct mark & 0x{PROVISIONAL:08x} != 0 tcp option mptcp subtype 2 {copy_statement(cfg)} "
+              f"counter name copied_proof ct mark set ct mark & 0x{0xFFFFFFFF & ~PROVISIONAL:08x}",
         join_copy=f"tcp flags & (syn | ack) == syn meta mark & 0x{JOIN:08x} != 0 tcp option mptcp subtype 1 "
                   f"{copy_statement(cfg)} counter name copied_join" if cfg.cluster else "",
         **handshake_rules(cfg))
@@ -100,7 +102,8 @@ def handshake_rules(cfg: Config) -> dict[str, str]:
     return dict(
         decide=decide,
         capable=f"{capable} meta mark & {learned} == 0 meta mark & 0x{BACKEND_MASK:08x} != 0 tcp option mptcp "
-                f"subtype 0 {copy_statement(cfg)} counter name copied_capable meta mark set meta mark | {learned}",
+                f"subtype 0 {copy_statement(cfg)} counter name copied_capable "
+                f"meta mark set meta mark | 0x{LEARNED | PROVISIONAL:08x}",
         synack=f"tcp flags & (syn | ack) == syn | ack ct mark & {learned} == 0 tcp option mptcp subtype 0 "
                f"meta mark set ct mark {copy_statement(cfg)} counter name copied_synack "
                f"ct mark set ct mark | {learned} meta mark set 0\n\t\t"
@@ -277,6 +280,8 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
     subtype, token = nft_mptcp_option(segment.options)
     if (segment.dst, segment.dport) in vips:
         mark = ct_mark if original and ct_mark else 0
+        if ct_mark & PROVISIONAL and subtype == 2:  # its client heard the server: the token is proven
+            return Classified(mark, None, copied="copied_proof")
         if ct_mark & (LEARNED | JOIN):
             return Classified(mark, None)
         if join_ports and (segment.dst, segment.dport) in join_ports:
@@ -306,7 +311,7 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
             return Classified(mark, "queued_capable")
         if handshake == TCP_ACK and subtype == 0 and deciders is not None and not mark & LEARNED \
                 and mark & BACKEND_MASK:
-            return Classified(mark | LEARNED, None, hit, "copied_capable", decided)
+            return Classified(mark | LEARNED | PROVISIONAL, None, hit, "copied_capable", decided)
         if handshake == TCP_ACK and new and not mark:
             return Classified(mark, "queued_first")
         return Classified(mark, None, hit, None, decided)

@@ -93,13 +93,13 @@ def token_batch(table: str, tokens: list[tuple[int, int]], timeout: int, seq: in
     return transaction(seq, [(NFT_MSG_NEWSETELEM, _set_elements(table, _with_marks(tokens, timeout, comments)))])
 
 
-def replace_batch(table: str, token: int, mark: int, timeout: int, seq: int, delete_first: bool,
-                  comment: str | None = None) -> bytes:
-    """The transaction that replaces a token's element with `mark`: the delete fails the whole
-    transaction when the element is not there, hence `delete_first`."""
-    messages = [(NFT_MSG_DELSETELEM, _set_elements(table, _keys([token])))] if delete_first else []
-    element = _with_marks([(token, mark)], timeout, {token: comment} if comment else None)
-    return transaction(seq, messages + [(NFT_MSG_NEWSETELEM, _set_elements(table, element))])
+def replace_batch(table: str, tokens: list[tuple[int, int]], timeout: int, seq: int, delete_first: bool,
+                  comments: Mapping[int, str] | None = None) -> bytes:
+    """The transaction that replaces tokens' elements with their marks: the delete fails the whole
+    transaction when an element is not there, hence `delete_first`."""
+    messages = [(NFT_MSG_DELSETELEM, _set_elements(table, _keys([t for t, _ in tokens])))] if delete_first else []
+    return transaction(seq, messages + [(NFT_MSG_NEWSETELEM, _set_elements(table, _with_marks(tokens, timeout,
+                                                                                              comments)))])
 
 
 def delete_batch(table: str, tokens: list[int], seq: int) -> bytes:
@@ -255,16 +255,31 @@ class TokenMap(Nfnetlink):
     def replace(self, tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> None:
         """Give each token its mark in place of whatever the map held for it."""
         for token, mark in tokens:
-            comment = comments.get(token) if comments else None
+            self._replace([(token, mark)], timeout, comments)
+
+    def renew(self, tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> None:
+        """Elements again, whole, with a new timeout (a kernel before 6.10 keeps an element's old
+        timeout when it is added again): a chunk in one transaction, one by one if one is gone."""
+        for start in range(0, len(tokens), self.CHUNK):
+            chunk = tokens[start:start + self.CHUNK]
             self.seq += 4
-            error = self._transaction(replace_batch(self.table, token, mark, timeout, self.seq, True, comment),
+            error = self._transaction(replace_batch(self.table, chunk, timeout, self.seq, True, comments),
                                       [self.seq + 1, self.seq + 2])
-            if error == errno.ENOENT:  # not there (learned in the same batch, or gone)
-                self.seq += 3
-                error = self._transaction(replace_batch(self.table, token, mark, timeout, self.seq, False, comment),
-                                          [self.seq + 1])
-            if error:
-                raise KernelError(f"replacing token 0x{token:08x} in the map: {os.strerror(error)}")
+            if error == errno.ENOENT:
+                self.replace(chunk, timeout, comments)
+            elif error:
+                raise KernelError(f"renewing {len(chunk)} tokens in the map: {os.strerror(error)}")
+
+    def _replace(self, tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None) -> None:
+        self.seq += 4
+        error = self._transaction(replace_batch(self.table, tokens, timeout, self.seq, True, comments),
+                                  [self.seq + 1, self.seq + 2])
+        if error == errno.ENOENT:  # not there (learned in the same batch, or gone)
+            self.seq += 3
+            error = self._transaction(replace_batch(self.table, tokens, timeout, self.seq, False, comments),
+                                      [self.seq + 1])
+        if error:
+            raise KernelError(f"replacing token 0x{tokens[0][0]:08x} in the map: {os.strerror(error)}")
 
     def delete(self, tokens: list[int]) -> None:
         """Remove the tokens the map holds (those it does not are no error)."""

@@ -208,7 +208,8 @@ class ControlPlane:
 
     def own_report(self) -> Report:
         c = self.counters
-        return Report(c.stats, self.balancer.counts, len(self.balancer.tokens), len(self.balancer.flows),
+        return Report(c.stats, self.balancer.counts, len(self.balancer.tokens) + len(self.balancer.provisional),
+                      len(self.balancer.flows),
                       c.latency_counts, c.latency_sum)
 
     def total(self) -> Report:

@@ -101,16 +101,22 @@ class WorkerCollector:
         raced.add_metric(["expired"], stats["held_expired"])
         yield raced
 
-        tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds")
+        tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds (provisional ones too)")
         tokens.add_metric([], total.tokens)
         yield tokens
+        provisional = GaugeMetricFamily("mplb_tokens_provisional", "Tokens clients taught whose connections have "
+                                        "not proven themselves yet (direct server return)")
+        provisional.add_metric([], len(w.balancer.provisional))
+        yield provisional
         writes = CounterMetricFamily("mplb_token_writes", "Tokens written to the kernel map: installed, marked "
                                      "colliding (their joins are reset), refused (a client's claim on another "
-                                     "connection's token), removed (their connection closed), or lost to an error",
+                                     "connection's token), removed (their connection closed), lost to an error; "
+                                     "a client's: provisional, proven by its connection, or pushed out unproven",
                                      labels=["result"])
         for result, key in (("installed", "tokens_installed"), ("rejected", "tokens_rejected"),
                             ("refused", "tokens_refused"), ("removed", "tokens_removed"),
-                            ("error", "token_install_errors")):
+                            ("error", "token_install_errors"), ("provisional", "tokens_provisional"),
+                            ("proven", "tokens_proven"), ("pushed_out", "tokens_pushed_out")):
             writes.add_metric([result], stats[key])
         yield writes
         evicted = CounterMetricFamily("mplb_table_evictions", "Entries pushed out of a full table (flood sign)",

@@ -9,7 +9,8 @@ from collections import Counter
 from ..core.balancer import Balancer
 from ..core.marks import REJECT
 from ..core.packet import Segment, parse_ip
-from ..core.tokens import flow_comment, flow_of_comment, learned_at, plan_writes
+from ..core.marks import TAUGHT_BY_CLIENT
+from ..core.tokens import PROVISIONAL_SECONDS, flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from ..kernel.copies import CopyReader
 from .logs import ThrottledLog
@@ -27,17 +28,21 @@ class TokenStore:
         flows = {v.token: v.flow for v in verdicts if v.token is not None and v.flow is not None}
         comments = {token: flow_comment(flow) for token, flow in flows.items()}
         writes, failed = plan_writes(verdicts), set()
-        if writes.install:
+        self._delete_pushed_out()
+        if writes.added:
             try:
-                refused = self.dataplane.add_tokens(writes.install, comments)
+                refused = self.dataplane.add_tokens(writes.install, comments) if writes.install else []
+                if writes.provisional:
+                    refused += self.dataplane.add_tokens(writes.provisional, comments, PROVISIONAL_SECONDS)
                 if refused:
                     writes = writes.refused({t: self.dataplane.lookup_token(t) for t in refused})
             except Exception as e:  # the core still knows them: their joins get queued, and reach their backend
-                self.errors.error("install", f"token install failed ({len(writes.install)} tokens): {e}")
-                self.stats["token_install_errors"] += len(writes.install)
-                failed = {token for token, _ in writes.install}
-                writes = writes._replace(install=[])
+                self.errors.error("install", f"token install failed ({len(writes.added)} tokens): {e}")
+                self.stats["token_install_errors"] += len(writes.added)
+                failed = {token for token, _ in writes.added}
+                writes = writes._replace(install=[], provisional=[])
             self.stats["tokens_installed"] += len(writes.install)
+            self.stats["tokens_provisional"] += len(writes.provisional)
         now = time.perf_counter()
         for token in writes.ignored:  # another worker's connection holds it: theirs, not ours
             self.balancer.forget(token)
@@ -54,12 +59,32 @@ class TokenStore:
                 self.errors.error("replace", f"replacing tokens in the kernel map failed: {e}")
                 self.stats["token_install_errors"] += len(changes)
                 failed |= {token for token, _ in writes.replace}
+        if writes.renew:
+            try:
+                self.dataplane.renew_tokens(writes.renew, comments)
+                self.stats["tokens_proven"] += len(writes.renew)
+            except Exception as e:  # the map's provisional timeout takes them; the core tries again
+                self.errors.error("renew", f"renewing {len(writes.renew)} proven tokens failed: {e}")
+                self.stats["token_install_errors"] += len(writes.renew)
+                failed |= {token for token, _ in writes.renew}
         for token in failed:
             self.balancer.install_failed(token, now)
-        self.lifetimes.extend((t, f) for t, f in flows.items() if t not in failed and t not in writes.ignored)
+        # a provisional token is neither watched nor published: one spoofed packet made it
+        lasting = {t: m for t, m in writes.install + writes.replace + writes.renew if t not in failed}
+        self.lifetimes.extend((t, flows[t]) for t in lasting if t in flows)
         if self.peers:
-            self.peers.learned({t: m for t, m in writes.install + writes.replace if t not in failed})
+            self.peers.learned(lasting)
         return failed
+
+    def _delete_pushed_out(self) -> None:
+        """Provisional tokens pushed out of the core's pool for newer ones leave the map first."""
+        pushed_out = self.balancer.provisional.take_pushed_out()
+        if pushed_out:
+            try:
+                self.dataplane.delete_tokens(pushed_out)
+            except Exception as e:  # their short timeout takes them soon
+                self.errors.error("delete", f"deleting {len(pushed_out)} provisional tokens failed: {e}")
+            self.stats["tokens_pushed_out"] += len(pushed_out)
 
     def learn(self, reader: CopyReader, limit: int) -> None:
         """Copies of MP_CAPABLE handshake packets, each with its connection's backend mark: their
@@ -93,8 +118,12 @@ class TokenStore:
         adopted = 0
         for token, mark, left, comment in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
             if mark & REJECT or self.balancer.backend_of(mark) is not None:
-                self.balancer.learn_token(token, mark, learned_at(now, ttl, left))
                 flow = flow_of_comment(comment or "")
+                if flow is not None and mark & TAUGHT_BY_CLIENT and left <= PROVISIONAL_SECONDS:
+                    self.balancer.learn_provisional(token, mark, flow, learned_at(now, PROVISIONAL_SECONDS, left))
+                    adopted += 1
+                    continue
+                self.balancer.learn_token(token, mark, learned_at(now, ttl, left))
                 if flow is not None:
                     self.lifetimes.append((token, flow))
                 elif self.peers:
