@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service  # noqa: E402
 from mplb_nfq.core.packet import parse_ip, token_of_key  # noqa: E402

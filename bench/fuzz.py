@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service  # noqa: E402
 from mplb_nfq.core.packet import Malformed, Segment, parse_ip  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from packets import ACK, SYN, mp_capable, tcp  # noqa: E402
+from mplb_nfq.lab.packets import ACK, SYN, mp_capable, tcp  # noqa: E402
 
 NAMESPACE, GROUP, TABLE, VIP, PORT, MARK = "mplb-bench-learn", 7, "mplb_learn", "10.0.100.1", 5201, 0x101
 RULESET = f"""table inet {TABLE} {{

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from packets import ACK, SYN, mp_capable, tcp  # noqa: E402
+from mplb_nfq.lab.packets import ACK, SYN, mp_capable, tcp  # noqa: E402
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service  # noqa: E402
 from mplb_nfq.core.packet import parse_ip  # noqa: E402

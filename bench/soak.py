@@ -34,7 +34,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
-from packets import SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
+from mplb_nfq.lab.packets import SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
 from mplb_nfq.lab.judge import Judge  # noqa: E402
 from mplb_nfq.lab.lab import PORT, WorkerProcess  # noqa: E402

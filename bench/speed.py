@@ -37,7 +37,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
-from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp  # noqa: E402
 
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text  # noqa: E402
 from mplb_nfq.lab.netns import VIP, Topology, backend_address  # noqa: E402

@@ -3,7 +3,7 @@ import ipaddress
 import random
 
 import pytest
-from packets import ACK, CLIENT_KEY, COLLIDING, PSH, SERVER_KEY, SYN, dss, mp_capable, mp_join_syn, tcp
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, COLLIDING, PSH, SERVER_KEY, SYN, dss, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, LookupTable, Service
 from mplb_nfq.core.expiring import ExpiringTable

@@ -23,7 +23,7 @@ from netlab import (
     worker_stats,
     wrong_joins,
 )
-from packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.marks import BACKEND_MASK
 from mplb_nfq.lab.lab import PORT, WorkerProcess

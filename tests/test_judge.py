@@ -1,7 +1,7 @@
 """The judge's verdicts on joins, from events as its watchers report them (the watchers
 themselves run in every kernel test's backends: `netlab.counters`)."""
 import pytest
-from packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+from mplb_nfq.lab.packets import ACK, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.packet import TCP_RST, parse_ip, token_of_key
 from mplb_nfq.lab.judge import Ledger, new_events, observe, total

@@ -3,8 +3,10 @@ in network namespaces made (and removed) here. Needs root."""
 import ipaddress
 import json
 import signal
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 from conftest import lab_topology
@@ -24,7 +26,7 @@ from netlab import (
     worker_stats,
     wrong_joins,
 )
-from packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.jhash import flow_key, slot
 from mplb_nfq.core.marks import REJECT, TAUGHT_BY_CLIENT
@@ -318,7 +320,7 @@ TokenMap("mplb").add([(int(sys.argv[1]), int(sys.argv[2]))], 600)
 def test_the_ruleset_model_that_inspect_replays_matches_the_real_ruleset_rule_by_rule(topo, tmp_path):
     """Each packet goes through the real ruleset (no worker: what would be queued passes, bypassed);
     the counters it moves must be those the model names."""
-    from packets import SERVER_KEY
+    from mplb_nfq.lab.packets import SERVER_KEY
 
     from mplb_nfq.core.marks import JOIN
     from mplb_nfq.core.packet import Malformed, parse_ip
@@ -508,3 +510,35 @@ def test_spoofed_third_acks_never_take_the_room_real_connections_tokens_need(top
 def seen(stats):
     """Packets the worker read: queued (a routed LB queues a first packet without a SYN) or copied."""
     return stats["packets"] + stats.get("copies", 0)
+
+
+@contextmanager
+def flooding(topo, kind, rate=10_000, seconds=30.0, token=0):
+    """A flood from spoofed sources in the client's namespace (mplb_nfq.lab.flood) for the block;
+    yields once the balancer has seen its first packets. It stops when the block ends."""
+    before = sum(nft_counters(topo).values())
+    process = topo.python("client", "mplb_nfq.lab.flood", kind, "--vip", VIP, "--port", str(PORT), "--rate",
+                          str(rate), "--seconds", str(seconds), "--token", hex(token), stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sum(nft_counters(topo).values()) > before + rate // 10, 10)
+        yield process
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_a_flood_of_joins_with_made_up_tokens_leaves_every_real_join_its_backend(topo, worker):
+    """10,000 joins a second, each with a token nobody issued: each waits hold_ms in the worker,
+    then takes the unknown-join policy; the real joins (some of which race their token's copy
+    under this load) all reach their connection's backend."""
+    w = worker("mplb")
+    with flooding(topo, "joins"):
+        before = counters(topo)
+        results = fetch(topo, *[4 * MB] * 4)
+        after = counters(topo)
+        stats = worker_stats(topo, w)["packets"]
+    assert [r["received"] for r in results] == [4 * MB] * 4
+    assert sum(delta(before, after, "MPTcpExtMPJoinAckRx").values()) == 4, json.dumps([stats, nft_counters(topo)])
+    wrong = wrong_joins(before, after)
+    assert wrong["misrouted"] == wrong["late"] == 0 and wrong["foreign"] > 1000  # the flood's, judged too
+    assert stats["held_expired"] > 1000, json.dumps(stats)

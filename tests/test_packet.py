@@ -1,6 +1,6 @@
 import pytest
 from cryptography.hazmat.primitives import hashes
-from packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, PSH, SERVER_KEY, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.packet import (
     CAP_FLAG_A,

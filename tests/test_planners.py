@@ -5,7 +5,7 @@ import ipaddress
 import socket
 import struct
 
-from packets import ACK, SERVER_KEY, SYN, dss, mp_capable, mp_join_ack, mp_join_syn, tcp
+from mplb_nfq.lab.packets import ACK, SERVER_KEY, SYN, dss, mp_capable, mp_join_ack, mp_join_syn, tcp
 
 from mplb_nfq.core.balancer import LookupTable
 from mplb_nfq.core.jhash import flow_key, slot

@@ -4,7 +4,7 @@ import random
 from conftest import CAPTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packets import SYN, tcp
+from mplb_nfq.lab.packets import SYN, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
 from mplb_nfq.core.marks import JOIN, LEARNED, REJECT

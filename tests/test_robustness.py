@@ -19,7 +19,7 @@ from netlab import (
     worker_stats,
     wrong_joins,
 )
-from packets import SYN, mp_capable, mp_join_syn, tcp
+from mplb_nfq.lab.packets import SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.marks import BACKEND_MASK, JOIN
 from mplb_nfq.lab.lab import PORT

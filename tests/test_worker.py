@@ -5,7 +5,7 @@ import time
 
 import pytest
 from fakes import KernelMaps
-from packets import ACK, CLIENT_KEY, COLLIDING, SERVER_KEY, SYN, dss, mp_capable, mp_join_syn, tcp
+from mplb_nfq.lab.packets import ACK, CLIENT_KEY, COLLIDING, SERVER_KEY, SYN, dss, mp_capable, mp_join_syn, tcp
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
@@ -163,6 +163,24 @@ def test_with_several_workers_an_unknown_join_is_held_then_released_with_the_pol
     assert join.verdict is None and len(w.held) == 1  # no verdict yet: the token may still come
     w.release_held()  # the kernel map does not have it, and hold_ms is over
     assert join.verdict == "accept" and join.mark & JOIN and w.stats["held_expired"] == 1 and not w.held
+
+
+def test_joins_with_made_up_tokens_beyond_the_budget_never_cost_a_raced_join_its_backend():
+    w = worker(hold_max=64)
+    flood = [Packet(tcp(f"198.18.0.{i % 250}", "10.0.100.1", 50000 + i, 80, SYN, mp_join_syn(0x10000 + i)))
+             for i in range(550)]
+    for packet in flood[:500]:
+        w.handle(packet)
+    raced = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token_of_key(SERVER_KEY, 1))))
+    w.handle(raced)
+    for packet in flood[500:]:  # fewer than the budget came after it
+        w.handle(packet)
+    assert raced.verdict is None and len(w.held) == 64 and w.stats["held_pushed_out"] == 551 - 64
+    assert all(p.verdict == "accept" for p in flood[:487]) and flood[487].verdict is None  # oldest first
+    synack_copy = synack(40001, SERVER_KEY, 0x100)
+    w.tokens.learn(Copies((synack_copy.payload, 0x100)), 256)  # its connection's SYN-ACK, copied
+    w.release_held()
+    assert raced.verdict == "accept" and raced.mark == 0x100 | JOIN and w.stats["held_found"] == 1
 
 
 def test_metrics_expose_every_family_with_bounded_labels():

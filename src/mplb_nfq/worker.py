@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import select
 import time
 
 from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import parse_ip
-from .core.tokens import Held, held_outcome, may_hold
+from .core.held import Held, HeldJoin, HeldJoins
 from .core.verdicts import Kind, Verdict
 from .kernel.announce import Announcement
 from .kernel.conntrack import Counts, Gone, Watch, start_reader
@@ -33,6 +34,11 @@ BATCH = 256  # packets handled between two turns of the housekeeping (held joins
 # Tokens to watch go to the conntrack reader at most this often: a send per batch woke it just as
 # clients set up their joins (joins done before a 20 KB connection ended: 98-99 without, 89-97 with)
 WATCH_SECONDS = 1.0
+# A join held where the token may come from another worker (workers > 1) asks the kernel map for
+# its token this long after it came, then at doubling intervals, and when it expires; at most
+# RECHECKS_PER_TURN lookups a loop turn, so that a flood of unknown tokens costs a bounded share
+RECHECK_SECONDS = 0.002
+RECHECKS_PER_TURN = 32
 
 
 class Worker:
@@ -42,7 +48,7 @@ class Worker:
         self.counters = Report()
         self.stats = self.counters.stats
         self.plane = ControlPlane(cfg, self.balancer, dataplane, Fleet(), self.counters)
-        self.held: list[tuple[object, object, float]] = []  # (packet, segment, deadline)
+        self.held = HeldJoins(cfg.hold_max, cfg.hold_ms / 1000, RECHECK_SECONDS if cfg.workers > 1 else None)
         self.decided: list[tuple[object, Verdict]] = []  # their verdicts go out together
         self.errors = ThrottledLog(log)
         self.tokens = TokenStore(self.balancer, dataplane, self.stats, self.errors)
@@ -59,12 +65,15 @@ class Worker:
         cfg = self.plane.cfg
         try:
             segment = parse_ip(packet.get_payload())
+            # a join may wait where its token may yet come: from a copy of its connection's handshake,
+            # from another worker, or from a peer balancer
             learned_elsewhere = cfg.workers > 1 or cfg.handshakes == "kernel" or cfg.cluster is not None
-            hold = may_hold(learned_elsewhere, len(self.held), cfg.hold_max)
-            verdict = self.balancer.decide(segment, packet.get_mark(), started, hold)
+            verdict = self.balancer.decide(segment, packet.get_mark(), started, learned_elsewhere and cfg.hold_max > 0)
             if verdict.kind is Kind.JOIN_HELD:
                 packet.retain()
-                self.held.append((packet, segment, started + cfg.hold_ms / 1000))
+                self.release_expired(started)  # before any is pushed out: those had their time
+                for join in self.held.hold(packet, segment, segment.join.token, started):
+                    self.let_go(join, Held.PUSHED_OUT, started)
                 return
             if verdict.kind is Kind.JOIN_HIT and self.peers:
                 self.peers.steered(segment.flow, segment.join.token, verdict.mark)
@@ -99,27 +108,43 @@ class Worker:
             self.stats["drop"] += 1
 
     def release_held(self) -> None:
-        """Held joins: those whose token this worker learned from a copy, or another put in the
-        kernel map, go to its backend; those held too long get the unknown-join policy."""
+        """Held joins whose token is known now go to its backend; those held too long get the
+        unknown-join policy. A worker that reads no copies looks its held joins' tokens up in the
+        kernel map, where another worker puts them."""
         now = time.perf_counter()
-        still = []
-        for packet, segment, deadline in self.held:
-            token = segment.join.token
-            known = self.balancer.tokens.get(token, now) is not None
-            mark = None if known else self.dataplane.lookup_token(token)
-            outcome = held_outcome(known or mark is not None, now, deadline)
-            if outcome is Held.WAITING:
-                still.append((packet, segment, deadline))
-                continue
-            if mark is not None:
-                self.balancer.learn_token(token, mark, now)
-            self.stats[outcome] += 1
-            verdict = self.balancer.decide(segment, 0, now)
-            if verdict.kind is Kind.JOIN_HIT and self.peers:
-                self.peers.held_found(token)
-                self.peers.steered(segment.flow, token, verdict.mark)
-            self.give(packet, verdict)
-        self.held = still
+        if self.held.recheck_after is not None:
+            for join in self.held.due_for_recheck(now, RECHECKS_PER_TURN):
+                self.found_in_kernel(join.token, now)
+        for token in self.balancer.take_newly_known():
+            for join in self.held.release(token):
+                self.let_go(join, Held.FOUND, now)
+        self.release_expired(now)
+
+    def release_expired(self, now: float) -> None:
+        looks_up = self.held.recheck_after is not None
+        for join in self.held.expired(now):
+            found = looks_up and self.found_in_kernel(join.token, now)
+            self.let_go(join, Held.FOUND if found else Held.EXPIRED, now)
+
+    def found_in_kernel(self, token: int, now: float) -> bool:
+        mark = self.dataplane.lookup_token(token)
+        if mark is not None:
+            self.balancer.learn_token(token, mark, now)
+        return mark is not None
+
+    def let_go(self, join: HeldJoin, outcome: Held, now: float) -> None:
+        """A held join's verdict, by what the core knows now (its token, or the unknown-join policy)."""
+        self.stats[outcome] += 1
+        verdict = self.balancer.decide(join.segment, 0, now)
+        if verdict.kind is Kind.JOIN_HIT and self.peers:
+            self.peers.held_found(join.token)
+            self.peers.steered(join.segment.flow, join.token, verdict.mark)
+        self.give(join.packet, verdict)
+
+    def poll_ms(self) -> int:
+        """The loop's wait: until the next held join is due, at most 200 ms."""
+        due = self.held.next_deadline()
+        return 200 if due is None else max(1, min(200, math.ceil((due - time.perf_counter()) * 1000)))
 
     def from_conntrack(self, message: Counts | Gone) -> None:
         if isinstance(message, Gone):
@@ -133,8 +158,7 @@ class Worker:
             self.peers.state = message
         else:
             self.peers.news(message)
-            if self.held:  # a join may have waited for this peer's token
-                self.release_held()
+            self.release_held()  # a join may have waited for this peer's token
 
     def from_peer(self, index: int, message: Report | Watch) -> None:
         if isinstance(message, Watch):
@@ -215,7 +239,7 @@ class Worker:
         next_report = next_watch = 0.0
         try:
             while not plane.stopping:
-                for fd, _ in poller.poll(2 if self.held else 200):
+                for fd, _ in poller.poll(self.poll_ms()):
                     try:
                         handlers.get(fd, lambda: None)()  # (a peer lost earlier in this round)
                     except (EOFError, OSError) as e:
@@ -225,8 +249,7 @@ class Worker:
                         unwatch(fd)
                 if control:
                     control.expire()
-                if self.held:
-                    self.release_held()
+                self.release_held()
                 if self.tokens.lifetimes and time.monotonic() >= next_watch:  # to the conntrack reader
                     (conntrack if first else parent).send(Watch(self.tokens.lifetimes))
                     self.tokens.lifetimes, next_watch = [], time.monotonic() + WATCH_SECONDS
@@ -254,8 +277,8 @@ class Worker:
                 announcement.close()
             if link:
                 link.stop()
-            for packet, segment, _ in self.held:  # never leave a packet without a verdict
-                self.give(packet, self.balancer.decide(segment, 0, time.perf_counter()))
+            for join in list(self.held):  # never leave a packet without a verdict
+                self.give(join.packet, self.balancer.decide(join.segment, 0, time.perf_counter()))
             nfq.unbind()
             if copies:
                 copies.close()

@@ -102,6 +102,7 @@ class Balancer:
         self.tokens: ExpiringTable[int, int] = ExpiringTable(proven, token_ttl)
         self.provisional: ExpiringTable[int, int] = ExpiringTable(provisional, PROVISIONAL_SECONDS, True)
         self.provisional_flows: ExpiringTable[tuple, int] = ExpiringTable(provisional, PROVISIONAL_SECONDS)
+        self.newly_known: list[int] = []  # tokens learned since the worker last took them (held joins wait)
         self.rng = rng or random.Random()
         self.counts: Counter[Kind] = Counter()
         self._tables: dict[str, tuple[tuple, LookupTable]] = {}  # service -> (what it was built for, table)
@@ -173,10 +174,12 @@ class Balancer:
         what this worker knew)."""
         if mark & REJECT:
             self.tokens.put(token, AMBIGUOUS, now)
+            self.newly_known.append(token)
             return
         backend = self.backend_of(mark)
         if backend is not None and self.known_token(token, now) is None:
-            self.tokens.add(token, backend.mark | (mark & TAUGHT_BY_CLIENT), now)
+            if self.tokens.add(token, backend.mark | (mark & TAUGHT_BY_CLIENT), now):
+                self.newly_known.append(token)
 
     def learn_provisional(self, token: int, mark: int, flow: tuple, now: float) -> None:
         """A provisional token read back from the kernel map, with the connection that taught it."""
@@ -184,6 +187,11 @@ class Balancer:
         if backend is not None and self.known_token(token, now) is None:
             self.provisional.put(token, backend.mark | TAUGHT_BY_CLIENT, now)
             self.provisional_flows.put(flow, token, now)
+            self.newly_known.append(token)
+
+    def take_newly_known(self) -> list[int]:
+        taken, self.newly_known = self.newly_known, []
+        return taken
 
     def known_token(self, token: int, now: float) -> int | None:
         """What the core knows of a token: its backend's mark (flags too), AMBIGUOUS, or None."""
@@ -211,6 +219,7 @@ class Balancer:
         """The token's lasting value (a server's word, or a collision): it is provisional no more."""
         self.provisional.remove(token)
         self.tokens.put(token, value, now)
+        self.newly_known.append(token)
 
     def _decide(self, segment: Segment | None, mark: int, now: float, hold: bool) -> Verdict:
         if segment is None:
@@ -310,9 +319,11 @@ class Balancer:
             if by_client:  # one packet, maybe spoofed: provisional, pushing out the oldest such
                 self.provisional.put(token, backend.mark | by_client, now)
                 self.provisional_flows.put(flow, token, now)
+                self.newly_known.append(token)
                 return Verdict(True, settled | PROVISIONAL, kind, token, flow)
             if not self.tokens.add(token, backend.mark, now):
                 return Verdict(True, settled, Kind.TOKEN_TABLE_FULL)
+            self.newly_known.append(token)
             return Verdict(True, settled, kind, token, flow)
         if known == AMBIGUOUS:
             return Verdict(True, settled, Kind.TOKEN_COLLISION_REPEAT)

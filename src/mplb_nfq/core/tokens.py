@@ -1,6 +1,6 @@
 """Token policy, as pure functions: who may teach a token, what goes to the kernel map for the
 tokens a batch learned, what a refused or failed install means, how old a token read back from
-the map is, and whether a join whose token is unknown may wait for it.
+the map is.
 
 Trust: a server's key (in the MP_CAPABLE SYN-ACK, which the LB sees when replies pass through
 it) comes from a backend. A client's key echo (the third ACK) is whatever the client sends: it
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from enum import StrEnum
 from typing import Iterable, Mapping, NamedTuple
 
 from .marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
@@ -106,24 +105,6 @@ def learned_at(now: float, ttl: float, seconds_left: float) -> float:
     """When a token the kernel map holds with `seconds_left` to live was learned, on the clock `now`
     is read from (the map's timeout and the core's table's TTL are the same)."""
     return now - max(0.0, ttl - seconds_left)
-
-
-def may_hold(learned_elsewhere: bool, held: int, hold_max: int) -> bool:
-    """An unknown join may wait only where its token may yet reach the kernel map (from a copy of
-    its connection's handshake, from another worker, or from a peer balancer), and only so many."""
-    return learned_elsewhere and held < hold_max
-
-
-class Held(StrEnum):
-    FOUND = "held_found"  # its token reached the kernel map: to its backend
-    EXPIRED = "held_expired"  # waited long enough: the unknown-join policy
-    WAITING = "held_waiting"
-
-
-def held_outcome(found_in_map: bool, now: float, deadline: float) -> Held:
-    if found_in_map:
-        return Held.FOUND
-    return Held.EXPIRED if now >= deadline else Held.WAITING
 
 
 def flow_comment(flow: tuple) -> str:

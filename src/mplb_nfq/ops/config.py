@@ -104,8 +104,8 @@ class Config:
     control_socket: str = "/run/mplb-nfq/control.sock"
     conntrack_interval: float = 2.0
     workers: int = 1  # processes, one queue each (queue .. queue + workers - 1)
-    hold_ms: int = 50  # how long a worker holds a join whose token it does not know yet
-    hold_max: int = 256  # how many joins it holds at most
+    hold_ms: int = 50  # how long a worker holds a join whose token it does not know yet (200 in a cluster)
+    hold_max: int = 1024  # how many joins it holds at most (the oldest goes first)
     cluster: ClusterConfig | None = None
 
     @property
@@ -329,8 +329,10 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         table_name=table_name, mark_base=mark_base, table_base=table_base, max_backends=max_backends,
         rule_priority=kernel.integer("rule_priority", 1000, 1, 32764),
         conntrack_interval=kernel.number("conntrack_interval", 2.0, 0.1, 3600),
-        workers=workers, hold_ms=kernel.integer("hold_ms", 50, 0, 10_000),
-        hold_max=kernel.integer("hold_max", 256, 0, 100_000),
+        # a join that crosses balancers waits for the peer's news through Redis, not a local copy
+        workers=workers, hold_ms=kernel.integer("hold_ms", 200 if "cluster" in data else 50, 0, 10_000),
+        # held joins wait in the kernel's queue (4,096 packets), which every queued packet shares
+        hold_max=kernel.integer("hold_max", 1024, 0, 2048),
         flow_capacity=limits.integer("flow_capacity", 1_000_000, 1, 100_000_000),
         flow_timeout=limits.integer("flow_timeout", 60, 1, 86400),
         token_capacity=limits.integer("token_capacity", 1_000_000, 1, 100_000_000),

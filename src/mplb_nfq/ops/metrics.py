@@ -11,6 +11,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from ..core.held import Held
+
 from ..kernel.queue import queue_drops
 from .counters import LATENCY_BUCKETS
 from .peers import DELAY_BUCKETS
@@ -96,9 +98,10 @@ class WorkerCollector:
         copies.add_metric(["lost"], stats["copies_lost"])
         yield copies
         raced = CounterMetricFamily("mplb_held_joins", "Joins held in the queue until their token was learned "
-                                    "(found: they raced its copy) or given up on (expired)", labels=["outcome"])
-        raced.add_metric(["found"], stats["held_found"])
-        raced.add_metric(["expired"], stats["held_expired"])
+                                    "(found: they raced its copy) or given up on (expired; pushed_out: held joins "
+                                    "were at hold_max, a flood of unknown tokens)", labels=["outcome"])
+        for outcome in Held:
+            raced.add_metric([outcome.removeprefix("held_")], stats[outcome])
         yield raced
 
         tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds (provisional ones too)")

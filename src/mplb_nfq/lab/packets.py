@@ -1,4 +1,4 @@
-"""Build IPv4/IPv6 TCP packets with MPTCP options for the tests (checksums are not needed here)."""
+"""Build IPv4/IPv6 TCP packets with MPTCP options, for the tests and the floods of the lab (checksums: TCP only)."""
 from __future__ import annotations
 
 import ipaddress
