@@ -61,6 +61,23 @@ def test_deeply_nested_json_gets_an_error_and_the_loop_goes_on(tmp_path):
     assert answer(loop, ask(path, b'{"command": "status"}\n')) == {"ok": True, "echo": "status"}
 
 
+def test_a_client_that_reads_no_answer_costs_the_loop_no_wait_and_gets_it_whole_later(tmp_path):
+    path = str(tmp_path / "control.sock")
+    big = {"ok": True, "backends": ["b" * 100] * 20_000}  # 2 MB, beyond a socket's default buffer
+    loop = Loop(path, handle=lambda r: big)
+    lazy = [ask(path, b'{"command": "status"}\n') for _ in range(3)]
+    for _ in range(3):
+        loop.turn()
+    assert not loop.server.clients  # each answered and let go within the turn that read it
+    for client in lazy:
+        client.settimeout(5)
+        received, part = b"", b"?"
+        while part:
+            part = client.recv(1 << 20)
+            received += part
+        assert json.loads(received) == big  # whole, though nobody read it while the loop ran
+
+
 def test_a_silent_or_dripping_client_stalls_nothing_and_is_dropped(tmp_path):
     path = str(tmp_path / "control.sock")
     loop = Loop(path)
