@@ -14,7 +14,8 @@ A client's token is provisional until its connection proves itself: one spoofed 
 a token, so the tokens of connections that sent nothing after their third ACK live in a pool of
 their own (a quarter of the capacity, the oldest pushed out first, PROVISIONAL_SECONDS each)
 and never take the place of a proven connection's. Its next MPTCP packet (a DSS option: the
-client heard the server) proves it; its token then lives as long as the connection.
+connection goes on past its handshake, as a one-packet spoof does not) proves it; its token
+then lives as long as the connection.
 """
 from __future__ import annotations
 

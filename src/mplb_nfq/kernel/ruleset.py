@@ -280,7 +280,7 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
     subtype, token = nft_mptcp_option(segment.options)
     if (segment.dst, segment.dport) in vips:
         mark = ct_mark if original and ct_mark else 0
-        if ct_mark & PROVISIONAL and subtype == 2:  # its client heard the server: the token is proven
+        if ct_mark & PROVISIONAL and subtype == 2:  # the connection's next MPTCP packet: its token is proven
             return Classified(mark, None, copied="copied_proof")
         if ct_mark & (LEARNED | JOIN):
             return Classified(mark, None)

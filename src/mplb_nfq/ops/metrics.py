@@ -88,7 +88,7 @@ class WorkerCollector:
         yield decided
         copied = CounterMetricFamily("mplb_nft_copied_packets", "Handshake packets copied to the worker (nflog), "
                                      "by the packet that carried the key", labels=["packet"])
-        for name in ("copied_synack", "copied_capable", "copied_join"):
+        for name in ("copied_synack", "copied_capable", "copied_proof", "copied_join"):
             copied.add_metric([name.removeprefix("copied_")], nft.get(name, 0))
         yield copied
         copies = CounterMetricFamily("mplb_copies", "Copies the worker read, or lost (its socket overrun: "
