@@ -113,6 +113,21 @@ def one_path_download(topo, size):
         topo.subflow_endpoint(True)
 
 
+@contextmanager
+def flooding(topo, kind, rate=10_000, seconds=30.0, token=0):
+    """A flood from spoofed sources in the client's namespace (mplb_nfq.lab.flood) for the block;
+    yields once the balancer has seen its first packets. It stops when the block ends."""
+    before = sum(nft_counters(topo).values())
+    process = topo.python("client", "mplb_nfq.lab.flood", kind, "--vip", VIP, "--port", str(PORT), "--rate",
+                          str(rate), "--seconds", str(seconds), "--token", hex(token), stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sum(nft_counters(topo).values()) > before + rate // 10, 10)
+        yield process
+    finally:
+        process.kill()
+        process.communicate()
+
+
 def token_map(topo):
     """The LB's kernel token map: token -> (mark, comment)."""
     listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",

@@ -15,6 +15,8 @@ from netlab import (
     ct_marks,
     delta,
     fetch,
+    fetch_in_background,
+    flooding,
     inject,
     nft_counters,
     one_path_download,
@@ -174,3 +176,28 @@ def test_a_restart_mid_transfer_leaves_the_transfer_whole_and_the_token_adopted(
             assert wrong_joins(download.before, end) == NO_WRONG_JOINS
         finally:
             again.stop()
+
+
+def test_replays_of_a_live_token_reach_its_backend_16_a_second_and_other_joins_all_get_through(topo, worker):
+    """Joins carrying a live connection's token (its client, or someone on its path, replaying
+    it) are steered by the token map like real ones; past 16 a second for one token, the kernel
+    drops them, so its backend's SYN queue stays free for everyone else's joins."""
+    worker("mplb")
+    live = fetch_in_background(topo, 200 * MB)
+    try:
+        wait_for(lambda: token_map(topo), 5)
+        (token,) = token_map(topo)
+        before = counters(topo)
+        with flooding(topo, "replay", token=token):
+            started = time.monotonic()
+            wait_for(lambda: nft_counters(topo)["join_rate_limited"] >= 2000, 10)
+            (result,) = fetch(topo, 4 * MB)
+            after, elapsed = counters(topo), time.monotonic() - started
+    finally:
+        live.kill()
+        live.communicate()
+    assert result["received"] == 4 * MB
+    joined = sum(delta(before, after, "joins").values())
+    assert joined <= 16 * (elapsed + 2) + 1, (joined, elapsed)  # the replays let through, and the fetch's join
+    assert sum(delta(before, after, "MPTcpExtMPJoinAckRx").values()) >= 1  # the fetch's join completed
+    assert wrong_joins(before, after)["misrouted"] == 0

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the config is data here: the kernel layer never imports ope
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"
 XT_COMMENT = "mplb-nfq"
+JOIN_RATE = 16  # joins a second, and as many at once, the token map steers with one token
 COPY_SNAPLEN = 256  # an IPv6 header, extension headers, and a TCP header with 40 bytes of options
 AFFINITY_SIZE = 1_000_000  # clients remembered per service and family (persistence)
 
@@ -67,7 +68,7 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         vip4_elements=elements(4), vip6_elements=elements(6), dsr4_elements=elements(4, True),
         dsr6_elements=elements(6, True),
         token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", settled=f"0x{LEARNED | JOIN:08x}",
-        join=f"0x{JOIN:08x}",
+        join=f"0x{JOIN:08x}", join_rate=JOIN_RATE,
         backend_mask=f"0x{BACKEND_MASK:08x}",
         reject=f"0x{REJECT:08x}",
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",

@@ -75,6 +75,10 @@ class WorkerCollector:
                                          "under direct server return, sent to their backend in the kernel")
         first_acks.add_metric([], nft.get("join_first_ack", 0))
         yield first_acks
+        limited = CounterMetricFamily("mplb_nft_joins_rate_limited", "MP_JOIN SYNs dropped in the kernel: their "
+                                      "token (a live one) came in more than 16 joins a second (a replay)")
+        limited.add_metric([], nft.get("join_rate_limited", 0))
+        yield limited
 
         diverted = CounterMetricFamily("mplb_nft_queued_packets", "Packets the nft ruleset sent to the queue",
                                        labels=["rule"])

@@ -1,0 +1,168 @@
+"""Floods from a spoofing client against real MPTCP downloads: what an attacker costs real joins.
+
+    .venv/bin/python bench/hostile.py [--dsr] [--rate 10000] [--seconds 60] [--downloads 20] [--json]
+
+One lab topology (2 backends, 50 Mbit/s paths, the judge on the backends); for each flood in
+turn a fresh worker (default config: token_capacity 1,000,000, hold_max 1024, unknown_join
+random) and, while the flood runs, --downloads fetches of 4 MB one after the other, each of
+which opens one join from the client's second address. Floods (mplb_nfq.lab.flood, sources in
+198.18.0.0/15, each packet from another address):
+
+  none     the baseline
+  capable  bare ACKs carrying MP_CAPABLE with made-up keys (each teaches a token under DSR)
+  joins    MP_JOIN SYNs with random tokens (each held hold_ms, then the unknown-join policy)
+  replay   MP_JOIN SYNs carrying the token of a live connection (a long download's)
+
+Per flood: packets sent and the rate reached; legitimate joins completed on their connection's
+backend / attempted (backends' MPJoinAckRx against MP_CAPABLE connections), and the judge's
+misrouted and late joins (foreign ones are the flood's own); the worker's RSS and CPU seconds;
+the kernel token map's size; held joins found / expired / pushed out; tokens provisional,
+proven, pushed out. The downloads are spread over the flood, which lasts at least as long as
+they do. Prints a table and, with --json, one JSON document alone on stdout. Removes
+everything it started."""
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mplb_nfq.lab.judge import Judge
+from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
+from mplb_nfq.lab.netns import VIP, Topology
+
+FLOODS = ("none", "capable", "joins", "replay")
+SIZE = 4_000_000
+
+
+def wait(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not within {seconds} s")
+        time.sleep(0.1)
+
+
+def status(topo: Topology, worker: WorkerProcess) -> dict:
+    out = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "status", "--json", "-c", str(worker.config_path),
+                    capture_output=True).stdout
+    return json.loads(out)["packets"]
+
+
+def process_usage(pid: int) -> tuple[int, float]:
+    """(RSS in KiB, CPU seconds) of a process, from /proc."""
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return rss, (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks (USER_HZ 100)
+
+
+def token_map(topo: Topology) -> list:
+    listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+                                   capture_output=True).stdout)
+    return [e for item in listing["nftables"] if "map" in item for e in item["map"].get("elem", [])]
+
+
+def counters(topo: Topology) -> dict:
+    verdicts = topo.judge.verdicts()
+    return {name: {**topo.nstat(name), **verdicts[name]} for name in topo.backend_names}
+
+
+def delta(before: dict, after: dict, key: str) -> int:
+    return sum(after[name].get(key, 0) - before[name].get(key, 0) for name in before)
+
+
+def fetch(topo: Topology, size: int) -> subprocess.Popen:
+    return topo.python("client", "mplb_nfq.lab.transfer", "fetch", VIP, "--port", str(PORT), "--size", str(size),
+                       stdout=subprocess.PIPE, text=True)
+
+
+def run_flood(topo: Topology, run: Path, kind: str, args) -> dict:
+    config = run / f"{kind}.toml"
+    config.write_text(config_text("mplb", 2, run, direct_return=args.dsr))
+    worker = WorkerProcess(topo, config, run / f"{kind}.log")
+    flood = live = None
+    try:
+        token = 0
+        if kind == "replay":  # a connection that outlives the flood: its token is replayed
+            joined = delta(counters(topo), {n: {} for n in topo.backend_names}, "MPTcpExtMPJoinAckRx")
+            live = fetch(topo, int(args.seconds * 50e6 / 8 * 2))
+            wait(lambda: token_map(topo), 10)
+            token = int(token_map(topo)[0][0]["elem"]["val"])
+            wait(lambda: -delta(counters(topo), {n: {} for n in topo.backend_names}, "MPTcpExtMPJoinAckRx")
+                 > -joined, 10)  # its own join is in, before the count starts
+        if kind != "none":
+            flood = topo.python("client", "mplb_nfq.lab.flood", kind, "--vip", VIP, "--port", str(PORT),
+                                "--rate", str(args.rate), "--seconds", str(args.seconds), "--token", hex(token),
+                                stdout=subprocess.PIPE, text=True)
+        started = time.monotonic()
+        before = counters(topo)
+        received = []
+        for i in range(args.downloads):  # spread over the flood
+            time.sleep(max(0.0, started + i * args.seconds / args.downloads - time.monotonic()))
+            out, _ = fetch(topo, SIZE).communicate()
+            received += [json.loads(line)["received"] for line in out.splitlines()]
+        after = counters(topo)
+        stats = status(topo, worker)
+        rss, cpu = process_usage(worker.proc.pid)
+        sent = {}
+        if flood:
+            out, _ = flood.communicate(timeout=args.seconds + 30)
+            sent = json.loads(out.splitlines()[-1]) if out.strip() else {}
+        map_size = len(token_map(topo))
+    finally:
+        for process in (flood, live):
+            if process and process.poll() is None:
+                process.kill()
+                process.communicate()
+        worker.stop()
+    return {"flood": kind, "sent": sent.get("sent", 0), "rate": sent.get("rate", 0),
+            "downloads_whole": sum(r == SIZE for r in received), "downloads": args.downloads,
+            "joins_completed": delta(before, after, "MPTcpExtMPJoinAckRx"),
+            "joins_attempted": delta(before, after, "MPTcpExtMPCapableSYNRX"),
+            "misrouted": delta(before, after, "misrouted"), "late": delta(before, after, "late"),
+            "foreign": delta(before, after, "foreign"), "worker_rss_kib": rss, "worker_cpu_s": cpu,
+            "token_map": map_size, "held_found": stats.get("held_found", 0),
+            "held_expired": stats.get("held_expired", 0), "held_pushed_out": stats.get("held_pushed_out", 0),
+            "tokens_provisional": stats.get("tokens_provisional", 0), "tokens_proven": stats.get("tokens_proven", 0),
+            "tokens_pushed_out": stats.get("tokens_pushed_out", 0)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsr", action="store_true", help="direct server return (the backends answer the client)")
+    parser.add_argument("--rate", type=int, default=10_000, help="flood packets per second")
+    parser.add_argument("--seconds", type=float, default=60.0, help="each flood's length")
+    parser.add_argument("--downloads", type=int, default=20, help="4 MB downloads during each flood")
+    parser.add_argument("--floods", default=",".join(FLOODS), help="which, comma-separated")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = []
+    with contextlib.ExitStack() as stack:
+        run = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mplb-hostile-")))
+        topo = stack.enter_context(Topology(backends=2, direct_return=args.dsr))
+        for name in topo.backend_names:
+            topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name in topo.backend_names:
+            wait(lambda: f":{PORT}" in topo.exec(name, "ss", "-Hltn", capture_output=True).stdout, 5)
+        topo.judge = stack.enter_context(Judge(topo))
+        for kind in args.floods.split(","):
+            results.append(run_flood(topo, run, kind, args))
+            print(f"{kind:8} sent {results[-1]['sent']:>7} at {results[-1]['rate']:>6}/s: joins "
+                  f"{results[-1]['joins_completed']}/{results[-1]['joins_attempted']}, misrouted "
+                  f"{results[-1]['misrouted']}, late {results[-1]['late']}, worker {results[-1]['worker_rss_kib']} KiB "
+                  f"{results[-1]['worker_cpu_s']} CPU s, token map {results[-1]['token_map']}", file=sys.stderr)
+    summary = {"mode": "dsr" if args.dsr else "routed", "rate": args.rate, "seconds": args.seconds,
+               "floods": results}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
