@@ -266,12 +266,16 @@ def test_a_client_taught_token_is_provisional_until_its_connection_s_next_packet
 
 def test_spoofed_third_acks_push_out_each_other_from_the_map_and_a_restart_keeps_them_provisional():
     w = Worker(from_dict({**CONFIG, "limits": {"token_capacity": 8}}), KernelMaps())  # 2 provisional
-    spoofed = [Copies((tcp(f"198.18.0.{i}", "10.0.100.1", 40000, 80, ACK, mp_capable(1, 1, bytes(8), key)), 0x100))
-               for i, key in enumerate([bytes([i]) * 8 for i in range(1, 6)])]
+    spoofed = [(tcp(f"198.18.0.{i}", "10.0.100.1", 40000, 80, ACK, mp_capable(1, 1, bytes(8), bytes([i]) * 8)), 0x100)
+               for i in range(1, 6)]
     for copy in spoofed:
-        w.tokens.learn(copy, 256)
+        w.tokens.learn(Copies(copy), 256)
     assert len(w.dataplane.tokens) == 2 and w.stats["tokens_pushed_out"] == 3
     assert [c[0] for c in w.dataplane.calls].count("delete") == 3
+    in_one_batch = Worker(from_dict({**CONFIG, "limits": {"token_capacity": 8}}), KernelMaps())
+    in_one_batch.tokens.learn(Copies(*spoofed), 256)
+    assert len(in_one_batch.dataplane.tokens) == 2 and in_one_batch.stats["tokens_pushed_out"] == 3
+    assert [c[0] for c in in_one_batch.dataplane.calls] == ["add"]  # those pushed out never went in
     restarted = Worker(w.plane.cfg, w.dataplane)
     for token in w.dataplane.tokens:
         w.dataplane.timeouts[token] = 12.0

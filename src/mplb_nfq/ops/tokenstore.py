@@ -10,7 +10,7 @@ from ..core.balancer import Balancer
 from ..core.marks import REJECT
 from ..core.packet import Segment, parse_ip
 from ..core.marks import TAUGHT_BY_CLIENT
-from ..core.tokens import PROVISIONAL_SECONDS, flow_comment, flow_of_comment, learned_at, plan_writes
+from ..core.tokens import PROVISIONAL_SECONDS, TokenWrites, flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from ..kernel.copies import CopyReader
 from .logs import ThrottledLog
@@ -28,7 +28,7 @@ class TokenStore:
         flows = {v.token: v.flow for v in verdicts if v.token is not None and v.flow is not None}
         comments = {token: flow_comment(flow) for token, flow in flows.items()}
         writes, failed = plan_writes(verdicts), set()
-        self._delete_pushed_out()
+        writes = self._delete_pushed_out(writes)
         if writes.added:
             try:
                 refused = self.dataplane.add_tokens(writes.install, comments) if writes.install else []
@@ -76,15 +76,23 @@ class TokenStore:
             self.peers.learned(lasting)
         return failed
 
-    def _delete_pushed_out(self) -> None:
-        """Provisional tokens pushed out of the core's pool for newer ones leave the map first."""
+    def _delete_pushed_out(self, writes: TokenWrites) -> TokenWrites:
+        """Provisional tokens pushed out of the core's pool for newer ones leave the map first;
+        those learned and pushed out within this batch never go in."""
         pushed_out = self.balancer.provisional.take_pushed_out()
-        if pushed_out:
+        if not pushed_out:
+            return writes
+        self.stats["tokens_pushed_out"] += len(pushed_out)
+        learned_now = {token for token, _ in writes.provisional}
+        installed = list({token for token in pushed_out if token not in learned_now})
+        if installed:
             try:
-                self.dataplane.delete_tokens(pushed_out)
+                self.dataplane.delete_tokens(installed)
             except Exception as e:  # their short timeout takes them soon
-                self.errors.error("delete", f"deleting {len(pushed_out)} provisional tokens failed: {e}")
-            self.stats["tokens_pushed_out"] += len(pushed_out)
+                self.errors.error("delete", f"deleting {len(installed)} provisional tokens failed: {e}")
+        now = time.perf_counter()
+        return writes._replace(provisional=[(token, mark) for token, mark in writes.provisional
+                                            if self.balancer.provisional.get(token, now) is not None])
 
     def learn(self, reader: CopyReader, limit: int) -> None:
         """Copies of MP_CAPABLE handshake packets, each with its connection's backend mark: their
