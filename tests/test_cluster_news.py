@@ -13,6 +13,7 @@ from mplb_nfq.core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
 from mplb_nfq.ops.cluster import LinkState, Own, PeerNews
 from mplb_nfq.ops.logs import ThrottledLog
 from mplb_nfq.ops.peers import Peers
+from mplb_nfq.ops.tokenstore import TokenStore
 
 VIP = ipaddress.ip_address("10.0.100.1").packed
 VIP6 = ipaddress.ip_address("fd00:100::1").packed
@@ -65,7 +66,8 @@ def make_peers(held=()):
     b1, b2 = Backend("b1", ("10.0.9.11",), 0x101, 1001), Backend("b2", ("10.0.9.12",), 0x102, 1002)
     balancer = Balancer([Service("web", (VIP,), (8080,), [b1, b2], "maglev", direct_return=True)])
     maps = KernelMaps(held)
-    return Peers("lb1", balancer, maps, ThrottledLog(None)), balancer, maps
+    errors = ThrottledLog(None)
+    return Peers("lb1", balancer, maps, TokenStore(balancer, maps, Counter(), errors), errors), balancer, maps
 
 
 def test_a_peers_tokens_and_subflows_reach_the_kernel_maps_and_the_core():
@@ -210,14 +212,12 @@ def test_joins_repeated_or_forged_with_a_known_token_are_published_and_installed
 def test_a_restarted_worker_knows_which_peer_taught_the_tokens_it_adopts_and_that_peers_end_still_counts():
     """It adopted them without their teacher, so the teacher's later end was ignored: every
     upgrade leaked the peers' tokens until their timeout."""
-    from mplb_nfq.ops.tokenstore import TokenStore
-
     peers, balancer, maps = make_peers()
     peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"})))
     assert maps.comments[1] == "peer lb2"
     restarted, balancer, _ = make_peers()
-    restarted.dataplane = maps
-    store = TokenStore(balancer, maps, Counter(), ThrottledLog(None))
+    restarted.dataplane = restarted.tokens.dataplane = maps
+    store = restarted.tokens
     store.peers = restarted
     assert store.adopt() == 1 and restarted.taught == {1: "lb2"}
     restarted.news(PeerNews(Batch("lb3", time.time(), ended=[1])))  # not its teacher

@@ -17,6 +17,7 @@ from netlab import (
     fetch,
     fetch_in_background,
     flooding,
+    forget_connections,
     inject,
     nft_counters,
     one_path_download,
@@ -196,6 +197,7 @@ def test_replays_of_a_live_token_reach_its_backend_16_a_second_and_other_joins_a
     finally:
         live.kill()
         live.communicate()
+        forget_connections(topo)
     assert result["received"] == 4 * MB
     joined = sum(delta(before, after, "joins").values())
     assert joined <= 16 * (elapsed + 2) + 1, (joined, elapsed)  # the replays let through, and the fetch's join

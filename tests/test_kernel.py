@@ -17,6 +17,7 @@ from netlab import (
     fetch,
     fetch_in_background,
     flooding,
+    forget_connections,
     inject,
     nft_counters,
     one_path_download,
@@ -496,6 +497,7 @@ def test_spoofed_third_acks_never_take_the_room_real_connections_tokens_need(top
         stats = worker_stats(topo, w)["packets"]
     finally:
         w.stop()
+        forget_connections(topo)
     assert [r["received"] for r in results] == [2 * MB] * 3
     assert sum(delta(before, after, "MPTcpExtMPJoinAckRx").values()) == 3, stats
     assert wrong_joins(before, after) == NO_WRONG_JOINS

@@ -52,7 +52,8 @@ class Worker:
         self.decided: list[tuple[object, Verdict]] = []  # their verdicts go out together
         self.errors = ThrottledLog(log)
         self.tokens = TokenStore(self.balancer, dataplane, self.stats, self.errors)
-        self.peers = Peers(cfg.cluster.balancer, self.balancer, dataplane, self.errors) if cfg.cluster else None
+        self.peers = Peers(cfg.cluster.balancer, self.balancer, dataplane, self.tokens, self.errors) \
+            if cfg.cluster else None
         self.tokens.peers = self.plane.peers = self.peers
         self.reload_requested = False
 
@@ -114,7 +115,7 @@ class Worker:
         now = time.perf_counter()
         if self.held.recheck_after is not None:
             for join in self.held.due_for_recheck(now, RECHECKS_PER_TURN):
-                self.found_in_kernel(join.token, now)
+                self.tokens.found_in_kernel(join.token)
         for token in self.balancer.take_newly_known():
             for join in self.held.release(token):
                 self.let_go(join, Held.FOUND, now)
@@ -123,14 +124,8 @@ class Worker:
     def release_expired(self, now: float) -> None:
         looks_up = self.held.recheck_after is not None
         for join in self.held.expired(now):
-            found = looks_up and self.found_in_kernel(join.token, now)
+            found = looks_up and self.tokens.found_in_kernel(join.token)
             self.let_go(join, Held.FOUND if found else Held.EXPIRED, now)
-
-    def found_in_kernel(self, token: int, now: float) -> bool:
-        mark = self.dataplane.lookup_token(token)
-        if mark is not None:
-            self.balancer.learn_token(token, mark, now)
-        return mark is not None
 
     def let_go(self, join: HeldJoin, outcome: Held, now: float) -> None:
         """A held join's verdict, by what the core knows now (its token, or the unknown-join policy)."""
@@ -152,6 +147,12 @@ class Worker:
             self.plane.fleet.broadcast(message)
         else:
             self.plane.apply_conntrack_counts(message)
+
+    def from_first_worker(self, message) -> None:
+        if isinstance(message, Gone):  # it took them out of the kernel map
+            self.tokens.forgotten(message.tokens)
+        else:
+            self.plane.apply(message)
 
     def from_link(self, message: PeerNews | LinkState) -> None:
         if isinstance(message, LinkState):
@@ -194,7 +195,7 @@ class Worker:
             for peer_index, peer in enumerate(plane.fleet.peers, 1):
                 watch(peer.fileno(), lambda peer=peer, i=peer_index: self.from_peer(i, peer.recv()))
         else:
-            watch(parent.fileno(), lambda: plane.apply(parent.recv()))
+            watch(parent.fileno(), lambda: self.from_first_worker(parent.recv()))
         pipes = set(handlers)
         copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first else None  # (proofs come as copies in either mode)
         nfq = NetfilterQueue()

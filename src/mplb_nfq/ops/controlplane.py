@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..core.balancer import Backend, Balancer
 from ..core.cluster import fingerprint
 from ..core.schedulers import Index
-from ..kernel.conntrack import Counts, Gone
+from ..kernel.conntrack import Counts
 from ..kernel.queue import queue_drops
 from .config import BackendConfig, Config, ConfigError, load
 from .counters import Report
@@ -200,9 +200,6 @@ class ControlPlane:
                 self.reload(path, kernel=False)
             case Counts():
                 self.apply_conntrack_counts(message, kernel=False)
-            case Gone(tokens):  # the first worker took them out of the kernel map
-                for token in tokens:
-                    self.balancer.forget(token)
             case Stop():
                 self.stopping = True
 

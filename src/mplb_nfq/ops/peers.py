@@ -10,10 +10,11 @@ import time
 from collections import Counter, deque
 
 from ..core.balancer import Balancer
-from ..core.cluster import MAX_PEERS, Batch, Subflows, accepted, peer_comment, teacher_of
-from ..core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
+from ..core.cluster import MAX_PEERS, Batch, Subflows, accepted, teacher_of
+from ..core.marks import JOIN, LEARNED
 from .cluster import LinkState, PeerNews
 from .logs import ThrottledLog
+from .tokenstore import TokenStore
 
 # A starting balancer announces its VIPs once it has caught up from Redis (a flow the router moves
 # to it then finds its join subflows), or after this long without Redis: then it balances alone
@@ -22,8 +23,9 @@ DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5
 
 
 class Peers:
-    def __init__(self, name: str, balancer: Balancer, dataplane, errors: ThrottledLog):
-        self.name, self.balancer, self.dataplane, self.errors = name, balancer, dataplane, errors
+    def __init__(self, name: str, balancer: Balancer, dataplane, tokens: TokenStore, errors: ThrottledLog):
+        """tokens: where peers' tokens go (the token state's one writer); dataplane: the subflow maps."""
+        self.name, self.balancer, self.dataplane, self.tokens, self.errors = name, balancer, dataplane, tokens, errors
         self.outgoing = Batch(name, time.time())
         self.fingerprint = ""  # of the config in force, as the link last heard it
         self.announced: bool | None = None  # the VIPs' route (None: no announcement device)
@@ -84,21 +86,12 @@ class Peers:
         served = [(vip, port) for s in self.balancer.services for vip in s.vips for port in s.ports]
         batch = accepted(news.batch, backends, served, self.rejected)
         now = time.perf_counter()
-        fresh = [(token, backends[name]) for token, name in batch.tokens.items()
-                 if self.balancer.tokens.get(token, now) is None]
-        if fresh:
-            values = [(token, mark | JOIN | TAUGHT_BY_CLIENT) for token, mark in fresh]
-            try:  # a token the map holds already (another connection here) stays as it is
-                refused = set(self.dataplane.add_tokens(values, {t: peer_comment(batch.origin) for t, _ in fresh}))
-            except Exception as e:  # the core still has them: joins that reach this worker are steered
-                self.errors.error("peer-install", f"installing {len(fresh)} tokens from {batch.origin} failed: {e}")
-                refused = set()
-            for token, mark in values:
-                if token not in refused:
-                    self.balancer.learn_token(token, mark, now)
-                    self.taught[token] = batch.origin
-            if batch.origin in self.received or len(self.received) < MAX_PEERS:  # a metric label each
-                self.received[batch.origin] += len(fresh) - len(refused)
+        installed = self.tokens.from_peer([(token, backends[name]) for token, name in batch.tokens.items()],
+                                          batch.origin)
+        for token in installed:
+            self.taught[token] = batch.origin
+        if installed and (batch.origin in self.received or len(self.received) < MAX_PEERS):  # a metric label each
+            self.received[batch.origin] += len(installed)
         subflows = {}
         if batch.origin != self.name:  # (this balancer's own, read back: conntrack has them)
             for flow, (token, name) in batch.subflows.items():
@@ -120,12 +113,8 @@ class Peers:
                 self.stats["subflows_installed"] += len(subflows)
         ended = [t for t in batch.ended if self.taught.get(t) == batch.origin]
         if ended:
-            try:
-                self.dataplane.delete_tokens(ended)
-            except Exception as e:  # the map's timeout takes them later
-                self.errors.error("peer-delete", f"deleting {len(ended)} tokens {batch.origin} ended failed: {e}")
+            self.tokens.ended_by_peer(ended, batch.origin)
             for token in ended:
-                self.balancer.forget(token)
                 del self.taught[token]
             self.published.end(ended)  # the joins this balancer steered on them
             self._drop_subflows(ended)

@@ -1,6 +1,7 @@
-"""The kernel token map as the worker keeps it: the tokens a batch learned written in one
-transaction, a refusal or a failure turned into what the core should know, tokens read back
-after a restart, and the tokens of closed connections taken out."""
+"""The kernel token map and the core's token tables, written here and nowhere else: the tokens a
+batch learned written in one transaction, a refusal or a failure turned into what the core
+should know, tokens read back after a restart or found there by a held join, those a cluster's
+peers taught or ended, and the tokens of closed connections taken out."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,8 @@ from collections import Counter
 from ..core.balancer import Balancer
 from ..core.marks import REJECT
 from ..core.packet import Segment, parse_ip
-from ..core.marks import TAUGHT_BY_CLIENT
+from ..core.cluster import peer_comment
+from ..core.marks import JOIN, TAUGHT_BY_CLIENT
 from ..core.tokens import PROVISIONAL_SECONDS, TokenWrites, flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from ..kernel.copies import CopyReader
@@ -138,6 +140,44 @@ class TokenStore:
                     self.peers.adopted(token, comment)
                 adopted += 1
         return adopted
+
+    def from_peer(self, tokens: list[tuple[int, int]], origin: str) -> list[int]:
+        """Tokens a peer balancer taught (token -> backend mark), unless this balancer knows them
+        already (its own connection's keeps what it is); returns those that went in."""
+        now = time.perf_counter()
+        fresh = [(token, mark | JOIN | TAUGHT_BY_CLIENT) for token, mark in tokens
+                 if self.balancer.known_token(token, now) is None]
+        if not fresh:
+            return []
+        try:  # a token the map holds already (another connection here) stays as it is
+            refused = set(self.dataplane.add_tokens(fresh, {token: peer_comment(origin) for token, _ in fresh}))
+        except Exception as e:  # the core still has them: joins that reach this worker are steered
+            self.errors.error("peer-install", f"installing {len(fresh)} tokens from {origin} failed: {e}")
+            refused = set()
+        for token, mark in fresh:
+            if token not in refused:
+                self.balancer.learn_token(token, mark, now)
+        return [token for token, _ in fresh if token not in refused]
+
+    def ended_by_peer(self, tokens: list[int], origin: str) -> None:
+        try:
+            self.dataplane.delete_tokens(tokens)
+        except Exception as e:  # the map's timeout takes them later
+            self.errors.error("peer-delete", f"deleting {len(tokens)} tokens {origin} ended failed: {e}")
+        for token in tokens:
+            self.balancer.forget(token)
+
+    def found_in_kernel(self, token: int) -> bool:
+        """A held join's token, looked up in the kernel map (another worker put it there)."""
+        mark = self.dataplane.lookup_token(token)
+        if mark is not None:
+            self.balancer.learn_token(token, mark, time.perf_counter())
+        return mark is not None
+
+    def forgotten(self, tokens: list[int]) -> None:
+        """Another worker took them out of the kernel map: this worker's core forgets them too."""
+        for token in tokens:
+            self.balancer.forget(token)
 
     def gone(self, tokens: list[int]) -> None:
         """Their connections have left conntrack: the tokens go from the map and the core."""
