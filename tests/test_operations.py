@@ -172,8 +172,9 @@ def test_mptcp_health_check_tells_a_fallback_from_mptcp(topo):
 
 
 def test_persistence_in_the_kernel_keeps_a_client_on_its_backend_until_that_one_is_drained(topo, worker, tmp_path):
-    """The kernel remembers each client's backend (a map whose entries time out); a drained
-    backend's clients are forgotten, and remembered on the backend they get next."""
+    """The kernel remembers each client's backend (a set of clients per backend, whose entries
+    time out); a drained backend's clients are forgotten, and remembered on the backend they get
+    next."""
     w = worker("mplb", text=config(tmp_path, ["b1", "b2"]).replace(MODES["mplb"], MODES["mplb"] + "persistence = 60\n"))
     homes = []
     for _ in range(3):
@@ -196,5 +197,8 @@ def test_persistence_in_the_kernel_keeps_a_client_on_its_backend_until_that_one_
         assert serving(before, counters(topo)) == other  # remembered where it went while home was drained
     finally:
         cli(topo, "undrain", home, "-c", str(w.config_path), check=False)
-    listing = topo.exec("lb", "nft", "list", "map", "inet", "mplb", "affinity4_lab", capture_output=True).stdout
-    assert "10.0.1.2" in listing
+    for name, expected in ((home, False), (other, True)):
+        mark = int(states(topo, w)[name]["mark"], 16)
+        listing = topo.exec("lb", "nft", "list", "set", "inet", "mplb", f"affinity4_{mark:x}_lab",
+                            capture_output=True).stdout
+        assert ("10.0.1.2" in listing) is expected, (name, listing)

@@ -22,6 +22,7 @@ from mplb_nfq.kernel.ruleset import (
     classify,
     render_decide,
     render_ruleset,
+    unwanted_affinity,
     xtables_rule,
 )
 from mplb_nfq.kernel.tokenmap import (
@@ -85,6 +86,28 @@ def test_kernel_decisions_copy_the_handshake_and_the_queue_mode_holds_it():
         "\t\tct mark & 0x02000000 != 0 tcp option mptcp subtype 2 log group 0 snaplen 256 counter name copied_proof "
         "ct mark set ct mark & 0xfdffffff"]  # the queue holds the handshake; only a proof is copied
     assert "counter name queued_synack goto to_queue" in held and "queued_synack goto" not in kernel
+
+
+def test_persistence_keeps_a_set_of_clients_per_backend_and_only_available_ones_are_consulted():
+    """A rule cannot change a map element's backend (an update keeps the old one), and listing a
+    map of a million clients to delete a backend's stalled the loop: a set per backend instead,
+    flushed when the backend takes no new connections."""
+    persistent = from_dict({**CONFIG, "services": [{**CONFIG["services"][0], "persistence": 300}]})
+    (b1, b2) = [b.mark for b in persistent.backends]
+    only_b2 = {"web": LookupTable(Index.SOURCE, (b2,) * 4, affinity=300)}
+    text = render_decide(persistent, only_b2)
+    for version in (4, 6):
+        for mark in (b1, b2):  # both exist, kept across rewrites
+            assert f"add set inet mplb affinity{version}_{mark:x}_web {{ type ipv{version}_addr ; flags dynamic, timeout" in text
+    assert f"ip saddr @affinity4_{b2:x}_web meta mark set 0x{b2:x}" in text
+    assert f"@affinity4_{b1:x}_web meta" not in text  # b1 is not in the table: its clients choose again
+    assert f"meta mark == 0 meta mark set jhash ip saddr mod 4" in text
+    assert f"meta mark & 0x0000ffff == 0x{b2:x} update @affinity6_{b2:x}_web {{ ip6 saddr timeout 300s }}" in text
+    listing = (f"table inet mplb {{\n\tset affinity4_{b1:x}_web {{\n\tset affinity4_{b1:x}_gone {{\n"
+               f"\tmap affinity4_web {{\n}}")
+    assert unwanted_affinity(listing, persistent, only_b2) == {f"affinity4_{b1:x}_gone": "set", "affinity4_web": "map"}
+    assert unwanted_affinity(listing, cfg(), {"web": LookupTable(Index.SOURCE, (b2,))}) == {
+        f"affinity4_{b1:x}_web": "set", f"affinity4_{b1:x}_gone": "set", "affinity4_web": "map"}  # persistence off
 
 
 def test_each_service_gets_a_chain_that_indexes_its_table_and_each_vip_points_at_it():

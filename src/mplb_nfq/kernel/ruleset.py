@@ -125,8 +125,8 @@ def _index(table: LookupTable, version: int) -> str:
 
 def service_rules(service, table: LookupTable) -> list[str]:
     """The rules of a service's chain: its SYN's backend from its table, in the kernel. With
-    affinity, a client's last backend comes first (from a map whose entries time out), unless
-    it takes no new connections."""
+    affinity, a client's last backend comes first: a set of clients per backend, whose entries
+    time out, consulted only for the backends in the table (those that take new connections)."""
     syn, ack = "tcp flags & (syn | ack) == syn", "tcp flags & (syn | ack) == ack"
     # a raced join is queued with JOIN and no backend: should the queue be bypassed, routing drops it
     rules = [f"{syn} tcp option mptcp subtype 1 meta mark set 0x{JOIN:08x} counter name queued_join goto to_queue"] \
@@ -137,32 +137,48 @@ def service_rules(service, table: LookupTable) -> list[str]:
     if table.index is Index.COUNTER:
         rules.append(f"{ack} return")  # mid-stream: no counter can tell what the SYN got
     unset = ""
-    if table.affinity:
-        rules += [f"meta mark set {address} saddr map @affinity{version}_{service.name}"
+    members = sorted({mark for mark in table.slots if mark & BACKEND_MASK}) if table.affinity else []
+    for mark in members:  # a client's last backend first, from its set (only those available have one here)
+        rules += [f"{address} saddr @{affinity_set(service.name, version, mark)} meta mark set 0x{mark:x}"
                   for address, version in (("ip", 4), ("ip6", 6))]
-        rules.append(f"meta mark & 0x{BACKEND_MASK:08x} @unavailable meta mark set 0")
+    if members:
         unset = "meta mark == 0 "
     indexes = [_index(table, 4)] if table.index is Index.COUNTER else [_index(table, 4), _index(table, 6)]
     rules += [f"{unset}meta mark set {index} map @sched_{service.name} counter name decided" for index in indexes]
-    if table.affinity:
-        rules += [f"meta mark & 0x{BACKEND_MASK:08x} != 0 update @affinity{version}_{service.name} "
-                  f"{{ {address} saddr timeout {table.affinity}s : meta mark }}"
-                  for address, version in (("ip", 4), ("ip6", 6))]
+    for mark in members:
+        rules += [f"meta mark & 0x{BACKEND_MASK:08x} == 0x{mark:x} update @{affinity_set(service.name, version, mark)} "
+                  f"{{ {address} saddr timeout {table.affinity}s }}" for address, version in (("ip", 4), ("ip6", 6))]
     if service.mptcp_aware:
         rules.append("tcp option mptcp subtype 0 return")  # its token is yet to learn
     rules.append(f"meta mark set meta mark | 0x{LEARNED:08x}")
     return rules
 
 
-def affinity_maps(name: str) -> list[str]:
-    return [f"affinity4_{name}", f"affinity6_{name}"]
+def affinity_set(service: str, version: int, mark: int) -> str:
+    """The clients a backend (by its mark) took last, per service and family. A set per backend,
+    not one map: an element's backend cannot be changed by a rule (an update keeps the old
+    value), and a backend that goes is forgotten by flushing its sets, with nothing listed."""
+    return f"affinity{version}_{mark:x}_{service}"
+
+
+def affinity_sets(cfg: Config, tables: Mapping[str, LookupTable]) -> dict[str, str]:
+    """set name -> its element type, for every persistent service's backends in `tables`."""
+    marks = {b.name: b.mark for b in cfg.backends}
+    return {affinity_set(s.name, version, marks[b]): kind for s in cfg.services
+            if s.name in tables and tables[s.name].affinity
+            for b in s.backends for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr"))}
+
+
+def affinity_names(listing: str) -> set[str]:
+    """The affinity sets (and the maps of versions before them) a table's listing shows."""
+    return set(re.findall(r"^\s*(?:set|map) (affinity[46]_\S+) \{", listing, re.MULTILINE))
 
 
 def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Container[str] = (),
-                  gone_affinity: Container[str] = ()) -> str:
+                  gone_affinity: Mapping[str, str] | None = None) -> str:
     """nft commands, one transaction, that (re)write the chains and tables of the services in
     `tables`, point each VIP . port at its service's chain, and delete the services `gone` and
-    the affinity maps of those in `gone_affinity`."""
+    the affinity sets (or maps) in `gone_affinity` (name -> "set" or "map")."""
     table = f"inet {cfg.table_name}"
     commands = []
     by_name = {s.name: s for s in cfg.services}
@@ -172,9 +188,9 @@ def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Containe
         if lookup.slots:
             elements = ", ".join(f"{i} : 0x{mark:x}" for i, mark in enumerate(lookup.slots))
             commands.append(f"add element {table} sched_{name} {{ {elements} }}")
-        if lookup.affinity:  # kept across rewrites: clients keep their backends
-            commands += [f"add map {table} {m} {{ type {kind} : mark ; flags dynamic, timeout ; size {AFFINITY_SIZE} ; }}"
-                         for m, kind in zip(affinity_maps(name), ("ipv4_addr", "ipv6_addr"))]
+        # kept across rewrites: clients keep their backends
+        commands += [f"add set {table} {s} {{ type {kind} ; flags dynamic, timeout ; size {AFFINITY_SIZE} ; }}"
+                     for s, kind in affinity_sets(cfg, {name: lookup}).items()]
         commands += [f"add chain {table} svc_{name}", f"flush chain {table} svc_{name}"]
         commands += [f"add rule {table} svc_{name} {rule}" for rule in service_rules(by_name[name], lookup)]
     for version in (4, 6):
@@ -185,8 +201,8 @@ def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Containe
                 commands.append(f"add element {table} {name} {{ {', '.join(elements)} }}")
     for name in gone:
         commands += [f"delete chain {table} svc_{name}", f"delete map {table} sched_{name}"]
-    for name in gone_affinity:
-        commands += [f"delete map {table} {m}" for m in affinity_maps(name)]
+    for name, kind in (gone_affinity or {}).items():
+        commands.append(f"delete {kind} {table} {name}")
     return "\n".join(commands) + "\n"
 
 
@@ -198,19 +214,17 @@ def decide_elements(cfg: Config) -> list[tuple[int, str]]:
             for s in cfg.services for vip in s.vips for port in s.ports]
 
 
-def _element_key(key) -> str:
-    """An element's key as nft's JSON listing gives it (with its timeout, nested)."""
-    return str(key["elem"]["val"]) if isinstance(key, dict) else str(key)
-
-
 def named(listing: str, prefix: str) -> set[str]:
     """The services that have a chain or map `prefix` + NAME in a table's listing (svc_, affinity4_)."""
     return set(re.findall(rf"^\s*(?:chain|map) {prefix}(\S+) \{{", listing, re.MULTILINE))
 
 
-def without_affinity(names: set[str], tables: Mapping[str, LookupTable]) -> set[str]:
-    """Of these services, those whose affinity maps go: gone, or persistent no more."""
-    return {name for name in names if not (name in tables and tables[name].affinity)}
+def unwanted_affinity(listing: str, cfg: Config, tables: Mapping[str, LookupTable]) -> dict[str, str]:
+    """The affinity sets a table holds that the config has no use for (a service gone or
+    persistent no more, a backend gone), and the one maps of versions before: name -> kind."""
+    wanted = affinity_sets(cfg, tables)
+    maps = set(re.findall(r"^\s*map (affinity[46]_\S+) \{", listing, re.MULTILINE))
+    return {name: "map" if name in maps else "set" for name in affinity_names(listing) - set(wanted)}
 
 
 def xtables_rule(cfg: Config) -> list[str]:
@@ -376,7 +390,7 @@ class Ruleset:
             self.owner = "worker" if WORKER_COMMENT in listing else "operator"
             log.info("nft table inet %s exists (%s's): adopting it with its token map", cfg.table_name, self.owner)
             decide = render_decide(cfg, tables, named(listing, "svc_") - set(tables),
-                                   without_affinity(named(listing, "affinity4_"), tables))
+                                   unwanted_affinity(listing, cfg, tables))
             # this version's rules; sets and maps keep their elements
             rules = renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
                 if self.owner == "worker" else ""
@@ -408,8 +422,9 @@ class Ruleset:
         changed = {name: table for name, table in tables.items() if self.tables.get(name) is not table}
         gone = set(self.tables) - set(tables)
         if changed or gone or cfg is not self.written_for:
-            remembering = {name for name, table in self.tables.items() if table.affinity}
-            self.nft.run(render_decide(cfg, changed, gone, without_affinity(remembering, tables)))
+            reloaded = cfg is not self.written_for and any(t.affinity for t in (*self.tables.values(), *tables.values()))
+            unwanted = unwanted_affinity(self.listing() or "", cfg, tables) if reloaded else None
+            self.nft.run(render_decide(cfg, changed, gone, unwanted))
             self.tables, self.written_for = dict(tables), cfg
 
     def listing(self) -> str | None:
@@ -440,19 +455,19 @@ class Ruleset:
                 self.nft.run(f"delete element inet {table} {name} {{ {', '.join(sorted(current - wanted))} }}")
 
     def sync_unavailable(self, marks: set[int]) -> None:
-        """The backend marks whose joins the worker must read before they are steered; clients
-        whose remembered backend is one of them are forgotten (the map keeps an entry's backend
-        when it is refreshed: they would not be remembered on their next one)."""
+        """The backend marks whose joins the worker must read before they are steered; the
+        clients that backends taking no new connections took last are forgotten (their sets
+        flushed: nothing is listed), so that each is remembered where it goes next."""
         table = self.cfg.table_name
         elements = f"add element inet {table} unavailable {{ {', '.join(f'0x{m:x}' for m in sorted(marks))} }}"
         self.nft.run(f"flush set inet {table} unavailable" + (f"; {elements}" if marks else ""))
-        for name in [name for name, lookup in self.tables.items() if lookup.affinity]:
-            for affinity in affinity_maps(name):
-                listing = self.nft.json(f"list map inet {table} {affinity}")
-                stale = [_element_key(key) for item in listing.get("nftables", [])
-                         for key, mark in item.get("map", {}).get("elem", []) if mark & BACKEND_MASK in marks]
-                if stale:
-                    self.nft.run(f"delete element inet {table} {affinity} {{ {', '.join(stale)} }}")
+        persistent = {name: lookup for name, lookup in self.tables.items() if lookup.affinity}
+        present = affinity_sets(self.written_for or self.cfg, persistent)
+        forgotten = [affinity_set(name, version, mark) for name in persistent for mark in sorted(marks)
+                     for version in (4, 6)]
+        flushes = [f"flush set inet {table} {name}" for name in forgotten if name in present]
+        if flushes:
+            self.nft.run("\n".join(flushes) + "\n")
 
     def remove(self) -> None:
         """Our xtables rules, the mangle table iptables-nft made for them alone, and our nft table
