@@ -82,7 +82,7 @@ def test_quick_lab_with_joins_to_the_ports_the_backends_announce(tmp_path):
     """The backends set the C flag and announce a join port each; mplb-nfq maps each port to its
     backend, the unaware balancer hashes those ports by the client's address like its service."""
     done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--json", "--joins", "announced-port",
-                           "--sizes", "30", "--repeat", "2", "--out", str(tmp_path)],
+                           "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
@@ -97,7 +97,7 @@ def test_quick_lab_with_a_cluster_of_two_balancers_doubles_throughput_and_leaves
     here, the lab's own run: its figures, its judge, and nothing left behind."""
     before = set(leftover_namespaces())
     done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--balancers", "2", "--quick", "--json",
-                           "--sizes", "30", "--repeat", "2", "--out", str(tmp_path)],
+                           "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
