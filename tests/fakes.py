@@ -41,6 +41,9 @@ class KernelMaps:
     def lookup_token(self, token):
         return self.tokens.get(token)
 
+    def token_element(self, token):
+        return (self.tokens[token], self.timeouts.get(token, self.TIMEOUT)) if token in self.tokens else None
+
     def read_tokens(self):
         return [(t, m, self.timeouts.get(t, self.TIMEOUT), self.comments.get(t)) for t, m in self.tokens.items()]
 

@@ -3,10 +3,17 @@ pushed out when the budget is spent."""
 from mplb_nfq.core.held import HeldJoins
 
 
+def hold(held, packet, token, now):
+    """As the worker holds a join: room first (what is pushed out comes back), then the join."""
+    pushed_out = held.make_room()
+    held.hold(packet, None, token, now)
+    return pushed_out
+
+
 def test_a_learned_token_releases_exactly_its_joins_and_the_others_expire_in_order():
     held = HeldJoins(budget=8, seconds=0.05)
     for i, token in enumerate([1, 2, 1, 3]):
-        assert held.hold(f"p{i}", None, token, now=i / 1000) == []
+        assert hold(held, f"p{i}", token, now=i / 1000) == []
     assert [j.packet for j in held.release(1)] == ["p0", "p2"] and len(held) == 2
     assert held.release(1) == [] and held.expired(0.0505) == []
     assert [j.packet for j in held.expired(0.0515)] == ["p1"]
@@ -18,9 +25,9 @@ def test_a_flood_of_made_up_tokens_pushes_out_its_own_oldest_and_never_a_newer_j
     held = HeldJoins(budget=100, seconds=0.05)
     pushed = []
     for i in range(10_000):  # 10,000 joins/s for a second, each with its own random token
-        pushed += held.hold(i, None, 0x10000 + i, now=i / 10_000)
+        pushed += hold(held, i, 0x10000 + i, now=i / 10_000)
         if i == 5_000:
-            pushed += held.hold("real", None, 7, now=i / 10_000)  # a real join racing its token
+            pushed += hold(held, "real", 7, now=i / 10_000)  # a real join racing its token
         if i == 5_005:  # half a millisecond later its token is learned: it is still there
             assert [j.packet for j in held.release(7)] == ["real"]
     assert len(held) == 100 and len(pushed) == 10_000 + 1 - 100 - 1 and "real" not in [j.packet for j in pushed]
@@ -29,13 +36,13 @@ def test_a_flood_of_made_up_tokens_pushes_out_its_own_oldest_and_never_a_newer_j
 
 def test_rechecks_come_at_doubling_intervals_a_bounded_number_a_turn():
     held = HeldJoins(budget=8, seconds=0.05, recheck_after=0.002)
-    held.hold("a", None, 1, now=0)
-    held.hold("b", None, 2, now=0.001)
+    hold(held, "a", 1, now=0)
+    hold(held, "b", 2, now=0.001)
     assert held.next_deadline() == 0.002 and held.due_for_recheck(0.0015, 32) == []
     assert [j.packet for j in held.due_for_recheck(0.0025, 32)] == ["a"]  # again at 0.0025 + 0.004
     assert [j.packet for j in held.due_for_recheck(0.0035, 32)] == ["b"]
     held.release(2)
     assert held.due_for_recheck(0.006, 32) == [] and [j.packet for j in held.due_for_recheck(0.0066, 32)] == ["a"]
     for i in range(5):
-        held.hold(i, None, 10 + i, now=0.01)
+        hold(held, i, 10 + i, now=0.01)
     assert len(held.due_for_recheck(0.02, 2)) == 2 and len(held.due_for_recheck(0.02, 32)) == 4  # a's, then the rest

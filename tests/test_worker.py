@@ -16,7 +16,7 @@ from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader
 from mplb_nfq.ops.config import from_dict
 from mplb_nfq.ops.logs import ERROR_LOG_SECONDS
 from mplb_nfq.ops.metrics import WorkerCollector
-from mplb_nfq.worker import Worker
+from mplb_nfq.worker import RECHECK_SECONDS, Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
           "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
@@ -108,7 +108,7 @@ def test_a_token_another_worker_holds_on_another_backend_is_a_collision_for_both
 def test_a_failed_install_is_counted_logged_once_and_the_core_still_steers_the_join(caplog):
     w = worker()
 
-    def fail(tokens, comments=None):
+    def fail(tokens, comments=None, timeout=None):
         raise OSError("netlink: no buffer space")
 
     w.dataplane.add_tokens = fail
@@ -205,7 +205,7 @@ def test_metrics_expose_every_family_with_bounded_labels():
 def test_a_token_whose_install_failed_leaves_its_connection_unsettled_then_installs_on_the_next_packet():
     w = worker()
 
-    def full(tokens, comments=None):
+    def full(tokens, comments=None, timeout=None):
         raise OSError("nfnetlink: the map is full")
 
     install = w.dataplane.add_tokens
@@ -262,6 +262,30 @@ def test_a_client_taught_token_is_provisional_until_its_connection_s_next_packet
     assert w.tokens.lifetimes == [(token, flow)]
     restarted = Worker(w.plane.cfg, w.dataplane)  # a proven token is adopted as one
     assert restarted.tokens.adopt() == 1 and restarted.balancer.tokens.get(token, 0) is not None
+
+
+def test_a_token_taught_and_proven_in_one_batch_is_added_never_written_over_another_s():
+    w = worker()
+    token = token_of_key(SERVER_KEY, 1)
+    w.dataplane.tokens[token] = REJECT  # two other connections collide on it
+    third = tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY))
+    proof = tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, dss())
+    w.tokens.learn(Copies((third, 0x100), (proof, 0x100 | LEARNED | PROVISIONAL)), 256)
+    assert [c[0] for c in w.dataplane.calls] == ["add"] and w.dataplane.tokens == {token: REJECT}
+    assert w.stats["tokens_refused"] == 1
+
+
+def test_with_several_workers_a_held_join_goes_where_the_kernel_map_says_and_a_provisional_token_is_not_kept():
+    w = worker(workers=2, hold_ms=10_000)
+    token = 0x5EED0001
+    join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token)))
+    w.handle(join)
+    w.dataplane.tokens[token] = 0x101 | JOIN | TAUGHT_BY_CLIENT  # the first worker's, from a third ACK
+    w.dataplane.timeouts[token] = 25.0
+    time.sleep(RECHECK_SECONDS * 1.5)  # its first recheck is due
+    w.release_held()
+    assert join.verdict == "accept" and join.mark == 0x101 | JOIN and w.stats["held_found"] == 1
+    assert w.balancer.known_token(token, time.perf_counter()) is None  # provisional there: the map decides
 
 
 def test_spoofed_third_acks_push_out_each_other_from_the_map_and_a_restart_keeps_them_provisional():

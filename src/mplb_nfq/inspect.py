@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .core.balancer import Balancer
-from .core.marks import LEARNED, REJECT
+from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import TCP_ACK, TCP_SYN, Malformed, Segment, endpoint, parse_ip, token_of_key
 from .core.tokens import plan_writes
 from .core.verdicts import Kind, Verdict
@@ -137,8 +137,12 @@ def inspect_packets(packets, cfg: Config | None = None) -> dict:
                                   deciders, turn)
             if classified.copied:  # the packet went on; the worker learns from its copy
                 verdict = balancer.decide(segment, classified.mark & ~LEARNED or marks.get(connection, 0), ts)
-                token_map.update(plan_writes([verdict]).install)
-                marks[connection] = marks.get(connection, 0) | LEARNED
+                writes = plan_writes([verdict])
+                token_map.update(writes.added + writes.renew)
+                if classified.copied == "copied_proof":  # the rule that copies it clears the flag
+                    marks[connection] = marks.get(connection, 0) & ~PROVISIONAL
+                else:
+                    marks[connection] = marks.get(connection, 0) | LEARNED | (classified.mark & PROVISIONAL)
             elif classified.queued:
                 verdict = balancer.decide(segment, classified.mark, ts)
                 writes = plan_writes([verdict])

@@ -71,10 +71,10 @@ class Worker:
             learned_elsewhere = cfg.workers > 1 or cfg.handshakes == "kernel" or cfg.cluster is not None
             verdict = self.balancer.decide(segment, packet.get_mark(), started, learned_elsewhere and cfg.hold_max > 0)
             if verdict.kind is Kind.JOIN_HELD:
+                for join in self.held.make_room():  # (one past its deadline had its time: expired)
+                    self.let_go(join, Held.EXPIRED if join.deadline <= started else Held.PUSHED_OUT, started)
                 packet.retain()
-                self.release_expired(started)  # before any is pushed out: those had their time
-                for join in self.held.hold(packet, segment, segment.join.token, started):
-                    self.let_go(join, Held.PUSHED_OUT, started)
+                self.held.hold(packet, segment, segment.join.token, started)
                 return
             if verdict.kind is Kind.JOIN_HIT and self.peers:
                 self.peers.steered(segment.flow, segment.join.token, verdict.mark)
@@ -113,24 +113,38 @@ class Worker:
         unknown-join policy. A worker that reads no copies looks its held joins' tokens up in the
         kernel map, where another worker puts them."""
         now = time.perf_counter()
-        if self.held.recheck_after is not None:
+        looks_up = self.held.recheck_after is not None
+        if looks_up:
             for join in self.held.due_for_recheck(now, RECHECKS_PER_TURN):
-                self.tokens.found_in_kernel(join.token)
+                self.release_found(join.token, now)
         for token in self.balancer.take_newly_known():
             for join in self.held.release(token):
                 self.let_go(join, Held.FOUND, now)
-        self.release_expired(now)
-
-    def release_expired(self, now: float) -> None:
-        looks_up = self.held.recheck_after is not None
         for join in self.held.expired(now):
-            found = looks_up and self.tokens.found_in_kernel(join.token)
-            self.let_go(join, Held.FOUND if found else Held.EXPIRED, now)
+            if not (looks_up and self.release_found(join.token, now, join)):
+                self.let_go(join, Held.EXPIRED, now)
+
+    def release_found(self, token: int, now: float, expiring: HeldJoin | None = None) -> bool:
+        """If the kernel map has this token, the joins held for it (and `expiring`, already out
+        of the held ones) go where the map says."""
+        mark = self.tokens.found_in_kernel(token)
+        if mark is None:
+            return False
+        for join in self.held.release(token) + ([expiring] if expiring else []):
+            self.stats[Held.FOUND] += 1
+            self.give(join.packet, self.balancer.decide_join_by(join.segment, mark, now))
+        return True
 
     def let_go(self, join: HeldJoin, outcome: Held, now: float) -> None:
         """A held join's verdict, by what the core knows now (its token, or the unknown-join policy)."""
         self.stats[outcome] += 1
-        verdict = self.balancer.decide(join.segment, 0, now)
+        try:
+            verdict = self.balancer.decide(join.segment, 0, now)
+        except Exception:  # never a held packet without a verdict
+            self.errors.error("decision", "deciding a held join failed; accepted unchanged", exc_info=True)
+            self.stats["errors"] += 1
+            join.packet.accept()
+            return
         if verdict.kind is Kind.JOIN_HIT and self.peers:
             self.peers.held_found(join.token)
             self.peers.steered(join.segment.flow, join.token, verdict.mark)
@@ -197,7 +211,7 @@ class Worker:
         else:
             watch(parent.fileno(), lambda: self.from_first_worker(parent.recv()))
         pipes = set(handlers)
-        copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first else None  # (proofs come as copies in either mode)
+        copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first and (cfg.handshakes == "kernel" or cfg.cluster) else None
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
         set_fail_open(nfq.get_fd(), cfg.queue + index)

@@ -173,13 +173,26 @@ class Balancer:
         (and whether a client taught it), or with REJECT when it collides (then it overrides
         what this worker knew)."""
         if mark & REJECT:
-            self.tokens.put(token, AMBIGUOUS, now)
-            self.newly_known.append(token)
+            self._settle(token, AMBIGUOUS, now)
             return
         backend = self.backend_of(mark)
         if backend is not None and self.known_token(token, now) is None:
             if self.tokens.add(token, backend.mark | (mark & TAUGHT_BY_CLIENT), now):
                 self.newly_known.append(token)
+
+    def decide_join_by(self, segment: Segment, mark: int, now: float) -> Verdict:
+        """A held join whose token the kernel map holds (another worker's): where the map says."""
+        backend = None if mark & REJECT else self.backend_of(mark)
+        if mark & REJECT:
+            verdict = Verdict(True, REJECT, Kind.JOIN_COLLISION)
+        elif backend is None:  # a backend this worker no longer has: as if unknown
+            return self.decide(segment, 0, now)
+        else:
+            backend.subflows += 1
+            self.flows.put(segment.flow, backend.mark | JOIN, now)
+            verdict = Verdict(True, backend.mark | JOIN, Kind.JOIN_HIT)
+        self.counts[verdict.kind] += 1
+        return verdict
 
     def learn_provisional(self, token: int, mark: int, flow: tuple, now: float) -> None:
         """A provisional token read back from the kernel map, with the connection that taught it."""
@@ -350,7 +363,7 @@ class Balancer:
         is proven, if it is still there and there is room among the proven."""
         token = self.provisional_flows.get(flow, now)
         known = None if token is None else self.provisional.get(token, now)
-        if known is None or self.backend_of(known) is None:
+        if known is None or self.backend_of(known) is None or self.tokens.get(token, now) is not None:
             return Verdict(True, mark, Kind.PROOF_WITHOUT_TOKEN)
         if not self.tokens.add(token, known & ~INSTALL_PENDING, now):
             return Verdict(True, mark, Kind.TOKEN_TABLE_FULL)  # provisional still, until it expires

@@ -48,16 +48,18 @@ class HeldJoins:
     def __iter__(self):
         return (join for join in self._order if join.waiting)
 
-    def hold(self, packet, segment, token: int, now: float) -> list[HeldJoin]:
-        """Hold a join (the budget is at least 1); returns those pushed out to make room."""
-        pushed_out = [self._take(self._oldest()) for _ in range(self._count - self.budget + 1)]
+    def make_room(self) -> list[HeldJoin]:
+        """Before a hold: those pushed out for one more (the budget is at least 1), oldest first."""
+        return [self._take(self._oldest()) for _ in range(self._count - self.budget + 1)]
+
+    def hold(self, packet, segment, token: int, now: float) -> None:
+        """Hold a join; make_room() first."""
         join = HeldJoin(packet, segment, token, now + self.seconds, self.recheck_after)
         self._by_token.setdefault(token, []).append(join)
         self._order.append(join)
         if self.recheck_after is not None:
             heapq.heappush(self._rechecks, (now + self.recheck_after, next(self._sequence), join))
         self._count += 1
-        return pushed_out
 
     def release(self, token: int) -> list[HeldJoin]:
         """Its token is known now: the joins that waited for it."""

@@ -93,7 +93,10 @@ def plan_writes(verdicts: Iterable[Verdict]) -> TokenWrites:
     final: dict[int, tuple[str, int]] = {}
     for v in verdicts:
         if v.token is not None:
-            final[v.token] = (operations.get(v.kind, "install"), 0 if v.kind is Kind.TOKEN_COLLISION else map_value(v))
+            operation = operations.get(v.kind, "install")
+            if operation == "renew" and final.get(v.token, ("",))[0] == "provisional":
+                operation = "install"  # taught and proven in one batch: not in the map yet, and may be another's
+            final[v.token] = (operation, 0 if v.kind is Kind.TOKEN_COLLISION else map_value(v))
 
     def planned(operation):
         return [(t, m) for t, (op, m) in final.items() if op == operation]

@@ -95,6 +95,10 @@ class Dataplane:
     def lookup_token(self, token: int) -> int | None:
         return self.token_map.lookup(token)
 
+    def token_element(self, token: int) -> tuple[int, float] | None:
+        """(mark, seconds left) of a token in the kernel map, or None."""
+        return self.token_map.element(token)
+
     def replace_tokens(self, tokens: list[tuple[int, int]], comments: Mapping[int, str] | None = None) -> None:
         """token -> mark in place of what the map held: a server's token over a client's, or the
         reject mark for a collision (its joins are reset, whichever worker learned what)."""

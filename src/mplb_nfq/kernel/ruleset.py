@@ -74,8 +74,6 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         queue_bit=f"0x{QUEUE:08x}", keep_mask=f"0x{0xFFFFFFFF & ~QUEUE:08x}",
         queue_statement=queue_statement(cfg, native), join_flow_timeout=cfg.flow_timeout,
         join_flow_key6=f"jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 4294967291 seed 0x{SEED:08x}",
-        proof=f"ct mark & 0x{PROVISIONAL:08x} != 0 tcp option mptcp subtype 2 {copy_statement(cfg)} "
-              f"counter name copied_proof ct mark set ct mark & 0x{0xFFFFFFFF & ~PROVISIONAL:08x}",
         join_copy=f"tcp flags & (syn | ack) == syn meta mark & 0x{JOIN:08x} != 0 tcp option mptcp subtype 1 "
                   f"{copy_statement(cfg)} counter name copied_join" if cfg.cluster else "",
         **handshake_rules(cfg))
@@ -89,8 +87,12 @@ def handshake_rules(cfg: Config) -> dict[str, str]:
     """The classify rules that differ between the two ways of taking a handshake."""
     learned = f"0x{LEARNED:08x}"
     capable = "tcp flags & (syn | ack) == ack"
+    # a provisional token's proof, once: queued where its third ACK was (the same worker), else copied
+    proof = f"ct mark & 0x{PROVISIONAL:08x} != 0 tcp option mptcp subtype 2 ct mark set ct mark & " \
+            f"0x{0xFFFFFFFF & ~PROVISIONAL:08x} "
     if cfg.handshakes == "queue":
         return dict(
+            proof=f"{proof}counter name queued_proof goto to_queue",
             decide="",
             capable=f"{capable} ct mark & {learned} == 0 tcp option mptcp subtype 0 counter name queued_capable "
                     "goto to_queue",
@@ -101,6 +103,7 @@ def handshake_rules(cfg: Config) -> dict[str, str]:
                              for flags in ("syn", "ack ct state new")
                              for family, address, version in (("ipv4", "ip", 4), ("ipv6", "ip6", 6)))
     return dict(
+        proof=f"{proof}{copy_statement(cfg)} counter name copied_proof",
         decide=decide,
         capable=f"{capable} meta mark & {learned} == 0 meta mark & 0x{BACKEND_MASK:08x} != 0 tcp option mptcp "
                 f"subtype 0 {copy_statement(cfg)} counter name copied_capable "
@@ -296,7 +299,8 @@ def classify(segment: Segment, ct_mark: int, original: bool, new: bool, vips: Co
     if (segment.dst, segment.dport) in vips:
         mark = ct_mark if original and ct_mark else 0
         if ct_mark & PROVISIONAL and subtype == 2:  # the connection's next MPTCP packet: its token is proven
-            return Classified(mark, None, copied="copied_proof")
+            return Classified(mark, "queued_proof") if deciders is None else \
+                Classified(mark, None, copied="copied_proof")
         if ct_mark & (LEARNED | JOIN):
             return Classified(mark, None)
         if join_ports and (segment.dst, segment.dport) in join_ports:

@@ -295,13 +295,18 @@ class TokenMap(Nfnetlink):
 
     def lookup(self, token: int) -> int | None:
         """The mark the map holds for a token, or None."""
+        found = self.element(token)
+        return None if found is None else found[0]
+
+    def element(self, token: int) -> tuple[int, float] | None:
+        """(mark, seconds left) of a token's element, or None."""
         self.seq += 1
         self.sock.send(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK,
                                   self.seq, NFPROTO_INET, _set_elements(self.table, _keys([token]))))
         found = None
         for kind, body, error in self._answers(self.seq):
             if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM:
-                found = next((mark for t, mark, _, _ in parse_elements(body) if t == token), found)
+                found = next(((mark, left) for t, mark, left, _ in parse_elements(body) if t == token), found)
             elif error is not None:
                 if error not in (0, errno.ENOENT):
                     raise KernelError(f"looking token 0x{token:08x} up in the map: {os.strerror(error)}")

@@ -76,8 +76,11 @@ class ControlServer:
         payload = json.dumps(answer).encode() + b"\n"
         try:  # handed to the kernel whole, never waited for: the client reads it when it will
             conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * len(payload) + 65536)
+        except OSError:  # not allowed (no CAP_NET_ADMIN): an answer larger than the buffer is cut short
+            pass
+        try:
             conn.send(payload)
-        except OSError:  # (not root: a larger answer than the buffer takes is cut short)
+        except OSError:
             pass
         self._close(fd)
 

@@ -83,7 +83,7 @@ class WorkerCollector:
         diverted = CounterMetricFamily("mplb_nft_queued_packets", "Packets the nft ruleset sent to the queue",
                                        labels=["rule"])
         for name in ("queued_syn", "queued_join", "queued_synack", "queued_capable", "queued_first",
-                     "queued_join_unavailable"):
+                     "queued_join_unavailable", "queued_proof"):
             diverted.add_metric([name.removeprefix("queued_")], nft.get(name, 0))
         yield diverted
 

@@ -31,20 +31,28 @@ class TokenStore:
         comments = {token: flow_comment(flow) for token, flow in flows.items()}
         writes, failed = plan_writes(verdicts), set()
         writes = self._delete_pushed_out(writes)
-        if writes.added:
+        refused = []
+        for field, timeout in (("install", None), ("provisional", PROVISIONAL_SECONDS)):
+            tokens = getattr(writes, field)
+            if not tokens:
+                continue
             try:
-                refused = self.dataplane.add_tokens(writes.install, comments) if writes.install else []
-                if writes.provisional:
-                    refused += self.dataplane.add_tokens(writes.provisional, comments, PROVISIONAL_SECONDS)
-                if refused:
-                    writes = writes.refused({t: self.dataplane.lookup_token(t) for t in refused})
+                refused += self.dataplane.add_tokens(tokens, comments, timeout)
             except Exception as e:  # the core still knows them: their joins get queued, and reach their backend
-                self.errors.error("install", f"token install failed ({len(writes.added)} tokens): {e}")
-                self.stats["token_install_errors"] += len(writes.added)
-                failed = {token for token, _ in writes.added}
-                writes = writes._replace(install=[], provisional=[])
-            self.stats["tokens_installed"] += len(writes.install)
-            self.stats["tokens_provisional"] += len(writes.provisional)
+                self.errors.error("install", f"token install failed ({len(tokens)} tokens): {e}")
+                self.stats["token_install_errors"] += len(tokens)
+                failed |= {token for token, _ in tokens}
+                writes = writes._replace(**{field: []})
+        if refused:
+            try:
+                writes = writes.refused({t: self.dataplane.lookup_token(t) for t in refused})
+            except Exception as e:  # whose they are is not known: not installed, for now
+                self.errors.error("install", f"looking refused tokens up failed: {e}")
+                failed |= set(refused)
+                writes = writes._replace(install=[w for w in writes.install if w[0] not in failed],
+                                         provisional=[w for w in writes.provisional if w[0] not in failed])
+        self.stats["tokens_installed"] += len(writes.install)
+        self.stats["tokens_provisional"] += len(writes.provisional)
         now = time.perf_counter()
         for token in writes.ignored:  # another worker's connection holds it: theirs, not ours
             self.balancer.forget(token)
@@ -167,12 +175,21 @@ class TokenStore:
         for token in tokens:
             self.balancer.forget(token)
 
-    def found_in_kernel(self, token: int) -> bool:
-        """A held join's token, looked up in the kernel map (another worker put it there)."""
-        mark = self.dataplane.lookup_token(token)
-        if mark is not None:
-            self.balancer.learn_token(token, mark, time.perf_counter())
-        return mark is not None
+    def found_in_kernel(self, token: int) -> int | None:
+        """A held join's token, looked up in the kernel map (another worker put it there): its
+        mark. The core keeps it for as long as the map does, unless it is provisional there
+        (only the worker that reads copies can see it proven, or it goes in 30 s)."""
+        try:
+            found = self.dataplane.token_element(token)
+        except Exception as e:  # the join gets what the core knows
+            self.errors.error("lookup", f"looking a held join's token up failed: {e}")
+            return None
+        if found is None:
+            return None
+        mark, left = found
+        if not (mark & TAUGHT_BY_CLIENT and left <= PROVISIONAL_SECONDS):
+            self.balancer.learn_token(token, mark, learned_at(time.perf_counter(), self.balancer.tokens.ttl, left))
+        return mark
 
     def forgotten(self, tokens: list[int]) -> None:
         """Another worker took them out of the kernel map: this worker's core forgets them too."""
