@@ -1,10 +1,11 @@
 """Floods from a spoofing client against real MPTCP downloads: what an attacker costs real joins.
 
-    .venv/bin/python bench/hostile.py [--dsr] [--rate 10000] [--seconds 60] [--downloads 20] [--json]
+    .venv/bin/python bench/hostile.py [--dsr | --cluster] [--rate 10000] [--seconds 60] [--downloads 20] [--json]
 
-One lab topology (2 backends, 50 Mbit/s paths, the judge on the backends); for each flood in
-turn a fresh worker (default config: token_capacity 1,000,000, hold_max 1024, unknown_join
-random) and, while the flood runs, --downloads fetches of 4 MB one after the other, each of
+One lab topology (2 backends, 50 Mbit/s paths, the judge on the backends; --cluster: two
+balancers behind a router with ECMP, Redis, direct server return); for each flood in turn a
+fresh worker on each balancer (default config: token_capacity 1,000,000, hold_max 1024,
+unknown_join random) and, while the flood runs, --downloads fetches of 4 MB one after the other, each of
 which opens one join from the client's second address. Floods (mplb_nfq.lab.flood, sources in
 198.18.0.0/15, each packet from another address):
 
@@ -15,8 +16,8 @@ which opens one join from the client's second address. Floods (mplb_nfq.lab.floo
 
 Per flood: packets sent and the rate reached; legitimate joins completed on their connection's
 backend / attempted (backends' MPJoinAckRx against MP_CAPABLE connections), and the judge's
-misrouted and late joins (foreign ones are the flood's own); the worker's RSS and CPU seconds;
-the kernel token map's size; held joins found / expired / pushed out; tokens provisional,
+misrouted and late joins (foreign ones are the flood's own); the workers' RSS and CPU seconds
+(summed over balancers); the kernel token maps' sizes; in a cluster Redis's RSS; held joins found / expired / pushed out; tokens provisional,
 proven, pushed out. The downloads are spread over the flood, which lasts at least as long as
 they do. Prints a table and, with --json, one JSON document alone on stdout. Removes
 everything it started."""
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mplb_nfq.lab.cluster import ClusterTopology
 from mplb_nfq.lab.judge import Judge
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import VIP, Topology
@@ -46,7 +48,7 @@ def wait(condition, seconds: float) -> None:
 
 
 def status(topo: Topology, worker: WorkerProcess) -> dict:
-    out = topo.exec("lb", sys.executable, "-m", "mplb_nfq", "status", "--json", "-c", str(worker.config_path),
+    out = topo.exec(worker.role, sys.executable, "-m", "mplb_nfq", "status", "--json", "-c", str(worker.config_path),
                     capture_output=True).stdout
     return json.loads(out)["packets"]
 
@@ -59,8 +61,8 @@ def process_usage(pid: int) -> tuple[int, float]:
     return rss, (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks (USER_HZ 100)
 
 
-def token_map(topo: Topology) -> list:
-    listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+def token_map(topo: Topology, role: str = "lb") -> list:
+    listing = json.loads(topo.exec(role, "nft", "-j", "list", "map", "inet", "mplb", "tokens",
                                    capture_output=True).stdout)
     return [e for item in listing["nftables"] if "map" in item for e in item["map"].get("elem", [])]
 
@@ -79,18 +81,35 @@ def fetch(topo: Topology, size: int) -> subprocess.Popen:
                        stdout=subprocess.PIPE, text=True)
 
 
+def roles(topo: Topology) -> list[str]:
+    return topo.balancer_names if isinstance(topo, ClusterTopology) else ["lb"]
+
+
+def redis_rss_kib(topo: Topology) -> int | None:
+    """The Redis server's resident memory (its ACL user may not run INFO)."""
+    if not isinstance(topo, ClusterTopology):
+        return None
+    return process_usage(topo.processes["redis"].pid)[0]
+
+
 def run_flood(topo: Topology, run: Path, kind: str, args) -> dict:
-    config = run / f"{kind}.toml"
-    config.write_text(config_text("mplb", 2, run, direct_return=args.dsr))
-    worker = WorkerProcess(topo, config, run / f"{kind}.log")
+    workers = []
+    for role in roles(topo):
+        config = run / f"{kind}-{role}.toml"
+        cluster = topo.cluster_config(role, "hostile") if isinstance(topo, ClusterTopology) else ""
+        config.write_text(config_text("mplb", 2, run, direct_return=args.dsr or bool(cluster), cluster=cluster)
+                          .replace(str(run / "control.sock"), str(run / f"{role}.sock")))
+        workers.append(WorkerProcess(topo, config, run / f"{kind}-{role}.log", role))
+    if isinstance(topo, ClusterTopology):
+        topo.wait_announced(len(workers))
     flood = live = None
     try:
         token = 0
         if kind == "replay":  # a connection that outlives the flood: its token is replayed
             joined = delta(counters(topo), {n: {} for n in topo.backend_names}, "MPTcpExtMPJoinAckRx")
             live = fetch(topo, int(args.seconds * 50e6 / 8 * 2))
-            wait(lambda: token_map(topo), 10)
-            token = int(token_map(topo)[0][0]["elem"]["val"])
+            wait(lambda: any(token_map(topo, role) for role in roles(topo)), 10)
+            token = next(int(m[0][0]["elem"]["val"]) for m in (token_map(topo, r) for r in roles(topo)) if m)
             wait(lambda: -delta(counters(topo), {n: {} for n in topo.backend_names}, "MPTcpExtMPJoinAckRx")
                  > -joined, 10)  # its own join is in, before the count starts
         if kind != "none":
@@ -105,34 +124,42 @@ def run_flood(topo: Topology, run: Path, kind: str, args) -> dict:
             out, _ = fetch(topo, SIZE).communicate()
             received += [json.loads(line)["received"] for line in out.splitlines()]
         after = counters(topo)
-        stats = status(topo, worker)
-        rss, cpu = process_usage(worker.proc.pid)
+        stats = [status(topo, w) for w in workers]
+        usage = [process_usage(w.proc.pid) for w in workers]
         sent = {}
         if flood:
             out, _ = flood.communicate(timeout=args.seconds + 30)
             sent = json.loads(out.splitlines()[-1]) if out.strip() else {}
-        map_size = len(token_map(topo))
+        map_sizes = [len(token_map(topo, role)) for role in roles(topo)]
+        redis = redis_rss_kib(topo)
     finally:
         for process in (flood, live):
             if process and process.poll() is None:
                 process.kill()
                 process.communicate()
-        worker.stop()
+        for w in workers:
+            w.stop()
+
+    def total(key):
+        return sum(s.get(key, 0) for s in stats)
+
     return {"flood": kind, "sent": sent.get("sent", 0), "rate": sent.get("rate", 0),
             "downloads_whole": sum(r == SIZE for r in received), "downloads": args.downloads,
             "joins_completed": delta(before, after, "MPTcpExtMPJoinAckRx"),
             "joins_attempted": delta(before, after, "MPTcpExtMPCapableSYNRX"),
             "misrouted": delta(before, after, "misrouted"), "late": delta(before, after, "late"),
-            "foreign": delta(before, after, "foreign"), "worker_rss_kib": rss, "worker_cpu_s": cpu,
-            "token_map": map_size, "held_found": stats.get("held_found", 0),
-            "held_expired": stats.get("held_expired", 0), "held_pushed_out": stats.get("held_pushed_out", 0),
-            "tokens_provisional": stats.get("tokens_provisional", 0), "tokens_proven": stats.get("tokens_proven", 0),
-            "tokens_pushed_out": stats.get("tokens_pushed_out", 0)}
+            "foreign": delta(before, after, "foreign"), "worker_rss_kib": sum(rss for rss, _ in usage),
+            "worker_cpu_s": round(sum(cpu for _, cpu in usage), 2), "token_map": sum(map_sizes),
+            "redis_rss_kib": redis, "copies_lost": total("copies_lost"), "held_found": total("held_found"),
+            "held_expired": total("held_expired"), "held_pushed_out": total("held_pushed_out"),
+            "tokens_provisional": total("tokens_provisional"), "tokens_proven": total("tokens_proven"),
+            "tokens_pushed_out": total("tokens_pushed_out")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dsr", action="store_true", help="direct server return (the backends answer the client)")
+    parser.add_argument("--cluster", action="store_true", help="two balancers behind ECMP, sharing through Redis")
     parser.add_argument("--rate", type=int, default=10_000, help="flood packets per second")
     parser.add_argument("--seconds", type=float, default=60.0, help="each flood's length")
     parser.add_argument("--downloads", type=int, default=20, help="4 MB downloads during each flood")
@@ -142,7 +169,8 @@ def main() -> int:
     results = []
     with contextlib.ExitStack() as stack:
         run = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mplb-hostile-")))
-        topo = stack.enter_context(Topology(backends=2, direct_return=args.dsr))
+        topo = stack.enter_context(ClusterTopology(backends=2, balancers=2, run_dir=run) if args.cluster
+                                   else Topology(backends=2, direct_return=args.dsr))
         for name in topo.backend_names:
             topo.python(name, "mplb_nfq.lab.transfer", "serve", "--port", str(PORT),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -155,7 +183,8 @@ def main() -> int:
                   f"{results[-1]['joins_completed']}/{results[-1]['joins_attempted']}, misrouted "
                   f"{results[-1]['misrouted']}, late {results[-1]['late']}, worker {results[-1]['worker_rss_kib']} KiB "
                   f"{results[-1]['worker_cpu_s']} CPU s, token map {results[-1]['token_map']}", file=sys.stderr)
-    summary = {"mode": "dsr" if args.dsr else "routed", "rate": args.rate, "seconds": args.seconds,
+    summary = {"mode": "cluster" if args.cluster else "dsr" if args.dsr else "routed", "rate": args.rate,
+               "seconds": args.seconds,
                "floods": results}
     if args.json:
         print(json.dumps(summary))
