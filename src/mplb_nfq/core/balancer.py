@@ -182,15 +182,13 @@ class Balancer:
 
     def decide_join_by(self, segment: Segment, mark: int, now: float) -> Verdict:
         """A held join whose token the kernel map holds (another worker's): where the map says."""
-        backend = None if mark & REJECT else self.backend_of(mark)
         if mark & REJECT:
             verdict = Verdict(True, REJECT, Kind.JOIN_COLLISION)
-        elif backend is None:  # a backend this worker no longer has: as if unknown
-            return self.decide(segment, 0, now)
         else:
-            backend.subflows += 1
-            self.flows.put(segment.flow, backend.mark | JOIN, now)
-            verdict = Verdict(True, backend.mark | JOIN, Kind.JOIN_HIT)
+            backend = self.backend_of(mark)
+            if backend is None:  # a backend this worker no longer has: as if unknown
+                return self.decide(segment, 0, now)
+            verdict = self._join_to(backend, segment.flow, now)
         self.counts[verdict.kind] += 1
         return verdict
 
@@ -198,9 +196,14 @@ class Balancer:
         """A provisional token read back from the kernel map, with the connection that taught it."""
         backend = self.backend_of(mark)
         if backend is not None and self.known_token(token, now) is None:
-            self.provisional.put(token, backend.mark | TAUGHT_BY_CLIENT, now)
-            self.provisional_flows.put(flow, token, now)
-            self.newly_known.append(token)
+            self._hold_provisional(token, backend.mark | TAUGHT_BY_CLIENT, flow, now)
+
+    def _hold_provisional(self, token: int, value: int, flow: tuple, now: float) -> None:
+        """A client's token, and the connection whose next packet will prove it (the oldest such
+        pushed out when the pool is full)."""
+        self.provisional.put(token, value, now)
+        self.provisional_flows.put(flow, token, now)
+        self.newly_known.append(token)
 
     def take_newly_known(self) -> list[int]:
         taken, self.newly_known = self.newly_known, []
@@ -273,9 +276,7 @@ class Balancer:
                 return Verdict(True, REJECT, Kind.JOIN_COLLISION)
             backend = None if known is None else self.backend_of(known)
             if backend is not None:  # even to a drained backend: the connection lives there
-                backend.subflows += 1
-                self.flows.put(segment.flow, backend.mark | JOIN, now)
-                return Verdict(True, backend.mark | JOIN, Kind.JOIN_HIT)
+                return self._join_to(backend, segment.flow, now)
             if hold:
                 return Verdict(True, 0, Kind.JOIN_HELD)
             if service.unknown_join == "drop":
@@ -298,6 +299,11 @@ class Balancer:
         settled = 0 if kind is Kind.MP_CAPABLE_SYN and service.mptcp_aware else LEARNED
         self.flows.put(segment.flow, backend.mark | settled, now)
         return Verdict(True, backend.mark | settled, kind)
+
+    def _join_to(self, backend: Backend, flow: tuple, now: float) -> Verdict:
+        backend.subflows += 1
+        self.flows.put(flow, backend.mark | JOIN, now)
+        return Verdict(True, backend.mark | JOIN, Kind.JOIN_HIT)
 
     def _schedule(self, service: Service, segment: Segment, now: float) -> Backend | None:
         if service.persistence:
@@ -329,10 +335,8 @@ class Balancer:
         by_client = TAUGHT_BY_CLIENT if kind is Kind.THIRD_ACK else 0
         known = self.known_token(token, now)
         if known is None:
-            if by_client:  # one packet, maybe spoofed: provisional, pushing out the oldest such
-                self.provisional.put(token, backend.mark | by_client, now)
-                self.provisional_flows.put(flow, token, now)
-                self.newly_known.append(token)
+            if by_client:  # one packet, maybe spoofed: provisional
+                self._hold_provisional(token, backend.mark | by_client, flow, now)
                 return Verdict(True, settled | PROVISIONAL, kind, token, flow)
             if not self.tokens.add(token, backend.mark, now):
                 return Verdict(True, settled, Kind.TOKEN_TABLE_FULL)

@@ -63,11 +63,11 @@ class HeldJoins:
 
     def release(self, token: int) -> list[HeldJoin]:
         """Its token is known now: the joins that waited for it."""
-        joins = self._by_token.pop(token, ())
+        joins = self._by_token.pop(token, [])
         for join in joins:
             join.waiting = False
         self._count -= len(joins)
-        return list(joins)
+        return joins
 
     def expired(self, now: float) -> list[HeldJoin]:
         gone = []

@@ -172,11 +172,6 @@ def affinity_sets(cfg: Config, tables: Mapping[str, LookupTable]) -> dict[str, s
             for b in s.backends for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr"))}
 
 
-def affinity_names(listing: str) -> set[str]:
-    """The affinity sets (and the maps of versions before them) a table's listing shows."""
-    return set(re.findall(r"^\s*(?:set|map) (affinity[46]_\S+) \{", listing, re.MULTILINE))
-
-
 def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Container[str] = (),
                   gone_affinity: Mapping[str, str] | None = None) -> str:
     """nft commands, one transaction, that (re)write the chains and tables of the services in
@@ -218,7 +213,7 @@ def decide_elements(cfg: Config) -> list[tuple[int, str]]:
 
 
 def named(listing: str, prefix: str) -> set[str]:
-    """The services that have a chain or map `prefix` + NAME in a table's listing (svc_, affinity4_)."""
+    """The services that have a chain or map `prefix` + NAME in a table's listing (svc_)."""
     return set(re.findall(rf"^\s*(?:chain|map) {prefix}(\S+) \{{", listing, re.MULTILINE))
 
 
@@ -226,8 +221,8 @@ def unwanted_affinity(listing: str, cfg: Config, tables: Mapping[str, LookupTabl
     """The affinity sets a table holds that the config has no use for (a service gone or
     persistent no more, a backend gone), and the one maps of versions before: name -> kind."""
     wanted = affinity_sets(cfg, tables)
-    maps = set(re.findall(r"^\s*map (affinity[46]_\S+) \{", listing, re.MULTILINE))
-    return {name: "map" if name in maps else "set" for name in affinity_names(listing) - set(wanted)}
+    return {name: kind for kind, name in re.findall(r"^\s*(set|map) (affinity[46]_\S+) \{", listing, re.MULTILINE)
+            if name not in wanted}
 
 
 def xtables_rule(cfg: Config) -> list[str]:
