@@ -28,7 +28,7 @@ from mplb_nfq.core.cluster import Batch
 from mplb_nfq.ops.cluster import LinkHandle
 from mplb_nfq.ops.config import ClusterConfig
 redis, password, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-link = LinkHandle(ClusterConfig("bench", "lb1", redis, "mplb", password, announce_device=None), 600, "bench")
+link = LinkHandle(ClusterConfig("bench", "lb1", redis, "lb1", password, announce_device=None), 600, "bench")
 link_process = link.process
 time.sleep(1.5)  # connected
 started, sent, backends = time.monotonic(), 0, ("b1", "b2")
@@ -67,7 +67,7 @@ def measure(topo, worker, rate: float, seconds: float) -> dict:
     helpers = children(pid)
     before = cpu_seconds(pid), sum(cpu_seconds(c) for c in helpers)
     received_before = json.loads(topo.exec("lb2", *status, capture_output=True).stdout)["packets"]["cluster"]
-    driver = topo.exec("lb1", sys.executable, "-c", DRIVER, f"redis://{STORE}:{REDIS_PORT}/0", topo.redis_password,
+    driver = topo.exec("lb1", sys.executable, "-c", DRIVER, f"redis://{STORE}:{REDIS_PORT}/0", topo.redis_passwords["lb1"],
                        str(rate), str(seconds), capture_output=True)
     sent, publisher_cpu = driver.stdout.split()
     after = cpu_seconds(pid), sum(cpu_seconds(c) for c in helpers)

@@ -137,9 +137,9 @@ def forget_connections(topo):
     topo.exec("lb", sys.executable, "-c", "from pyroute2 import NFCTSocket\nwith NFCTSocket() as ct: ct.flush()")
 
 
-def token_map(topo):
-    """The LB's kernel token map: token -> (mark, comment)."""
-    listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
+def token_map(topo, role="lb"):
+    """A balancer's kernel token map: token -> (mark, comment)."""
+    listing = json.loads(topo.exec(role, "nft", "-j", "list", "map", "inet", "mplb", "tokens",
                                    capture_output=True).stdout)
     (elements,) = [item["map"].get("elem", []) for item in listing["nftables"] if "map" in item]
     return {key["elem"]["val"]: (mark, key["elem"].get("comment")) for key, mark in elements}

@@ -1,6 +1,6 @@
 """A cluster of balancers, for real: a router namespace running BIRD takes each balancer's BGP
 announcements (IPv4 and IPv6 VIPs) into ECMP routes hashed on L4; each balancer runs BIRD and a
-worker; Redis (an ACL user with a password; over TLS for the shared cluster) is shared. The client has two addresses: its connections' joins reach
+worker; Redis (an ACL user and password per balancer; over TLS for the shared cluster) is shared. The client has two addresses: its connections' joins reach
 either balancer. Every join must reach its connection's backend (the backends'
 judge counts no misrouted, foreign or late join) through balancer deaths, a Redis outage and a balancer added."""
 import json
@@ -12,8 +12,9 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from netlab import KERNEL, MB, fetch, fetch_in_background, wait_for
+from netlab import KERNEL, MB, fetch, fetch_in_background, token_map, wait_for
 
+from mplb_nfq.core.cluster import Keys
 from mplb_nfq.lab.cluster import ClusterTopology, balancer_address
 from mplb_nfq.lab.judge import Judge
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
@@ -159,23 +160,61 @@ def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(clu
     check = topo.exec("lb1", sys.executable, "-m", "mplb_nfq", "check", "-c", config, capture_output=True).stdout
     assert "ok  cluster Redis" in check and "ok  announcement device" in check
     # the balancers spoke TLS: Redis would not have talked in clear
-    plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "mplb", "--pass", topo.redis_password,
+    plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "lb1", "--pass", topo.redis_passwords["lb1"],
                       "--no-auth-warning", "ping", capture_output=True, check=False)
     assert topo.tls and "PONG" not in plain.stdout
 
 
+def in_token_map(topo, role, token: int) -> bool:
+    return token in token_map(topo, role)
+
+
 def test_entries_from_redis_that_are_malformed_or_name_an_unknown_backend_are_counted_not_installed(cluster):
     topo = cluster.topo
-    cli = topo.redis_cli()
-    topo.exec("store", *cli, "XADD", "mplb:test:log", "*", "o", "intruder", "at", "1", "t", "0badc0de=nobody",
+    cli, keys = topo.redis_cli("lb7"), Keys("test")  # a balancer's user: anyone holding its password
+    rejected = lambda kind: cluster.status("lb1")["rejected"].get(kind, 0)  # noqa: E731
+    unknown, malformed = rejected("unknown_backend"), rejected("malformed")
+    topo.exec("store", *cli, "HSET", keys.of("lb7", "tokens"), "0badc0de", "nobody 1", capture_output=True)
+    topo.exec("store", *cli, "HSET", keys.of("lb7", "tokens"), "12345678", "b1 soon", capture_output=True)
+    # its stream no longer holds all it published (trimmed): met for the first time, what it keeps is read
+    topo.exec("store", *cli, "XADD", keys.of("lb7", "news"), "MAXLEN", "0", "*", "at", "1", capture_output=True)
+    wait_for(lambda: rejected("unknown_backend") > unknown and rejected("malformed") > malformed, 10)
+    malformed = rejected("malformed")
+    topo.exec("store", *cli, "XADD", keys.of("lb7", "news"), "*", "at", "1", "t", "zz=b1 12345678=b1;", "s", "nonsense",
               capture_output=True)
-    topo.exec("store", *cli, "XADD", "mplb:test:log", "*", "o", "intruder", "at", "1", "t", "zz=b1 12345678=b1;",
-              "s", "nonsense", capture_output=True)
-    wait_for(lambda: cluster.status("lb1")["rejected"].get("unknown_backend", 0) >= 1
-             and cluster.status("lb1")["rejected"].get("malformed", 0) >= 3, 10)
+    wait_for(lambda: rejected("malformed") >= malformed + 3, 10)
     for role in topo.balancer_names:
-        tokens = topo.exec(role, "nft", "list", "map", "inet", "mplb", "tokens", capture_output=True).stdout
-        assert "0xbadc0de" not in tokens and "0x12345678" not in tokens
+        assert not in_token_map(topo, role, 0x0BADC0DE) and not in_token_map(topo, role, 0x12345678)
+
+
+def test_a_balancers_redis_user_writes_its_own_keys_only_and_no_entry_speaks_for_another(cluster):
+    """All balancers shared one Redis user: anyone holding it could write `o=lb1` and end lb1's
+    tokens on every peer. Now a stolen password (lb8's) speaks for lb8 only."""
+    topo, keys, taught = cluster.topo, Keys("test"), 0x0A0B0C0D
+    lb1, thief = topo.redis_cli("lb1"), topo.redis_cli("lb8")
+    topo.exec("store", *lb1, "XADD", keys.of("lb1", "news"), "*", "at", "1", "t", f"{taught:08x}=b1", capture_output=True)
+    wait_for(lambda: in_token_map(topo, "lb2", taught), 10)
+    for command in (["XADD", keys.of("lb1", "news"), "*", "at", "1", "d", f"{taught:08x}"],
+                    ["HSET", keys.of("lb1", "tokens"), "00000001", "b1 1"], ["DEL", keys.of("lb1", "tokens")],
+                    ["SET", keys.of("lb1", "beat"), "{}"], ["FLUSHDB"]):
+        answer = topo.exec("store", *thief, *command, capture_output=True).stdout
+        assert "NOPERM" in answer, (command, answer)
+
+    def followed(token: int) -> bool:  # the thief's stream is followed once lb2 meets it (every 2 s)
+        topo.exec("store", *thief, "XADD", keys.of("lb8", "news"), "*", "at", "1", "t", f"{token:08x}=b1",
+                  capture_output=True)
+        return in_token_map(topo, "lb2", token)
+
+    wait_for(lambda: followed(0x0B0B0B0B), 10, step=0.5)
+    topo.exec("store", *thief, "XADD", keys.of("lb8", "news"), "*", "o", "lb1", "at", "1", "d", f"{taught:08x}",
+              "t", "0c0c0c0c=b1", capture_output=True)
+    wait_for(lambda: in_token_map(topo, "lb2", 0x0C0C0C0C), 10)  # the same entry: its end was read too
+    assert in_token_map(topo, "lb2", taught)
+    topo.exec("store", *lb1, "XADD", keys.of("lb1", "news"), "*", "at", "1", "d", f"{taught:08x}", capture_output=True)
+    wait_for(lambda: not in_token_map(topo, "lb2", taught), 10)  # its teacher's end takes it out
+    topo.exec("store", *thief, "XADD", keys.of("lb8", "news"), "*", "at", "1", "d", "0b0b0b0b 0c0c0c0c",
+              capture_output=True)
+    wait_for(lambda: not in_token_map(topo, "lb2", 0x0B0B0B0B) and not in_token_map(topo, "lb2", 0x0C0C0C0C), 10)
 
 
 def link_pid(topo, role) -> int:

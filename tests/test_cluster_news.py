@@ -8,7 +8,8 @@ from collections import Counter
 from fakes import KernelMaps
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
-from mplb_nfq.core.cluster import MAX_PEERS, Batch, accepted, decode, encode, from_record, heartbeat, peer_beats, record
+from mplb_nfq.core.cluster import (MAX_PEERS, Batch, Keys, accepted, decode, encode, from_kept, heartbeat, peer_beats,
+                                   record, record_subflows)
 from mplb_nfq.core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
 from mplb_nfq.ops.cluster import LinkState, Own, PeerNews
 from mplb_nfq.ops.logs import ThrottledLog
@@ -27,29 +28,41 @@ def test_a_batch_goes_through_a_stream_entry_unchanged():
     fields = encode(batch)
     assert all(isinstance(v, str) for v in fields.values())
     rejected = Counter()
-    assert decode(fields, rejected) == batch and not rejected
+    assert decode(fields, "lb1", rejected) == batch and not rejected
+    assert decode({**fields, "o": "lb2"}, "lb1", rejected).origin == "lb1"  # the stream's owner, not a claim
 
 
 def test_what_is_malformed_is_counted_and_left_out_the_rest_kept():
     rejected = Counter()
-    assert decode({"o": "lb 1", "at": "1"}, rejected) is None
-    assert decode({"o": "lb1", "at": "soon"}, rejected) is None
-    batch = decode({"o": "lb1", "at": "1000", "t": "7a9913b1=b1 7A9913B1=b1 123=b1 00000002=b;1 00000003",
+    assert decode({"at": "soon"}, "lb1", rejected) is None
+    batch = decode({"at": "1000", "t": "7a9913b1=b1 7A9913B1=b1 123=b1 00000002=b;1 00000003",
                     "s": "10.0.2.2:1>10.0.100.1:80=00000002=b1 nonsense 10.0.2.2:1>10.0.100.1:80=xyz=b1",
-                    "d": "00000004 -1"}, rejected)
+                    "d": "00000004 -1"}, "lb1", rejected)
     assert batch.tokens == {0x7A9913B1: "b1"}
     assert batch.subflows == {(FLOW[0], 1, VIP, 80): (2, "b1")} and batch.ended == [4]
-    assert rejected["malformed"] == 2 + 4 + 2 + 1  # two entries; then four tokens, two subflows, one end
-    flood = decode({"o": "lb1", "at": "1", "t": " ".join(["00000001=b1"] * 100_001)}, rejected)
+    assert rejected["malformed"] == 1 + 4 + 2 + 1  # an entry; then four tokens, two subflows, one end
+    flood = decode({"at": "1", "t": " ".join(["00000001=b1"] * 100_001)}, "lb1", rejected)
     assert flood.tokens == {}
 
 
-def test_a_kept_token_reads_back_with_its_subflows():
-    fields = record("b1", "lb2", 1700000000.5, [(FLOW, "b1")])
+def test_what_a_balancer_keeps_reads_back_as_its_batch():
     rejected = Counter()
-    batch = from_record(0x7A9913B1, fields, rejected)
+    batch = from_kept("lb2", {"7a9913b1": record("b1", 1700000000.5), "00000001": "b1", "zz": "b1 1"},
+                      {"7a9913b1": record_subflows({FLOW: "b1"}), "00000009": "nonsense",
+                       "00000008": " ".join(["10.0.2.2:1>10.0.100.1:80=b1"] * 9)}, rejected)
     assert (batch.origin, batch.tokens, batch.subflows) == ("lb2", {0x7A9913B1: "b1"}, {FLOW: (0x7A9913B1, "b1")})
-    assert from_record(1, {"b": "b1", "o": "lb2"}, rejected) is None and rejected["malformed"] == 1
+    assert batch.at == 1700000000.5 and rejected["malformed"] == 4
+
+
+def test_a_balancers_keys_are_its_own_prefix_and_anything_else_is_no_key_of_the_cluster():
+    keys = Keys("edge1")
+    assert keys.of("lb1", "news") == "mplb:edge1:lb:lb1:news" and keys.every("beat") == "mplb:edge1:lb:*:beat"
+    for name in ("lb1", "lb-2", "lb_3"):
+        for kind in Keys.KINDS:
+            assert keys.balancer_of(keys.of(name, kind), kind) == name
+    for key in ("mplb:edge2:lb:lb1:news", "mplb:edge1:lb:lb2:x:lb:lb1:news", "mplb:edge1:lb:lb 1:news",
+                "mplb:edge1:lb:lb1:news:x", "mplb:edge1:lb::news", "mplb:edge1:lb:lb1:beat", "mplb:edge1:log"):
+        assert keys.balancer_of(key, "news") is None, key
 
 
 def test_only_known_backends_and_served_vips_are_accepted():
@@ -136,15 +149,15 @@ def test_numbers_from_redis_are_ascii_digits_of_a_bounded_length_or_the_entry_is
     value in a kept token stopped every balancer's catching up."""
     for at in ("²", "٣", "9" * 400, "9" * 5000, "1e999", "-1", ""):
         rejected = Counter()
-        assert decode({"o": "lb1", "at": at, "t": "0a0b0c0d=b1"}, rejected) is None
-        assert from_record(0x0A0B0C0D, {"o": "lb1", "b": "b1", "at": at}, rejected) is None
+        assert decode({"at": at, "t": "0a0b0c0d=b1"}, "lb1", rejected) is None
+        assert not from_kept("lb1", {"0a0b0c0d": f"b1 {at}"}, {}, rejected)
         assert rejected["malformed"] == 2, at
 
 
 def test_a_subflow_whose_port_is_not_a_port_is_left_out_and_the_rest_of_its_batch_kept():
     rejected = Counter()
-    batch = decode({"o": "lb1", "at": "1", "s": "10.0.1.2:70000>10.0.100.1:80=0a0b0c0d=b1 "
-                    "10.0.1.2:٣>10.0.100.1:80=0a0b0c0d=b1 10.0.1.2:4000>10.0.100.1:80=0a0b0c0d=b1"}, rejected)
+    batch = decode({"at": "1", "s": "10.0.1.2:70000>10.0.100.1:80=0a0b0c0d=b1 "
+                    "10.0.1.2:٣>10.0.100.1:80=0a0b0c0d=b1 10.0.1.2:4000>10.0.100.1:80=0a0b0c0d=b1"}, "lb1", rejected)
     assert list(batch.subflows.values()) == [(0x0A0B0C0D, "b1")] and rejected["malformed"] == 2
 
 
@@ -174,14 +187,15 @@ def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf
 def test_a_follower_goes_on_after_the_last_entry_it_read_unless_the_stream_lost_what_followed():
     from mplb_nfq.core.cluster import resume_from
 
-    assert resume_from(None, None, None) == ("0-0", True)  # first connection, empty stream: catch up
-    assert resume_from(None, "5-0", "9-0") == ("9-0", True)  # first connection: catch up, then the newest
-    assert resume_from("7-1", "5-0", "9-0") == ("7-1", False)  # what came after 7-1 is all there
-    assert resume_from("9-0", "5-0", "9-0") == ("9-0", False)
-    assert resume_from("4-9", "5-0", "9-0") == ("9-0", True)  # trimmed past it
-    assert resume_from("7-1", None, None) == ("0-0", True)  # Redis came back empty
-    assert resume_from("7-1", "1-0", "3-0") == ("3-0", True)  # Redis came back from an older copy
-    assert resume_from("10-0", "9-5", "11-0") == ("10-0", False)  # IDs order as numbers, not as text
+    assert resume_from(None, None, None, True) == ("0-0", False)  # a peer met before its first entry: all of it
+    assert resume_from(None, "1-0", "9-0", True) == ("0-0", False)  # a stream that holds all it ever held
+    assert resume_from(None, "5-0", "9-0", False) == ("9-0", True)  # trimmed: catch up, then the newest
+    assert resume_from("7-1", "5-0", "9-0", False) == ("7-1", False)  # what came after 7-1 is all there
+    assert resume_from("9-0", "5-0", "9-0", False) == ("9-0", False)
+    assert resume_from("4-9", "5-0", "9-0", False) == ("9-0", True)  # trimmed past it
+    assert resume_from("7-1", None, None, True) == ("0-0", True)  # Redis came back empty
+    assert resume_from("7-1", "1-0", "3-0", True) == ("3-0", True)  # Redis came back from an older copy
+    assert resume_from("10-0", "9-5", "11-0", False) == ("10-0", False)  # IDs order as numbers, not as text
 
 
 def test_joins_repeated_or_forged_with_a_known_token_are_published_and_installed_once_and_at_most_8_a_connection():

@@ -9,7 +9,7 @@ import pytest
 import redis
 from netlab import wait_for
 
-from mplb_nfq.core.cluster import Batch, encode
+from mplb_nfq.core.cluster import Batch, Keys, encode
 from mplb_nfq.ops.cluster import Link, PeerNews
 from mplb_nfq.ops.config import ClusterConfig
 
@@ -52,7 +52,7 @@ def reading(client) -> bool:
 
 def test_an_end_published_while_the_follower_was_cut_off_still_reaches_the_worker(redis_url):
     cfg = ClusterConfig("t", "lb2", redis_url, password="")
-    stream = "mplb:t:log"
+    stream = Keys("t").of("lb1", "news")
     peer = redis.Redis.from_url(redis_url, decode_responses=True)
     peer.xadd(stream, encode(Batch("lb1", 1.0, tokens={0x0A0B0C0D: "b1"})))
     news = multiprocessing.get_context("fork").Queue()

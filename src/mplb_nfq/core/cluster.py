@@ -1,8 +1,10 @@
 """What balancers of one cluster tell each other, as pure data: the tokens each learned and the
 join subflows each steered, by backend name (marks are local), and the tokens whose connections
-ended. Encoded as the text fields of a Redis stream entry or hash; whatever is read back is
-untrusted: it is parsed strictly, and an entry that is malformed or names a backend this
-balancer does not know is counted and dropped, never installed."""
+ended; and where each balancer keeps them in Redis. Encoded as the text fields of a Redis stream
+entry or hash; whatever is read back is untrusted: it is parsed strictly, and an entry that is
+malformed or names a backend this balancer does not know is counted and dropped, never
+installed. Who said something is where it is written (a prefix only its author's Redis user may
+write), never what the entry claims."""
 from __future__ import annotations
 
 import hashlib
@@ -38,9 +40,37 @@ class Batch:
         return bool(self.tokens or self.subflows or self.ended)
 
 
+class Keys:
+    """Where a cluster's balancers keep their news in Redis: four keys each, under
+    mplb:CLUSTER:lb:BALANCER:, a prefix that only its own ACL user may write
+    (deploy/cluster/redis-acl.conf):
+      news      stream: its batches (encode), which its peers follow
+      tokens    hash: TOKEN -> its record (record), until its connection ends
+      subflows  hash: TOKEN -> the join subflows it steered on TOKEN's connection (record_subflows)
+      beat      its heartbeat (config fingerprint, counts), for a few seconds
+    A handful of keys per balancer, whatever the number of connections: finding the peers (SCAN)
+    stays cheap."""
+    KINDS = ("news", "tokens", "subflows", "beat")
+
+    def __init__(self, cluster: str):
+        self.root = f"mplb:{cluster}:lb:"
+
+    def of(self, balancer: str, kind: str) -> str:
+        return f"{self.root}{balancer}:{kind}"
+
+    def every(self, kind: str) -> str:
+        """The SCAN pattern of every balancer's `kind` key."""
+        return f"{self.root}*:{kind}"
+
+    def balancer_of(self, key: str, kind: str) -> str | None:
+        """The balancer whose `kind` key this is; None for anything else."""
+        name = key.removeprefix(self.root).removesuffix(f":{kind}")
+        return name if key == self.of(name, kind) and NAME.fullmatch(name) else None
+
+
 def encode(batch: Batch) -> dict[str, str]:
-    """A stream entry's fields."""
-    fields = {"o": batch.origin, "at": str(int(batch.at * 1000))}
+    """A stream entry's fields (its origin is the stream's owner)."""
+    fields = {"at": str(int(batch.at * 1000))}
     if batch.tokens:
         fields["t"] = " ".join(f"{t:08x}={b}" for t, b in batch.tokens.items())
     if batch.subflows:
@@ -50,11 +80,11 @@ def encode(batch: Batch) -> dict[str, str]:
     return fields
 
 
-def decode(fields: Mapping[str, str], rejected: Counter[str]) -> Batch | None:
-    """A stream entry back to a Batch; its malformed items (or the whole entry) counted in
-    `rejected` by reason and left out."""
-    origin, at = fields.get("o", ""), fields.get("at", "")
-    if not NAME.fullmatch(origin) or not MILLIS.fullmatch(at):
+def decode(fields: Mapping[str, str], origin: str, rejected: Counter[str]) -> Batch | None:
+    """An entry of `origin`'s stream back to a Batch; its malformed items (or the whole entry)
+    counted in `rejected` by reason and left out."""
+    at = fields.get("at", "")
+    if not MILLIS.fullmatch(at):
         rejected["malformed"] += 1
         return None
     batch = Batch(origin, int(at) / 1000)
@@ -87,29 +117,42 @@ def _items(text: str, rejected: Counter[str]) -> list[str]:
     return items
 
 
-def record(backend: str, origin: str, at: float, subflows: Iterable[tuple[tuple, str]] = ()) -> dict[str, str]:
-    """The fields a token is kept with (for a balancer that catches up): its backend, who learned
-    it and when; its join subflows (s:FLOW -> backend), as the link reads them back from their own hash."""
-    fields = {"b": backend, "o": origin, "at": str(int(at * 1000))}
-    fields.update({f"s:{flow_comment(flow)}": b for flow, b in subflows})
-    return fields
+def record(backend: str, at: float) -> str:
+    """A token as its teacher keeps it (for a balancer that catches up): its backend, and when it
+    was learned."""
+    return f"{backend} {int(at * 1000)}"
 
 
-def from_record(token: int, fields: Mapping[str, str], rejected: Counter[str]) -> Batch | None:
-    """A kept token's hash as a Batch of one, from its origin."""
-    origin, backend = fields.get("o", ""), fields.get("b", "")
-    at = fields.get("at", "")
-    if not NAME.fullmatch(origin) or not NAME.fullmatch(backend) or not MILLIS.fullmatch(at):
-        rejected["malformed"] += 1
-        return None
-    batch = Batch(origin, int(at) / 1000, {token: backend})
-    for key, value in fields.items():
-        if key.startswith("s:"):
-            flow = flow_of_comment(key[2:])
-            if flow is None or not NAME.fullmatch(value):
+def record_subflows(subflows: Mapping[tuple, str]) -> str:
+    """The join subflows (flow -> backend) a balancer steered on one connection."""
+    return " ".join(f"{flow_comment(flow)}={backend}" for flow, backend in subflows.items())
+
+
+def from_kept(origin: str, tokens: Mapping[str, str], subflows: Mapping[str, str], rejected: Counter[str]) -> Batch:
+    """Fields of what `origin` keeps in Redis (its tokens hash: record; its subflows hash:
+    record_subflows), as one Batch; the malformed counted and left out."""
+    batch = Batch(origin, float("inf"))
+    for token, kept in tokens.items():
+        backend, _, at = kept.partition(" ")
+        if not TOKEN.fullmatch(token) or not NAME.fullmatch(backend) or not MILLIS.fullmatch(at):
+            rejected["malformed"] += 1
+            continue
+        batch.tokens[int(token, 16)] = backend
+        batch.at = min(batch.at, int(at) / 1000)
+    for token, kept in subflows.items():
+        items = kept.split()
+        if not TOKEN.fullmatch(token) or len(items) > MAX_SUBFLOWS:
+            rejected["malformed"] += 1
+            continue
+        for item in items:
+            comment, _, backend = item.partition("=")
+            flow = flow_of_comment(comment)
+            if flow is None or not NAME.fullmatch(backend):
                 rejected["malformed"] += 1
                 continue
-            batch.subflows[flow] = (token, value)
+            batch.subflows[flow] = (int(token, 16), backend)
+    if batch.at == float("inf"):
+        batch.at = 0.0
     return batch
 
 
@@ -119,14 +162,17 @@ def entry_id(text: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def resume_from(last: str | None, oldest: str | None, newest: str | None) -> tuple[str, bool]:
-    """Where a follower of the stream goes on after (re)connecting, and whether it must catch up
-    from the kept tokens first. It goes on after the last entry it read, so that what peers
-    published meanwhile (ends too) still comes, unless the stream no longer holds what followed
-    that entry: trimmed, or Redis came back without it. A first connection starts at the newest
-    entry, after catching up."""
+def resume_from(last: str | None, oldest: str | None, newest: str | None, whole: bool) -> tuple[str, bool]:
+    """Where a follower of a peer's stream goes on after (re)connecting, and whether it must catch
+    up from what the peer keeps first. It goes on after the last entry it read, so that what the
+    peer published meanwhile (ends too) still comes, unless the stream no longer holds what
+    followed that entry: trimmed, or Redis came back without it. A peer met for the first time is
+    read from its first entry if its stream holds all it ever held (`whole`: a cluster starting),
+    else from its newest entry, after catching up."""
     if last is not None and oldest is not None and entry_id(oldest) <= entry_id(last) <= entry_id(newest):
         return last, False
+    if last is None and whole:
+        return "0-0", False
     return newest or "0-0", True
 
 

@@ -5,8 +5,9 @@
 The router runs BIRD and takes each balancer's BGP announcement of the VIP into one ECMP route,
 hashed on L4 (fib_multipath_hash_policy=1); each balancer runs BIRD, which announces the VIP while
 the worker's announcement device is up. The backends answer the client through the router (direct
-server return). Redis (an ACL user with a password, nothing for the default user) lives in a
-namespace of its own. Everything is a real process, started here and stopped by destroy().
+server return). Redis lives in a namespace of its own: nothing for the default user, one ACL user
+per balancer (lb1..lb8, each with its own password) who may read the cluster's keys and write
+only its own, as deploy/cluster/redis-acl.conf sets it up. Everything is a real process, started here and stopped by destroy().
 """
 from __future__ import annotations
 
@@ -21,10 +22,16 @@ from .netns import BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, VIP6, Topology, b
 ROUTER_ON_SWITCH, ROUTER_ON_SWITCH6 = "10.0.9.1", "fd00:9::1"
 STORE = "10.0.9.250"
 REDIS_PORT = 6379
-REDIS_USER = "mplb"
 ROUTER_AS, BALANCER_AS = 65000, 65001
 ANNOUNCE_DEVICE = "mplb-announce"
 MAX_BALANCERS = 8
+
+
+def redis_user(balancer: str, password: str, cluster: str) -> str:
+    """A balancer's ACL user: it reads the cluster's keys and writes only its own (core.cluster.Keys),
+    with the commands the link sends and nothing that reaches beyond keys."""
+    return (f"user {balancer} on >{password} resetkeys %R~mplb:{cluster}:* ~mplb:{cluster}:lb:{balancer}:* "
+            f"resetchannels -@all +@read +@write +@connection +select -@dangerous")
 
 
 def balancer_address(k: int, version: int = 4) -> str:
@@ -83,7 +90,8 @@ protocol bgp uplink{version} {{
 class ClusterTopology(Topology):
     balancers: int = 2
     run_dir: Path = field(default_factory=lambda: Path("/tmp"))
-    redis_password: str = field(default_factory=lambda: secrets.token_hex(16))
+    redis_passwords: dict[str, str] = field(default_factory=lambda: {
+        f"lb{k}": secrets.token_hex(16) for k in range(1, MAX_BALANCERS + 1)})
     direct_return: bool = True
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     added: set = field(default_factory=set)  # balancers added after the build
@@ -201,12 +209,12 @@ class ClusterTopology(Topology):
                       f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
         return "\n".join([f"bind {STORE}", *listen, 'save ""', "appendonly no", "protected-mode yes",
                           f"dir {self.run_dir}", "user default off",
-                          f"user {REDIS_USER} on >{self.redis_password} ~mplb:* resetchannels +@all -@dangerous"]) + "\n"
+                          *(redis_user(role, password, "*") for role, password in self.redis_passwords.items())]) + "\n"
 
-    def redis_cli(self) -> list[str]:
+    def redis_cli(self, user: str = "lb1") -> list[str]:
         tls = ["--tls", "--cacert", str(self.run_dir / "ca.pem")] if self.tls else []
-        return ["redis-cli", "-h", STORE, "-p", str(REDIS_PORT), *tls, "--user", REDIS_USER, "--pass",
-                self.redis_password, "--no-auth-warning"]
+        return ["redis-cli", "-h", STORE, "-p", str(REDIS_PORT), *tls, "--user", user, "--pass",
+                self.redis_passwords[user], "--no-auth-warning"]
 
     def start_redis(self) -> None:
         conf = self.run_dir / "redis.conf"
@@ -236,9 +244,9 @@ class ClusterTopology(Topology):
                 process.kill()
                 process.wait()
 
-    def password_file(self) -> Path:
-        path = self.run_dir / "redis.password"
-        path.write_text(self.redis_password + "\n")
+    def password_file(self, role: str) -> Path:
+        path = self.run_dir / f"redis-{role}.password"
+        path.write_text(self.redis_passwords[role] + "\n")
         path.chmod(0o600)
         return path
 
@@ -246,8 +254,8 @@ class ClusterTopology(Topology):
         """The [cluster] table of balancer `role`'s config."""
         scheme, ca = ("rediss", [f'tls_ca = "{self.run_dir / "ca.pem"}"']) if self.tls else ("redis", [])
         return "\n".join(["[cluster]", f'name = "{name}"', f'balancer = "{role}"',
-                          f'redis = "{scheme}://{STORE}:{REDIS_PORT}/0"', *ca, f'username = "{REDIS_USER}"',
-                          f'password_file = "{self.password_file()}"', f'announce_device = "{ANNOUNCE_DEVICE}"']) + "\n"
+                          f'redis = "{scheme}://{STORE}:{REDIS_PORT}/0"', *ca, f'username = "{role}"',
+                          f'password_file = "{self.password_file(role)}"', f'announce_device = "{ANNOUNCE_DEVICE}"']) + "\n"
 
     def wait_announced(self, count: int, timeout: float = 30.0) -> None:
         """Until the router's routes to both VIPs go through `count` balancers."""

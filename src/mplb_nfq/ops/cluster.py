@@ -1,15 +1,12 @@
 """The cluster link: a process of its own between the worker and Redis, so that nothing Redis does
 (slow, gone, restarting) ever waits in the worker's loop.
 
-Redis holds, under mplb:CLUSTER:
-  t:TOKEN   hash: b backend, o the balancer that learned it, at (ms); lives until its
-            connection ends (the learner deletes it), token_timeout at most
-  s:TOKEN   hash: FLOW -> backend, the join subflows of TOKEN's connection, by whoever steered them
-  log       stream: every balancer's batches (core.cluster.encode), what peers follow
-  b:NAME    each balancer's heartbeat: its config fingerprint and counts, for 10 s
-The link publishes the worker's news in batches, follows the stream for the peers', catches up
-from the hashes when it (re)connects, and publishes again what this balancer holds after an
-outage. Both directions are plain data over a pipe (Batch, LinkState).
+Each balancer writes under its own prefix in Redis (core.cluster.Keys), with a user of its own
+that may write nothing else: its news stream, its tokens (each until its connection ends), the
+subflows it steered and its heartbeat. The link
+publishes the worker's news in batches, follows every peer's stream, catches up from a peer's
+hashes when it meets the peer or cannot go on where it left its stream, and publishes again what
+this balancer holds after an outage. Both directions are plain data over a pipe (Batch, LinkState).
 """
 from __future__ import annotations
 
@@ -25,20 +22,22 @@ from dataclasses import dataclass, field
 from ..core.cluster import (
     MAX_PEERS,
     Batch,
+    Keys,
     decode,
     encode,
-    from_record,
+    from_kept,
     heartbeat,
     peer_beats,
     record,
+    record_subflows,
     resume_from,
 )
-from ..core.tokens import flow_comment
 from .config import ClusterConfig
 
 log = logging.getLogger("mplb_nfq.cluster")
 STREAM_LENGTH = 100_000  # batches kept in the stream (about): a peer that falls further behind catches up
 HEARTBEAT_SECONDS, HEARTBEAT_TTL = 2.0, 10
+LOOK_SECONDS = 0.5  # how often the follower looks for a balancer it has not met
 STATE_SECONDS = 1.0
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
 SCAN_CHUNK = 500
@@ -70,22 +69,21 @@ class LinkState:
 class Own:
     """What this balancer published and still holds: published again after an outage."""
     tokens: dict[int, tuple[str, float]] = field(default_factory=dict)
-    subflows: dict[tuple, tuple[int, str]] = field(default_factory=dict)
+    subflows: dict[int, dict[tuple, str]] = field(default_factory=dict)  # token -> flow -> backend
 
     def add(self, batch: Batch) -> None:
         for token, backend in batch.tokens.items():
             self.tokens[token] = (backend, batch.at)
-        self.subflows.update(batch.subflows)
-        if batch.ended:
-            ended = set(batch.ended)
-            for token in ended:
-                self.tokens.pop(token, None)
-            for flow in [f for f, (t, _) in self.subflows.items() if t in ended]:
-                del self.subflows[flow]
+        for flow, (token, backend) in batch.subflows.items():
+            self.subflows.setdefault(token, {})[flow] = backend
+        for token in batch.ended:
+            self.tokens.pop(token, None)
+            self.subflows.pop(token, None)
 
     def batches(self, origin: str, size: int = 1000) -> list[Batch]:
         out = []
-        tokens, subflows = list(self.tokens.items()), list(self.subflows.items())
+        tokens = list(self.tokens.items())
+        subflows = [(flow, (token, backend)) for token, flows in self.subflows.items() for flow, backend in flows.items()]
         for i in range(0, max(len(tokens), len(subflows)), size):
             batch = Batch(origin, time.time(), {t: b for t, (b, _) in tokens[i:i + size]}, dict(subflows[i:i + size]))
             batch.at = min((at for _, (_, at) in tokens[i:i + size]), default=batch.at)
@@ -118,8 +116,7 @@ def connect(cfg: ClusterConfig):
 class Link:
     def __init__(self, cfg: ClusterConfig, ttl: int, fingerprint: str, send):
         self.cfg, self.ttl, self.fingerprint, self.send = cfg, ttl, fingerprint, send
-        self.prefix = f"mplb:{cfg.name}:"
-        self.stream = self.prefix + "log"
+        self.keys, self.name = Keys(cfg.name), cfg.balancer
         self.incoming: queue.SimpleQueue[Batch] = queue.SimpleQueue()
         self.own = Own()
         self.ended: list[int] = []  # ended while the publisher was cut off
@@ -142,7 +139,7 @@ class Link:
 
     def next_batch(self, wait: float) -> Batch | None:
         """What the worker sent since the last call, merged into one batch (or None when it is gone)."""
-        merged = Batch(self.cfg.balancer, float("inf"))  # as old as its oldest news
+        merged = Batch(self.name, float("inf"))  # as old as its oldest news
         try:
             item = self.incoming.get(timeout=wait)
             while True:
@@ -164,21 +161,22 @@ class Link:
 
     # -- to Redis -----------------------------------------------------------------------------
     def write(self, client, batch: Batch) -> None:
+        """A batch into Redis: this balancer's kept tokens and subflows (as Own holds them now),
+        then its news."""
+        tokens, subflows, news = (self.keys.of(self.name, kind) for kind in ("tokens", "subflows", "news"))
         pipe = client.pipeline(transaction=False)
-        for token, backend in batch.tokens.items():
-            key = f"{self.prefix}t:{token:08x}"
-            pipe.hset(key, mapping=record(backend, batch.origin, batch.at))
+        if batch.tokens:
+            pipe.hset(tokens, mapping={f"{t:08x}": record(backend, batch.at) for t, backend in batch.tokens.items()})
+        steered = {token for token, _ in batch.subflows.values() if token in self.own.subflows}
+        if steered:
+            pipe.hset(subflows, mapping={f"{t:08x}": record_subflows(self.own.subflows[t]) for t in steered})
+        for i in range(0, len(batch.ended), SCAN_CHUNK):
+            ended = [f"{t:08x}" for t in batch.ended[i:i + SCAN_CHUNK]]
+            pipe.hdel(tokens, *ended)
+            pipe.hdel(subflows, *ended)
+        pipe.xadd(news, encode(batch), maxlen=STREAM_LENGTH, approximate=True)
+        for key in (tokens, subflows, news):  # a balancer retired for good leaves nothing behind
             pipe.expire(key, self.ttl)
-        by_token: dict[int, dict[str, str]] = {}
-        for flow, (token, backend) in batch.subflows.items():
-            by_token.setdefault(token, {})[flow_comment(flow)] = backend
-        for token, fields in by_token.items():
-            key = f"{self.prefix}s:{token:08x}"
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.ttl)
-        for token in batch.ended:
-            pipe.delete(f"{self.prefix}t:{token:08x}", f"{self.prefix}s:{token:08x}")
-        pipe.xadd(self.stream, encode(batch), maxlen=STREAM_LENGTH, approximate=True)
         pipe.execute()
         self.published += len(batch.tokens) + len(batch.subflows)
 
@@ -193,8 +191,10 @@ class Link:
                 self.ended = (self.ended + batch.ended)[-ENDED_KEPT:]
                 try:
                     client = connect(self.cfg)
+                    self.heartbeat(client)  # peers meet this balancer by it, then read its stream whole
+                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
                     # what peers missed while this balancer could not publish
-                    for pending in self.own.batches(self.cfg.balancer) + [Batch(self.cfg.balancer, time.time(),
+                    for pending in self.own.batches(self.name) + [Batch(self.name, time.time(),
                                                                                 ended=self.ended)]:
                         if pending:
                             self.write(client, pending)
@@ -228,15 +228,25 @@ class Link:
         return None
 
     def heartbeat(self, client) -> None:
-        client.set(f"{self.prefix}b:{self.cfg.balancer}", heartbeat(self.fingerprint, self.published, time.time()),
+        client.set(self.keys.of(self.name, "beat"), heartbeat(self.fingerprint, self.published, time.time()),
                    ex=HEARTBEAT_TTL)
-        keys = list(itertools.islice(client.scan_iter(f"{self.prefix}b:*", count=100), 4 * MAX_PEERS))
-        names = [key.removeprefix(f"{self.prefix}b:") for key in keys]
-        beats = peer_beats(zip(names, client.mget(keys) if keys else []), self.rejected)
-        beats.pop(self.cfg.balancer, None)
+        names = self.balancers(client, "beat")
+        beats = peer_beats(zip(names, client.mget([self.keys.of(n, "beat") for n in names]) if names else []),
+                           self.rejected)
         now = time.time()
         self.peers = {name: {"fingerprint": fingerprint, "age_s": round(now - at, 1)}
                       for name, (fingerprint, at) in beats.items()}
+
+    def balancers(self, client, kind: str) -> list[str]:
+        """The other balancers that have a `kind` key, MAX_PEERS of them at most."""
+        names = []
+        for key in itertools.islice(client.scan_iter(self.keys.every(kind), count=1000), 4 * MAX_PEERS):
+            name = self.keys.balancer_of(key, kind)
+            if name is None:
+                self.rejected["malformed"] += 1
+            elif name != self.name and len(names) < MAX_PEERS:
+                names.append(name)
+        return names
 
     def state(self) -> LinkState:
         return LinkState(self.writer_up and self.reader_up, self.published, dict(self.received), dict(self.rejected),
@@ -245,24 +255,30 @@ class Link:
 
     # -- from Redis ---------------------------------------------------------------------------
     def follow_forever(self) -> None:
-        retry, last = 0, None
+        retry, streams = 0, {}  # peer -> the last entry read from its stream
         while True:
             try:
                 client = connect(self.cfg)
-                oldest, newest = client.xrange(self.stream, count=1), client.xrevrange(self.stream, count=1)
-                last, behind = resume_from(last, oldest[0][0] if oldest else None, newest[0][0] if newest else None)
-                if behind:
-                    self.resync(client)  # entries written meanwhile come again from the stream: installs are idempotent
+                self.catch_up(client, streams, set(streams) | set(self.peers_met(client)))
+                self.resyncs += 1
                 self.reader_up, retry = True, 0
                 self.send(self.state())  # after the batches: the worker knows it has caught up
+                next_look = time.monotonic() + LOOK_SECONDS
                 while True:
-                    for _, entries in client.xread({self.stream: last}, count=1000, block=1000) or []:
-                        for last, fields in entries:
-                            if fields.get("o") == self.cfg.balancer:
-                                continue
-                            batch = decode(fields, self.rejected)
+                    if time.monotonic() >= next_look:  # a balancer that started meanwhile
+                        self.catch_up(client, streams, set(self.peers_met(client)) - set(streams))
+                        next_look = time.monotonic() + LOOK_SECONDS
+                    if not streams:
+                        time.sleep(LOOK_SECONDS)
+                        continue
+                    reading = {self.keys.of(peer, "news"): last for peer, last in streams.items()}
+                    for key, entries in client.xread(reading, count=1000, block=int(LOOK_SECONDS * 1000)) or []:
+                        peer = self.keys.balancer_of(key, "news")
+                        for entry, fields in entries:
+                            streams[peer] = entry
+                            batch = decode(fields, peer, self.rejected)
                             if batch:
-                                self.received[batch.origin] += len(batch.tokens) + len(batch.subflows)
+                                self.received[peer] += len(batch.tokens) + len(batch.subflows)
                                 self.send(PeerNews(batch))
             except Exception as e:
                 if self.reader_up:
@@ -271,33 +287,44 @@ class Link:
                 time.sleep(RETRY_SECONDS[min(retry, len(RETRY_SECONDS) - 1)])
                 retry += 1
 
-    def resync(self, client) -> None:
-        """Every token kept in Redis, with its subflows, in batches by origin."""
-        keys = list(client.scan_iter(f"{self.prefix}t:*", count=SCAN_CHUNK))
-        for i in range(0, len(keys), SCAN_CHUNK):
-            chunk = keys[i:i + SCAN_CHUNK]
-            pipe = client.pipeline(transaction=False)
-            for key in chunk:
-                pipe.hgetall(key)
-                pipe.hgetall(key.replace(":t:", ":s:", 1))
-            answers = pipe.execute()
-            by_origin: dict[str, Batch] = {}
-            for key, kept, subflows in zip(chunk, answers[::2], answers[1::2]):
-                token = key.rpartition(":")[2]
-                if len(token) != 8 or any(c not in "0123456789abcdef" for c in token) or not kept:
-                    self.rejected["malformed"] += 1
-                    continue
-                batch = from_record(int(token, 16), {**kept, **{f"s:{k}": v for k, v in subflows.items()}},
-                                    self.rejected)
-                if batch is None:
-                    continue
-                merged = by_origin.setdefault(batch.origin, Batch(batch.origin, batch.at))
-                merged.at = min(merged.at, batch.at)
-                merged.tokens.update(batch.tokens)
-                merged.subflows.update(batch.subflows)
-            for batch in by_origin.values():
-                self.send(PeerNews(batch, resync=True))
-        self.resyncs += 1
+    def peers_met(self, client) -> list[str]:
+        """Peers by their heartbeat (a balancer beats before it publishes) or their stream."""
+        return list(dict.fromkeys(self.balancers(client, "beat") + self.balancers(client, "news")))[:MAX_PEERS]
+
+    def catch_up(self, client, streams: dict[str, str], peers: set[str]) -> None:
+        """Where to go on in each of these peers' streams; from a peer whose stream cannot say all
+        that happened since (core.cluster.resume_from), what it keeps first (entries written
+        meanwhile come again from the stream: installs are idempotent)."""
+        import redis
+
+        for peer in peers:
+            try:
+                info = client.xinfo_stream(self.keys.of(peer, "news"))
+                oldest, newest = info["first-entry"], info["last-entry"]
+                span = oldest[0] if oldest else None, newest[0] if newest else None
+                whole = info.get("entries-added") == info["length"]
+            except redis.ResponseError:  # no stream yet: all it will hold is to come
+                span, whole = (None, None), True
+            streams[peer], behind = resume_from(streams.get(peer), *span, whole)
+            if behind:
+                self.resync(client, peer)
+
+    def resync(self, client, peer: str) -> None:
+        """Every token a peer keeps in Redis and every subflow it steered, in batches."""
+        for kind in ("tokens", "subflows"):
+            fields = {}
+            for name, value in client.hscan_iter(self.keys.of(peer, kind), count=SCAN_CHUNK):
+                fields[name] = value
+                if len(fields) == SCAN_CHUNK:
+                    self._send_kept(peer, kind, fields)
+                    fields = {}
+            self._send_kept(peer, kind, fields)
+
+    def _send_kept(self, peer: str, kind: str, fields: dict[str, str]) -> None:
+        batch = from_kept(peer, fields, {}, self.rejected) if kind == "tokens" else \
+            from_kept(peer, {}, fields, self.rejected)
+        if batch:
+            self.send(PeerNews(batch, resync=True))
 
 
 def serve_link(pipe, cfg: ClusterConfig, ttl: int, fingerprint: str) -> None:

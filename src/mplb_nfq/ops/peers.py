@@ -116,7 +116,8 @@ class Peers:
             self.tokens.ended_by_peer(ended, batch.origin)
             for token in ended:
                 del self.taught[token]
-            self.published.end(ended)  # the joins this balancer steered on them
+            if self.published.end(ended):  # the joins this balancer steered on them: out of Redis too
+                self.outgoing.ended += ended
             self._drop_subflows(ended)
         if not news.resync and (batch.tokens or batch.subflows):
             delay = max(0.0, time.time() - batch.at)
