@@ -27,6 +27,8 @@ class KernelMaps:
     def replace_tokens(self, tokens, comments=None):
         self.calls.append(("replace", tokens))
         self.tokens.update(tokens)
+        self.timeouts.update((t, self.TIMEOUT) for t, _ in tokens)
+        self.comments.update((t, c) for t, c in (comments or {}).items() if t in self.tokens)
 
     def renew_tokens(self, tokens, comments=None):
         self.calls.append(("renew", tokens))

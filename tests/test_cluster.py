@@ -174,8 +174,8 @@ def test_entries_from_redis_that_are_malformed_or_name_an_unknown_backend_are_co
     cli, keys = topo.redis_cli("lb7"), Keys("test")  # a balancer's user: anyone holding its password
     rejected = lambda kind: cluster.status("lb1")["rejected"].get(kind, 0)  # noqa: E731
     unknown, malformed = rejected("unknown_backend"), rejected("malformed")
-    topo.exec("store", *cli, "HSET", keys.of("lb7", "tokens"), "0badc0de", "nobody 1", capture_output=True)
-    topo.exec("store", *cli, "HSET", keys.of("lb7", "tokens"), "12345678", "b1 soon", capture_output=True)
+    topo.exec("store", *cli, "HSET", keys.of("lb7", "tokens"), "0badc0de", "1 nobody", capture_output=True)
+    topo.exec("store", *cli, "HSET", keys.of("lb7", "tokens"), "12345678", "soon b1", capture_output=True)
     # its stream no longer holds all it published (trimmed): met for the first time, what it keeps is read
     topo.exec("store", *cli, "XADD", keys.of("lb7", "news"), "MAXLEN", "0", "*", "at", "1", capture_output=True)
     wait_for(lambda: rejected("unknown_backend") > unknown and rejected("malformed") > malformed, 10)
@@ -195,7 +195,7 @@ def test_a_balancers_redis_user_writes_its_own_keys_only_and_no_entry_speaks_for
     topo.exec("store", *lb1, "XADD", keys.of("lb1", "news"), "*", "at", "1", "t", f"{taught:08x}=b1", capture_output=True)
     wait_for(lambda: in_token_map(topo, "lb2", taught), 10)
     for command in (["XADD", keys.of("lb1", "news"), "*", "at", "1", "d", f"{taught:08x}"],
-                    ["HSET", keys.of("lb1", "tokens"), "00000001", "b1 1"], ["DEL", keys.of("lb1", "tokens")],
+                    ["HSET", keys.of("lb1", "tokens"), "00000001", "1 b1"], ["DEL", keys.of("lb1", "tokens")],
                     ["SET", keys.of("lb1", "beat"), "{}"], ["FLUSHDB"]):
         answer = topo.exec("store", *thief, *command, capture_output=True).stdout
         assert "NOPERM" in answer, (command, answer)
@@ -314,6 +314,47 @@ def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(own_
         topo.exec("lb1", "ip", "link", "set", "s0", "down")
         wait_for(lambda: topo.nexthops() == survivors, 10)
     downloads(topo, 4, MB)  # the survivor serves alone
+
+
+def test_a_flow_the_router_moves_keeps_its_token_after_the_balancer_that_learned_it_forgets_it(cluster):
+    """A token lived as long as its teacher's conntrack entry: when the router moved the flow (a
+    balancer drained or added), that entry idled out, the teacher ended the token, and every peer
+    dropped it while its connection lived on: its next subflow failed. Now the balancer whose
+    conntrack has the connection takes the token over."""
+    topo = cluster.topo
+    known = {role: set(token_map(topo, role)) for role in topo.balancer_names}
+    wrong, joins = wrong_joins(topo), joins_established(topo)
+    topo.subflow_endpoint(False)  # one subflow until the flow has moved
+    download, teacher = fetch_in_background(topo, 60 * MB), None
+    try:
+        def learned() -> set:
+            return {(role, token) for role in topo.balancer_names for token, (_, comment) in token_map(topo, role).items()
+                    if token not in known[role] and comment and not comment.startswith("peer")}
+
+        wait_for(lambda: len(learned()) == 1, 10)
+        ((teacher, token),) = learned()
+        (other,) = set(topo.balancer_names) - {teacher}
+        wait_for(lambda: token in token_map(topo, other), 5)
+        topo.stop_bird(teacher)  # the router moves every flow to the other balancer
+        wait_for(lambda: topo.nexthops() == [balancer_address(int(other[2:]))], 10)
+        topo.exec(teacher, sys.executable, "-c", "from pyroute2 import NFCTSocket\nwith NFCTSocket() as ct: ct.flush()")
+        wait_for(lambda: token not in token_map(topo, teacher), 10)  # its entry gone: the teacher ended it
+        wait_for(lambda: not (token_map(topo, other).get(token, (0, "peer"))[1] or "").startswith("peer"), 10)
+        topo.subflow_endpoint(True)  # a new subflow of the live connection, through the other balancer
+        wait_for(lambda: joins_established(topo) > joins, 10)
+        result = json.loads(download.communicate(timeout=60)[0])
+        assert result.get("received") == 60 * MB and result["intact"], result
+        assert wrong_joins(topo) == wrong
+        topo.start_bird(teacher)
+        topo.wait_announced(2)
+        wait_for(lambda: (token_map(topo, teacher).get(token, (0, ""))[1] or "").startswith(f"peer {other}"), 5)
+    finally:
+        if download.poll() is None:
+            download.kill()
+            download.communicate()
+        topo.subflow_endpoint(True)
+        if teacher and f"bird-{teacher}" not in topo.processes:
+            topo.start_bird(teacher)
 
 
 def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):  # last: it leaves three

@@ -3,6 +3,7 @@ accepts from it (untrusted), and what the worker's side does with a peer's news,
 for the kernel maps."""
 import ipaddress
 import time
+from types import SimpleNamespace
 from collections import Counter
 
 from fakes import KernelMaps
@@ -24,7 +25,7 @@ FLOW6 = (ipaddress.ip_address("fd00:2::4").packed, 40002, VIP6, 8080)
 
 def test_a_batch_goes_through_a_stream_entry_unchanged():
     batch = Batch("lb1", 1700000000.123, {0x7A9913B1: "b1", 0x00000001: "b2"},
-                  {FLOW: (0x7A9913B1, "b1"), FLOW6: (0x00000001, "b2")}, [0xDEADBEEF])
+                  {FLOW: (0x7A9913B1, "b1"), FLOW6: (0x00000001, "b2")}, [0xDEADBEEF], {0x00000001: FLOW6})
     fields = encode(batch)
     assert all(isinstance(v, str) for v in fields.values())
     rejected = Counter()
@@ -47,11 +48,22 @@ def test_what_is_malformed_is_counted_and_left_out_the_rest_kept():
 
 def test_what_a_balancer_keeps_reads_back_as_its_batch():
     rejected = Counter()
-    batch = from_kept("lb2", {"7a9913b1": record("b1", 1700000000.5), "00000001": "b1", "zz": "b1 1"},
+    batch = from_kept("lb2", {"7a9913b1": record("b1", 1700000000.5), "00000001": "b1", "zz": "1 b1",
+                              "00000002": record("b2", 1800000000, FLOW6), "00000003": "1 b1=10.0.2.2:x>y"},
                       {"7a9913b1": record_subflows({FLOW: "b1"}), "00000009": "nonsense",
                        "00000008": " ".join(["10.0.2.2:1>10.0.100.1:80=b1"] * 9)}, rejected)
-    assert (batch.origin, batch.tokens, batch.subflows) == ("lb2", {0x7A9913B1: "b1"}, {FLOW: (0x7A9913B1, "b1")})
-    assert batch.at == 1700000000.5 and rejected["malformed"] == 4
+    assert (batch.origin, batch.tokens, batch.subflows) == ("lb2", {0x7A9913B1: "b1", 2: "b2"},
+                                                            {FLOW: (0x7A9913B1, "b1")})
+    assert batch.at == 1700000000.5 and batch.connections == {2: FLOW6} and rejected["malformed"] == 5
+
+
+def test_a_peers_map_element_names_its_teacher_and_its_connection():
+    from mplb_nfq.core.cluster import peer_comment, teacher_of
+
+    assert teacher_of(peer_comment("lb2", FLOW)) == ("lb2", FLOW)
+    assert teacher_of(peer_comment("lb2", None)) == ("lb2", None)
+    assert teacher_of(peer_comment("lb2", FLOW6)[:24]) == ("lb2", None)  # cut short by the room the kernel gives
+    assert teacher_of("10.0.2.2:40001>10.0.100.1:8080") is None and teacher_of(None) is None
 
 
 def test_a_balancers_keys_are_its_own_prefix_and_anything_else_is_no_key_of_the_cluster():
@@ -107,7 +119,7 @@ def test_only_the_peer_that_taught_a_token_may_end_it_and_its_subflows_go_with_i
 
 def test_what_this_balancer_learns_and_steers_goes_out_and_a_join_on_a_peers_token_counts_as_crossed():
     peers, _, _ = make_peers()
-    peers.learned({9: 0x102 | JOIN})
+    peers.learned({9: 0x102 | JOIN}, {9: FLOW6})
     peers.steered(FLOW, 9, 0x102 | JOIN)  # its own token: the join came through this balancer too
     assert peers.stats["joins_crossed"] == 0
     peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"})))
@@ -124,6 +136,64 @@ def test_what_this_balancer_learns_and_steers_goes_out_and_a_join_on_a_peers_tok
     peers.flush(Link())  # nothing new: nothing sent
     (batch,) = sent
     assert batch.tokens == {9: "b2"} and batch.subflows == {FLOW: (9, "b2"), FLOW6: (1, "b1")} and batch.ended == [9]
+    assert batch.connections == {9: FLOW6}
+
+
+def sent_by(peers) -> Batch:
+    sent = []
+    peers.flush(SimpleNamespace(send=sent.append))
+    return sent[0] if sent else Batch("none", 0.0)
+
+
+def test_a_token_ended_by_its_teacher_is_taken_over_by_the_balancer_its_connection_moved_to():
+    """In a cluster a token lived as long as its teacher's conntrack entry: when the router moved
+    the flow to another balancer, the teacher's entry idled out, it ended the token, and every peer
+    dropped it while its connection lived on: the next subflow failed."""
+    peers, balancer, maps = make_peers()
+    join = (FLOW[0], 40009, VIP, 8080)
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1", 2: "b2", 3: "b1"}, {join: (1, "b1")},
+                              connections={1: FLOW, 2: FLOW6})))
+    assert maps.comments[1] == "peer lb2 10.0.2.2:40001>10.0.100.1:8080"
+    sent_by(peers)
+    peers.news(PeerNews(Batch("lb2", time.time(), ended=[1, 2, 3])))
+    assert 3 not in maps.tokens  # no connection named: ended at once, as before
+    assert {1, 2} <= set(maps.tokens) and join in maps.subflows  # until the conntrack reader says
+    assert peers.tokens.handed_over == [(1, FLOW), (2, FLOW6)]
+    peers.handed_over_found(here=[1], elsewhere=[2])
+    assert maps.tokens[1] == 0x101 | JOIN | TAUGHT_BY_CLIENT and maps.comments[1] == "10.0.2.2:40001>10.0.100.1:8080"
+    assert join in maps.subflows and 2 not in maps.tokens
+    batch = sent_by(peers)
+    assert batch.tokens == {1: "b1"} and batch.connections == {1: FLOW} and 1 not in peers.taught
+    peers.news(PeerNews(Batch("lb2", time.time(), ended=[1])))  # no longer lb2's to end
+    assert 1 in maps.tokens
+
+
+def test_a_token_handed_over_that_a_peer_took_over_meanwhile_stays_its():
+    peers, _, maps = make_peers()
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"}, connections={1: FLOW})))
+    peers.news(PeerNews(Batch("lb2", time.time(), ended=[1])))
+    peers.news(PeerNews(Batch("lb3", time.time(), {1: "b1"}, connections={1: FLOW})))  # the connection is there
+    peers.handed_over_found(here=[], elsewhere=[1])
+    assert 1 in maps.tokens and peers.taught[1] == "lb3"
+    peers.news(PeerNews(Batch("lb3", time.time(), {1: "b2"})))  # another backend: not a take-over, a conflict
+    assert peers.taught[1] == "lb3" and maps.tokens[1] & 0xFFF == 0x101
+    peers.news(PeerNews(Batch("lb3", time.time(), ended=[1])))
+    peers.handed_over_found(here=[], elsewhere=[1])
+    assert 1 not in maps.tokens
+
+
+def test_conntrack_lifetimes_say_whether_a_handed_over_connection_is_here_then_watch_it_as_their_own():
+    from mplb_nfq.kernel.conntrack import ABSENT_READINGS, Lifetimes
+
+    lifetimes = Lifetimes()
+    lifetimes.watch([(1, FLOW)])
+    lifetimes.watch([(2, FLOW6), (3, (FLOW[0], 1, VIP, 80))], handed_over=True)
+    gone, handed = lifetimes.reading({FLOW, FLOW6})
+    assert gone == [] and handed.here == [2] and handed.elsewhere == []
+    readings = [lifetimes.reading({FLOW}) for _ in range(ABSENT_READINGS)]
+    assert [gone for gone, _ in readings] == [[]] * (ABSENT_READINGS - 1) + [[2]]  # 2 was here: its own end now
+    assert [h.elsewhere for _, h in readings] == [[]] * (ABSENT_READINGS - 2) + [[3], []]
+    assert not any(h.here for _, h in readings) and lifetimes.watched == {1: FLOW}
 
 
 def test_a_starting_balancer_announces_once_caught_up_from_redis():

@@ -14,7 +14,7 @@ from .core.packet import parse_ip
 from .core.held import Held, HeldJoin, HeldJoins
 from .core.verdicts import Kind, Verdict
 from .kernel.announce import Announcement
-from .kernel.conntrack import Counts, Gone, Watch, start_reader
+from .kernel.conntrack import Counts, Gone, HandedOver, Watch, start_reader
 from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
@@ -155,10 +155,12 @@ class Worker:
         due = self.held.next_deadline()
         return 200 if due is None else max(1, min(200, math.ceil((due - time.perf_counter()) * 1000)))
 
-    def from_conntrack(self, message: Counts | Gone) -> None:
+    def from_conntrack(self, message: Counts | Gone | HandedOver) -> None:
         if isinstance(message, Gone):
             self.tokens.gone(message.tokens)
             self.plane.fleet.broadcast(message)
+        elif isinstance(message, HandedOver):  # (a cluster's balancer runs one worker)
+            self.peers.handed_over_found(message.here, message.elsewhere)
         else:
             self.plane.apply_conntrack_counts(message)
 
@@ -268,6 +270,9 @@ class Worker:
                 if self.tokens.lifetimes and time.monotonic() >= next_watch:  # to the conntrack reader
                     (conntrack if first else parent).send(Watch(self.tokens.lifetimes))
                     self.tokens.lifetimes, next_watch = [], time.monotonic() + WATCH_SECONDS
+                if self.tokens.handed_over:
+                    conntrack.send(Watch(self.tokens.handed_over, handed_over=True))
+                    self.tokens.handed_over = []
                 if self.reload_requested:
                     self.reload_requested = False
                     plane.reload()

@@ -29,12 +29,15 @@ MAX_SUBFLOWS = 8  # join subflows kept per connection (Linux opens at most 8): m
 @dataclass
 class Batch:
     """One balancer's news: token -> backend, join subflow (client -> VIP) -> (token, backend),
-    tokens whose connection ended; `at`: when the oldest of it was learned (Unix seconds)."""
+    tokens whose connection ended; `at`: when the oldest of it was learned (Unix seconds);
+    `connections`: token -> its connection's first flow, where known (a peer that finds the
+    connection in its own conntrack when the teacher ends the token takes it over)."""
     origin: str
     at: float
     tokens: dict[int, str] = field(default_factory=dict)
     subflows: dict[tuple, tuple[int, str]] = field(default_factory=dict)
     ended: list[int] = field(default_factory=list)
+    connections: dict[int, tuple] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.tokens or self.subflows or self.ended)
@@ -72,7 +75,7 @@ def encode(batch: Batch) -> dict[str, str]:
     """A stream entry's fields (its origin is the stream's owner)."""
     fields = {"at": str(int(batch.at * 1000))}
     if batch.tokens:
-        fields["t"] = " ".join(f"{t:08x}={b}" for t, b in batch.tokens.items())
+        fields["t"] = " ".join(_token_item(t, b, batch.connections.get(t)) for t, b in batch.tokens.items())
     if batch.subflows:
         fields["s"] = " ".join(f"{flow_comment(f)}={t:08x}={b}" for f, (t, b) in batch.subflows.items())
     if batch.ended:
@@ -89,11 +92,7 @@ def decode(fields: Mapping[str, str], origin: str, rejected: Counter[str]) -> Ba
         return None
     batch = Batch(origin, int(at) / 1000)
     for item in _items(fields.get("t", ""), rejected):
-        token, _, backend = item.partition("=")
-        if TOKEN.fullmatch(token) and NAME.fullmatch(backend):
-            batch.tokens[int(token, 16)] = backend
-        else:
-            rejected["malformed"] += 1
+        _read_token(item, batch, rejected)
     for item in _items(fields.get("s", ""), rejected):
         parts = item.split("=")
         flow = flow_of_comment(parts[0]) if len(parts) == 3 else None
@@ -109,6 +108,25 @@ def decode(fields: Mapping[str, str], origin: str, rejected: Counter[str]) -> Ba
     return batch
 
 
+def _token_item(token: int, backend: str, connection: tuple | None) -> str:
+    return f"{token:08x}={backend}" + (f"={flow_comment(connection)}" if connection else "")
+
+
+def _read_token(item: str, batch: Batch, rejected: Counter[str]) -> bool:
+    """TOKEN=BACKEND[=FLOW] into `batch`; False when malformed (and counted)."""
+    parts = item.split("=")
+    connection = flow_of_comment(parts[2]) if len(parts) == 3 else None
+    if not 2 <= len(parts) <= 3 or not TOKEN.fullmatch(parts[0]) or not NAME.fullmatch(parts[1]) or \
+            (len(parts) == 3 and connection is None):
+        rejected["malformed"] += 1
+        return False
+    token = int(parts[0], 16)
+    batch.tokens[token] = parts[1]
+    if connection is not None:
+        batch.connections[token] = connection
+    return True
+
+
 def _items(text: str, rejected: Counter[str]) -> list[str]:
     items = text.split()
     if len(items) > MAX_ITEMS:
@@ -117,10 +135,10 @@ def _items(text: str, rejected: Counter[str]) -> list[str]:
     return items
 
 
-def record(backend: str, at: float) -> str:
-    """A token as its teacher keeps it (for a balancer that catches up): its backend, and when it
-    was learned."""
-    return f"{backend} {int(at * 1000)}"
+def record(backend: str, at: float, connection: tuple | None = None) -> str:
+    """A token as its teacher keeps it (for a balancer that catches up): when it was learned, its
+    backend and its connection's first flow, where known."""
+    return f"{int(at * 1000)} {backend}" + (f"={flow_comment(connection)}" if connection else "")
 
 
 def record_subflows(subflows: Mapping[tuple, str]) -> str:
@@ -133,12 +151,12 @@ def from_kept(origin: str, tokens: Mapping[str, str], subflows: Mapping[str, str
     record_subflows), as one Batch; the malformed counted and left out."""
     batch = Batch(origin, float("inf"))
     for token, kept in tokens.items():
-        backend, _, at = kept.partition(" ")
-        if not TOKEN.fullmatch(token) or not NAME.fullmatch(backend) or not MILLIS.fullmatch(at):
+        at, _, item = kept.partition(" ")
+        if not MILLIS.fullmatch(at):
             rejected["malformed"] += 1
             continue
-        batch.tokens[int(token, 16)] = backend
-        batch.at = min(batch.at, int(at) / 1000)
+        if _read_token(f"{token}={item}", batch, rejected):
+            batch.at = min(batch.at, int(at) / 1000)
     for token, kept in subflows.items():
         items = kept.split()
         if not TOKEN.fullmatch(token) or len(items) > MAX_SUBFLOWS:
@@ -176,15 +194,18 @@ def resume_from(last: str | None, oldest: str | None, newest: str | None, whole:
     return newest or "0-0", True
 
 
-def peer_comment(origin: str) -> str:
-    """The comment of a kernel map element a peer taught: a restarted worker reads who it was."""
-    return f"peer {origin}"
+def peer_comment(origin: str, connection: tuple | None) -> str:
+    """The comment of a kernel map element a peer taught: a restarted worker reads who it was
+    and, where the comment has room for it, the connection's first flow."""
+    return f"peer {origin}" + (f" {flow_comment(connection)}" if connection else "")
 
 
-def teacher_of(comment: str | None) -> str | None:
-    """The peer a map element's comment names, or None."""
-    kind, _, origin = (comment or "").partition(" ")
-    return origin if kind == "peer" and NAME.fullmatch(origin) else None
+def teacher_of(comment: str | None) -> tuple[str, tuple | None] | None:
+    """The peer a map element's comment names and its connection (or None), or None."""
+    kind, origin, connection = ((comment or "").split(" ", 2) + ["", ""])[:3]
+    if kind != "peer" or not NAME.fullmatch(origin):
+        return None
+    return origin, flow_of_comment(connection)
 
 
 def heartbeat(fingerprint: str, published: int, at: float) -> str:
@@ -231,7 +252,8 @@ def accepted(batch: Batch, backends: Mapping[str, int], services: Iterable[tuple
             rejected["unknown_service"] += 1
         else:
             subflows[flow] = (token, backend)
-    return Batch(batch.origin, batch.at, tokens, subflows, list(batch.ended))
+    connections = {token: flow for token, flow in batch.connections.items() if token in tokens}
+    return Batch(batch.origin, batch.at, tokens, subflows, list(batch.ended), connections)
 
 
 class Subflows:

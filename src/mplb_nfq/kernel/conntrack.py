@@ -21,8 +21,11 @@ ABSENT_READINGS = 2  # a watched connection missing from this many readings in a
 
 @dataclass(frozen=True)
 class Watch:
-    """From the worker: these tokens live as long as these connections (client -> VIP)."""
+    """From the worker: these tokens live as long as these connections (client -> VIP).
+    handed_over: a cluster's peer taught them and ended them (its entry is gone); the reader says
+    whether this balancer has the connection (HandedOver) and, if it has, watches it as its own."""
     tokens: list[tuple[int, tuple]]
+    handed_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,14 @@ class Counts:
 class Gone:
     """To the worker: the connections of these tokens are no longer in conntrack."""
     tokens: list[int]
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """To the worker: of the tokens a peer handed over, those whose connection this balancer's
+    conntrack has (`here`: watched from now on) and those it has not (`elsewhere`)."""
+    here: list[int]
+    elsewhere: list[int]
 
 
 def original_flow(entry) -> tuple | None:
@@ -56,25 +67,37 @@ class Lifetimes:
     def __init__(self):
         self.watched: dict[int, tuple] = {}
         self.absent: Counter[int] = Counter()
+        self.handed_over: set[int] = set()  # watched, and not yet seen here
 
-    def watch(self, tokens: list[tuple[int, tuple]]) -> None:
+    def watch(self, tokens: list[tuple[int, tuple]], handed_over: bool = False) -> None:
         for token, flow in tokens:
             self.watched[token] = flow
             self.absent.pop(token, None)
+            if handed_over:
+                self.handed_over.add(token)
+            else:
+                self.handed_over.discard(token)
 
-    def reading(self, live: set[tuple]) -> list[int]:
-        """The tokens whose connection this reading, and the ones before, did not have."""
-        gone = []
+    def reading(self, live: set[tuple]) -> tuple[list[int], HandedOver]:
+        """The tokens whose connection this reading, and the ones before, did not have; and of
+        those handed over, which connections are here and which are not."""
+        gone, here = [], []
         for token, flow in self.watched.items():
             if flow in live:
                 self.absent.pop(token, None)
+                if token in self.handed_over:
+                    here.append(token)
                 continue
             self.absent[token] += 1
             if self.absent[token] >= ABSENT_READINGS:
                 gone.append(token)
+        self.handed_over.difference_update(here)
+        ended, elsewhere = [], []
         for token in gone:
             del self.watched[token], self.absent[token]
-        return gone
+            (elsewhere if token in self.handed_over else ended).append(token)
+        self.handed_over.difference_update(elsewhere)
+        return ended, HandedOver(here, elsewhere)
 
 
 def read_conntrack(pipe, interval: float) -> None:
@@ -104,7 +127,8 @@ def read_conntrack(pipe, interval: float) -> None:
         started = time.monotonic()
         try:
             while not incoming.empty():
-                lifetimes.watch(incoming.get().tokens)
+                watch = incoming.get()
+                lifetimes.watch(watch.tokens, watch.handed_over)
             connections: Counter[int] = Counter()
             subflows: Counter[int] = Counter()
             live: set[tuple] = set()
@@ -119,9 +143,11 @@ def read_conntrack(pipe, interval: float) -> None:
                     if state in LIVE_TCP_STATES:
                         (subflows if mark & JOIN else connections)[mark & BACKEND_MASK] += 1
             pipe.send(Counts(dict(connections), dict(subflows)))
-            gone = lifetimes.reading(live)
+            gone, handed_over = lifetimes.reading(live)
             if gone:
                 pipe.send(Gone(gone))
+            if handed_over.here or handed_over.elsewhere:
+                pipe.send(handed_over)
         except (BrokenPipeError, EOFError):
             return
         except Exception as e:

@@ -182,7 +182,7 @@ class ClusterTopology(Topology):
                            ("net.netfilter.nf_conntrack_tcp_timeout_max_retrans", 86400),
                            ("net.netfilter.nf_conntrack_tcp_timeout_unacknowledged", 86400)):
             self.sysctl(lb, key, value)
-        self._start_bird(f"lb{k}", balancer_bird(k, [VIP, VIP6]))
+        self.start_bird(f"lb{k}")
 
     def add_balancer(self) -> str:
         """One more balancer on the switch, its BIRD running (it announces once its worker runs)."""
@@ -198,7 +198,12 @@ class ClusterTopology(Topology):
             role, "bird", "-f", "-c", str(conf), "-s", str(self.run_dir / f"bird-{role}.ctl"),
             "-P", str(self.run_dir / f"bird-{role}.pid"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def start_bird(self, role: str) -> None:
+        """Balancer `role`'s BIRD, which announces its VIPs while its worker holds the device."""
+        self._start_bird(role, balancer_bird(int(role.removeprefix("lb")), [VIP, VIP6]))
+
     def stop_bird(self, role: str) -> None:
+        """The router withdraws the balancer at once (BIRD closes its BGP session on the way out)."""
         self._stop(f"bird-{role}")
 
     def redis_config(self) -> str:

@@ -68,12 +68,12 @@ class LinkState:
 @dataclass
 class Own:
     """What this balancer published and still holds: published again after an outage."""
-    tokens: dict[int, tuple[str, float]] = field(default_factory=dict)
+    tokens: dict[int, tuple[str, float, tuple | None]] = field(default_factory=dict)  # backend, at, connection
     subflows: dict[int, dict[tuple, str]] = field(default_factory=dict)  # token -> flow -> backend
 
     def add(self, batch: Batch) -> None:
         for token, backend in batch.tokens.items():
-            self.tokens[token] = (backend, batch.at)
+            self.tokens[token] = (backend, batch.at, batch.connections.get(token))
         for flow, (token, backend) in batch.subflows.items():
             self.subflows.setdefault(token, {})[flow] = backend
         for token in batch.ended:
@@ -85,8 +85,10 @@ class Own:
         tokens = list(self.tokens.items())
         subflows = [(flow, (token, backend)) for token, flows in self.subflows.items() for flow, backend in flows.items()]
         for i in range(0, max(len(tokens), len(subflows)), size):
-            batch = Batch(origin, time.time(), {t: b for t, (b, _) in tokens[i:i + size]}, dict(subflows[i:i + size]))
-            batch.at = min((at for _, (_, at) in tokens[i:i + size]), default=batch.at)
+            chunk = tokens[i:i + size]
+            batch = Batch(origin, time.time(), {t: b for t, (b, _, _) in chunk}, dict(subflows[i:i + size]),
+                          connections={t: c for t, (_, _, c) in chunk if c})
+            batch.at = min((at for _, (_, at, _) in chunk), default=batch.at)
             out.append(batch)
         return out
 
@@ -151,6 +153,7 @@ class Link:
                     continue
                 merged.at = min(merged.at, item.at)
                 merged.tokens.update(item.tokens)
+                merged.connections.update(item.connections)
                 merged.subflows.update(item.subflows)
                 merged.ended += item.ended
                 item = self.incoming.get_nowait()
@@ -166,7 +169,8 @@ class Link:
         tokens, subflows, news = (self.keys.of(self.name, kind) for kind in ("tokens", "subflows", "news"))
         pipe = client.pipeline(transaction=False)
         if batch.tokens:
-            pipe.hset(tokens, mapping={f"{t:08x}": record(backend, batch.at) for t, backend in batch.tokens.items()})
+            pipe.hset(tokens, mapping={f"{t:08x}": record(backend, batch.at, batch.connections.get(t))
+                                       for t, backend in batch.tokens.items()})
         steered = {token for token, _ in batch.subflows.values() if token in self.own.subflows}
         if steered:
             pipe.hset(subflows, mapping={f"{t:08x}": record_subflows(self.own.subflows[t]) for t in steered})

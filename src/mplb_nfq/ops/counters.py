@@ -13,7 +13,8 @@ VERDICTS = ("accept", "reject", "drop", "errors")
 def _stats() -> Counter[str]:
     # every key there from the start: the metrics thread reads them while the packet loop counts
     return Counter(tokens_installed=0, tokens_rejected=0, tokens_refused=0, tokens_removed=0, token_install_errors=0,
-                   tokens_provisional=0, tokens_proven=0, tokens_pushed_out=0)
+                   tokens_provisional=0, tokens_proven=0, tokens_pushed_out=0,
+                   tokens_taken_over=0)
 
 
 @dataclass

@@ -118,12 +118,14 @@ class WorkerCollector:
         writes = CounterMetricFamily("mplb_token_writes", "Tokens written to the kernel map: installed, marked "
                                      "colliding (their joins are reset), refused (a client's claim on another "
                                      "connection's token), removed (their connection closed), lost to an error; "
-                                     "a client's: provisional, proven by its connection, or pushed out unproven",
+                                     "a client's: provisional, proven by its connection, or pushed out unproven; "
+                                     "a cluster peer's, taken over when its connection moved here",
                                      labels=["result"])
         for result, key in (("installed", "tokens_installed"), ("rejected", "tokens_rejected"),
                             ("refused", "tokens_refused"), ("removed", "tokens_removed"),
                             ("error", "token_install_errors"), ("provisional", "tokens_provisional"),
-                            ("proven", "tokens_proven"), ("pushed_out", "tokens_pushed_out")):
+                            ("proven", "tokens_proven"), ("pushed_out", "tokens_pushed_out"),
+                            ("taken_over", "tokens_taken_over")):
             writes.add_metric([result], stats[key])
         yield writes
         evicted = CounterMetricFamily("mplb_table_evictions", "Entries pushed out of a full table (flood sign)",

@@ -2,7 +2,9 @@
 what peers learned and steered comes into its kernel maps and its core. A peer's word is
 untrusted: what names a backend or a service this balancer does not have is counted, not
 installed; a token this balancer knows already keeps what it knows; a peer may end only the
-tokens it taught."""
+tokens it taught. A token lives as long as its connection anywhere in the cluster: when its
+teacher's conntrack entry goes (the router moved the flow elsewhere, or it ended), the balancer
+whose conntrack has the connection takes the token over and teaches it from then on."""
 from __future__ import annotations
 
 import bisect
@@ -31,6 +33,8 @@ class Peers:
         self.announced: bool | None = None  # the VIPs' route (None: no announcement device)
         self.started = time.monotonic()
         self.taught: dict[int, str] = {}  # token -> the peer that taught it
+        self.connection_of: dict[int, tuple] = {}  # a peer's token -> its connection's first flow, where known
+        self.handed_over: set[int] = set()  # ended by their teacher: is the connection here?
         self.published = Subflows()  # the join subflows this balancer steered and told its peers
         self.installed = Subflows()  # those its peers steered, in the kernel's subflow map
         self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0,
@@ -43,13 +47,16 @@ class Peers:
         self.recent_delays: deque[float] = deque(maxlen=4096)  # for the percentiles `status` shows
 
     # -- out ----------------------------------------------------------------------------------
-    def learned(self, tokens: dict[int, int]) -> None:
-        """Tokens this balancer put in its kernel map (token -> mark)."""
+    def learned(self, tokens: dict[int, int], connections: dict[int, tuple]) -> None:
+        """Tokens this balancer put in its kernel map (token -> mark), with their connections'
+        first flows (token -> flow) where known."""
         for token, mark in tokens.items():
             backend = self.balancer.backend_of(mark)
             if backend is not None:
                 self._starting()
                 self.outgoing.tokens[token] = backend.name
+                if token in connections:
+                    self.outgoing.connections[token] = connections[token]
 
     def steered(self, flow: tuple, token: int, mark: int) -> None:
         """A join this balancer steered: should the router move it, a peer keeps its backend."""
@@ -87,9 +94,12 @@ class Peers:
         batch = accepted(news.batch, backends, served, self.rejected)
         now = time.perf_counter()
         installed = self.tokens.from_peer([(token, backends[name]) for token, name in batch.tokens.items()],
-                                          batch.origin)
+                                          batch.origin, batch.connections)
         for token in installed:
-            self.taught[token] = batch.origin
+            self._taught_by(token, batch.origin, batch.connections.get(token))
+        for token in set(batch.tokens).intersection(self.taught).difference(installed):
+            if self._backend(token) == batch.tokens[token]:  # taken over by the peer its connection moved to
+                self._taught_by(token, batch.origin, batch.connections.get(token))
         if installed and (batch.origin in self.received or len(self.received) < MAX_PEERS):  # a metric label each
             self.received[batch.origin] += len(installed)
         subflows = {}
@@ -112,25 +122,62 @@ class Peers:
                     self.balancer.flows.put(flow, mark, now)  # its first ACK may reach the worker
                 self.stats["subflows_installed"] += len(subflows)
         ended = [t for t in batch.ended if self.taught.get(t) == batch.origin]
-        if ended:
-            self.tokens.ended_by_peer(ended, batch.origin)
-            for token in ended:
-                del self.taught[token]
-            if self.published.end(ended):  # the joins this balancer steered on them: out of Redis too
-                self.outgoing.ended += ended
-            self._drop_subflows(ended)
+        handed = [(token, self.connection_of[token]) for token in ended if token in self.connection_of]
+        if handed:  # kept until this balancer's conntrack says whether the connection is here
+            self.tokens.hand_over(handed)
+            self.handed_over.update(token for token, _ in handed)
+        self._end([token for token in ended if token not in self.connection_of], batch.origin)
         if not news.resync and (batch.tokens or batch.subflows):
             delay = max(0.0, time.time() - batch.at)
             self.delay_counts[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
             self.delay_sum += delay
             self.recent_delays.append(delay)
 
+    def handed_over_found(self, here: list[int], elsewhere: list[int]) -> None:
+        """What this balancer's conntrack says of the tokens their teachers ended: a connection
+        here is this balancer's to teach from now on; one that is not has ended (unless a peer
+        took its token over meanwhile)."""
+        moved = {token: flow for token in here if (flow := self.connection_of.get(token)) is not None}
+        for token, mark in self.tokens.take_over(moved).items():
+            self._starting()
+            self.outgoing.tokens[token] = self.balancer.backend_of(mark).name
+            self.outgoing.connections[token] = moved[token]
+            self.taught.pop(token, None)
+            self.connection_of.pop(token, None)
+        self.handed_over.difference_update(here)
+        gone = [token for token in elsewhere if token in self.handed_over]
+        self.handed_over.difference_update(gone)
+        self._end(gone, None)
+
+    def _end(self, tokens: list[int], origin: str | None) -> None:
+        """Tokens whose connection ended (origin: the peer that said so, if one did)."""
+        if not tokens:
+            return
+        self.tokens.ended_by_peer(tokens, origin or "its teacher")
+        for token in tokens:
+            self.taught.pop(token, None)
+            self.connection_of.pop(token, None)
+        if self.published.end(tokens):  # the joins this balancer steered on them: out of Redis too
+            self.outgoing.ended += tokens
+        self._drop_subflows(tokens)
+
+    def _taught_by(self, token: int, origin: str, connection: tuple | None) -> None:
+        self.taught[token] = origin
+        self.handed_over.discard(token)
+        if connection is not None:
+            self.connection_of[token] = connection
+
+    def _backend(self, token: int) -> str | None:
+        mark = self.balancer.known_token(token, time.perf_counter())
+        backend = self.balancer.backend_of(mark) if mark is not None else None
+        return backend.name if backend else None
+
     def adopted(self, token: int, comment: str | None) -> None:
         """A token a restarted worker found in the kernel map: if a peer taught it, that peer's
-        end of it still takes it out."""
-        origin = teacher_of(comment)
-        if origin is not None:
-            self.taught[token] = origin
+        end of it still takes it out (or hands it over)."""
+        teacher = teacher_of(comment)
+        if teacher is not None:
+            self._taught_by(token, *teacher)
 
     def _drop_subflows(self, tokens: list[int]) -> None:
         flows = self.installed.end(tokens)

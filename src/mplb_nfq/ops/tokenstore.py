@@ -11,7 +11,7 @@ from ..core.balancer import Balancer
 from ..core.marks import REJECT
 from ..core.packet import Segment, parse_ip
 from ..core.cluster import peer_comment
-from ..core.marks import JOIN, TAUGHT_BY_CLIENT
+from ..core.marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
 from ..core.tokens import PROVISIONAL_SECONDS, TokenWrites, flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from ..kernel.copies import CopyReader
@@ -22,6 +22,7 @@ class TokenStore:
     def __init__(self, balancer: Balancer, dataplane, stats: Counter[str], errors: ThrottledLog):
         self.balancer, self.dataplane, self.stats, self.errors = balancer, dataplane, stats, errors
         self.lifetimes: list[tuple[int, tuple]] = []  # tokens and their connections, for the conntrack reader
+        self.handed_over: list[tuple[int, tuple]] = []  # a peer's ended tokens: is the connection here?
         self.peers = None  # in a cluster (ops.peers.Peers): what this balancer learns, it publishes
 
     def write(self, verdicts: list[Verdict]) -> set[int]:
@@ -83,7 +84,7 @@ class TokenStore:
         lasting = {t: m for t, m in writes.install + writes.replace + writes.renew if t not in failed}
         self.lifetimes.extend((t, flows[t]) for t in lasting if t in flows)
         if self.peers:
-            self.peers.learned(lasting)
+            self.peers.learned(lasting, flows)
         return failed
 
     def _delete_pushed_out(self, writes: TokenWrites) -> TokenWrites:
@@ -149,16 +150,18 @@ class TokenStore:
                 adopted += 1
         return adopted
 
-    def from_peer(self, tokens: list[tuple[int, int]], origin: str) -> list[int]:
-        """Tokens a peer balancer taught (token -> backend mark), unless this balancer knows them
-        already (its own connection's keeps what it is); returns those that went in."""
+    def from_peer(self, tokens: list[tuple[int, int]], origin: str, connections: dict[int, tuple]) -> list[int]:
+        """Tokens a peer balancer taught (token -> backend mark; connections: token -> its first
+        flow, where known), unless this balancer knows them already (its own connection's keeps
+        what it is); returns those that went in."""
         now = time.perf_counter()
         fresh = [(token, mark | JOIN | TAUGHT_BY_CLIENT) for token, mark in tokens
                  if self.balancer.known_token(token, now) is None]
         if not fresh:
             return []
+        comments = {token: peer_comment(origin, connections.get(token)) for token, _ in fresh}
         try:  # a token the map holds already (another connection here) stays as it is
-            refused = set(self.dataplane.add_tokens(fresh, {token: peer_comment(origin) for token, _ in fresh}))
+            refused = set(self.dataplane.add_tokens(fresh, comments))
         except Exception as e:  # the core still has them: joins that reach this worker are steered
             self.errors.error("peer-install", f"installing {len(fresh)} tokens from {origin} failed: {e}")
             refused = set()
@@ -174,6 +177,25 @@ class TokenStore:
             self.errors.error("peer-delete", f"deleting {len(tokens)} tokens {origin} ended failed: {e}")
         for token in tokens:
             self.balancer.forget(token)
+
+    def hand_over(self, tokens: list[tuple[int, tuple]]) -> None:
+        """A peer ended tokens it taught (its conntrack entry is gone): kept until this balancer's
+        conntrack reader says whether their connections (token, first flow) moved here."""
+        self.handed_over += tokens
+
+    def take_over(self, tokens: dict[int, tuple]) -> dict[int, int]:
+        """Tokens whose connection (token -> first flow) moved here: now this balancer's, named
+        by their connection in the kernel map (a restarted worker watches them); returns their marks."""
+        now = time.perf_counter()
+        marks = {token: (mark & BACKEND_MASK) | JOIN | TAUGHT_BY_CLIENT for token in tokens  # as a peer's was
+                 if (mark := self.balancer.known_token(token, now)) is not None and self.balancer.backend_of(mark)}
+        if marks:
+            try:
+                self.dataplane.replace_tokens(list(marks.items()), {t: flow_comment(tokens[t]) for t in marks})
+            except Exception as e:  # the map's element still steers; a restart would not watch it
+                self.errors.error("take-over", f"renaming {len(marks)} tokens taken over failed: {e}")
+        self.stats["tokens_taken_over"] += len(marks)
+        return marks
 
     def found_in_kernel(self, token: int) -> int | None:
         """A held join's token, looked up in the kernel map (another worker put it there): its
