@@ -61,10 +61,14 @@ def process_usage(pid: int) -> tuple[int, float]:
     return rss, (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks (USER_HZ 100)
 
 
-def token_map(topo: Topology, role: str = "lb") -> list:
+def token_map(topo: Topology, role: str = "lb") -> list[int]:
     listing = json.loads(topo.exec(role, "nft", "-j", "list", "map", "inet", "mplb", "tokens",
                                    capture_output=True).stdout)
-    return [e for item in listing["nftables"] if "map" in item for e in item["map"].get("elem", [])]
+    return [e[0]["elem"]["val"] for item in listing["nftables"] if "map" in item for e in item["map"].get("elem", [])]
+
+
+def all_tokens(topo: Topology) -> set[int]:
+    return {token for role in roles(topo) for token in token_map(topo, role)}
 
 
 def counters(topo: Topology) -> dict:
@@ -107,9 +111,10 @@ def run_flood(topo: Topology, run: Path, kind: str, args) -> dict:
         token = 0
         if kind == "replay":  # a connection that outlives the flood: its token is replayed
             joined = delta(counters(topo), {n: {} for n in topo.backend_names}, "MPTcpExtMPJoinAckRx")
+            earlier = all_tokens(topo)  # the earlier floods' connections' (a DSR entry outlives its connection)
             live = fetch(topo, int(args.seconds * 50e6 / 8 * 2))
-            wait(lambda: any(token_map(topo, role) for role in roles(topo)), 10)
-            token = next(int(m[0][0]["elem"]["val"]) for m in (token_map(topo, r) for r in roles(topo)) if m)
+            wait(lambda: all_tokens(topo) - earlier, 10)
+            (token,) = all_tokens(topo) - earlier
             wait(lambda: -delta(counters(topo), {n: {} for n in topo.backend_names}, "MPTcpExtMPJoinAckRx")
                  > -joined, 10)  # its own join is in, before the count starts
         if kind != "none":

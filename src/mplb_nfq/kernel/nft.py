@@ -1,4 +1,4 @@
-"""libnftables through its Python binding, for the ruleset and the counters."""
+"""libnftables through its Python binding, for the ruleset (its counters are read over nfnetlink: kernel/tokenmap.py)."""
 from __future__ import annotations
 
 import json
