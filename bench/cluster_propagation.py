@@ -3,7 +3,7 @@ Redis, at 1,000 and 10,000 new connections per second, and the CPU it costs.
 
     .venv/bin/python bench/cluster_propagation.py [--seconds S] [--rates 1000,10000] [--json]
 
-The cluster lab topology (lab/cluster.py: router, BIRD, Redis with an ACL user) with two
+The cluster lab topology (lab/ecmp.py: router, BIRD, Redis with an ACL user) with two
 balancers. lb2 runs the real worker: its link follows Redis, its worker installs each batch into
 the kernel token map and the core and records the delay from the batch's oldest learning to the
 end of the install. lb1 stands for a balancer that learns `rate` tokens a second: this script
@@ -24,8 +24,8 @@ from pathlib import Path
 
 DRIVER = """
 import random, sys, time
-from mplb_nfq.core.cluster import Batch
-from mplb_nfq.ops.cluster import LinkHandle
+from mplb_nfq.core.news import Batch
+from mplb_nfq.ops.link import LinkHandle
 from mplb_nfq.ops.config import ClusterConfig
 redis, password, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 link = LinkHandle(ClusterConfig("bench", "lb1", redis, "lb1", password, announce_device=None), 600, "bench")
@@ -60,7 +60,7 @@ def children(pid: int) -> list[int]:
 
 
 def measure(topo, worker, rate: float, seconds: float) -> dict:
-    from mplb_nfq.lab.cluster import REDIS_PORT, STORE
+    from mplb_nfq.lab.ecmp import REDIS_PORT, STORE
 
     status = [sys.executable, "-m", "mplb_nfq", "status", "--json", "-c", str(worker.config_path)]
     pid = worker.proc.pid
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--rates", default="1000,10000")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from mplb_nfq.lab.cluster import ClusterTopology
+    from mplb_nfq.lab.ecmp import ClusterTopology
     from mplb_nfq.lab.lab import WorkerProcess, config_text
 
     random.seed(1)

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mplb_nfq.lab.cluster import ClusterTopology
+from mplb_nfq.lab.ecmp import ClusterTopology
 from mplb_nfq.lab.judge import Judge
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import VIP, Topology

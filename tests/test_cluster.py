@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import pytest
 from netlab import KERNEL, MB, fetch, fetch_in_background, token_map, wait_for
 
-from mplb_nfq.core.cluster import Keys
-from mplb_nfq.lab.cluster import ClusterTopology, balancer_address
+from mplb_nfq.core.news import Keys
+from mplb_nfq.lab.ecmp import ClusterTopology, balancer_address
 from mplb_nfq.lab.judge import Judge
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import leftover_namespaces

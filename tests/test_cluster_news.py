@@ -9,10 +9,10 @@ from collections import Counter
 from fakes import KernelMaps
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
-from mplb_nfq.core.cluster import (MAX_PEERS, Batch, Keys, accepted, decode, encode, from_kept, heartbeat, peer_beats,
+from mplb_nfq.core.news import (MAX_PEERS, Batch, Keys, accepted, decode, encode, from_kept, heartbeat, peer_beats,
                                    record, record_subflows)
 from mplb_nfq.core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
-from mplb_nfq.ops.cluster import LinkState, Own, PeerNews
+from mplb_nfq.ops.link import LinkState, Own, PeerNews
 from mplb_nfq.ops.logs import ThrottledLog
 from mplb_nfq.ops.peers import Peers
 from mplb_nfq.ops.tokenstore import TokenStore
@@ -58,7 +58,7 @@ def test_what_a_balancer_keeps_reads_back_as_its_batch():
 
 
 def test_a_peers_map_element_names_its_teacher_and_its_connection():
-    from mplb_nfq.core.cluster import peer_comment, teacher_of
+    from mplb_nfq.core.news import peer_comment, teacher_of
 
     assert teacher_of(peer_comment("lb2", FLOW)) == ("lb2", FLOW)
     assert teacher_of(peer_comment("lb2", None)) == ("lb2", None)
@@ -244,7 +244,7 @@ def test_heartbeats_are_parsed_strictly_and_at_most_so_many_peers_are_kept():
 
 
 def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf8_as_malformed():
-    from mplb_nfq.ops.cluster import client_options
+    from mplb_nfq.ops.link import client_options
     from mplb_nfq.ops.config import ClusterConfig
 
     tls = client_options(ClusterConfig("c", "lb1", "rediss://10.0.9.250:6379/0", "mplb", "pw", tls_ca="/ca.pem"))
@@ -255,7 +255,7 @@ def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf
 
 
 def test_a_follower_goes_on_after_the_last_entry_it_read_unless_the_stream_lost_what_followed():
-    from mplb_nfq.core.cluster import resume_from
+    from mplb_nfq.core.news import resume_from
 
     assert resume_from(None, None, None, True) == ("0-0", False)  # a peer met before its first entry: all of it
     assert resume_from(None, "1-0", "9-0", True) == ("0-0", False)  # a stream that holds all it ever held
@@ -271,7 +271,7 @@ def test_a_follower_goes_on_after_the_last_entry_it_read_unless_the_stream_lost_
 def test_joins_repeated_or_forged_with_a_known_token_are_published_and_installed_once_and_at_most_8_a_connection():
     """Every join SYN the token map steers is copied to the worker: a client repeating one, or
     forging many with a token it knows, must not grow what balancers publish and install."""
-    from mplb_nfq.core.cluster import MAX_SUBFLOWS
+    from mplb_nfq.core.news import MAX_SUBFLOWS
 
     def flow(port):
         return (ipaddress.ip_address("10.0.2.2").packed, port, ipaddress.ip_address(VIP).packed, 8080)
@@ -325,7 +325,7 @@ def test_a_join_steered_on_a_peers_token_is_forgotten_with_that_token_and_its_fl
 
 def test_at_most_so_many_peers_are_counted_by_name():
     """Their names are metric labels; an origin is whatever a Redis entry says."""
-    from mplb_nfq.core.cluster import MAX_PEERS
+    from mplb_nfq.core.news import MAX_PEERS
 
     peers, _, _ = make_peers()
     for i in range(MAX_PEERS + 5):

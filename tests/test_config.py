@@ -218,7 +218,7 @@ def test_a_cluster_needs_a_scheduler_every_balancer_computes_alike_direct_return
 
 
 def test_the_cluster_examples_in_deploy_are_valid(tmp_path):
-    from mplb_nfq.lab.cluster import balancer_bird, router_bird
+    from mplb_nfq.lab.ecmp import balancer_bird, router_bird
 
     deploy = Path(__file__).parents[1] / "deploy" / "cluster"
     password = tmp_path / "pw"

@@ -9,8 +9,8 @@ import pytest
 import redis
 from netlab import wait_for
 
-from mplb_nfq.core.cluster import Batch, Keys, encode
-from mplb_nfq.ops.cluster import Link, PeerNews
+from mplb_nfq.core.news import Batch, Keys, encode
+from mplb_nfq.ops.link import Link, PeerNews
 from mplb_nfq.ops.config import ClusterConfig
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian's redis-server is needed")

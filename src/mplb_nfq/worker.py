@@ -19,7 +19,7 @@ from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
 from .kernel.ruleset import COPY_SNAPLEN
-from .ops.cluster import LinkHandle, LinkState, PeerNews
+from .ops.link import LinkHandle, LinkState, PeerNews
 from .ops.config import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
@@ -187,7 +187,7 @@ class Worker:
     def serve(self, ready=lambda: None, parent=None, index: int = 0, cluster_link=None) -> None:
         """The loop of worker `index` (queue cfg.queue + index). The first one (no parent) also
         serves the control socket and counts conntrack; the others hear from it through parent.
-        cluster_link: the link to Redis (ops.cluster.LinkHandle), in a cluster."""
+        cluster_link: the link to Redis (ops.link.LinkHandle), in a cluster."""
         from netfilterqueue import NetfilterQueue
 
         from .ops.control import ControlServer

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .cluster import ClusterTopology
+from .ecmp import ClusterTopology
 from .judge import Judge, difference
 from .netns import (
     CLIENT,

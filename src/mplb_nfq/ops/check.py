@@ -87,7 +87,7 @@ def kernel_report() -> dict:
 def cluster_report(cluster) -> dict[str, dict]:
     """A balancer of a cluster: can it announce, and does Redis answer with these credentials?
     Redis being away is no reason not to start (the balancer then balances alone)."""
-    from .cluster import connect
+    from .link import connect
 
     tun = Path("/dev/net/tun").exists()
     features = {"announcement device": {

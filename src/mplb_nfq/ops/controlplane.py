@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ..core.balancer import Backend, Balancer
-from ..core.cluster import fingerprint
+from ..core.news import fingerprint
 from ..core.schedulers import Index
 from ..kernel.conntrack import Counts
 from ..kernel.queue import queue_drops

@@ -19,7 +19,7 @@ from .peers import DELAY_BUCKETS
 
 log = logging.getLogger("mplb_nfq.metrics")
 JOIN_RESULTS = {"join_hit": "hit", "join_miss": "miss", "join_collision": "collision"}
-REJECTED = ("malformed", "unknown_backend", "unknown_service")  # core.cluster's reasons
+REJECTED = ("malformed", "unknown_backend", "unknown_service")  # core.news's reasons
 
 
 class WorkerCollector:

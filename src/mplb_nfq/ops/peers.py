@@ -1,4 +1,4 @@
-"""The worker's side of a cluster: what it learned and steered goes to the link (ops/cluster.py),
+"""The worker's side of a cluster: what it learned and steered goes to the link (ops/link.py),
 what peers learned and steered comes into its kernel maps and its core. A peer's word is
 untrusted: what names a backend or a service this balancer does not have is counted, not
 installed; a token this balancer knows already keeps what it knows; a peer may end only the
@@ -12,9 +12,9 @@ import time
 from collections import Counter, deque
 
 from ..core.balancer import Balancer
-from ..core.cluster import MAX_PEERS, Batch, Subflows, accepted, teacher_of
+from ..core.news import MAX_PEERS, Batch, Subflows, accepted, teacher_of
 from ..core.marks import JOIN, LEARNED
-from .cluster import LinkState, PeerNews
+from .link import LinkState, PeerNews
 from .logs import ThrottledLog
 from .tokenstore import TokenStore
 

@@ -10,7 +10,7 @@ from collections import Counter
 from ..core.balancer import Balancer
 from ..core.marks import REJECT
 from ..core.packet import Segment, parse_ip
-from ..core.cluster import peer_comment
+from ..core.news import peer_comment
 from ..core.marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
 from ..core.tokens import PROVISIONAL_SECONDS, TokenWrites, flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict

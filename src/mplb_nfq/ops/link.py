@@ -1,7 +1,7 @@
 """The cluster link: a process of its own between the worker and Redis, so that nothing Redis does
 (slow, gone, restarting) ever waits in the worker's loop.
 
-Each balancer writes under its own prefix in Redis (core.cluster.Keys), with a user of its own
+Each balancer writes under its own prefix in Redis (core.news.Keys), with a user of its own
 that may write nothing else: its news stream, its tokens (each until its connection ends), the
 subflows it steered and its heartbeat. The link
 publishes the worker's news in batches, follows every peer's stream, catches up from a peer's
@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..core.cluster import (
+from ..core.news import (
     MAX_PEERS,
     Batch,
     Keys,
@@ -297,7 +297,7 @@ class Link:
 
     def catch_up(self, client, streams: dict[str, str], peers: set[str]) -> None:
         """Where to go on in each of these peers' streams; from a peer whose stream cannot say all
-        that happened since (core.cluster.resume_from), what it keeps first (entries written
+        that happened since (core.news.resume_from), what it keeps first (entries written
         meanwhile come again from the stream: installs are idempotent)."""
         import redis
 

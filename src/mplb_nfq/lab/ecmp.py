@@ -28,7 +28,7 @@ MAX_BALANCERS = 8
 
 
 def redis_user(balancer: str, password: str, cluster: str) -> str:
-    """A balancer's ACL user: it reads the cluster's keys and writes only its own (core.cluster.Keys),
+    """A balancer's ACL user: it reads the cluster's keys and writes only its own (core.news.Keys),
     with the commands the link sends and nothing that reaches beyond keys."""
     return (f"user {balancer} on >{password} resetkeys %R~mplb:{cluster}:* ~mplb:{cluster}:lb:{balancer}:* "
             f"resetchannels -@all +@read +@write +@connection +select -@dangerous")
