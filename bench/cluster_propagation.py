@@ -26,7 +26,7 @@ DRIVER = """
 import random, sys, time
 from mplb_nfq.core.news import Batch
 from mplb_nfq.ops.link import LinkHandle
-from mplb_nfq.ops.config import ClusterConfig
+from mplb_nfq.core.settings import ClusterConfig
 redis, password, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 link = LinkHandle(ClusterConfig("bench", "lb1", redis, "lb1", password, announce_device=None), 600, "bench")
 link_process = link.process

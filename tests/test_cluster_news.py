@@ -245,7 +245,7 @@ def test_heartbeats_are_parsed_strictly_and_at_most_so_many_peers_are_kept():
 
 def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf8_as_malformed():
     from mplb_nfq.ops.link import client_options
-    from mplb_nfq.ops.config import ClusterConfig
+    from mplb_nfq.core.settings import ClusterConfig
 
     tls = client_options(ClusterConfig("c", "lb1", "rediss://10.0.9.250:6379/0", "mplb", "pw", tls_ca="/ca.pem"))
     assert tls["ssl_check_hostname"] is True and tls["ssl_ca_certs"] == "/ca.pem"

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mplb_nfq.ops.config import ConfigError, from_dict, load
+from mplb_nfq.core.settings import ConfigError
+from mplb_nfq.ops.config import from_dict, load
 from mplb_nfq.ops.health import Hysteresis
 
 GOOD = {
@@ -179,6 +180,19 @@ def test_a_cluster_reads_its_password_from_a_file_and_never_shows_it(tmp_path):
     assert cfg.cluster.password == "s3cret" and "s3cret" not in repr(cfg)
     assert cfg.cluster.announce_device == "mplb-announce"
     assert from_dict(cluster_config(tmp_path, announce_device=""), "x").cluster.announce_device is None
+    data = cluster_config(tmp_path)
+    del data["cluster"]["username"]
+    assert from_dict(data, "x").cluster.username == "lb1"  # each balancer its own Redis user
+
+
+def test_every_default_the_reader_gives_is_the_data_models():
+    """token_timeout was 7,200 s in the data model and 5 days in the reader."""
+    from mplb_nfq.core.settings import Config, HealthConfig
+
+    cfg = from_dict({"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80], "backends": ["b1"]}],
+                     "backends": [{"name": "b1", "address": "10.0.9.11"}]}, "x")
+    model = Config(path="x", services=cfg.services, backends=cfg.backends)
+    assert cfg == model and cfg.health == HealthConfig() and cfg.token_timeout == 5 * 86400
 
 
 @pytest.mark.parametrize("change, key, reason", [

@@ -14,15 +14,15 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_imports(path: Path) -> set[str]:
+def runtime_imports(path: Path, typing: bool = False) -> set[str]:
     """The package's modules that `path` imports, at module level or inside functions, leaving out
-    those under `if TYPE_CHECKING:`."""
+    those under `if TYPE_CHECKING:` unless `typing`."""
     tree = ast.parse(path.read_text())
     package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
     found = set()
 
     def visit(node):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING" and not typing:
             return
         if isinstance(node, ast.ImportFrom):
             if node.level:
@@ -41,11 +41,11 @@ def runtime_imports(path: Path) -> set[str]:
     return found
 
 
-def graph() -> dict[str, set[str]]:
+def graph(typing: bool = False) -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     edges = {}
     for name, path in modules.items():
-        edges[name] = {m if m in modules else m.rsplit(".", 1)[0] for m in runtime_imports(path)} - {name}
+        edges[name] = {m if m in modules else m.rsplit(".", 1)[0] for m in runtime_imports(path, typing)} - {name}
     return edges
 
 
@@ -90,4 +90,14 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     edges = graph()
     assert "mplb_nfq.core.packet" in edges["mplb_nfq.core.balancer"]  # from .packet import ...
     assert "mplb_nfq.worker" in edges["mplb_nfq.cli"]  # imported inside cmd_run
-    assert "mplb_nfq.ops.config" not in edges["mplb_nfq.kernel.ruleset"]  # under TYPE_CHECKING only
+
+
+def test_the_kernel_layer_imports_nothing_of_operations_not_even_for_typing():
+    wrong = [f"{module} -> {target}" for module, targets in graph(typing=True).items() if layer(module) == "kernel"
+             for target in targets if layer(target) in ("ops", "lab")]
+    assert not wrong, wrong
+
+
+def test_no_two_modules_share_a_file_name():
+    names = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    assert sorted(set(names)) == sorted(names), sorted({n for n in names if names.count(n) > 1})

@@ -11,7 +11,7 @@ from netlab import wait_for
 
 from mplb_nfq.core.news import Batch, Keys, encode
 from mplb_nfq.ops.link import Link, PeerNews
-from mplb_nfq.ops.config import ClusterConfig
+from mplb_nfq.core.settings import ClusterConfig
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian's redis-server is needed")
 

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .ops.config import ConfigError, load
+from .core.settings import ConfigError
+from .ops.config import load
 
 DEFAULT_CONFIG = "/etc/mplb-nfq/config.toml"
 

@@ -16,7 +16,7 @@ from .core.packet import TCP_ACK, TCP_SYN, Malformed, Segment, endpoint, parse_i
 from .core.tokens import plan_writes
 from .core.verdicts import Kind, Verdict
 from .kernel.ruleset import Decider, classify
-from .ops.config import Config
+from .core.settings import Config
 
 ETHERTYPES_IP = (0x0800, 0x86DD)
 VLAN_ETHERTYPES = (0x8100, 0x88A8)

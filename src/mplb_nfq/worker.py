@@ -20,7 +20,7 @@ from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
 from .kernel.ruleset import COPY_SNAPLEN
 from .ops.link import LinkHandle, LinkState, PeerNews
-from .ops.config import Config
+from .core.settings import Config
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
 from .ops.fleet import Fleet, serve_other_worker

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
+from ..core.balancer import LookupTable
+from ..core.settings import Config
 from .nft import Nft
-from .routing import Routing, installed_backends
+from .routing import RetiredRoutes, Routing, installed_backends
 from .ruleset import Ruleset
 from .tokenmap import TokenMap
-
-if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
-    from ..core.balancer import LookupTable
-    from ..ops.config import Config
-    from .routing import RetiredRoutes
-
 log = logging.getLogger("mplb_nfq.kernel")
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from typing import TYPE_CHECKING, Collection
+from typing import Collection
 
 from ..core.marks import BACKEND_MASK, JOIN
+from ..core.settings import BackendConfig, Config
 from .nft import KernelError
 
-if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
-    from ..ops.config import BackendConfig, Config
-
-    RetiredRoutes = list[tuple[BackendConfig, list[str]]]  # backends gone from the config, with their VIPs
+RetiredRoutes = list[tuple[BackendConfig, list[str]]]  # backends gone from the config, with their VIPs
 
 MAIN_TABLE = 254
 RTNH_F_ONLINK = 4

@@ -10,17 +10,15 @@ import shutil
 import subprocess
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING, Container, Mapping, NamedTuple
+from typing import Container, Mapping, NamedTuple
 
+from ..core.balancer import LookupTable
 from ..core.jhash import SEED, flow_key, slot
 from ..core.marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, QUEUE, REJECT
 from ..core.packet import TCP_ACK, TCP_SYN, Segment
 from ..core.schedulers import Index
+from ..core.settings import Config
 from .nft import KernelError, Nft, native_queue_supported
-
-if TYPE_CHECKING:  # the config is data here: the kernel layer never imports operations
-    from ..core.balancer import LookupTable
-    from ..ops.config import Config
 
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"

@@ -1,4 +1,5 @@
-"""The one TOML config file: read, validate (file, key and reason on every error), build the core.
+"""The one TOML config file: read and validate (file, key and reason on every error) into the
+config's data (core/settings.py).
 
 Nothing here touches the kernel: a file is wholly valid before anything is installed.
 """
@@ -7,168 +8,24 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
-from ..core.balancer import UNKNOWN_JOIN_POLICIES, Backend, Balancer, Service
+from ..core.balancer import UNKNOWN_JOIN_POLICIES
 from ..core.marks import BACKEND_MASK
 from ..core.schedulers import MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, SCHEDULERS, is_prime
+from ..core.settings import (
+    ANNOUNCE_DEVICE,
+    CLUSTER_HOLD_MS,
+    BackendConfig,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    HealthConfig,
+    ServiceConfig,
+)
 
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
-
-
-class ConfigError(ValueError):
-    def __init__(self, path: str, key: str, reason: str):
-        super().__init__(f"{path}: {key}: {reason}")
-        self.path, self.key, self.reason = path, key, reason
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    name: str
-    addresses: tuple[str, ...]  # where the LB sends the VIP's packets (on a tunnel: the inner address)
-    weight: int
-    mark: int
-    table: int
-    tunnel: str = "none"  # none (same segment) | vxlan | ipip
-    remote: str | None = None  # the backend's tunnel endpoint, reached by routing
-    vni: int | None = None  # VXLAN network identifier
-
-    @property
-    def device(self) -> str | None:
-        """The LB's tunnel device towards this backend."""
-        return None if self.tunnel == "none" else f"mplbt{self.mark:x}"
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    name: str
-    vips: tuple[str, ...]
-    ports: tuple[int, ...]
-    backends: tuple[str, ...]
-    scheduler: str
-    unknown_join: str
-    mptcp_aware: bool
-    persistence: int
-    maglev_size: int
-    direct_return: bool = False
-    joins: str = "token"  # token | announced-port: each backend announces a join port of the VIP of its own
-    join_port_base: int | None = None  # a backend's join port: join_port_base + (its mark - mark_base)
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    enabled: bool = True
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 3
-    port: int | None = None  # default: the first port of the backend's first service
-    mptcp: bool = False  # the check must complete an MPTCP handshake (not fall back to TCP)
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Balancers behind ECMP that share what they learn through Redis."""
-    name: str  # the cluster's key prefix in Redis: balancers of one cluster share it
-    balancer: str  # this balancer's name, unique in the cluster
-    redis: str  # redis://HOST:PORT/DB, rediss:// (TLS) or unix:///PATH
-    username: str | None = None  # an ACL user; None: the default user, with the password
-    password: str = field(default="", repr=False)  # read from password_file
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    announce_device: str | None = "mplb-announce"  # the device whose link BIRD checks; None: no announcement
-
-
-@dataclass(frozen=True)
-class Config:
-    path: str
-    services: tuple[ServiceConfig, ...]
-    backends: tuple[BackendConfig, ...]
-    health: HealthConfig = HealthConfig()
-    queue: int = 0
-    queue_mode: str = "auto"  # auto | native | xtables
-    handshakes: str = "kernel"  # kernel: SYNs decided and tokens copied in the kernel | queue: both held for the worker
-    table_name: str = "mplb"
-    mark_base: int = 0x100
-    table_base: int = 1000
-    max_backends: int = 256
-    rule_priority: int = 1000
-    flow_capacity: int = 1_000_000
-    flow_timeout: int = 60
-    token_capacity: int = 1_000_000
-    token_timeout: int = 7200
-    metrics_address: str | None = "127.0.0.1:9842"
-    control_socket: str = "/run/mplb-nfq/control.sock"
-    conntrack_interval: float = 2.0
-    workers: int = 1  # processes, one queue each (queue .. queue + workers - 1)
-    hold_ms: int = 50  # how long a worker holds a join whose token it does not know yet (200 in a cluster)
-    hold_max: int = 1024  # how many joins it holds at most (the oldest goes first)
-    cluster: ClusterConfig | None = None
-
-    @property
-    def vips(self) -> list[str]:
-        return [vip for s in self.services for vip in s.vips]
-
-    def join_ports(self, service: ServiceConfig) -> dict[str, int]:
-        """backend name -> the port of the service's VIPs its joins go to (joins = "announced-port");
-        from its mark, so that it stays across reloads and restarts as the mark does."""
-        if service.join_port_base is None:
-            return {}
-        marks = {b.name: b.mark for b in self.backends}
-        return {name: service.join_port_base + marks[name] - self.mark_base for name in service.backends}
-
-    @property
-    def fallback_table(self) -> int:
-        return self.table_base - 1
-
-    def with_stable_marks(self, running: dict[str, int], reserved: Iterable[int] = ()) -> "Config":
-        """This config with the marks that running backends already have (a reload must not
-        move a backend's connections: conntrack holds their marks). New backends take free marks,
-        not the reserved ones (in use in the kernel for backends gone from the config)."""
-        import dataclasses
-
-        taken = set(running.values()) | set(reserved)
-        free = (m for m in range(self.mark_base, self.mark_base + self.max_backends) if m not in taken)
-        backends = []
-        for b in self.backends:
-            mark = running.get(b.name)
-            if mark is None:
-                mark = b.mark if b.mark not in taken else next(free, None)
-                if mark is None:
-                    raise ConfigError(self.path, "backends", f"no free mark for backend {b.name!r}: "
-                                      f"kernel.max_backends ({self.max_backends}) are in use, retired ones included")
-                taken.add(mark)
-            backends.append(dataclasses.replace(b, mark=mark, table=self.table_base + mark - self.mark_base))
-        return dataclasses.replace(self, backends=tuple(backends))
-
-    def installed_marks(self, installed: dict[int, tuple[int, set[str], set[str]]]) -> dict[str, int]:
-        """The marks a process before this one gave this config's backends, known by the addresses
-        their routes go through."""
-        marks = {}
-        for b in self.backends:
-            for mark, (_, hops, _) in installed.items():
-                if hops & set(b.addresses):
-                    marks[b.name] = mark
-        return marks
-
-    def build_services(self, existing: dict[str, Backend] | None = None) -> list[Service]:
-        """The core's services. Backends already running (a reload) keep their object and state."""
-        existing = dict(existing or {})
-        backends: dict[str, Backend] = {}
-        for b in self.backends:
-            backend = existing.get(b.name) or Backend(b.name, b.addresses, b.mark, b.table)
-            backend.addresses, backend.weight, backend.retired = b.addresses, b.weight, False
-            backends[b.name] = backend
-        return [Service(s.name, tuple(ipaddress.ip_address(v).packed for v in s.vips), s.ports,
-                        [backends[n] for n in s.backends], s.scheduler, s.unknown_join, s.mptcp_aware,
-                        s.persistence, s.maglev_size, s.direct_return) for s in self.services]
-
-    def balancer(self, **overrides) -> Balancer:
-        return Balancer(self.build_services(), flow_capacity=self.flow_capacity, flow_ttl=self.flow_timeout,
-                        token_capacity=self.token_capacity, token_ttl=self.token_timeout, **overrides)
+DEFAULT = Config(path="", services=(), backends=())  # the defaults, as the data model sets them
 
 
 def load(path: str | Path) -> Config:
@@ -280,17 +137,17 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     control = _Reader(path, data.get("control", {}), "control", {"socket"})
     health = _Reader(path, data.get("health", {}), "health", HEALTH_KEYS)
 
-    mark_base = kernel.integer("mark_base", 0x100, 1, BACKEND_MASK)
-    max_backends = kernel.integer("max_backends", 256, 1, 4096)
+    mark_base = kernel.integer("mark_base", DEFAULT.mark_base, 1, BACKEND_MASK)
+    max_backends = kernel.integer("max_backends", DEFAULT.max_backends, 1, 4096)
     if mark_base + max_backends - 1 > BACKEND_MASK:
         kernel.fail("max_backends", f"marks 0x{mark_base:x} + {max_backends} overlap the flag bits "
                                     f"(backend marks live below 0x{BACKEND_MASK + 1:x})")
-    table_base = kernel.integer("table_base", 1000, 2, 0xFFFF0000)
+    table_base = kernel.integer("table_base", DEFAULT.table_base, 2, 0xFFFF0000)
     tables = range(table_base - 1, table_base + max_backends)
     if RESERVED_TABLES & set(tables):
         kernel.fail("table_base", f"routing tables {tables.start}-{tables.stop - 1} include a reserved "
                                   f"one (0, 253 default, 254 main, 255 local)")
-    table_name = kernel.table.get("table_name", "mplb")
+    table_name = kernel.table.get("table_name", DEFAULT.table_name)
     if not isinstance(table_name, str) or not table_name.replace("_", "").isalnum():
         kernel.fail("table_name", f"must be letters, digits and _, got {table_name!r}")
 
@@ -301,42 +158,43 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         if b.name not in used:
             raise ConfigError(path, f"backends[{i}].name", f"backend {b.name!r} is in no service")
 
-    metrics_address = metrics.table.get("address", "127.0.0.1:9842")
+    metrics_address = metrics.table.get("address", DEFAULT.metrics_address)
     if metrics_address:
         host, _, port = str(metrics_address).rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             metrics.fail("address", f"must be HOST:PORT (or \"\" for no metrics), got {metrics_address!r}")
-    socket_path = control.table.get("socket", "/run/mplb-nfq/control.sock")
+    socket_path = control.table.get("socket", DEFAULT.control_socket)
     if not isinstance(socket_path, str) or not socket_path.startswith("/"):
         control.fail("socket", f"must be an absolute path, got {socket_path!r}")
-    interval = health.number("interval", 2.0, 0.05, 3600)
-    timeout = health.number("timeout", min(1.0, interval), 0.01, 3600)
+    interval = health.number("interval", DEFAULT.health.interval, 0.05, 3600)
+    timeout = health.number("timeout", min(DEFAULT.health.timeout, interval), 0.01, 3600)
     if timeout > interval:
         health.fail("timeout", f"{timeout} s is longer than the interval ({interval} s)")
 
-    queue, workers = kernel.integer("queue", 0, 0, 65535), kernel.integer("workers", 1, 1, 64)
+    queue, workers = kernel.integer("queue", DEFAULT.queue, 0, 65535), kernel.integer("workers", DEFAULT.workers, 1, 64)
     if queue + workers - 1 > 65535:
         kernel.fail("workers", f"queues {queue}..{queue + workers - 1} pass 65535, the last queue number")
     return Config(
         path=path, services=tuple(services), backends=tuple(backends),
-        health=HealthConfig(health.boolean("enabled", True), interval, timeout, health.integer("rise", 2, 1, 100),
-                            health.integer("fall", 3, 1, 100),
+        health=HealthConfig(health.boolean("enabled", DEFAULT.health.enabled), interval, timeout,
+                            health.integer("rise", DEFAULT.health.rise, 1, 100),
+                            health.integer("fall", DEFAULT.health.fall, 1, 100),
                             health.integer("port", None, 1, 65535) if "port" in health.table else None,
-                            health.boolean("mptcp", False)),
+                            health.boolean("mptcp", DEFAULT.health.mptcp)),
         queue=queue,
-        queue_mode=kernel.choice("queue_mode", "auto", ("auto", "native", "xtables")),
-        handshakes=kernel.choice("handshakes", "kernel", ("kernel", "queue")),
+        queue_mode=kernel.choice("queue_mode", DEFAULT.queue_mode, ("auto", "native", "xtables")),
+        handshakes=kernel.choice("handshakes", DEFAULT.handshakes, ("kernel", "queue")),
         table_name=table_name, mark_base=mark_base, table_base=table_base, max_backends=max_backends,
-        rule_priority=kernel.integer("rule_priority", 1000, 1, 32764),
-        conntrack_interval=kernel.number("conntrack_interval", 2.0, 0.1, 3600),
-        # a join that crosses balancers waits for the peer's news through Redis, not a local copy
-        workers=workers, hold_ms=kernel.integer("hold_ms", 200 if "cluster" in data else 50, 0, 10_000),
+        rule_priority=kernel.integer("rule_priority", DEFAULT.rule_priority, 1, 32764),
+        conntrack_interval=kernel.number("conntrack_interval", DEFAULT.conntrack_interval, 0.1, 3600),
+        workers=workers, hold_ms=kernel.integer("hold_ms", CLUSTER_HOLD_MS if "cluster" in data else DEFAULT.hold_ms,
+                                                0, 10_000),
         # held joins wait in the kernel's queue (4,096 packets), which every queued packet shares
-        hold_max=kernel.integer("hold_max", 1024, 0, 2048),
-        flow_capacity=limits.integer("flow_capacity", 1_000_000, 1, 100_000_000),
-        flow_timeout=limits.integer("flow_timeout", 60, 1, 86400),
-        token_capacity=limits.integer("token_capacity", 1_000_000, 1, 100_000_000),
-        token_timeout=limits.integer("token_timeout", 5 * 86400, 1, 30 * 86400),
+        hold_max=kernel.integer("hold_max", DEFAULT.hold_max, 0, 2048),
+        flow_capacity=limits.integer("flow_capacity", DEFAULT.flow_capacity, 1, 100_000_000),
+        flow_timeout=limits.integer("flow_timeout", DEFAULT.flow_timeout, 1, 86400),
+        token_capacity=limits.integer("token_capacity", DEFAULT.token_capacity, 1, 100_000_000),
+        token_timeout=limits.integer("token_timeout", DEFAULT.token_timeout, 1, 30 * 86400),
         metrics_address=metrics_address or None, control_socket=socket_path,
         cluster=_cluster(path, data["cluster"], services, workers) if "cluster" in data else None,
     )
@@ -379,14 +237,14 @@ def _cluster(path: str, table, services: list[ServiceConfig], workers: int) -> C
         files[key] = value
     if ("tls_cert" in files) != ("tls_key" in files):
         r.fail("tls_cert" if "tls_key" in files else "tls_key", "a client certificate needs both tls_cert and tls_key")
-    device = r.table.get("announce_device", "mplb-announce")
+    device = r.table.get("announce_device", ANNOUNCE_DEVICE)
     if not isinstance(device, str) or not re.fullmatch(r"([A-Za-z0-9_.-]{1,15})?", device):
         r.fail("announce_device", f"must be an interface name of at most 15 characters (or \"\"), got {device!r}")
-    username = r.table.get("username")
-    if username is not None and not (isinstance(username, str) and username.strip()):
+    balancer = r.name("balancer")
+    username = r.table.get("username", balancer)  # each balancer its own user (deploy/cluster/redis-acl.conf)
+    if not (isinstance(username, str) and username.strip()):
         r.fail("username", f"must be a Redis ACL user name, got {username!r}")
-    return ClusterConfig(r.name("name"), r.name("balancer"), url, username, password, **files,
-                         announce_device=device or None)
+    return ClusterConfig(r.name("name"), balancer, url, username, password, **files, announce_device=device or None)
 
 
 def _backends(path: str, raw, mark_base: int, max_backends: int, table_base: int) -> list[BackendConfig]:

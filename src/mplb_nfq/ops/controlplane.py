@@ -12,7 +12,8 @@ from ..core.news import fingerprint
 from ..core.schedulers import Index
 from ..kernel.conntrack import Counts
 from ..kernel.queue import queue_drops
-from .config import BackendConfig, Config, ConfigError, load
+from ..core.settings import BackendConfig, Config, ConfigError
+from .config import load
 from .counters import Report
 from .fleet import Drained, Fleet, HealthChanged, Message, Reloaded, Stop
 

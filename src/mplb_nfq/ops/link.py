@@ -32,7 +32,7 @@ from ..core.news import (
     record_subflows,
     resume_from,
 )
-from .config import ClusterConfig
+from ..core.settings import ClusterConfig
 
 log = logging.getLogger("mplb_nfq.cluster")
 STREAM_LENGTH = 100_000  # batches kept in the stream (about): a peer that falls further behind catches up
