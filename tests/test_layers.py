@@ -89,7 +89,7 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     edges = graph()
     assert "mplb_nfq.core.packet" in edges["mplb_nfq.core.balancer"]  # from .packet import ...
-    assert "mplb_nfq.worker" in edges["mplb_nfq.cli"]  # imported inside cmd_run
+    assert "mplb_nfq.service" in edges["mplb_nfq.cli"]  # imported inside cmd_run
 
 
 def test_the_kernel_layer_imports_nothing_of_operations_not_even_for_typing():

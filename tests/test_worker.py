@@ -16,7 +16,8 @@ from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader
 from mplb_nfq.ops.config import from_dict
 from mplb_nfq.ops.logs import ERROR_LOG_SECONDS
 from mplb_nfq.ops.metrics import WorkerCollector
-from mplb_nfq.worker import RECHECK_SECONDS, Worker
+from mplb_nfq.ops.holding import RECHECK_SECONDS
+from mplb_nfq.worker import Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
           "backends": [{"name": "b1", "address": "10.0.9.11"}, {"name": "b2", "address": "10.0.9.12"}]}
@@ -161,7 +162,7 @@ def test_with_several_workers_an_unknown_join_is_held_then_released_with_the_pol
     join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(0x12345678)))
     w.handle(join)
     assert join.verdict is None and len(w.held) == 1  # no verdict yet: the token may still come
-    w.release_held()  # the kernel map does not have it, and hold_ms is over
+    w.held.release()  # the kernel map does not have it, and hold_ms is over
     assert join.verdict == "accept" and join.mark & JOIN and w.stats["held_expired"] == 1 and not w.held
 
 
@@ -179,7 +180,7 @@ def test_joins_with_made_up_tokens_beyond_the_budget_never_cost_a_raced_join_its
     assert all(p.verdict == "accept" for p in flood[:487]) and flood[487].verdict is None  # oldest first
     synack_copy = synack(40001, SERVER_KEY, 0x100)
     w.tokens.learn(Copies((synack_copy.payload, 0x100)), 256)  # its connection's SYN-ACK, copied
-    w.release_held()
+    w.held.release()
     assert raced.verdict == "accept" and raced.mark == 0x100 | JOIN and w.stats["held_found"] == 1
 
 
@@ -283,7 +284,7 @@ def test_with_several_workers_a_held_join_goes_where_the_kernel_map_says_and_a_p
     w.dataplane.tokens[token] = 0x101 | JOIN | TAUGHT_BY_CLIENT  # the first worker's, from a third ACK
     w.dataplane.timeouts[token] = 25.0
     time.sleep(RECHECK_SECONDS * 1.5)  # its first recheck is due
-    w.release_held()
+    w.held.release()
     assert join.verdict == "accept" and join.mark == 0x101 | JOIN and w.stats["held_found"] == 1
     assert w.balancer.known_token(token, time.perf_counter()) is None  # provisional there: the map decides
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args) -> int:
     from .ops.instance import AlreadyRunning
-    from .worker import run
+    from .service import run
 
     try:
         return run(load(args.config))

@@ -13,7 +13,7 @@ from typing import Mapping
 from ..core.balancer import LookupTable
 from ..core.settings import Config
 from .nft import Nft
-from .routing import RetiredRoutes, Routing, installed_backends
+from .routing import RetiredRoutes, Routing
 from .ruleset import Ruleset
 from .tokenmap import TokenMap
 log = logging.getLogger("mplb_nfq.kernel")
@@ -36,9 +36,6 @@ class Dataplane:
     @property
     def table_owner(self) -> str:
         return self.ruleset.owner
-
-    def installed_backends(self) -> dict[int, tuple[int, set[str], set[str]]]:
-        return installed_backends(self.cfg)
 
     def install(self, tables: Mapping[str, LookupTable]) -> None:
         self.ruleset.install(self.cfg, tables)

@@ -66,6 +66,7 @@ class ControlPlane:
             adopted.append(name)
         if adopted:
             self.balancer.update(self.balancer.services, [r.backend for r in self.retired.values()])
+            self.dataplane.retired = self.retired_routes()
         return adopted
 
     def backends(self) -> dict[str, Backend]:
