@@ -11,7 +11,7 @@ from fakes import KernelMaps
 from mplb_nfq.core.balancer import Backend, Balancer, Service
 from mplb_nfq.core.news import (MAX_PEERS, Batch, Keys, accepted, decode, encode, from_kept, heartbeat, peer_beats,
                                    record, record_subflows)
-from mplb_nfq.core.marks import JOIN, LEARNED, TAUGHT_BY_CLIENT
+from mplb_nfq.core.marks import JOIN, LEARNED, DISPLACEABLE
 from mplb_nfq.ops.link import LinkState, Own, PeerNews
 from mplb_nfq.ops.logs import ThrottledLog
 from mplb_nfq.ops.peers import Peers
@@ -98,7 +98,7 @@ def make_peers(held=()):
 def test_a_peers_tokens_and_subflows_reach_the_kernel_maps_and_the_core():
     peers, balancer, maps = make_peers(held={5: 0x102 | JOIN})
     peers.news(PeerNews(Batch("lb2", time.time() - 0.004, {1: "b1", 5: "b1", 6: "ghost"}, {FLOW: (1, "b1")})))
-    assert maps.tokens[1] == 0x101 | JOIN | TAUGHT_BY_CLIENT
+    assert maps.tokens[1] == 0x101 | JOIN | DISPLACEABLE
     assert maps.tokens[5] == 0x102 | JOIN  # a token this balancer holds keeps what it holds
     assert 6 not in maps.tokens and peers.rejected["unknown_backend"] == 1
     assert maps.subflows == {FLOW: 0x101 | JOIN | LEARNED}
@@ -160,7 +160,7 @@ def test_a_token_ended_by_its_teacher_is_taken_over_by_the_balancer_its_connecti
     assert {1, 2} <= set(maps.tokens) and join in maps.subflows  # until the conntrack reader says
     assert peers.tokens.handed_over == [(1, FLOW), (2, FLOW6)]
     peers.handed_over_found(here=[1], elsewhere=[2])
-    assert maps.tokens[1] == 0x101 | JOIN | TAUGHT_BY_CLIENT and maps.comments[1] == "10.0.2.2:40001>10.0.100.1:8080"
+    assert maps.tokens[1] == 0x101 | JOIN | DISPLACEABLE and maps.comments[1] == "10.0.2.2:40001>10.0.100.1:8080"
     assert join in maps.subflows and 2 not in maps.tokens
     batch = sent_by(peers)
     assert batch.tokens == {1: "b1"} and batch.connections == {1: FLOW} and 1 not in peers.taught

@@ -29,7 +29,7 @@ from netlab import (
 from mplb_nfq.lab.packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.jhash import flow_key, slot
-from mplb_nfq.core.marks import REJECT, TAUGHT_BY_CLIENT
+from mplb_nfq.core.marks import REJECT, DISPLACEABLE
 from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import VIP, VIP6, backend_address
@@ -417,7 +417,7 @@ def test_a_client_cannot_make_a_collision_its_claim_on_a_held_token_is_refused_i
                                        capture_output=True).stdout)
         (elements,) = [item["map"]["elem"] for item in listing["nftables"] if "map" in item]
         held = {key["elem"]["val"]: mark for key, mark in elements}
-        assert list(held) == [token] and held[token] & TAUGHT_BY_CLIENT and not held[token] & REJECT
+        assert list(held) == [token] and held[token] & DISPLACEABLE and not held[token] & REJECT
         hits = nft_counters(topo)["join_kernel_hit"]
         inject(topo, [tcp("10.0.2.50", VIP, 50003, PORT, SYN, mp_join_syn(token))])
         time.sleep(0.3)

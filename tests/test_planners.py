@@ -25,14 +25,11 @@ from mplb_nfq.kernel.ruleset import (
     unwanted_affinity,
     xtables_rule,
 )
+from mplb_nfq.kernel.nfnetlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_HEADER
 from mplb_nfq.kernel.tokenmap import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_GETOBJ,
     NFT_MSG_NEWSETELEM,
-    NLM_F_ACK,
-    NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG_HEADER,
     counters_request,
     delete_batch,
     parse_counter,

@@ -9,7 +9,7 @@ from mplb_nfq.lab.packets import ACK, CLIENT_KEY, COLLIDING, SERVER_KEY, SYN, ds
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from mplb_nfq.core.marks import JOIN, LEARNED, PROVISIONAL, REJECT, TAUGHT_BY_CLIENT
+from mplb_nfq.core.marks import JOIN, LEARNED, PROVISIONAL, REJECT, DISPLACEABLE
 from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.core.tokens import AMBIGUOUS, PROVISIONAL_SECONDS
 from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader
@@ -232,7 +232,7 @@ def test_a_client_s_claim_on_a_token_another_worker_holds_yields_and_a_server_s_
     w.give_decided()
     assert w.dataplane.tokens == {token: 0x101 | JOIN} and w.stats["tokens_refused"] == 1
     assert w.balancer.tokens.get(token, 0) is None  # not ours: the map's word stands
-    w.dataplane.tokens[token] = 0x101 | JOIN | TAUGHT_BY_CLIENT  # now a client's word
+    w.dataplane.tokens[token] = 0x101 | JOIN | DISPLACEABLE  # now a client's word
     w.handle(synack(40002, key_b, 0x100))
     w.give_decided()
     assert w.dataplane.tokens == {token: 0x100 | JOIN}  # the server's replaced it
@@ -254,11 +254,11 @@ def test_a_client_taught_token_is_provisional_until_its_connection_s_next_packet
     token, flow = token_of_key(SERVER_KEY, 1), (bytes([10, 0, 1, 2]), 40001, bytes([10, 0, 100, 1]), 80)
     third = tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, mp_capable(1, 1, CLIENT_KEY, SERVER_KEY))
     w.tokens.learn(Copies((third, 0x100)), 256)  # direct server return: the kernel copied the third ACK
-    assert w.dataplane.tokens == {token: 0x100 | JOIN | TAUGHT_BY_CLIENT}
+    assert w.dataplane.tokens == {token: 0x100 | JOIN | DISPLACEABLE}
     assert w.dataplane.timeouts[token] == PROVISIONAL_SECONDS and w.tokens.lifetimes == []  # not watched yet
     proof = tcp("10.0.1.2", "10.0.100.1", 40001, 80, ACK, dss())
     w.tokens.learn(Copies((proof, 0x100 | LEARNED | PROVISIONAL)), 256)
-    assert w.dataplane.calls[-1] == ("renew", [(token, 0x100 | JOIN | TAUGHT_BY_CLIENT)])
+    assert w.dataplane.calls[-1] == ("renew", [(token, 0x100 | JOIN | DISPLACEABLE)])
     assert w.dataplane.timeouts[token] == KernelMaps.TIMEOUT and w.stats["tokens_proven"] == 1
     assert w.tokens.lifetimes == [(token, flow)]
     restarted = Worker(w.plane.cfg, w.dataplane)  # a proven token is adopted as one
@@ -281,7 +281,7 @@ def test_with_several_workers_a_held_join_goes_where_the_kernel_map_says_and_a_p
     token = 0x5EED0001
     join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token)))
     w.handle(join)
-    w.dataplane.tokens[token] = 0x101 | JOIN | TAUGHT_BY_CLIENT  # the first worker's, from a third ACK
+    w.dataplane.tokens[token] = 0x101 | JOIN | DISPLACEABLE  # the first worker's, from a third ACK
     w.dataplane.timeouts[token] = 25.0
     time.sleep(RECHECK_SECONDS * 1.5)  # its first recheck is due
     w.held.release()
@@ -317,7 +317,7 @@ def test_tokens_of_closed_connections_leave_the_map_and_the_core_and_a_restart_r
     assert w.tokens.lifetimes == [(token, flow)]  # for the conntrack reader to watch
     restarted = Worker(w.plane.cfg, w.dataplane)
     assert restarted.tokens.adopt() == 1 and restarted.tokens.lifetimes == [(token, flow)]
-    restarted.tokens.gone([token])
+    restarted.tokens.ended([token])
     assert w.dataplane.tokens == {} and restarted.balancer.tokens.get(token, 0) is None
     assert restarted.stats["tokens_removed"] == 1
 
@@ -369,3 +369,13 @@ def test_maglev_tables_are_built_off_the_packet_path():
     picker._build = lambda candidates: pytest.fail("a SYN waited for the table")
     w.handle(Packet(tcp("10.0.1.2", "10.0.100.1", 40000, 80, SYN, mp_capable())))
     assert w.decided[0][1].kind == "mp_capable_syn"
+
+
+def test_a_histogram_counts_by_bucket_adds_up_across_workers_and_reads_as_prometheus_buckets():
+    from mplb_nfq.ops.counters import Histogram
+
+    histogram = Histogram((1.0, 2.0))
+    for value in (0.5, 1.0, 1.5, 3.0):
+        histogram.observe(value)
+    assert histogram.counts == [2, 1, 1] and histogram.sum == 6.0
+    assert histogram.plus(histogram).cumulative() == [("1.0", 4), ("2.0", 6), ("+Inf", 8)]

@@ -10,7 +10,7 @@ from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import parse_ip
 from .core.settings import Config
 from .core.verdicts import Kind, Verdict
-from .kernel.conntrack import Counts, Gone, HandedOver, Watch, start_reader
+from .kernel.conntrack import Counts, Ended, HandedOver, Watch, start_reader
 from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
@@ -74,7 +74,7 @@ class Worker:
             packet.accept()
             return
         self.decided.append((packet, verdict))  # a later verdict needs no retain(): only the payload is reused
-        self.counters.observe(time.perf_counter() - started)
+        self.counters.latency.observe(time.perf_counter() - started)
 
     def give_decided(self) -> None:
         """The tokens learned go to the kernel map before any verdict: a SYN-ACK's verdict lets the
@@ -99,9 +99,9 @@ class Worker:
             self.stats["drop"] += 1
 
     # -- messages from the other processes ---------------------------------------------------
-    def from_conntrack(self, message: Counts | Gone | HandedOver) -> None:
-        if isinstance(message, Gone):
-            self.tokens.gone(message.tokens)
+    def from_conntrack(self, message: Counts | Ended | HandedOver) -> None:
+        if isinstance(message, Ended):
+            self.tokens.ended(message.tokens)
             self.plane.fleet.broadcast(message)
         elif isinstance(message, HandedOver):  # (a cluster's balancer runs one worker)
             self.peers.handed_over_found(message.here, message.elsewhere)
@@ -109,7 +109,7 @@ class Worker:
             self.plane.apply_conntrack_counts(message)
 
     def from_first_worker(self, message) -> None:
-        if isinstance(message, Gone):  # it took them out of the kernel map
+        if isinstance(message, Ended):  # it took them out of the kernel map
             self.tokens.forgotten(message.tokens)
         else:
             self.plane.apply(message)
@@ -135,7 +135,7 @@ class Worker:
             # worker would leave the queue bound to nobody reading, and no bypass.
             conntrack_reader, conntrack = start_reader(cfg.conntrack_interval)
             loop.watch(conntrack.fileno(), lambda: self.from_conntrack(conntrack.recv()), pipe=True)
-            for i, other in enumerate(plane.fleet.peers, 1):
+            for i, other in enumerate(plane.fleet.pipes, 1):
                 loop.watch(other.fileno(), lambda other=other, i=i: self.from_other_worker(i, other.recv()), pipe=True)
         else:
             loop.watch(parent.fileno(), lambda: self.from_first_worker(parent.recv()), pipe=True)

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .expiring import ExpiringTable
-from .marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, REJECT, TAUGHT_BY_CLIENT
+from .marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, REJECT, DISPLACEABLE
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
 from .schedulers import MAGLEV_DEFAULT_SIZE, Index, make_scheduler
 from .tokens import AMBIGUOUS, INSTALL_PENDING, PROVISIONAL_SECONDS, token_capacities
@@ -177,7 +177,7 @@ class Balancer:
             return
         backend = self.backend_of(mark)
         if backend is not None and self.known_token(token, now) is None:
-            if self.tokens.add(token, backend.mark | (mark & TAUGHT_BY_CLIENT), now):
+            if self.tokens.add(token, backend.mark | (mark & DISPLACEABLE), now):
                 self.newly_known.append(token)
 
     def decide_join_by(self, segment: Segment, mark: int, now: float) -> Verdict:
@@ -196,7 +196,7 @@ class Balancer:
         """A provisional token read back from the kernel map, with the connection that taught it."""
         backend = self.backend_of(mark)
         if backend is not None and self.known_token(token, now) is None:
-            self._hold_provisional(token, backend.mark | TAUGHT_BY_CLIENT, flow, now)
+            self._hold_provisional(token, backend.mark | DISPLACEABLE, flow, now)
 
     def _hold_provisional(self, token: int, value: int, flow: tuple, now: float) -> None:
         """A client's token, and the connection whose next packet will prove it (the oldest such
@@ -332,7 +332,7 @@ class Balancer:
             return Verdict(True, backend.mark | LEARNED, kind)
         settled = backend.mark | LEARNED
         token = token_of_key(key, version)
-        by_client = TAUGHT_BY_CLIENT if kind is Kind.THIRD_ACK else 0
+        by_client = DISPLACEABLE if kind is Kind.THIRD_ACK else 0
         known = self.known_token(token, now)
         if known is None:
             if by_client:  # one packet, maybe spoofed: provisional
@@ -348,12 +348,12 @@ class Balancer:
         if ours and known & INSTALL_PENDING:  # the last install failed: once more
             provisional = self.provisional.get(token, now) is not None
             (self.provisional if provisional else self.tokens).put(token, known & ~INSTALL_PENDING, now)
-            retried = Kind.SYN_ACK if not known & TAUGHT_BY_CLIENT else \
+            retried = Kind.SYN_ACK if not known & DISPLACEABLE else \
                 Kind.THIRD_ACK if provisional else Kind.TOKEN_PROVEN
             return Verdict(True, settled | (PROVISIONAL if provisional else 0), retried, token, flow)
         if by_client:
             return Verdict(True, settled, REPEATED[kind] if ours else Kind.TOKEN_REFUSED)
-        if known & TAUGHT_BY_CLIENT:  # a server's word over a client's: the client's may be forged
+        if known & DISPLACEABLE:  # a server's word over a client's: the client's may be forged
             self._settle(token, backend.mark, now)
             return Verdict(True, settled, Kind.SYN_ACK_OVER_CLIENT, token, flow)
         if ours:  # already learned (SYN-ACK, then a racing ACK)

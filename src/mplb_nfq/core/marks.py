@@ -6,7 +6,8 @@ LEARNED = 0x40000000  # kept in ct mark: this connection's token is known, stop 
 REJECT = 0x20000000  # transient: nftables answers the packet with a TCP reset
 QUEUE = 0x10000000  # transient: the xtables NFQUEUE rule queues packets carrying it
 JOIN = 0x08000000  # kept in ct mark: this flow is an added subflow (MP_JOIN), not a new connection
-TAUGHT_BY_CLIENT = 0x04000000  # in the token map: the token came from a client's third ACK, not a SYN-ACK
+DISPLACEABLE = 0x04000000  # in the token map: a surer teacher may replace it: a client taught it (a third
+#   ACK, not a SYN-ACK: it may be forged), or a peer balancer did (a connection here outranks it)
 # kept in ct mark: this connection's token came from its client's third ACK (direct server return)
 # and is provisional until the connection's next MPTCP packet (a DSS option) shows it is real
 PROVISIONAL = 0x02000000

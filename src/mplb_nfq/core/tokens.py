@@ -23,7 +23,7 @@ import ipaddress
 import re
 from typing import Iterable, Mapping, NamedTuple
 
-from .marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
+from .marks import BACKEND_MASK, JOIN, DISPLACEABLE
 from .packet import endpoint
 from .verdicts import Kind, Verdict
 
@@ -46,7 +46,7 @@ def token_capacities(capacity: int) -> tuple[int, int]:
 
 def map_value(verdict: Verdict) -> int:
     """The kernel map's value for the token a verdict taught: its joins' mark."""
-    by_client = TAUGHT_BY_CLIENT if verdict.kind in TAUGHT_BY_CLIENT_KINDS else 0
+    by_client = DISPLACEABLE if verdict.kind in TAUGHT_BY_CLIENT_KINDS else 0
     return (verdict.mark & BACKEND_MASK) | JOIN | by_client
 
 
@@ -72,9 +72,9 @@ class TokenWrites(NamedTuple):
         for token, mark in self.install:
             if token not in existing:
                 install.append((token, mark))
-            elif mark & TAUGHT_BY_CLIENT:
+            elif mark & DISPLACEABLE:
                 ignored.append(token)
-            elif existing[token] is None or existing[token] & TAUGHT_BY_CLIENT:
+            elif existing[token] is None or existing[token] & DISPLACEABLE:
                 replace.append((token, mark))
             else:
                 reject.append(token)

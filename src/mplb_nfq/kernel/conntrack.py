@@ -6,13 +6,13 @@ import ipaddress
 import logging
 import multiprocessing
 import queue
-import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 from ..core.marks import BACKEND_MASK, JOIN
+from .process import die_with_parent
 
 log = logging.getLogger("mplb_nfq.conntrack")
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
@@ -36,7 +36,7 @@ class Counts:
 
 
 @dataclass(frozen=True)
-class Gone:
+class Ended:
     """To the worker: the connections of these tokens are no longer in conntrack."""
     tokens: list[int]
 
@@ -104,14 +104,9 @@ def read_conntrack(pipe, interval: float) -> None:
     """In a process of its own, so that a large conntrack table never stalls the queue: every
     interval, count the live entries per backend mark (connections and added subflows apart),
     and tell which watched tokens' connections are gone."""
-    import ctypes
-
     from pyroute2 import NFCTSocket
 
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(ignored, signal.SIG_IGN)
+    die_with_parent()
     lifetimes = Lifetimes()
     incoming: queue.SimpleQueue[Watch] = queue.SimpleQueue()
 
@@ -143,9 +138,9 @@ def read_conntrack(pipe, interval: float) -> None:
                     if state in LIVE_TCP_STATES:
                         (subflows if mark & JOIN else connections)[mark & BACKEND_MASK] += 1
             pipe.send(Counts(dict(connections), dict(subflows)))
-            gone, handed_over = lifetimes.reading(live)
-            if gone:
-                pipe.send(Gone(gone))
+            ended, handed_over = lifetimes.reading(live)
+            if ended:
+                pipe.send(Ended(ended))
             if handed_over.here or handed_over.elsewhere:
                 pipe.send(handed_over)
         except (BrokenPipeError, EOFError):

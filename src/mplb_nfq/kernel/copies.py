@@ -9,16 +9,7 @@ import socket
 import struct
 
 from .nft import KernelError
-from .tokenmap import (
-    ATTRIBUTE,
-    NETLINK_NETFILTER,
-    NLM_F_ACK,
-    NLM_F_REQUEST,
-    NLMSG_ERROR,
-    NLMSG_HEADER,
-    _attribute,
-    _nfnetlink,
-)
+from .nfnetlink import ATTRIBUTE, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NLMSG_HEADER, attribute, message
 
 NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 4, 0, 1
 NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
@@ -31,11 +22,11 @@ RECEIVE_BUFFER = 32 << 20
 def bind_request(group: int, snaplen: int, seq: int) -> bytes:
     """Bind this socket to the group, packets copied up to snaplen bytes, each sent at once
     (queue threshold 1: a join races its token's copy)."""
-    body = (_attribute(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
-            + _attribute(NFULA_CFG_MODE, struct.pack("!IBB", snaplen, NFULNL_COPY_PACKET, 0))
-            + _attribute(NFULA_CFG_QTHRESH, struct.pack("!I", 1))
-            + _attribute(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
-    return _nfnetlink(NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, socket.AF_UNSPEC,
+    body = (attribute(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
+            + attribute(NFULA_CFG_MODE, struct.pack("!IBB", snaplen, NFULNL_COPY_PACKET, 0))
+            + attribute(NFULA_CFG_QTHRESH, struct.pack("!I", 1))
+            + attribute(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
+    return message(NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, socket.AF_UNSPEC,
                       body, res_id=group)
 
 

@@ -13,34 +13,38 @@ import socket
 import struct
 from typing import Mapping
 
+from .nfnetlink import (
+    ATTRIBUTE,
+    NETLINK_CAP_ACK,
+    NETLINK_NETFILTER,
+    NFGEN_HEADER_SIZE,
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HEADER,
+    SOL_NETLINK,
+    attribute,
+    attributes,
+    message,
+    walk,
+)
 from .nft import KernelError
 
-NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, SOL_NETLINK, NETLINK_CAP_ACK = 12, 10, 1, 270, 10
-NLMSG_ERROR, NLMSG_DONE, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 2, 3, 16, 17
+NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 10, 1, 16, 17
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 12, 13, 14, 18, 19
 OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA, OBJECT_COUNTER, COUNTER_PACKETS = 1, 2, 3, 4, 1, 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE, NLA_F_NESTED = 1, 4, 0x300, 0x400, 0x8000
 SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS, LIST_ELEM = 1, 2, 3, 1
 SET_ELEM_KEY, SET_ELEM_DATA, SET_ELEM_TIMEOUT, SET_ELEM_EXPIRATION, SET_ELEM_USERDATA, DATA_VALUE = 1, 2, 4, 5, 6, 1
 UDATA_COMMENT = 0  # libnftnl's user data: type, length, value; nft prints it as the element's comment
-NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port
-ATTRIBUTE = struct.Struct("=HH")  # length, type
-NFGEN_HEADER_SIZE = 4
 MAP_NAME = "tokens"
 
 
-def _attribute(kind: int, *payload: bytes) -> bytes:
-    data = b"".join(payload)
-    return ATTRIBUTE.pack(4 + len(data), kind) + data + bytes(-len(data) % 4)
-
-
-def _nfnetlink(kind: int, flags: int, seq: int, family: int, body: bytes = b"", res_id: int = 0) -> bytes:
-    header = NLMSG_HEADER.pack(20 + len(body), kind, flags, seq, 0)
-    return header + struct.pack("=BBH", family, 0, socket.htons(res_id)) + body
-
-
 def _set_elements(table: str, elements: bytes = b"") -> bytes:
-    body = _attribute(SET_ELEM_LIST_TABLE, table.encode(), b"\0") + _attribute(SET_ELEM_LIST_SET, MAP_NAME.encode(), b"\0")
+    body = attribute(SET_ELEM_LIST_TABLE, table.encode(), b"\0") + attribute(SET_ELEM_LIST_SET, MAP_NAME.encode(), b"\0")
     return body + ATTRIBUTE.pack(4 + len(elements), SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED) + elements if elements \
         else body
 
@@ -56,7 +60,7 @@ def _comment(text: str | None) -> bytes:
     if not text:
         return b""
     value = text.encode()[:126] + b"\0"
-    return _attribute(SET_ELEM_USERDATA, bytes([UDATA_COMMENT, len(value)]), value)
+    return attribute(SET_ELEM_USERDATA, bytes([UDATA_COMMENT, len(value)]), value)
 
 
 def _with_marks(tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> bytes:
@@ -71,18 +75,18 @@ def _with_marks(tokens: list[tuple[int, int]], timeout: int, comments: Mapping[i
 
 
 def _keys(tokens: list[int]) -> bytes:
-    return b"".join(_attribute(LIST_ELEM | NLA_F_NESTED, _attribute(
-        SET_ELEM_KEY | NLA_F_NESTED, _attribute(DATA_VALUE, token.to_bytes(4, "big")))) for token in tokens)
+    return b"".join(attribute(LIST_ELEM | NLA_F_NESTED, attribute(
+        SET_ELEM_KEY | NLA_F_NESTED, attribute(DATA_VALUE, token.to_bytes(4, "big")))) for token in tokens)
 
 
 def transaction(seq: int, messages: list[tuple[int, bytes]]) -> bytes:
     """One nf_tables transaction: begin (seq), the messages (seq + 1, ...; each asks for an
     acknowledgement), end. All of it applies, or none."""
-    parts = [_nfnetlink(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, res_id=NFNL_SUBSYS_NFTABLES)]
+    parts = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, res_id=NFNL_SUBSYS_NFTABLES)]
     for offset, (kind, body) in enumerate(messages, 1):
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
-        parts.append(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | kind, flags, seq + offset, NFPROTO_INET, body))
-    parts.append(_nfnetlink(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + len(messages) + 1, 0,
+        parts.append(message(NFNL_SUBSYS_NFTABLES << 8 | kind, flags, seq + offset, NFPROTO_INET, body))
+    parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + len(messages) + 1, 0,
                             res_id=NFNL_SUBSYS_NFTABLES))
     return b"".join(parts)
 
@@ -106,28 +110,14 @@ def delete_batch(table: str, tokens: list[int], seq: int) -> bytes:
     return transaction(seq, [(NFT_MSG_DELSETELEM, _set_elements(table, _keys(tokens)))])
 
 
-def _walk(data: bytes, offset: int = 0):
-    """(type, payload) of each netlink attribute in data[offset:], the nested flag cleared."""
-    while offset + ATTRIBUTE.size <= len(data):
-        length, kind = ATTRIBUTE.unpack_from(data, offset)
-        if length < ATTRIBUTE.size:
-            return
-        yield kind & ~NLA_F_NESTED, data[offset + ATTRIBUTE.size:offset + length]
-        offset += length + (-length % 4)
-
-
-def _attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    return dict(_walk(data, offset))
-
-
 def parse_elements(message_body: bytes) -> list[tuple[int, int, float, str | None]]:
     """(token, mark, seconds left, comment) of each element of a NFT_MSG_NEWSETELEM body (after nfgenmsg)."""
-    listing = _attributes(message_body, NFGEN_HEADER_SIZE).get(SET_ELEM_LIST_ELEMENTS, b"")
+    listing = attributes(message_body, NFGEN_HEADER_SIZE).get(SET_ELEM_LIST_ELEMENTS, b"")
     found = []
-    for _, element in _walk(listing):
-        attrs = _attributes(element)
-        key = _attributes(attrs.get(SET_ELEM_KEY, b"")).get(DATA_VALUE)
-        data = _attributes(attrs.get(SET_ELEM_DATA, b"")).get(DATA_VALUE)
+    for _, element in walk(listing):
+        attrs = attributes(element)
+        key = attributes(attrs.get(SET_ELEM_KEY, b"")).get(DATA_VALUE)
+        data = attributes(attrs.get(SET_ELEM_DATA, b"")).get(DATA_VALUE)
         if key is None or data is None or len(key) != 4 or len(data) != 4:
             continue
         left_ms = attrs.get(SET_ELEM_EXPIRATION) or attrs.get(SET_ELEM_TIMEOUT) or bytes(8)
@@ -148,14 +138,14 @@ def _comment_of(userdata: bytes) -> str | None:
 
 def counters_request(table: str, seq: int) -> bytes:
     """A dump of the table's named counters (NFT_MSG_GETOBJ, counters only)."""
-    body = _attribute(OBJ_TABLE, table.encode(), b"\0") + _attribute(OBJ_TYPE, struct.pack("!I", OBJECT_COUNTER))
-    return _nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETOBJ, NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, body)
+    body = attribute(OBJ_TABLE, table.encode(), b"\0") + attribute(OBJ_TYPE, struct.pack("!I", OBJECT_COUNTER))
+    return message(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETOBJ, NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, body)
 
 
 def parse_counter(message_body: bytes) -> tuple[str, int] | None:
     """(name, packets) of one counter of a NFT_MSG_NEWOBJ body (after nfgenmsg)."""
-    attrs = _attributes(message_body, NFGEN_HEADER_SIZE)
-    packets = _attributes(attrs.get(OBJ_DATA, b"")).get(COUNTER_PACKETS)
+    attrs = attributes(message_body, NFGEN_HEADER_SIZE)
+    packets = attributes(attrs.get(OBJ_DATA, b"")).get(COUNTER_PACKETS)
     if OBJ_NAME not in attrs or packets is None or len(packets) != 8:
         return None
     return attrs[OBJ_NAME].rstrip(b"\0").decode(errors="replace"), struct.unpack("!Q", packets)[0]
@@ -301,7 +291,7 @@ class TokenMap(Nfnetlink):
     def element(self, token: int) -> tuple[int, float] | None:
         """(mark, seconds left) of a token's element, or None."""
         self.seq += 1
-        self.sock.send(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK,
+        self.sock.send(message(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK,
                                   self.seq, NFPROTO_INET, _set_elements(self.table, _keys([token]))))
         found = None
         for kind, body, error in self._answers(self.seq):
@@ -316,7 +306,7 @@ class TokenMap(Nfnetlink):
     def read(self) -> list[tuple[int, int, float, str | None]]:
         """(token, mark, seconds left, comment) of every element of the map."""
         self.seq += 1
-        self.sock.send(_nfnetlink(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
+        self.sock.send(message(NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
                                   self.seq, NFPROTO_INET, _set_elements(self.table)))
         found = []
         for kind, body, error in self._answers(self.seq):

@@ -208,8 +208,7 @@ class ControlPlane:
     def own_report(self) -> Report:
         c = self.counters
         return Report(c.stats, self.balancer.counts, len(self.balancer.tokens) + len(self.balancer.provisional),
-                      len(self.balancer.flows),
-                      c.latency_counts, c.latency_sum)
+                      len(self.balancer.flows), c.latency)
 
     def total(self) -> Report:
         return self.fleet.total(self.own_report())
@@ -219,7 +218,7 @@ class ControlPlane:
         handled = total.handled
         return {"packets": handled, **total.stats, "kinds": dict(total.kinds), "tokens_tracked": total.tokens,
                 "flows_tracked": total.flows, "workers": self.cfg.workers,
-                "decide_us_per_packet": round(total.latency_sum * 1e6 / handled, 2) if handled else None,
+                "decide_us_per_packet": round(total.latency.sum * 1e6 / handled, 2) if handled else None,
                 "queue_mode": self.dataplane.queue_mode, **({"cluster": self.peers.report()} if self.peers else {})}
 
     def status(self) -> dict:

@@ -1,5 +1,6 @@
 """The worker's packet counters and its decision-time histogram; a report of them that another
-worker sends the first one, and their sum over all workers."""
+worker sends the first one, and their sum over all workers. Histogram: counts by bucket as
+Prometheus shows them (the cluster's propagation delay is one too)."""
 from __future__ import annotations
 
 import bisect
@@ -18,18 +19,39 @@ def _stats() -> Counter[str]:
 
 
 @dataclass
+class Histogram:
+    """Counts per bucket (the last one: above every bound) and the sum of what was observed."""
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    sum: float = 0.0
+
+    def __post_init__(self):
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def plus(self, other: Histogram) -> Histogram:
+        return Histogram(self.bounds, [a + b for a, b in zip(self.counts, other.counts)], self.sum + other.sum)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus's buckets: (upper bound, count at or below it), the last one +Inf."""
+        buckets, total = [], 0
+        for bound, count in zip([repr(b) for b in self.bounds] + ["+Inf"], self.counts):
+            total += count
+            buckets.append((bound, total))
+        return buckets
+
+
+@dataclass
 class Report:
     """One worker's counters; `tokens` and `flows` are the sizes of its core's tables."""
     stats: Counter[str] = field(default_factory=_stats)
     kinds: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
     flows: int = 0
-    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    latency_sum: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
 
     @property
     def handled(self) -> int:
@@ -42,5 +64,4 @@ class Report:
         return Report(stats, kinds,
                       max(self.tokens, other.tokens),  # each worker holds the tokens it saw
                       self.flows + other.flows,
-                      [a + b for a, b in zip(self.latency_counts, other.latency_counts)],
-                      self.latency_sum + other.latency_sum)
+                      self.latency.plus(other.latency))

@@ -8,7 +8,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ..kernel.conntrack import Counts, Gone
+from ..kernel.conntrack import Counts, Ended
+from ..kernel.process import die_with_parent
 from .counters import Report
 
 WORKER_START_SECONDS = 30.0  # for a worker beyond the first to bind its queue, before the first says "ready"
@@ -37,14 +38,14 @@ class Stop:
     pass
 
 
-Message = HealthChanged | Drained | Reloaded | Counts | Gone | Stop
+Message = HealthChanged | Drained | Reloaded | Counts | Ended | Stop
 
 
 class Fleet:
     """The first worker's pipes to the others, and their last reports."""
 
     def __init__(self):
-        self.peers: list = []
+        self.pipes: list = []  # to workers 1.. ("peers" are other balancers: ops/peers.py)
         self.processes: list[multiprocessing.Process] = []
         self.reports: dict[int, Report] = {}
         self._lock = threading.Lock()  # the health thread sends too
@@ -58,22 +59,22 @@ class Fleet:
                                               daemon=True)
             process.start()
             theirs.close()  # the child's end: closed here, a child that dies gives EOF at once
-            self.peers.append(mine)
+            self.pipes.append(mine)
             self.processes.append(process)
-        for index, peer in enumerate(self.peers, 1):
-            if not peer.poll(WORKER_START_SECONDS):
+        for index, pipe in enumerate(self.pipes, 1):
+            if not pipe.poll(WORKER_START_SECONDS):
                 raise RuntimeError(f"worker {index} did not bind queue {queue + index} "
                                    f"within {WORKER_START_SECONDS:.0f} s")
             try:
-                self.reports[index] = peer.recv()
+                self.reports[index] = pipe.recv()
             except EOFError:
                 raise RuntimeError(f"worker {index} exited while starting (see its error above)") from None
 
     def broadcast(self, message: Message) -> None:
         with self._lock:
-            for peer in self.peers:
+            for pipe in self.pipes:
                 try:
-                    peer.send(message)
+                    pipe.send(message)
                 except OSError:
                     pass
 
@@ -93,16 +94,11 @@ class Fleet:
 
 def serve_other_worker(worker, index: int, parent) -> None:
     """A worker process beyond the first (a Worker of worker.py): its own queue, its own netlink sockets."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: stop with the first worker
 
     def stop(signum, frame):
         worker.plane.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):  # the first worker decides, and tells us
-        signal.signal(ignored, signal.SIG_IGN)
+    die_with_parent(signal.SIGTERM, stop)  # the first worker decides, and tells it
     worker.dataplane.reopen()
     worker.plane.fleet = Fleet()
     worker.serve(ready=lambda: parent.send(worker.plane.own_report()), parent=parent, index=index)

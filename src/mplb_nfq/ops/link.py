@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import signal
 import threading
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from ..core.news import (
     resume_from,
 )
 from ..core.settings import ClusterConfig
+from ..kernel.process import die_with_parent
 
 log = logging.getLogger("mplb_nfq.cluster")
 STREAM_LENGTH = 100_000  # batches kept in the stream (about): a peer that falls further behind catches up
@@ -332,12 +332,7 @@ class Link:
 
 
 def serve_link(pipe, cfg: ClusterConfig, ttl: int, fingerprint: str) -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(ignored, signal.SIG_IGN)
+    die_with_parent()
     lock = threading.Lock()
 
     def send(message) -> None:

@@ -14,8 +14,6 @@ from prometheus_client.registry import CollectorRegistry
 from ..core.held import Held
 
 from ..kernel.queue import queue_drops
-from .counters import LATENCY_BUCKETS
-from .peers import DELAY_BUCKETS
 
 log = logging.getLogger("mplb_nfq.metrics")
 JOIN_RESULTS = {"join_hit": "hit", "join_miss": "miss", "join_collision": "collision"}
@@ -162,19 +160,10 @@ class WorkerCollector:
 
         latency = HistogramMetricFamily("mplb_packet_processing_seconds",
                                         "CPU time to parse and decide one queued packet")
-        latency.add_metric([], _buckets(LATENCY_BUCKETS, total.latency_counts), total.latency_sum)
+        latency.add_metric([], total.latency.cumulative(), total.latency.sum)
         yield latency
         if w.peers:
             yield from _cluster_metrics(w.peers, nft)
-
-
-def _buckets(bounds, counts) -> list[tuple[str, int]]:
-    """Cumulative histogram buckets from per-bucket counts (the last one: +Inf)."""
-    buckets, cumulative = [], 0
-    for bound, count in zip(list(bounds) + [float("inf")], counts):
-        cumulative += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-    return buckets
 
 
 def _cluster_metrics(peers, nft: dict[str, int]):
@@ -208,7 +197,7 @@ def _cluster_metrics(peers, nft: dict[str, int]):
         same.add_metric([peer], int(beat["fingerprint"] == report["fingerprint"]))
     delay = HistogramMetricFamily("mplb_cluster_propagation_seconds",
                                   "From a peer's learning to this balancer's kernel map")
-    delay.add_metric([], _buckets(DELAY_BUCKETS, peers.delay_counts), peers.delay_sum)
+    delay.add_metric([], peers.delays.cumulative(), peers.delays.sum)
     yield from (redis, announced, outages, published, received, rejected, joins, moved, same, delay)
 
 

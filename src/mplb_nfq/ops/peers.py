@@ -7,13 +7,13 @@ teacher's conntrack entry goes (the router moved the flow elsewhere, or it ended
 whose conntrack has the connection takes the token over and teaches it from then on."""
 from __future__ import annotations
 
-import bisect
 import time
 from collections import Counter, deque
 
 from ..core.balancer import Balancer
 from ..core.news import MAX_PEERS, Batch, Subflows, accepted, teacher_of
 from ..core.marks import JOIN, LEARNED
+from .counters import Histogram
 from .link import LinkState, PeerNews
 from .logs import ThrottledLog
 from .tokenstore import TokenStore
@@ -42,8 +42,7 @@ class Peers:
         self.rejected: Counter[str] = Counter()
         self.received: Counter[str] = Counter()  # items installed, per peer
         self.state: LinkState | None = None
-        self.delay_counts = [0] * (len(DELAY_BUCKETS) + 1)
-        self.delay_sum = 0.0
+        self.delays = Histogram(DELAY_BUCKETS)
         self.recent_delays: deque[float] = deque(maxlen=4096)  # for the percentiles `status` shows
 
     # -- out ----------------------------------------------------------------------------------
@@ -129,8 +128,7 @@ class Peers:
         self._end([token for token in ended if token not in self.connection_of], batch.origin)
         if not news.resync and (batch.tokens or batch.subflows):
             delay = max(0.0, time.time() - batch.at)
-            self.delay_counts[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
-            self.delay_sum += delay
+            self.delays.observe(delay)
             self.recent_delays.append(delay)
 
     def handed_over_found(self, here: list[int], elsewhere: list[int]) -> None:

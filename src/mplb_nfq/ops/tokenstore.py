@@ -11,7 +11,7 @@ from ..core.balancer import Balancer
 from ..core.marks import REJECT
 from ..core.packet import Segment, parse_ip
 from ..core.news import peer_comment
-from ..core.marks import BACKEND_MASK, JOIN, TAUGHT_BY_CLIENT
+from ..core.marks import BACKEND_MASK, JOIN, DISPLACEABLE
 from ..core.tokens import PROVISIONAL_SECONDS, TokenWrites, flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from ..kernel.copies import CopyReader
@@ -138,7 +138,7 @@ class TokenStore:
         for token, mark, left, comment in sorted(self.dataplane.read_tokens(), key=lambda t: t[2]):
             if mark & REJECT or self.balancer.backend_of(mark) is not None:
                 flow = flow_of_comment(comment or "")
-                if flow is not None and mark & TAUGHT_BY_CLIENT and left <= PROVISIONAL_SECONDS:
+                if flow is not None and mark & DISPLACEABLE and left <= PROVISIONAL_SECONDS:
                     self.balancer.learn_provisional(token, mark, flow, learned_at(now, PROVISIONAL_SECONDS, left))
                     adopted += 1
                     continue
@@ -155,7 +155,7 @@ class TokenStore:
         flow, where known), unless this balancer knows them already (its own connection's keeps
         what it is); returns those that went in."""
         now = time.perf_counter()
-        fresh = [(token, mark | JOIN | TAUGHT_BY_CLIENT) for token, mark in tokens
+        fresh = [(token, mark | JOIN | DISPLACEABLE) for token, mark in tokens
                  if self.balancer.known_token(token, now) is None]
         if not fresh:
             return []
@@ -187,7 +187,7 @@ class TokenStore:
         """Tokens whose connection (token -> first flow) moved here: now this balancer's, named
         by their connection in the kernel map (a restarted worker watches them); returns their marks."""
         now = time.perf_counter()
-        marks = {token: (mark & BACKEND_MASK) | JOIN | TAUGHT_BY_CLIENT for token in tokens  # as a peer's was
+        marks = {token: (mark & BACKEND_MASK) | JOIN | DISPLACEABLE for token in tokens  # as a peer's was
                  if (mark := self.balancer.known_token(token, now)) is not None and self.balancer.backend_of(mark)}
         if marks:
             try:
@@ -209,7 +209,7 @@ class TokenStore:
         if found is None:
             return None
         mark, left = found
-        if not (mark & TAUGHT_BY_CLIENT and left <= PROVISIONAL_SECONDS):
+        if not (mark & DISPLACEABLE and left <= PROVISIONAL_SECONDS):
             self.balancer.learn_token(token, mark, learned_at(time.perf_counter(), self.balancer.tokens.ttl, left))
         return mark
 
@@ -218,7 +218,7 @@ class TokenStore:
         for token in tokens:
             self.balancer.forget(token)
 
-    def gone(self, tokens: list[int]) -> None:
+    def ended(self, tokens: list[int]) -> None:
         """Their connections have left conntrack: the tokens go from the map and the core."""
         try:
             self.dataplane.delete_tokens(tokens)
