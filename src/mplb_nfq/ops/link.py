@@ -38,6 +38,7 @@ log = logging.getLogger("mplb_nfq.cluster")
 STREAM_LENGTH = 100_000  # batches kept in the stream (about): a peer that falls further behind catches up
 HEARTBEAT_SECONDS, HEARTBEAT_TTL = 2.0, 10
 LOOK_SECONDS = 0.5  # how often the follower looks for a balancer it has not met
+WHOLE_READ = 10_000  # a peer's stream read from its first entry, if it holds all it ever held and no more
 STATE_SECONDS = 1.0
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
 SCAN_CHUNK = 500
@@ -275,15 +276,7 @@ class Link:
                     if not streams:
                         time.sleep(LOOK_SECONDS)
                         continue
-                    reading = {self.keys.of(peer, "news"): last for peer, last in streams.items()}
-                    for key, entries in client.xread(reading, count=1000, block=int(LOOK_SECONDS * 1000)) or []:
-                        peer = self.keys.balancer_of(key, "news")
-                        for entry, fields in entries:
-                            streams[peer] = entry
-                            batch = decode(fields, peer, self.rejected)
-                            if batch:
-                                self.received[peer] += len(batch.tokens) + len(batch.subflows)
-                                self.send(PeerNews(batch))
+                    self.read(client, streams, streams, block_ms=int(LOOK_SECONDS * 1000))
             except Exception as e:
                 if self.reader_up:
                     log.warning("cluster: Redis lost while following peers: %s", e)
@@ -296,9 +289,9 @@ class Link:
         return list(dict.fromkeys(self.balancers(client, "beat") + self.balancers(client, "news")))[:MAX_PEERS]
 
     def catch_up(self, client, streams: dict[str, str], peers: set[str]) -> None:
-        """Where to go on in each of these peers' streams; from a peer whose stream cannot say all
-        that happened since (core.news.resume_from), what it keeps first (entries written
-        meanwhile come again from the stream: installs are idempotent)."""
+        """Each of these peers' news up to now: from a peer whose stream cannot say all that
+        happened since (core.news.resume_from), what it keeps first (entries written meanwhile
+        come again from the stream: installs are idempotent), then its stream to its newest entry."""
         import redis
 
         for peer in peers:
@@ -306,12 +299,29 @@ class Link:
                 info = client.xinfo_stream(self.keys.of(peer, "news"))
                 oldest, newest = info["first-entry"], info["last-entry"]
                 span = oldest[0] if oldest else None, newest[0] if newest else None
-                whole = info.get("entries-added") == info["length"]
+                whole, info_length = info.get("entries-added") == info["length"], info["length"]
             except redis.ResponseError:  # no stream yet: all it will hold is to come
-                span, whole = (None, None), True
-            streams[peer], behind = resume_from(streams.get(peer), *span, whole)
+                span, whole, info_length = (None, None), True, 0
+            streams[peer], behind = resume_from(streams.get(peer), *span, whole and info_length <= WHOLE_READ)
             if behind:
                 self.resync(client, peer)
+            while self.read(client, streams, [peer]):  # to its newest entry: then this balancer has caught up
+                pass
+
+    def read(self, client, streams: dict[str, str], peers, block_ms: int | None = None) -> int:
+        """The next entries of these peers' streams (waiting up to block_ms for one), to the worker;
+        how many there were."""
+        read = 0
+        reading = {self.keys.of(peer, "news"): streams[peer] for peer in peers}
+        for key, entries in client.xread(reading, count=1000, block=block_ms) or []:
+            peer = self.keys.balancer_of(key, "news")
+            for entry, fields in entries:
+                streams[peer], read = entry, read + 1
+                batch = decode(fields, peer, self.rejected)
+                if batch:
+                    self.received[peer] += len(batch.tokens) + len(batch.subflows)
+                    self.send(PeerNews(batch))
+        return read
 
     def resync(self, client, peer: str) -> None:
         """Every token a peer keeps in Redis and every subflow it steered, in batches."""
