@@ -196,10 +196,14 @@ def test_conntrack_lifetimes_say_whether_a_handed_over_connection_is_here_then_w
     assert not any(h.here for _, h in readings) and lifetimes.watched == {1: FLOW}
 
 
-def test_a_starting_balancer_announces_once_caught_up_from_redis():
+def test_a_starting_balancer_announces_once_caught_up_from_redis_and_followed_by_its_peers():
+    """Each balancer writes its news under its own keys: a peer that has not met it yet would hold
+    and then refuse the joins of its connections (the cluster lab: 1 of 2 joins misrouted)."""
     peers, _, _ = make_peers()
     assert not peers.ready_to_announce()
-    peers.state = LinkState(True, 0, {}, {}, {}, None, resyncs=1, outages=0)
+    peers.state = LinkState(True, 0, {}, {}, {"lb2": {}}, None, resyncs=1, outages=0, followed=False)
+    assert not peers.ready_to_announce()
+    peers.state = LinkState(True, 0, {}, {}, {"lb2": {}}, None, resyncs=1, outages=0, followed=True)
     assert peers.ready_to_announce()
     peers, _, _ = make_peers()
     peers.started -= 10  # Redis never answered: it balances alone

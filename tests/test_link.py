@@ -69,6 +69,7 @@ def test_an_end_published_while_the_follower_was_cut_off_still_reaches_the_worke
             return any(condition(batch) for batch in seen)
 
         wait_for(lambda: reading(peer), 10)  # caught up: what comes now comes through the stream
+        assert peer.sismember(Keys("t").of("lb2", "following"), "lb1")  # lb1 may announce: lb2 hears it
         peer.xadd(stream, encode(Batch("lb1", 2.0, tokens={0x01020304: "b1"})))
         wait_for(lambda: heard(lambda b: 0x01020304 in b.tokens), 10)
         peer.client_kill_filter(_type="normal", skipme=True)  # the follower's connection drops

@@ -51,9 +51,10 @@ class Keys:
       tokens    hash: TOKEN -> its record (record), until its connection ends
       subflows  hash: TOKEN -> the join subflows it steered on TOKEN's connection (record_subflows)
       beat      its heartbeat (config fingerprint, counts), for a few seconds
+      following set: the peers whose news it follows (a peer announces once all follow it)
     A handful of keys per balancer, whatever the number of connections: finding the peers (SCAN)
     stays cheap."""
-    KINDS = ("news", "tokens", "subflows", "beat")
+    KINDS = ("news", "tokens", "subflows", "beat", "following")
 
     def __init__(self, cluster: str):
         self.root = f"mplb:{cluster}:lb:"

@@ -64,6 +64,7 @@ class LinkState:
     error: str | None
     resyncs: int
     outages: int
+    followed: bool = False  # every peer with a heartbeat follows this balancer's news
 
 
 @dataclass
@@ -130,6 +131,7 @@ class Link:
         self.error: str | None = None
         self.writer_up = self.reader_up = False
         self.resyncs = self.outages = 0
+        self.followed = False
 
     # -- from the worker ----------------------------------------------------------------------
     def receive(self, pipe) -> None:
@@ -241,6 +243,10 @@ class Link:
         now = time.time()
         self.peers = {name: {"fingerprint": fingerprint, "age_s": round(now - at, 1)}
                       for name, (fingerprint, at) in beats.items()}
+        pipe = client.pipeline(transaction=False)
+        for name in beats:
+            pipe.sismember(self.keys.of(name, "following"), self.name)
+        self.followed = all(pipe.execute()) if beats else True
 
     def balancers(self, client, kind: str) -> list[str]:
         """The other balancers that have a `kind` key, MAX_PEERS of them at most."""
@@ -256,7 +262,7 @@ class Link:
     def state(self) -> LinkState:
         return LinkState(self.writer_up and self.reader_up, self.published, dict(self.received), dict(self.rejected),
                          dict(self.peers), None if self.writer_up and self.reader_up else self.error, self.resyncs,
-                         self.outages)
+                         self.outages, self.followed)
 
     # -- from Redis ---------------------------------------------------------------------------
     def follow_forever(self) -> None:
@@ -307,6 +313,10 @@ class Link:
                 self.resync(client, peer)
             while self.read(client, streams, [peer]):  # to its newest entry: then this balancer has caught up
                 pass
+        if peers:  # they may announce: this balancer hears their news
+            following = self.keys.of(self.name, "following")
+            client.sadd(following, *peers)
+            client.expire(following, self.ttl)
 
     def read(self, client, streams: dict[str, str], peers, block_ms: int | None = None) -> int:
         """The next entries of these peers' streams (waiting up to block_ms for one), to the worker;

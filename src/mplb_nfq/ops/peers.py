@@ -186,8 +186,10 @@ class Peers:
                 self.errors.error("peer-subflows", f"deleting {len(flows)} subflows failed: {e}")
 
     def ready_to_announce(self) -> bool:
-        caught_up = self.state is not None and self.state.resyncs > 0
-        return caught_up or time.monotonic() - self.started > CATCH_UP_SECONDS
+        """Once caught up from Redis and followed by every peer that beats (a join that reaches a
+        peer then finds this balancer's tokens there), or after CATCH_UP_SECONDS without that."""
+        ready = self.state is not None and self.state.resyncs > 0 and self.state.followed
+        return ready or time.monotonic() - self.started > CATCH_UP_SECONDS
 
     def held_found(self, token: int) -> None:
         if self.taught.get(token, self.name) != self.name:
