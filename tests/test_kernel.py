@@ -107,7 +107,8 @@ def test_only_handshake_packets_reach_the_worker(topo, worker, family):
         # each token proven: renewed in the map, or added whole if taught and proven in one batch
         assert kinds["token_proven"] == connections == stats["tokens_proven"] + stats["tokens_installed"], stats
         assert nft["join_kernel_hit"] + nft["queued_join"] == connections
-        assert nft["join_first_ack"] == nft["join_kernel_hit"] and nft["queued_first"] == nft["queued_join"]
+        assert nft["join_first_ack"] == nft["join_kernel_hit"] and nft["queued_first"] == nft["queued_join"], \
+            (kinds, nft)  # (1 == 2 once in a suite run: a join SYN retransmitted, or its first ACK settled elsewhere?)
         assert kinds.get("join_hit", 0) == kinds.get("first_packet", 0) == nft["queued_join"], (kinds, nft)
         assert queued == 2 * nft["queued_join"], (kinds, nft)
     else:
