@@ -199,7 +199,7 @@ class Link:
                 try:
                     client = connect(self.cfg)
                     self.heartbeat(client)  # peers meet this balancer by it, then read its stream whole
-                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                    next_beat = time.monotonic() + self.beat_interval()
                     # what peers missed while this balancer could not publish
                     for pending in self.own.batches(self.name) + [Batch(self.name, time.time(),
                                                                                 ended=self.ended)]:
@@ -218,11 +218,14 @@ class Link:
                     client = self._lost("publishing", e)
             now = time.monotonic()
             if client is not None and now >= next_beat:
+                followed = self.followed
                 try:
                     self.heartbeat(client)
                 except Exception as e:
                     client = self._lost("heartbeat", e)
-                next_beat = now + HEARTBEAT_SECONDS
+                next_beat = now + self.beat_interval()
+                if self.followed and not followed:
+                    next_state = now  # the worker may announce: now, not within STATE_SECONDS
             if now >= next_state:
                 self.send(self.state())
                 next_state = now + STATE_SECONDS
@@ -247,6 +250,10 @@ class Link:
         for name in beats:
             pipe.sismember(self.keys.of(name, "following"), self.name)
         self.followed = all(pipe.execute()) if beats else True
+
+    def beat_interval(self) -> float:
+        """Until every peer follows this balancer, it looks as often as followers look for peers."""
+        return HEARTBEAT_SECONDS if self.followed else LOOK_SECONDS
 
     def balancers(self, client, kind: str) -> list[str]:
         """The other balancers that have a `kind` key, MAX_PEERS of them at most."""
