@@ -255,7 +255,6 @@ def transfers_intact(topo, event):
 
 def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_again_once_back(cluster):
     topo = cluster.topo
-    downloads(topo, 4, MB)
     topo.stop_redis()
     wait_for(lambda: all(cluster.status(r)["redis"] == "down" for r in topo.balancer_names), 15)
     downloads(topo, 6, MB)  # connections complete; a join that crosses now meets the unknown-join policy

@@ -205,6 +205,8 @@ def test_a_starting_balancer_announces_once_caught_up_from_redis_and_followed_by
     assert not peers.ready_to_announce()
     peers.state = LinkState(True, 0, {}, {}, {"lb2": {}}, None, resyncs=1, outages=0, followed=True)
     assert peers.ready_to_announce()
+    peers.state = LinkState(True, 0, {}, {}, {"lb2": {}, "lb3": {}}, None, resyncs=1, outages=0, followed=False)
+    assert peers.ready_to_announce()  # lb3 started, and does not follow it yet: it stays announced
     peers, _, _ = make_peers()
     peers.started -= 10  # Redis never answered: it balances alone
     assert peers.ready_to_announce()

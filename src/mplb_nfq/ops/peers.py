@@ -32,6 +32,7 @@ class Peers:
         self.fingerprint = ""  # of the config in force, as the link last heard it
         self.announced: bool | None = None  # the VIPs' route (None: no announcement device)
         self.started = time.monotonic()
+        self.ready = False  # to announce: once true, for good
         self.taught: dict[int, str] = {}  # token -> the peer that taught it
         self.connection_of: dict[int, tuple] = {}  # a peer's token -> its connection's first flow, where known
         self.handed_over: set[int] = set()  # ended by their teacher: is the connection here?
@@ -187,9 +188,11 @@ class Peers:
 
     def ready_to_announce(self) -> bool:
         """Once caught up from Redis and followed by every peer that beats (a join that reaches a
-        peer then finds this balancer's tokens there), or after CATCH_UP_SECONDS without that."""
-        ready = self.state is not None and self.state.resyncs > 0 and self.state.followed
-        return ready or time.monotonic() - self.started > CATCH_UP_SECONDS
+        peer then finds this balancer's tokens there), or after CATCH_UP_SECONDS without that; and
+        from then on: a peer that starts later must not make a running balancer withdraw."""
+        self.ready = self.ready or (self.state is not None and self.state.resyncs > 0 and self.state.followed) \
+            or time.monotonic() - self.started > CATCH_UP_SECONDS
+        return self.ready
 
     def held_found(self, token: int) -> None:
         if self.taught.get(token, self.name) != self.name:
