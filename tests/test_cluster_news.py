@@ -337,3 +337,27 @@ def test_at_most_so_many_peers_are_counted_by_name():
     for i in range(MAX_PEERS + 5):
         peers.news(PeerNews(Batch(f"lb{i + 2}", time.time(), {100 + i: "b1"})))
     assert len(peers.received) == MAX_PEERS
+
+
+def test_a_peer_cannot_take_over_a_token_its_teacher_did_not_end_nor_undo_a_take_over_with_old_news():
+    """The review's two cases: lb3 repeating lb2's token (same backend) became its teacher, then
+    ended it here; and reading lb3's take-over before lb2's older news gave the token back to
+    lb2, whose old end then dropped it."""
+    peers, _, maps = make_peers()
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"}, connections={1: FLOW})))
+    peers.news(PeerNews(Batch("lb3", time.time(), {1: "b1"}, connections={1: FLOW6})))
+    peers.news(PeerNews(Batch("lb3", time.time(), ended=[1])))
+    assert peers.taught[1] == "lb2" and peers.connection_of[1] == FLOW and 1 in maps.tokens
+    catching_up, _, maps = make_peers()  # lb3's stream read first, lb2's after it
+    catching_up.news(PeerNews(Batch("lb3", time.time(), {2: "b1"}, connections={2: FLOW})))
+    catching_up.news(PeerNews(Batch("lb2", time.time(), {2: "b1"}, connections={2: FLOW})))
+    catching_up.news(PeerNews(Batch("lb2", time.time(), ended=[2])))
+    assert catching_up.taught[2] == "lb3" and 2 in maps.tokens and not catching_up.tokens.handed_over
+
+
+def test_a_token_this_balancer_watches_but_a_peer_took_over_is_not_its_to_end():
+    peers, _, maps = make_peers()
+    peers.tokens.peers = peers  # as the worker wires them
+    peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"}, connections={1: FLOW})))
+    peers.tokens.ended([1])  # its conntrack reader watched it (a stale entry said "here" once)
+    assert 1 in maps.tokens and sent_by(peers).ended == []

@@ -4,12 +4,13 @@ import multiprocessing
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 import redis
 from netlab import wait_for
 
-from mplb_nfq.core.news import Batch, Keys, encode
+from mplb_nfq.core.news import Batch, Keys, encode, heartbeat
 from mplb_nfq.ops.link import Link, PeerNews
 from mplb_nfq.core.settings import ClusterConfig
 
@@ -55,6 +56,12 @@ def test_an_end_published_while_the_follower_was_cut_off_still_reaches_the_worke
     stream = Keys("t").of("lb1", "news")
     peer = redis.Redis.from_url(redis_url, decode_responses=True)
     peer.xadd(stream, encode(Batch("lb1", 1.0, tokens={0x0A0B0C0D: "b1"})))
+    for kind in ("news", "following"):  # a peer's user may write its keys as any type: lb3 is left out, no more
+        peer.set(Keys("t").of("lb3", kind), "not a stream, not a set")
+    peer.set(Keys("t").of("lb3", "beat"), heartbeat("0123456789ab", 0, time.time()))
+    link = Link(cfg, 60, "0123456789ab", lambda message: None)
+    link.heartbeat(peer)
+    assert list(link.peers) == ["lb3"] and not link.followed
     news = multiprocessing.get_context("fork").Queue()
     follower = multiprocessing.get_context("fork").Process(target=follow, args=(cfg, news), daemon=True)
     follower.start()

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.news import Keys
 from .netns import BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, VIP6, Topology, backend_address, run, run_batched
 
 ROUTER_ON_SWITCH, ROUTER_ON_SWITCH6 = "10.0.9.1", "fd00:9::1"
@@ -30,7 +31,8 @@ MAX_BALANCERS = 8
 def redis_user(balancer: str, password: str, cluster: str) -> str:
     """A balancer's ACL user: it reads the cluster's keys and writes only its own (core.news.Keys),
     with the commands the link sends and nothing that reaches beyond keys."""
-    return (f"user {balancer} on >{password} resetkeys %R~mplb:{cluster}:* ~mplb:{cluster}:lb:{balancer}:* "
+    own = " ".join(f"~mplb:{cluster}:lb:{balancer}:{kind}" for kind in Keys.KINDS)
+    return (f"user {balancer} on >{password} resetkeys %R~mplb:{cluster}:* {own} "
             f"resetchannels -@all +@read +@write +@connection +select -@dangerous")
 
 

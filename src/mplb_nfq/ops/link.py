@@ -39,6 +39,7 @@ STREAM_LENGTH = 100_000  # batches kept in the stream (about): a peer that falls
 HEARTBEAT_SECONDS, HEARTBEAT_TTL = 2.0, 10
 LOOK_SECONDS = 0.5  # how often the follower looks for a balancer it has not met
 WHOLE_READ = 10_000  # a peer's stream read from its first entry, if it holds all it ever held and no more
+READ_ENTRIES = 100  # entries of a stream read at once (each up to MAX_ITEMS items: a reply stays bounded)
 STATE_SECONDS = 1.0
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
 SCAN_CHUNK = 500
@@ -249,7 +250,8 @@ class Link:
         pipe = client.pipeline(transaction=False)
         for name in beats:
             pipe.sismember(self.keys.of(name, "following"), self.name)
-        self.followed = all(pipe.execute()) if beats else True
+        # a peer's key of another type (its user can write one) answers an error: not followed there
+        self.followed = all(answer is True or answer == 1 for answer in pipe.execute(raise_on_error=False))
 
     def beat_interval(self) -> float:
         """Until every peer follows this balancer, it looks as often as followers look for peers."""
@@ -273,6 +275,8 @@ class Link:
 
     # -- from Redis ---------------------------------------------------------------------------
     def follow_forever(self) -> None:
+        import redis
+
         retry, streams = 0, {}  # peer -> the last entry read from its stream
         while True:
             try:
@@ -289,7 +293,10 @@ class Link:
                     if not streams:
                         time.sleep(LOOK_SECONDS)
                         continue
-                    self.read(client, streams, streams, block_ms=int(LOOK_SECONDS * 1000))
+                    try:
+                        self.read(client, streams, list(streams), block_ms=int(LOOK_SECONDS * 1000))
+                    except redis.ResponseError:  # a peer's news key of another type: that peer is left out
+                        self.drop_broken(client, streams)
             except Exception as e:
                 if self.reader_up:
                     log.warning("cluster: Redis lost while following peers: %s", e)
@@ -304,33 +311,45 @@ class Link:
     def catch_up(self, client, streams: dict[str, str], peers: set[str]) -> None:
         """Each of these peers' news up to now: from a peer whose stream cannot say all that
         happened since (core.news.resume_from), what it keeps first (entries written meanwhile
-        come again from the stream: installs are idempotent), then its stream to its newest entry."""
+        come again from the stream: installs are idempotent), then its stream to its newest entry.
+        A peer whose keys are not of their type (its user can write them so) is left out."""
         import redis
 
         for peer in peers:
+            news = self.keys.of(peer, "news")
             try:
-                info = client.xinfo_stream(self.keys.of(peer, "news"))
-                oldest, newest = info["first-entry"], info["last-entry"]
-                span = oldest[0] if oldest else None, newest[0] if newest else None
-                whole, info_length = info.get("entries-added") == info["length"], info["length"]
-            except redis.ResponseError:  # no stream yet: all it will hold is to come
-                span, whole, info_length = (None, None), True, 0
-            streams[peer], behind = resume_from(streams.get(peer), *span, whole and info_length <= WHOLE_READ)
-            if behind:
-                self.resync(client, peer)
-            while self.read(client, streams, [peer]):  # to its newest entry: then this balancer has caught up
-                pass
-        if peers:  # they may announce: this balancer hears their news
+                if client.exists(news):
+                    info = client.xinfo_stream(news)
+                    oldest, newest = info["first-entry"], info["last-entry"]
+                    span = oldest[0] if oldest else None, newest[0] if newest else None
+                    whole, length = info.get("entries-added") == info["length"], info["length"]
+                else:  # no stream yet: all it will hold is to come
+                    span, whole, length = (None, None), True, 0
+                streams[peer], behind = resume_from(streams.get(peer), *span, whole and length <= WHOLE_READ)
+                if behind:
+                    self.resync(client, peer)
+                while self.read(client, streams, [peer]):  # to its newest entry: then this balancer has caught up
+                    pass
+            except redis.ResponseError:
+                self.rejected["malformed"] += 1
+                streams.pop(peer, None)
+        if streams:  # they may announce: this balancer hears their news (said again: the set expires)
             following = self.keys.of(self.name, "following")
-            client.sadd(following, *peers)
+            client.sadd(following, *streams)
             client.expire(following, self.ttl)
+
+    def drop_broken(self, client, streams: dict[str, str]) -> None:
+        for peer in list(streams):
+            if client.type(self.keys.of(peer, "news")) not in ("stream", "none"):
+                self.rejected["malformed"] += 1
+                del streams[peer]
 
     def read(self, client, streams: dict[str, str], peers, block_ms: int | None = None) -> int:
         """The next entries of these peers' streams (waiting up to block_ms for one), to the worker;
         how many there were."""
         read = 0
         reading = {self.keys.of(peer, "news"): streams[peer] for peer in peers}
-        for key, entries in client.xread(reading, count=1000, block=block_ms) or []:
+        for key, entries in client.xread(reading, count=READ_ENTRIES, block=block_ms) or []:
             peer = self.keys.balancer_of(key, "news")
             for entry, fields in entries:
                 streams[peer], read = entry, read + 1

@@ -97,8 +97,8 @@ class Peers:
                                           batch.origin, batch.connections)
         for token in installed:
             self._taught_by(token, batch.origin, batch.connections.get(token))
-        for token in set(batch.tokens).intersection(self.taught).difference(installed):
-            if self._backend(token) == batch.tokens[token]:  # taken over by the peer its connection moved to
+        for token in self.handed_over.intersection(batch.tokens).difference(installed):
+            if self._backend(token) == batch.tokens[token]:  # its teacher ended it: the peer it moved to took it over
                 self._taught_by(token, batch.origin, batch.connections.get(token))
         if installed and (batch.origin in self.received or len(self.received) < MAX_PEERS):  # a metric label each
             self.received[batch.origin] += len(installed)
@@ -136,7 +136,8 @@ class Peers:
         """What this balancer's conntrack says of the tokens their teachers ended: a connection
         here is this balancer's to teach from now on; one that is not has ended (unless a peer
         took its token over meanwhile)."""
-        moved = {token: flow for token in here if (flow := self.connection_of.get(token)) is not None}
+        moved = {token: flow for token in here
+                 if token in self.handed_over and (flow := self.connection_of.get(token)) is not None}
         for token, mark in self.tokens.take_over(moved).items():
             self._starting()
             self.outgoing.tokens[token] = self.balancer.backend_of(mark).name

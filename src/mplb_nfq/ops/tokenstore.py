@@ -219,7 +219,12 @@ class TokenStore:
             self.balancer.forget(token)
 
     def ended(self, tokens: list[int]) -> None:
-        """Their connections have left conntrack: the tokens go from the map and the core."""
+        """Their connections have left conntrack: the tokens go from the map and the core (those a
+        peer teaches now, which it took over, are the peer's to end)."""
+        if self.peers:
+            tokens = [token for token in tokens if token not in self.peers.taught]
+        if not tokens:
+            return
         try:
             self.dataplane.delete_tokens(tokens)
         except Exception as e:  # the map's own timeout takes them later
