@@ -263,15 +263,14 @@ def test_redis_over_tls_checks_the_servers_name_and_reads_bytes_that_are_not_utf
 def test_a_follower_goes_on_after_the_last_entry_it_read_unless_the_stream_lost_what_followed():
     from mplb_nfq.core.news import resume_from
 
-    assert resume_from(None, None, None, True) == ("0-0", False)  # a peer met before its first entry: all of it
-    assert resume_from(None, "1-0", "9-0", True) == ("0-0", False)  # a stream that holds all it ever held
-    assert resume_from(None, "5-0", "9-0", False) == ("9-0", True)  # trimmed: catch up, then the newest
-    assert resume_from("7-1", "5-0", "9-0", False) == ("7-1", False)  # what came after 7-1 is all there
-    assert resume_from("9-0", "5-0", "9-0", False) == ("9-0", False)
-    assert resume_from("4-9", "5-0", "9-0", False) == ("9-0", True)  # trimmed past it
-    assert resume_from("7-1", None, None, True) == ("0-0", True)  # Redis came back empty
-    assert resume_from("7-1", "1-0", "3-0", True) == ("3-0", True)  # Redis came back from an older copy
-    assert resume_from("10-0", "9-5", "11-0", False) == ("10-0", False)  # IDs order as numbers, not as text
+    assert resume_from(None, None, None) == ("0-0", True)  # a peer met before its first entry: its hashes
+    assert resume_from(None, "1-0", "9-0") == ("9-0", True)  # met: what it keeps, then its newest entry on
+    assert resume_from("7-1", "5-0", "9-0") == ("7-1", False)  # what came after 7-1 is all there
+    assert resume_from("9-0", "5-0", "9-0") == ("9-0", False)
+    assert resume_from("4-9", "5-0", "9-0") == ("9-0", True)  # trimmed past it
+    assert resume_from("7-1", None, None) == ("0-0", True)  # Redis came back empty
+    assert resume_from("7-1", "1-0", "3-0") == ("3-0", True)  # Redis came back from an older copy
+    assert resume_from("10-0", "9-5", "11-0") == ("10-0", False)  # IDs order as numbers, not as text
 
 
 def test_joins_repeated_or_forged_with_a_known_token_are_published_and_installed_once_and_at_most_8_a_connection():

@@ -181,17 +181,16 @@ def entry_id(text: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def resume_from(last: str | None, oldest: str | None, newest: str | None, whole: bool) -> tuple[str, bool]:
+def resume_from(last: str | None, oldest: str | None, newest: str | None) -> tuple[str, bool]:
     """Where a follower of a peer's stream goes on after (re)connecting, and whether it must catch
     up from what the peer keeps first. It goes on after the last entry it read, so that what the
     peer published meanwhile (ends too) still comes, unless the stream no longer holds what
     followed that entry: trimmed, or Redis came back without it. A peer met for the first time is
-    read from its first entry if its stream holds all it ever held (`whole`: a cluster starting),
-    else from its newest entry, after catching up."""
+    caught up from what it keeps (its live tokens and subflows, not its history: a replayed
+    subflow of an ended connection would stand in the way of a new one on the same four-tuple),
+    then followed from its newest entry."""
     if last is not None and oldest is not None and entry_id(oldest) <= entry_id(last) <= entry_id(newest):
         return last, False
-    if last is None and whole:
-        return "0-0", False
     return newest or "0-0", True
 
 

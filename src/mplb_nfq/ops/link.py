@@ -38,7 +38,6 @@ log = logging.getLogger("mplb_nfq.cluster")
 STREAM_LENGTH = 100_000  # batches kept in the stream (about): a peer that falls further behind catches up
 HEARTBEAT_SECONDS, HEARTBEAT_TTL = 2.0, 10
 LOOK_SECONDS = 0.5  # how often the follower looks for a balancer it has not met
-WHOLE_READ = 10_000  # a peer's stream read from its first entry, if it holds all it ever held and no more
 READ_ENTRIES = 100  # entries of a stream read at once (each up to MAX_ITEMS items: a reply stays bounded)
 STATE_SECONDS = 1.0
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
@@ -199,7 +198,7 @@ class Link:
                 self.ended = (self.ended + batch.ended)[-ENDED_KEPT:]
                 try:
                     client = connect(self.cfg)
-                    self.heartbeat(client)  # peers meet this balancer by it, then read its stream whole
+                    self.heartbeat(client)  # peers meet this balancer by it
                     next_beat = time.monotonic() + self.beat_interval()
                     # what peers missed while this balancer could not publish
                     for pending in self.own.batches(self.name) + [Batch(self.name, time.time(),
@@ -318,14 +317,9 @@ class Link:
         for peer in peers:
             news = self.keys.of(peer, "news")
             try:
-                if client.exists(news):
-                    info = client.xinfo_stream(news)
-                    oldest, newest = info["first-entry"], info["last-entry"]
-                    span = oldest[0] if oldest else None, newest[0] if newest else None
-                    whole, length = info.get("entries-added") == info["length"], info["length"]
-                else:  # no stream yet: all it will hold is to come
-                    span, whole, length = (None, None), True, 0
-                streams[peer], behind = resume_from(streams.get(peer), *span, whole and length <= WHOLE_READ)
+                oldest, newest = client.xrange(news, count=1), client.xrevrange(news, count=1)
+                streams[peer], behind = resume_from(streams.get(peer), oldest[0][0] if oldest else None,
+                                                    newest[0][0] if newest else None)
                 if behind:
                     self.resync(client, peer)
                 while self.read(client, streams, [peer]):  # to its newest entry: then this balancer has caught up
