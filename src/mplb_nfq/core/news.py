@@ -44,7 +44,7 @@ class Batch:
 
 
 class Keys:
-    """Where a cluster's balancers keep their news in Redis: four keys each, under
+    """Where a cluster's balancers keep their news in Redis: five keys each, under
     mplb:CLUSTER:lb:BALANCER:, a prefix that only its own ACL user may write
     (deploy/cluster/redis-acl.conf):
       news      stream: its batches (encode), which its peers follow
