@@ -11,7 +11,7 @@ from fakes import KernelMaps
 from mplb_nfq.core.balancer import Backend, Balancer, Service
 from mplb_nfq.core.news import (MAX_PEERS, Batch, Keys, accepted, decode, encode, from_kept, heartbeat, peer_beats,
                                    record, record_subflows)
-from mplb_nfq.core.marks import JOIN, LEARNED, DISPLACEABLE
+from mplb_nfq.core.marks import DISPLACEABLE, JOIN, LEARNED
 from mplb_nfq.ops.link import LinkState, Own, PeerNews
 from mplb_nfq.ops.logs import ThrottledLog
 from mplb_nfq.ops.peers import Peers

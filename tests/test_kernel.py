@@ -29,7 +29,7 @@ from netlab import (
 from mplb_nfq.lab.packets import ACK, CLIENT_KEY, COLLIDING, SYN, mp_capable, mp_join_syn, tcp
 
 from mplb_nfq.core.jhash import flow_key, slot
-from mplb_nfq.core.marks import REJECT, DISPLACEABLE
+from mplb_nfq.core.marks import DISPLACEABLE, REJECT
 from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import VIP, VIP6, backend_address

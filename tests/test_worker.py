@@ -9,7 +9,7 @@ from mplb_nfq.lab.packets import ACK, CLIENT_KEY, COLLIDING, SERVER_KEY, SYN, ds
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from mplb_nfq.core.marks import JOIN, LEARNED, PROVISIONAL, REJECT, DISPLACEABLE
+from mplb_nfq.core.marks import DISPLACEABLE, JOIN, LEARNED, PROVISIONAL, REJECT
 from mplb_nfq.core.packet import token_of_key
 from mplb_nfq.core.tokens import AMBIGUOUS, PROVISIONAL_SECONDS
 from mplb_nfq.kernel.queue import VERDICT_BATCH, QueueReader

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .expiring import ExpiringTable
-from .marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, REJECT, DISPLACEABLE
+from .marks import BACKEND_MASK, DISPLACEABLE, JOIN, LEARNED, PROVISIONAL, REJECT
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
 from .schedulers import MAGLEV_DEFAULT_SIZE, Index, make_scheduler
 from .tokens import AMBIGUOUS, INSTALL_PENDING, PROVISIONAL_SECONDS, token_capacities

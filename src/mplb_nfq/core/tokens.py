@@ -23,7 +23,7 @@ import ipaddress
 import re
 from typing import Iterable, Mapping, NamedTuple
 
-from .marks import BACKEND_MASK, JOIN, DISPLACEABLE
+from .marks import BACKEND_MASK, DISPLACEABLE, JOIN
 from .packet import endpoint
 from .verdicts import Kind, Verdict
 

@@ -250,7 +250,7 @@ class Link:
         for name in beats:
             pipe.sismember(self.keys.of(name, "following"), self.name)
         # a peer's key of another type (its user can write one) answers an error: not followed there
-        self.followed = all(answer is True or answer == 1 for answer in pipe.execute(raise_on_error=False))
+        self.followed = all(answer == 1 for answer in pipe.execute(raise_on_error=False))
 
     def beat_interval(self) -> float:
         """Until every peer follows this balancer, it looks as often as followers look for peers."""

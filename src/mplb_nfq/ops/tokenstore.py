@@ -8,14 +8,19 @@ import time
 from collections import Counter
 
 from ..core.balancer import Balancer
-from ..core.marks import REJECT
-from ..core.packet import Segment, parse_ip
+from ..core.marks import BACKEND_MASK, DISPLACEABLE, JOIN, REJECT
 from ..core.news import peer_comment
-from ..core.marks import BACKEND_MASK, JOIN, DISPLACEABLE
+from ..core.packet import Segment, parse_ip
 from ..core.tokens import PROVISIONAL_SECONDS, TokenWrites, flow_comment, flow_of_comment, learned_at, plan_writes
 from ..core.verdicts import Kind, Verdict
 from ..kernel.copies import CopyReader
 from .logs import ThrottledLog
+
+
+def peers_value(mark: int) -> int:
+    """The kernel map's value for a token a cluster's balancer teaches: its backend's joins, and a
+    connection here may displace it."""
+    return (mark & BACKEND_MASK) | JOIN | DISPLACEABLE
 
 
 class TokenStore:
@@ -155,8 +160,7 @@ class TokenStore:
         flow, where known), unless this balancer knows them already (its own connection's keeps
         what it is); returns those that went in."""
         now = time.perf_counter()
-        fresh = [(token, mark | JOIN | DISPLACEABLE) for token, mark in tokens
-                 if self.balancer.known_token(token, now) is None]
+        fresh = [(token, peers_value(mark)) for token, mark in tokens if self.balancer.known_token(token, now) is None]
         if not fresh:
             return []
         comments = {token: peer_comment(origin, connections.get(token)) for token, _ in fresh}
@@ -187,7 +191,7 @@ class TokenStore:
         """Tokens whose connection (token -> first flow) moved here: now this balancer's, named
         by their connection in the kernel map (a restarted worker watches them); returns their marks."""
         now = time.perf_counter()
-        marks = {token: (mark & BACKEND_MASK) | JOIN | DISPLACEABLE for token in tokens  # as a peer's was
+        marks = {token: peers_value(mark) for token in tokens  # as a peer's was
                  if (mark := self.balancer.known_token(token, now)) is not None and self.balancer.backend_of(mark)}
         if marks:
             try:
