@@ -183,17 +183,21 @@ def test_a_token_handed_over_that_a_peer_took_over_meanwhile_stays_its():
 
 
 def test_conntrack_lifetimes_say_whether_a_handed_over_connection_is_here_then_watch_it_as_their_own():
-    from mplb_nfq.kernel.conntrack import ABSENT_READINGS, Lifetimes
+    from mplb_nfq.kernel.conntrack import ABSENT_ASKS, Lifetimes
+    from mplb_nfq.kernel.ctnetlink import CHANGED, DESTROYED, Entry
 
     lifetimes = Lifetimes()
+    other = (FLOW[0], 1, VIP, 80)
     lifetimes.watch([(1, FLOW)])
-    lifetimes.watch([(2, FLOW6), (3, (FLOW[0], 1, VIP, 80))], handed_over=True)
-    gone, handed = lifetimes.reading({FLOW, FLOW6})
-    assert gone == [] and handed.here == [2] and handed.elsewhere == []
-    readings = [lifetimes.reading({FLOW}) for _ in range(ABSENT_READINGS)]
-    assert [gone for gone, _ in readings] == [[]] * (ABSENT_READINGS - 1) + [[2]]  # 2 was here: its own end now
-    assert [h.elsewhere for _, h in readings] == [[]] * (ABSENT_READINGS - 2) + [[3], []]
-    assert not any(h.here for _, h in readings) and lifetimes.watched == {1: FLOW}
+    lifetimes.watch([(2, FLOW6), (3, other), (4, (FLOW[0], 4, VIP, 80))], handed_over=True)
+    lifetimes.event(Entry(other, 0x101, 3, CHANGED), 0.0)  # its next packet reached this balancer
+    asks = []
+    for _ in range(ABSENT_ASKS):
+        lifetimes.asked(lambda flow: flow == FLOW6)
+        asks.append(lifetimes.take()[1])
+    assert asks[0].here == [3, 2] and [h.elsewhere for h in asks] == [[]] * (ABSENT_ASKS - 1) + [[4]]
+    lifetimes.event(Entry(FLOW6, 0x101, None, DESTROYED), 1.0)  # here, then its own end
+    assert lifetimes.take()[0] == [2] and lifetimes.watched == {1: FLOW, 3: other}
 
 
 def test_a_starting_balancer_announces_once_caught_up_from_redis_and_followed_by_its_peers():
@@ -360,3 +364,4 @@ def test_a_token_this_balancer_watches_but_a_peer_took_over_is_not_its_to_end():
     peers.news(PeerNews(Batch("lb2", time.time(), {1: "b1"}, connections={1: FLOW})))
     peers.tokens.ended([1])  # its conntrack reader watched it (a stale entry said "here" once)
     assert 1 in maps.tokens and sent_by(peers).ended == []
+

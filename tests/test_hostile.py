@@ -130,9 +130,6 @@ def test_a_crafted_join_opens_nothing_on_a_drained_backend_and_a_real_one_still_
 def test_a_token_lives_as_long_as_its_connection(topo, worker, sysctl):
     for state in ("time_wait", "close", "fin_wait", "last_ack", "close_wait"):
         sysctl(f"net.netfilter.nf_conntrack_tcp_timeout_{state}", 1)
-    # the floods of earlier tests fill conntrack; reading it is what paces the check (at most a
-    # fifth of a core), so they would slow it down to tens of seconds
-    topo.exec("lb", sys.executable, "-c", "from pyroute2 import NFCTSocket; NFCTSocket().flush()")
     w = worker("mplb", kernel="conntrack_interval = 0.3")
     assert [r["received"] for r in fetch(topo, MB)] == [MB]
     held = token_map(topo)

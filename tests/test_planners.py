@@ -373,3 +373,31 @@ def test_a_refused_adoption_writes_the_scheduler_tables_alone_or_leaves_them_to_
         assert len(kernel.ran) == 1 and "svc_web" in kernel.ran[0]  # the tables, in a transaction of their own
         assert ruleset.tables == ({} if refused else dict(tables))
         assert (ruleset.written_for is None) == refused
+
+
+def test_a_conntrack_entry_created_reads_back_as_its_flow_mark_and_state():
+    from mplb_nfq.kernel.ctnetlink import CREATED, CT_NEW, NLM_F_EXCL, create_message, entry_of, messages
+
+    for flow in [(bytes([10, 0, 0, 1]), 40000, bytes([10, 99, 0, 1]), 80),
+                 (ipaddress.ip_address("fd00::1").packed, 1, ipaddress.ip_address("fd99::1").packed, 443)]:
+        data = create_message(flow, 0x48000101, 600, seq=7)
+        ((kind, flags, seq, body, error),) = messages(data)
+        family = struct.unpack_from("=B", body)[0]
+        assert (kind, seq, error, family) == (CT_NEW, 7, None, socket.AF_INET if len(flow[0]) == 4 else socket.AF_INET6)
+        assert flags & NLM_F_EXCL and flags & NLM_F_REQUEST
+        assert entry_of(kind, flags, body) == (flow, 0x48000101, 3, CREATED)  # ESTABLISHED
+
+
+def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_are_skipped():
+    from mplb_nfq.kernel.ctnetlink import (CHANGED, CT_DELETE, CT_NEW, DESTROYED, NLM_F_CREATE, delete_message,
+                                           dump_message, entry_of, get_message, messages)
+
+    flow = (bytes([10, 0, 0, 1]), 40000, bytes([10, 99, 0, 1]), 80)
+    ((kind, _, _, body, _),) = messages(delete_message(flow, 1))
+    assert kind == CT_DELETE and entry_of(kind, 0, body) == (flow, 0, None, DESTROYED)
+    ((kind, _, _, body, _),) = messages(get_message(flow, 2))
+    assert entry_of(kind, 0, body) is None  # a request, not an entry
+    assert entry_of(CT_NEW, 0, body) == (flow, 0, None, CHANGED)
+    ((kind, flags, _, body, _),) = messages(dump_message(3))
+    assert flags & NLM_F_DUMP == NLM_F_DUMP and entry_of(CT_NEW, NLM_F_CREATE, body) is None  # no flow
+    assert entry_of(CT_NEW, 0, body[:4] + b"\x08\x00\x01\x80" + bytes(4)) is None  # a tuple with nothing in it

@@ -1,22 +1,29 @@
-"""Reading conntrack in a process of its own: live entries per backend mark, and which learned
-tokens' connections are gone."""
+"""Following conntrack in a process of its own: live entries per backend mark, and which learned
+tokens' connections are gone, from the kernel's events (ctnetlink), with a full reading now and
+then to correct what events cannot tell (counts of entries whose events were lost)."""
 from __future__ import annotations
 
-import ipaddress
 import logging
 import multiprocessing
 import queue
+import select
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterable
 
 from ..core.marks import BACKEND_MASK, JOIN
+from .ctnetlink import CHANGED, CREATED, DESTROYED, Conntrack, Entry
 from .process import die_with_parent
 
 log = logging.getLogger("mplb_nfq.conntrack")
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
-ABSENT_READINGS = 2  # a watched connection missing from this many readings in a row is gone
+ABSENT_READINGS = 2  # a watched connection missing from this many full readings in a row is gone
+ABSENT_ASKS = 2  # a handed-over connection this balancer was asked for this many times is elsewhere
+RECENT_SECONDS = 30.0  # an ended connection is remembered this long, for a watch sent after its end
+READING_SECONDS = 60.0  # between full readings; longer if one takes more than a fifth of this
+WATCH_WAIT = 0.05  # a watch sent is taken this soon
 
 
 @dataclass(frozen=True)
@@ -49,65 +56,152 @@ class HandedOver:
     elsewhere: list[int]
 
 
-def original_flow(entry) -> tuple | None:
-    """(client address packed, port, VIP packed, port) of a conntrack entry's original direction."""
-    ip = ("CTA_TUPLE_ORIG", "CTA_TUPLE_IP")
-    ports = ("CTA_TUPLE_ORIG", "CTA_TUPLE_PROTO")
-    src = entry.get_nested(*ip, "CTA_IP_V4_SRC") or entry.get_nested(*ip, "CTA_IP_V6_SRC")
-    dst = entry.get_nested(*ip, "CTA_IP_V4_DST") or entry.get_nested(*ip, "CTA_IP_V6_DST")
-    if src is None or dst is None:
-        return None
-    return (ipaddress.ip_address(src).packed, entry.get_nested(*ports, "CTA_PROTO_SRC_PORT"),
-            ipaddress.ip_address(dst).packed, entry.get_nested(*ports, "CTA_PROTO_DST_PORT"))
+class Tally:
+    """Live connections and added subflows per backend mark: set from each full reading, kept in
+    between from the entries' events (created; changed TCP state; destroyed). `closed` holds the
+    flows counted out before their end (TIME_WAIT, CLOSE): their destruction is no second end."""
+
+    def __init__(self):
+        self.connections: Counter[int] = Counter()
+        self.subflows: Counter[int] = Counter()
+        self.closed: set[tuple] = set()
+
+    def _counter(self, mark: int) -> Counter[int]:
+        return self.subflows if mark & JOIN else self.connections
+
+    @staticmethod
+    def _less(counter: Counter[int], backend: int) -> None:
+        if counter[backend] > 0:
+            counter[backend] -= 1
+
+    def event(self, entry: Entry) -> None:
+        backend = entry.mark & BACKEND_MASK
+        if not backend:
+            return
+        counter, live = self._counter(entry.mark), entry.state is None or entry.state in LIVE_TCP_STATES
+        if entry.event == CREATED:
+            if live:
+                counter[backend] += 1
+            else:
+                self.closed.add(entry.flow)
+        elif entry.event == CHANGED:
+            if live and entry.flow in self.closed:
+                self.closed.discard(entry.flow)
+                counter[backend] += 1
+            elif not live and entry.flow not in self.closed:
+                self.closed.add(entry.flow)
+                self._less(counter, backend)
+        elif entry.flow in self.closed:
+            self.closed.discard(entry.flow)
+        else:
+            self._less(counter, backend)
+
+    def reading(self, entries: Iterable[Entry]) -> None:
+        self.connections.clear(), self.subflows.clear(), self.closed.clear()
+        for entry in entries:
+            if entry.mark & BACKEND_MASK:
+                if entry.state in LIVE_TCP_STATES:
+                    self._counter(entry.mark)[entry.mark & BACKEND_MASK] += 1
+                else:
+                    self.closed.add(entry.flow)
+
+    def counts(self) -> Counts:
+        return Counts(dict(+self.connections), dict(+self.subflows))
 
 
 class Lifetimes:
-    """Tokens watched against the connections that taught them (pure: fed each reading)."""
+    """Tokens watched against the connections that taught them (pure: fed the entries' events,
+    the answers to "is this flow here?", and the full readings). What it found waits in `ended`,
+    `here` and `elsewhere` until taken."""
 
     def __init__(self):
-        self.watched: dict[int, tuple] = {}
-        self.absent: Counter[int] = Counter()
-        self.handed_over: set[int] = set()  # watched, and not yet seen here
+        self.watched: dict[int, tuple] = {}  # token -> its connection's first flow
+        self.teaching: dict[tuple, int] = {}  # the reverse
+        self.handed_over: Counter[int] = Counter()  # watched, not seen here yet: times asked
+        self.absent: Counter[int] = Counter()  # full readings in a row without the connection
+        self.recent: dict[tuple, float] = {}  # flows that ended, and when
+        self.ended: list[int] = []
+        self.here: list[int] = []
+        self.elsewhere: list[int] = []
 
     def watch(self, tokens: list[tuple[int, tuple]], handed_over: bool = False) -> None:
         for token, flow in tokens:
-            self.watched[token] = flow
-            self.absent.pop(token, None)
+            self._forget(token)
+            if flow in self.recent and not handed_over:  # its end came first
+                self.ended.append(token)
+                continue
+            self.watched[token], self.teaching[flow] = flow, token
             if handed_over:
-                self.handed_over.add(token)
-            else:
-                self.handed_over.discard(token)
+                self.handed_over[token] = 0
 
-    def reading(self, live: set[tuple]) -> tuple[list[int], HandedOver]:
-        """The tokens whose connection this reading, and the ones before, did not have; and of
-        those handed over, which connections are here and which are not."""
-        gone, here = [], []
-        for token, flow in self.watched.items():
-            if flow in live:
+    def _forget(self, token: int) -> None:
+        flow = self.watched.pop(token, None)
+        if flow is not None and self.teaching.get(flow) == token:
+            del self.teaching[flow]
+        self.handed_over.pop(token, None)
+        self.absent.pop(token, None)
+
+    def event(self, entry: Entry, now: float) -> None:
+        if entry.mark & JOIN:
+            return
+        if entry.event == DESTROYED:
+            self.recent.pop(entry.flow, None)  # (kept in the order of their ends)
+            self.recent[entry.flow] = now
+            token = self.teaching.get(entry.flow)
+            if token is not None:
+                (self.elsewhere if token in self.handed_over else self.ended).append(token)
+                self._forget(token)
+        else:
+            token = self.teaching.get(entry.flow)
+            if token is not None and token in self.handed_over:
+                self.here.append(token)
+                del self.handed_over[token]
+
+    def asked(self, has) -> None:
+        """Ask for the handed-over connections not seen here yet (has(flow) -> bool)."""
+        for token in list(self.handed_over):
+            if has(self.watched[token]):
+                self.here.append(token)
+                del self.handed_over[token]
+            else:
+                self.handed_over[token] += 1
+                if self.handed_over[token] >= ABSENT_ASKS:
+                    self.elsewhere.append(token)
+                    self._forget(token)
+
+    def reading(self, live: set[tuple]) -> None:
+        """A full reading's flows (of those watched, at least): the connections it and the
+        readings before missed have ended (an event lost)."""
+        for token, flow in list(self.watched.items()):
+            if flow in live or token in self.handed_over:
                 self.absent.pop(token, None)
-                if token in self.handed_over:
-                    here.append(token)
                 continue
             self.absent[token] += 1
             if self.absent[token] >= ABSENT_READINGS:
-                gone.append(token)
-        self.handed_over.difference_update(here)
-        ended, elsewhere = [], []
-        for token in gone:
-            del self.watched[token], self.absent[token]
-            (elsewhere if token in self.handed_over else ended).append(token)
-        self.handed_over.difference_update(elsewhere)
-        return ended, HandedOver(here, elsewhere)
+                self.ended.append(token)
+                self._forget(token)
+
+    def prune(self, now: float) -> None:
+        for flow, when in list(self.recent.items()):
+            if now - when < RECENT_SECONDS:
+                break
+            del self.recent[flow]
+
+    def take(self) -> tuple[list[int], HandedOver]:
+        found = self.ended, HandedOver(self.here, self.elsewhere)
+        self.ended, self.here, self.elsewhere = [], [], []
+        return found
 
 
-def read_conntrack(pipe, interval: float) -> None:
-    """In a process of its own, so that a large conntrack table never stalls the queue: every
-    interval, count the live entries per backend mark (connections and added subflows apart),
-    and tell which watched tokens' connections are gone."""
-    from pyroute2 import NFCTSocket
-
+def follow_conntrack(pipe, interval: float) -> None:
+    """In a process of its own, so that a large conntrack table never stalls the queue: follow
+    the entries' events, tell the worker which watched tokens' connections ended as they end, and
+    the live entries per backend mark at most every interval; read the whole table at start and
+    now and then (at most a fifth of a core) to correct what lost events left wrong."""
     die_with_parent()
-    lifetimes = Lifetimes()
+    events = Conntrack(events=True)  # subscribed before the first reading: no end falls between
+    table = Conntrack()
+    lifetimes, tally = Lifetimes(), Tally()
     incoming: queue.SimpleQueue[Watch] = queue.SimpleQueue()
 
     def receive():  # at once, so that the worker's sends never wait on a full pipe
@@ -117,28 +211,41 @@ def read_conntrack(pipe, interval: float) -> None:
         except (EOFError, OSError):
             return
 
+    def full_reading():
+        live: set[tuple] = set()
+
+        def entries():
+            for entry in table.dump():
+                if entry.flow in lifetimes.teaching:
+                    live.add(entry.flow)
+                yield entry
+        tally.reading(entries())
+        lifetimes.reading(live)
+
     threading.Thread(target=receive, name="watches", daemon=True).start()
+    next_reading = next_turn = 0.0
+    sent = None
     while True:
-        started = time.monotonic()
         try:
+            now = time.monotonic()
             while not incoming.empty():
                 watch = incoming.get()
                 lifetimes.watch(watch.tokens, watch.handed_over)
-            connections: Counter[int] = Counter()
-            subflows: Counter[int] = Counter()
-            live: set[tuple] = set()
-            with NFCTSocket() as ct:
-                for entry in ct.dump():
-                    mark = entry.get_attr("CTA_MARK") or 0
-                    if not mark & BACKEND_MASK:
-                        continue
-                    if not mark & JOIN:
-                        live.add(original_flow(entry))  # in any state, TIME_WAIT too: a late join finds its token
-                    state = entry.get_nested("CTA_PROTOINFO", "CTA_PROTOINFO_TCP", "CTA_PROTOINFO_TCP_STATE")
-                    if state in LIVE_TCP_STATES:
-                        (subflows if mark & JOIN else connections)[mark & BACKEND_MASK] += 1
-            pipe.send(Counts(dict(connections), dict(subflows)))
-            ended, handed_over = lifetimes.reading(live)
+            if now >= next_reading:
+                full_reading()
+                next_reading = now + max(READING_SECONDS, 4 * (time.monotonic() - now))
+            for entry in events.events():
+                tally.event(entry)
+                lifetimes.event(entry, now)
+            if now >= next_turn:
+                next_turn = now + interval
+                lifetimes.asked(table.has)
+                lifetimes.prune(now)
+                counts = tally.counts()
+                if counts != sent:
+                    pipe.send(counts)
+                    sent = counts
+            ended, handed_over = lifetimes.take()
             if ended:
                 pipe.send(Ended(ended))
             if handed_over.here or handed_over.elsewhere:
@@ -146,17 +253,16 @@ def read_conntrack(pipe, interval: float) -> None:
         except (BrokenPipeError, EOFError):
             return
         except Exception as e:
-            log.warning("reading conntrack failed: %s", e)
-        # A large table takes long to read: wait at least 4 times as long as the reading took,
-        # so that reading never takes more than a fifth of a core.
-        time.sleep(max(interval, 4 * (time.monotonic() - started)))
+            log.warning("following conntrack failed: %s", e)
+            time.sleep(interval)
+        select.select([events.sock], [], [], min(interval, WATCH_WAIT))
 
 
 def start_reader(interval: float):
-    """The reading process, and the worker's end of its pipe."""
+    """The following process, and the worker's end of its pipe."""
     mine, theirs = multiprocessing.Pipe()
-    reader = multiprocessing.Process(target=read_conntrack, args=(theirs, interval),
-                                     name="mplb-nfq conntrack reader", daemon=True)
+    reader = multiprocessing.Process(target=follow_conntrack, args=(theirs, interval),
+                                     name="mplb-nfq conntrack follower", daemon=True)
     reader.start()
     theirs.close()
     return reader, mine

@@ -1,0 +1,54 @@
+"""The conntrack follower's pure parts: a token's connection ends with its destroy event (or with
+the full readings that miss it), and live entries are counted per backend, each end once."""
+import ipaddress
+
+from mplb_nfq.core.marks import JOIN
+from mplb_nfq.kernel.conntrack import ABSENT_READINGS, RECENT_SECONDS, Counts, Lifetimes, Tally
+from mplb_nfq.kernel.ctnetlink import CHANGED, CREATED, DESTROYED, Entry
+
+VIP = ipaddress.ip_address("10.99.0.1").packed
+FLOW = (ipaddress.ip_address("10.0.0.2").packed, 40000, VIP, 80)
+FLOW6 = (ipaddress.ip_address("fd00::2").packed, 40001, ipaddress.ip_address("fd99::1").packed, 80)
+
+
+def test_a_watched_connection_ends_with_its_destroy_event_or_with_the_readings_that_miss_it():
+    lifetimes = Lifetimes()
+    other = (FLOW[0], 2, VIP, 80)
+    lifetimes.watch([(1, FLOW), (2, FLOW6), (3, other)])
+    lifetimes.event(Entry(FLOW, 0x101, 7, CHANGED), 0.0)  # TIME_WAIT: a late join still finds its token
+    lifetimes.event(Entry(FLOW6, 0x101 | JOIN, None, DESTROYED), 0.0)  # a subflow of the same four-tuple: no end
+    assert lifetimes.take()[0] == []
+    lifetimes.event(Entry(FLOW, 0x101, None, DESTROYED), 1.0)
+    assert lifetimes.take()[0] == [1] and 1 not in lifetimes.watched and FLOW not in lifetimes.teaching
+    lifetimes.watch([(4, FLOW)])  # a watch sent after its connection's end: ended at once
+    assert lifetimes.take()[0] == [4] and lifetimes.watched == {2: FLOW6, 3: other}
+    lifetimes.prune(1.0 + RECENT_SECONDS)
+    lifetimes.watch([(5, FLOW)])  # the four-tuple again, long after: a new connection
+    assert lifetimes.take()[0] == [] and lifetimes.watched[5] == FLOW
+    third = (FLOW[0], 3, VIP, 80)
+    lifetimes.watch([(2, third)])  # a token watched again with another connection forgets the first
+    assert lifetimes.teaching == {FLOW: 5, other: 3, third: 2}
+    readings = []
+    for _ in range(ABSENT_READINGS):  # an end whose event was lost
+        lifetimes.reading({FLOW, other})
+        readings.append(lifetimes.take()[0])
+    assert readings == [[]] * (ABSENT_READINGS - 1) + [[2]] and lifetimes.watched == {5: FLOW, 3: other}
+
+
+def test_conntrack_tally_counts_live_entries_per_backend_and_each_end_once():
+    tally = Tally()
+    other = (FLOW[0], 2, VIP, 80)
+    tally.event(Entry(FLOW, 0x101, 2, CREATED))
+    tally.event(Entry(other, 0x101, 2, CREATED))
+    tally.event(Entry(FLOW6, 0x102 | JOIN, 2, CREATED))
+    tally.event(Entry((FLOW[0], 3, VIP, 80), 0, 2, CREATED))  # no backend: not ours
+    assert tally.counts() == Counts({0x101: 2}, {0x102: 1})
+    tally.event(Entry(FLOW, 0x101, 7, CHANGED))  # TIME_WAIT: counted out now, not again at its end
+    tally.event(Entry(FLOW, 0x101, None, DESTROYED))
+    tally.event(Entry(FLOW6, 0x102 | JOIN, None, DESTROYED))
+    assert tally.counts() == Counts({0x101: 1}, {})
+    tally.event(Entry(FLOW6, 0x102 | JOIN, None, DESTROYED))  # an end heard twice never counts below 0
+    tally.reading([Entry(FLOW, 0x101, 3, CHANGED), Entry(other, 0x103, 7, CHANGED)])  # a full reading decides
+    assert tally.counts() == Counts({0x101: 1}, {}) and tally.closed == {other}
+    tally.event(Entry(other, 0x103, 1, CHANGED))  # reopened (TIME_WAIT -> SYN_SENT): live again
+    assert tally.counts() == Counts({0x101: 1, 0x103: 1}, {})
