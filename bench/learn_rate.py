@@ -53,8 +53,8 @@ def learner(connections: int) -> dict:
         def __init__(self):
             self.map = TokenMap(TABLE)
 
-        def add_tokens(self, tokens, comments=None):
-            return self.map.add(tokens, 600, comments)
+        def add_tokens(self, tokens, comments=None, timeout=None):
+            return self.map.add(tokens, timeout or 600, comments)
 
         def lookup_token(self, token):
             return self.map.lookup(token)

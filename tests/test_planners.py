@@ -401,3 +401,11 @@ def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_a
     ((kind, flags, _, body, _),) = messages(dump_message(3))
     assert flags & NLM_F_DUMP == NLM_F_DUMP and entry_of(CT_NEW, NLM_F_CREATE, body) is None  # no flow
     assert entry_of(CT_NEW, 0, body[:4] + b"\x08\x00\x01\x80" + bytes(4)) is None  # a tuple with nothing in it
+
+
+def test_a_chunk_of_tokens_with_the_longest_comments_fits_one_netlink_attribute():
+    from mplb_nfq.kernel.tokenmap import TokenMap
+
+    tokens = [(t, 0x101) for t in range(TokenMap.CHUNK)]
+    batch = token_batch("mplb", tokens, 600, 1, {t: "x" * 200 for t, _ in tokens})
+    assert len(batch) < 65535 + 200

@@ -220,7 +220,9 @@ class Counters(Nfnetlink):
 class TokenMap(Nfnetlink):
     """The table's token map: add, look up, reject, read, all over one nfnetlink socket."""
 
-    CHUNK = 1024  # tokens per transaction: one message stays far below the socket's buffer
+    # Tokens per transaction: their list is one netlink attribute, of at most 65,535 bytes, and an
+    # element with the longest comment takes 176.
+    CHUNK = 360
 
     def add(self, tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> list[int]:
         """Add token -> mark; the tokens the map holds already with another mark are refused, and
