@@ -14,8 +14,9 @@ worker is then restarted, so that it adopts them as after an upgrade, and measur
   follower, its health checker), their memory summed (PSS: pages they share counted once), and
   their CPU share over 10 s of rest;
 - `kernel_bytes_per_connection`: MemAvailable's drop while the state was built, per connection;
-- `table_write_ms`: a backend drained (its Maglev table of 65,537 slots rewritten), the control
-  socket's round trip;
+- `table_write_ms`: a backend drained or undrained (its Maglev table of 65,537 slots rewritten),
+  from the control socket's command to the answer of the status asked next (the loop's turn in
+  between writes the table);
 - `scrape_ms`: a `/metrics` scrape, from the LB's namespace;
 - `tokens_per_cpu_second`: bench/learn_rate.py's figure, learning from a burst of copies.
 
@@ -251,9 +252,10 @@ def measure(n: int) -> dict:
             results["token_removal_p99_s"] = results["token_removal"]["p99_s"]
             writes = []
             for _ in range(3):
-                for command in ("drain", "undrain"):
+                for command in ("drain", "undrain"):  # the loop's next turn writes the table: the status waits for it
                     started = time.perf_counter()
                     request(socket_path, command, backend="b1")
+                    request(socket_path, "status")
                     writes.append((time.perf_counter() - started) * 1000)
             results["table_write_ms"] = round(statistics.median(writes), 1)
             results["scrape"] = inside(topo, "scrape", "127.0.0.1:9850")

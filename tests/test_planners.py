@@ -409,3 +409,17 @@ def test_a_chunk_of_tokens_with_the_longest_comments_fits_one_netlink_attribute(
     tokens = [(t, 0x101) for t in range(TokenMap.CHUNK)]
     batch = token_batch("mplb", tokens, 600, 1, {t: "x" * 200 for t, _ in tokens})
     assert len(batch) < 65535 + 200
+
+
+def test_a_scheduler_map_rewrite_is_one_transaction_of_deletes_then_adds_each_within_one_attribute():
+    from mplb_nfq.kernel.tokenmap import NFT_MSG_NEWSETELEM, SLOTS_PER_MESSAGE, slot_batch
+
+    changes = [(slot, 0x100 + slot % 3) for slot in range(2 * SLOTS_PER_MESSAGE + 1)]
+    batch, count = slot_batch("mplb", "sched_web", changes, 40)
+    parsed = messages(batch)
+    assert count == 6 and [seq for _, _, seq, _ in parsed] == list(range(40, 40 + count + 2))
+    kinds = [kind & 0xFF for kind, _, _, _ in parsed[1:-1]]
+    assert kinds == [NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM] * 3
+    added = [element for kind, _, _, body in parsed[1:-1] if kind & 0xFF == NFT_MSG_NEWSETELEM
+             for element in parse_elements(body)]
+    assert [(int.from_bytes(struct.pack("!I", key), "little"), mark) for key, mark, _, _ in added] == changes

@@ -19,6 +19,7 @@ from ..core.packet import TCP_ACK, TCP_SYN, Segment
 from ..core.schedulers import Index
 from ..core.settings import Config
 from .nft import KernelError, Nft, native_queue_supported
+from .tokenmap import SchedulerMaps
 
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"
@@ -369,6 +370,7 @@ class Ruleset:
         self.native_queue = native_queue_supported(nft) if native is None else native
         self.owner = "worker"
         self.tables: dict[str, LookupTable] = {}  # as last written to the kernel
+        self.slots = SchedulerMaps(cfg.table_name)
         self.written_for: Config | None = None  # the config the decide and join-port maps were written from
 
     @property
@@ -418,6 +420,15 @@ class Ruleset:
         tables = self._kernel_tables(cfg, tables)
         changed = {name: table for name, table in tables.items() if self.tables.get(name) is not table}
         gone = set(self.tables) - set(tables)
+        if changed and not gone and cfg is self.written_for:
+            services = {s.name: s for s in cfg.services}
+            in_place = {name: table for name, table in changed.items() if name in self.tables
+                        and service_rules(services[name], table) == service_rules(services[name], self.tables[name])}
+            for name, table in in_place.items():  # (a health or drain change: the chain stays as it is)
+                self.slots.write(f"sched_{name}", [(i, mark) for i, (mark, was) in
+                                                   enumerate(zip(table.slots, self.tables[name].slots)) if mark != was])
+                self.tables[name] = table
+                del changed[name]
         if changed or gone or cfg is not self.written_for:
             reloaded = cfg is not self.written_for and any(t.affinity for t in (*self.tables.values(), *tables.values()))
             unwanted = unwanted_affinity(self.listing() or "", cfg, tables) if reloaded else None
