@@ -27,6 +27,7 @@ from mplb_nfq.kernel.ruleset import (
 )
 from mplb_nfq.kernel.nfnetlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_HEADER
 from mplb_nfq.kernel.tokenmap import (
+    Outline,
     NFT_MSG_DELSETELEM,
     NFT_MSG_GETOBJ,
     NFT_MSG_NEWSETELEM,
@@ -100,8 +101,8 @@ def test_persistence_keeps_a_set_of_clients_per_backend_and_only_available_ones_
     assert f"@affinity4_{b1:x}_web meta" not in text  # b1 is not in the table: its clients choose again
     assert f"meta mark == 0 meta mark set jhash ip saddr mod 4" in text
     assert f"meta mark & 0x0000ffff == 0x{b2:x} update @affinity6_{b2:x}_web {{ ip6 saddr timeout 300s }}" in text
-    listing = (f"table inet mplb {{\n\tset affinity4_{b1:x}_web {{\n\tset affinity4_{b1:x}_gone {{\n"
-               f"\tmap affinity4_web {{\n}}")
+    listing = Outline("", frozenset(), {f"affinity4_{b1:x}_web": "set", f"affinity4_{b1:x}_gone": "set",
+                                        "affinity4_web": "map", "tokens": "map"})
     assert unwanted_affinity(listing, persistent, only_b2) == {f"affinity4_{b1:x}_gone": "set", "affinity4_web": "map"}
     assert unwanted_affinity(listing, cfg(), {"web": LookupTable(Index.SOURCE, (b2,))}) == {
         f"affinity4_{b1:x}_web": "set", f"affinity4_{b1:x}_gone": "set", "affinity4_web": "map"}  # persistence off
@@ -343,9 +344,6 @@ class AdoptedTable:
     def __init__(self, tables_refused: bool):
         self.tables_refused, self.ran = tables_refused, []
 
-    def try_terse(self, commands):
-        return f"table inet mplb {{ comment \"{WORKER_COMMENT}\" }}"
-
     def run(self, commands):
         if "# mplb-nfq ruleset" in commands:  # this version's rules, with the tables
             raise KernelError("nft: Could not process rule: File exists")
@@ -369,6 +367,7 @@ def test_a_refused_adoption_writes_the_scheduler_tables_alone_or_leaves_them_to_
     for refused in (False, True):
         kernel = AdoptedTable(tables_refused=refused)
         ruleset = Ruleset(kernel, config)
+        ruleset.outline = lambda: Outline(WORKER_COMMENT, frozenset({"classify"}), {"tokens": "map"})
         ruleset.install(config, tables)
         assert len(kernel.ran) == 1 and "svc_web" in kernel.ran[0]  # the tables, in a transaction of their own
         assert ruleset.tables == ({} if refused else dict(tables))

@@ -34,15 +34,6 @@ class Nft:
         finally:
             self._nft.set_json_output(False)
 
-    def try_terse(self, commands: str) -> str | None:
-        """The listing without set and map elements (the token map may be large); None on error."""
-        self._nft.set_terse_output(True)
-        try:
-            rc, out, _ = self._nft.cmd(commands)
-        finally:
-            self._nft.set_terse_output(False)
-        return out if rc == 0 else None
-
 
 def native_queue_supported(nft: Nft) -> bool:
     """Probe for nft_queue: a rule with `queue` in a throw-away table with no hook."""

@@ -19,7 +19,7 @@ from ..core.packet import TCP_ACK, TCP_SYN, Segment
 from ..core.schedulers import Index
 from ..core.settings import Config
 from .nft import KernelError, Nft, native_queue_supported
-from .tokenmap import SchedulerMaps
+from .tokenmap import Outline, SchedulerMaps, TableReader
 
 log = logging.getLogger("mplb_nfq.kernel")
 NFT_DIR = Path(__file__).resolve().parent.parent / "nft"
@@ -211,17 +211,17 @@ def decide_elements(cfg: Config) -> list[tuple[int, str]]:
             for s in cfg.services for vip in s.vips for port in s.ports]
 
 
-def named(listing: str, prefix: str) -> set[str]:
-    """The services that have a chain or map `prefix` + NAME in a table's listing (svc_)."""
-    return set(re.findall(rf"^\s*(?:chain|map) {prefix}(\S+) \{{", listing, re.MULTILINE))
+def named(outline: Outline, prefix: str) -> set[str]:
+    """The services that have a chain `prefix` + NAME in a table (svc_)."""
+    return {name[len(prefix):] for name in outline.chains if name.startswith(prefix)}
 
 
-def unwanted_affinity(listing: str, cfg: Config, tables: Mapping[str, LookupTable]) -> dict[str, str]:
+def unwanted_affinity(outline: Outline, cfg: Config, tables: Mapping[str, LookupTable]) -> dict[str, str]:
     """The affinity sets a table holds that the config has no use for (a service gone or
     persistent no more, a backend gone), and the one maps of versions before: name -> kind."""
     wanted = affinity_sets(cfg, tables)
-    return {name: kind for kind, name in re.findall(r"^\s*(set|map) (affinity[46]_\S+) \{", listing, re.MULTILINE)
-            if name not in wanted}
+    return {name: kind for name, kind in outline.sets.items()
+            if re.fullmatch(r"affinity[46]_\S+", name) and name not in wanted}
 
 
 def xtables_rule(cfg: Config) -> list[str]:
@@ -350,11 +350,10 @@ def _decide(segment: Segment, decider: Decider, subtype: int | None, turn: int) 
     return mark if decider.mptcp_aware and subtype == 0 else mark | LEARNED
 
 
-def renew_chains(listing: str, table: str) -> str:
+def renew_chains(outline: Outline, table: str) -> str:
     """Commands that empty every chain of the table, so that loading the ruleset again in the
     same transaction replaces its rules instead of adding them twice."""
-    chains = re.findall(r"^\s*chain (\w+) \{", listing, re.MULTILINE)
-    return "".join(f"flush chain inet {table} {name}\n" for name in chains)
+    return "".join(f"flush chain inet {table} {name}\n" for name in sorted(outline.chains))
 
 
 def families(cfg: Config) -> set[int]:
@@ -382,16 +381,16 @@ class Ruleset:
         restarted worker's, or the operator's): one transaction, so no SYN finds a service's
         chain empty. cfg: the config in force (its marks read back from the kernel)."""
         tables = self._kernel_tables(cfg, tables)
-        listing, written = self.listing(), True
-        if listing is None:
+        outline, written = self.outline(), True
+        if outline is None:
             self.nft.run(render_ruleset(cfg, self.native_queue, by_worker=True) + render_decide(cfg, tables))
         else:
-            self.owner = "worker" if WORKER_COMMENT in listing else "operator"
+            self.owner = "worker" if outline.comment == WORKER_COMMENT else "operator"
             log.info("nft table inet %s exists (%s's): adopting it with its token map", cfg.table_name, self.owner)
-            decide = render_decide(cfg, tables, named(listing, "svc_") - set(tables),
-                                   unwanted_affinity(listing, cfg, tables))
+            decide = render_decide(cfg, tables, named(outline, "svc_") - set(tables),
+                                   unwanted_affinity(outline, cfg, tables))
             # this version's rules; sets and maps keep their elements
-            rules = renew_chains(listing, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
+            rules = renew_chains(outline, cfg.table_name) + render_ruleset(cfg, self.native_queue, True) \
                 if self.owner == "worker" else ""
             try:
                 self.nft.run(rules + decide)
@@ -431,12 +430,13 @@ class Ruleset:
                 del changed[name]
         if changed or gone or cfg is not self.written_for:
             reloaded = cfg is not self.written_for and any(t.affinity for t in (*self.tables.values(), *tables.values()))
-            unwanted = unwanted_affinity(self.listing() or "", cfg, tables) if reloaded else None
+            outline = self.outline() if reloaded else None
+            unwanted = unwanted_affinity(outline, cfg, tables) if outline else None
             self.nft.run(render_decide(cfg, changed, gone, unwanted))
             self.tables, self.written_for = dict(tables), cfg
 
-    def listing(self) -> str | None:
-        return self.nft.try_terse(f"list table inet {self.cfg.table_name}")
+    def outline(self) -> Outline | None:
+        return TableReader(self.cfg.table_name).outline()
 
     def _xtables(self, version: int, action: str, check: bool = False) -> bool:
         binary = iptables_binary(version)
@@ -491,6 +491,6 @@ class Ruleset:
                 mangle = self.nft.json(f"list table {family} mangle")
                 if not any("rule" in item for item in mangle.get("nftables", [])):
                     self.nft.try_run(f"delete table {family} mangle")
-        listing = self.listing()
-        if listing is not None and WORKER_COMMENT in listing:  # never the one an operator installed
+        outline = self.outline()
+        if outline is not None and outline.comment == WORKER_COMMENT:  # never the one an operator installed
             self.nft.try_run(f"delete table inet {self.cfg.table_name}")
