@@ -5,6 +5,7 @@ import ipaddress
 from mplb_nfq.core.marks import JOIN
 from mplb_nfq.kernel.conntrack import ABSENT_READINGS, RECENT_SECONDS, Counts, Lifetimes, Tally
 from mplb_nfq.kernel.ctnetlink import CHANGED, CREATED, DESTROYED, Entry
+from mplb_nfq.kernel.ctnetlink import flow_key as key
 
 VIP = ipaddress.ip_address("10.99.0.1").packed
 FLOW = (ipaddress.ip_address("10.0.0.2").packed, 40000, VIP, 80)
@@ -19,20 +20,20 @@ def test_a_watched_connection_ends_with_its_destroy_event_or_with_the_readings_t
     lifetimes.event(Entry(FLOW6, 0x101 | JOIN, None, DESTROYED), 0.0)  # a subflow of the same four-tuple: no end
     assert lifetimes.take()[0] == []
     lifetimes.event(Entry(FLOW, 0x101, None, DESTROYED), 1.0)
-    assert lifetimes.take()[0] == [1] and 1 not in lifetimes.watched and FLOW not in lifetimes.teaching
+    assert lifetimes.take()[0] == [1] and 1 not in lifetimes.watched and key(FLOW) not in lifetimes.teaching
     lifetimes.watch([(4, FLOW)])  # a watch sent after its connection's end: ended at once
-    assert lifetimes.take()[0] == [4] and lifetimes.watched == {2: FLOW6, 3: other}
+    assert lifetimes.take()[0] == [4] and lifetimes.watched == {2: key(FLOW6), 3: key(other)}
     lifetimes.prune(1.0 + RECENT_SECONDS)
     lifetimes.watch([(5, FLOW)])  # the four-tuple again, long after: a new connection
-    assert lifetimes.take()[0] == [] and lifetimes.watched[5] == FLOW
+    assert lifetimes.take()[0] == [] and lifetimes.watched[5] == key(FLOW)
     third = (FLOW[0], 3, VIP, 80)
     lifetimes.watch([(2, third)])  # a token watched again with another connection forgets the first
-    assert lifetimes.teaching == {FLOW: 5, other: 3, third: 2}
+    assert lifetimes.teaching == {key(FLOW): 5, key(other): 3, key(third): 2}
     readings = []
     for _ in range(ABSENT_READINGS):  # an end whose event was lost
-        lifetimes.reading({FLOW, other})
+        lifetimes.reading({key(FLOW), key(other)})
         readings.append(lifetimes.take()[0])
-    assert readings == [[]] * (ABSENT_READINGS - 1) + [[2]] and lifetimes.watched == {5: FLOW, 3: other}
+    assert readings == [[]] * (ABSENT_READINGS - 1) + [[2]] and lifetimes.watched == {5: key(FLOW), 3: key(other)}
 
 
 def test_conntrack_tally_counts_live_entries_per_backend_and_each_end_once():
@@ -49,6 +50,30 @@ def test_conntrack_tally_counts_live_entries_per_backend_and_each_end_once():
     assert tally.counts() == Counts({0x101: 1}, {})
     tally.event(Entry(FLOW6, 0x102 | JOIN, None, DESTROYED))  # an end heard twice never counts below 0
     tally.reading([Entry(FLOW, 0x101, 3, CHANGED), Entry(other, 0x103, 7, CHANGED)])  # a full reading decides
-    assert tally.counts() == Counts({0x101: 1}, {}) and tally.closed == {other}
+    assert tally.counts() == Counts({0x101: 1}, {}) and tally.closed == {key(other)}
     tally.event(Entry(other, 0x103, 1, CHANGED))  # reopened (TIME_WAIT -> SYN_SENT): live again
     assert tally.counts() == Counts({0x101: 1, 0x103: 1}, {})
+
+
+def test_a_snapshot_reads_back_once_and_only_for_the_table_it_was_written_for(tmp_path, monkeypatch):
+    from mplb_nfq.kernel import snapshot
+
+    monkeypatch.setattr(snapshot, "DIRECTORY", tmp_path)
+    path, identity = snapshot.place("mplb", handle=7)
+    assert path.parent == tmp_path and identity.endswith(" 7")
+    watched = {1: key(FLOW), 2: key(FLOW6)}
+    assert snapshot.write_flows(path, identity, watched) == 2
+    assert snapshot.write_tokens(path, identity, [(1, 0x101, 600.0), (2, 0x20000000, 0.5)]) == 2
+    assert snapshot.read_flows(path, snapshot.place("mplb", handle=8)[1]) is None  # another table: discarded
+    assert snapshot.read_flows(path, identity) is None  # (and gone)
+    snapshot.write_flows(path, identity, watched)
+    assert snapshot.read_flows(path, identity) == list(watched.items())
+    assert snapshot.read_tokens(path, identity) == [(1, 0x101, 600.0), (2, 0x20000000, 0.5)]
+    assert snapshot.read_tokens(path, identity) is None  # read once
+    lifetimes = Lifetimes()
+    lifetimes.restore(list(watched.items()))
+    lifetimes.reading({key(FLOW)})  # one reading without FLOW6: it ended while no worker ran
+    assert lifetimes.take()[0] == [2] and lifetimes.watched == {1: key(FLOW)}
+    snapshot.write_flows(path, identity, watched)
+    snapshot.discard("mplb")
+    assert list(tmp_path.iterdir()) == []

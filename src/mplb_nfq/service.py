@@ -9,6 +9,7 @@ import logging
 from .core.settings import Config
 from .kernel.dataplane import Dataplane
 from .kernel.routing import installed_backends
+from .kernel.snapshot import place, read_tokens
 from .ops.cluster_turn import ClusterTurn
 from .ops.fleet import serve_other_worker
 from .ops.instance import hold_instance, on_signals
@@ -33,10 +34,15 @@ def run(cfg: Config) -> int:
                dump=lambda: print(json.dumps({"event": "stats", **plane.report()}), flush=True))
     try:
         dataplane.install(worker.balancer.lookup_tables())
-        adopted = worker.tokens.adopt()
+        if not cfg.cluster:  # (a cluster's tokens are also its peers': they are read back from the map)
+            worker.snapshot = place(cfg.table_name, dataplane.ruleset.outline().handle)
+        kept = read_tokens(*worker.snapshot) if worker.snapshot else None
+        worker.restored = kept is not None
+        adopted = worker.tokens.restore(kept) if worker.restored else worker.tokens.adopt()
+        adopted_from = "snapshot" if worker.restored else "map"
         if adopted or retired:
-            log.info("adopted %d tokens from the kernel map; backends gone from the config, retired: %s",
-                     adopted, ", ".join(retired) or "none")
+            log.info("adopted %d tokens (from the %s); backends gone from the config, retired: %s",
+                     adopted, adopted_from, ", ".join(retired) or "none")
         # forked before any thread or socket of the first worker
         plane.fleet.start(cfg.workers, serve_other_worker, (worker,), cfg.queue)
         cluster = ClusterTurn(LinkHandle(cfg.cluster, cfg.token_timeout, plane.fingerprint()), worker.peers, plane,
@@ -48,6 +54,7 @@ def run(cfg: Config) -> int:
         plane.start_health()
         worker.serve(ready=lambda: print(json.dumps({
             "event": "ready", "queue": cfg.queue, "queue_mode": dataplane.queue_mode, "adopted": adopted,
+            "adopted_from": adopted_from,
             "control_socket": cfg.control_socket, "metrics": cfg.metrics_address}), flush=True),
             cluster=cluster)
     finally:

@@ -10,7 +10,7 @@ from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import parse_ip
 from .core.settings import Config
 from .core.verdicts import Kind, Verdict
-from .kernel.conntrack import Counts, Ended, HandedOver, Watch, start_reader
+from .kernel.conntrack import Counts, Ended, HandedOver, Load, Watch, start_reader
 from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
@@ -27,9 +27,6 @@ from .ops.tokenstore import TokenStore
 
 log = logging.getLogger("mplb_nfq.worker")
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
-# Tokens to watch go to the conntrack reader at most this often: a send per batch woke it just as
-# clients set up their joins (joins done before a 20 KB connection ended: 98-99 without, 89-97 with)
-WATCH_SECONDS = 1.0
 REPORT_SECONDS = 0.5  # a worker beyond the first reports its counts to the first this often
 
 
@@ -48,7 +45,9 @@ class Worker:
         self.tokens.peers = self.plane.peers = self.peers
         self.held = Holding(cfg.hold_max, cfg.hold_ms / 1000, cfg.workers > 1, self.balancer, self.tokens, self.give,
                             self.stats, self.errors, self.peers)
-        self.reload_requested, self.next_watch = False, 0.0
+        self.reload_requested = False
+        # kernel.snapshot's (path, identity), for a graceful stop; restored: the tokens came from one
+        self.snapshot, self.restored = None, False
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
@@ -133,6 +132,8 @@ class Worker:
             # The counter starts first: a child must not inherit the queue's socket, or a killed
             # worker would leave the queue bound to nobody reading, and no bypass.
             conntrack_reader, conntrack = start_reader(cfg.conntrack_interval)
+            if self.restored:  # the connections the snapshot keeps are the follower's to read
+                conntrack.send(Load(*self.snapshot))
             loop.watch(conntrack.fileno(), lambda: self.from_conntrack(conntrack.recv()), pipe=True)
             for i, other in enumerate(plane.fleet.pipes, 1):
                 loop.watch(other.fileno(), lambda other=other, i=i: self.from_other_worker(i, other.recv()), pipe=True)
@@ -159,12 +160,12 @@ class Worker:
             loop.watch(control.fileno(), control.accept_ready)
             loop.every_turn(control.expire)
         loop.every_turn(self.held.release)
-        loop.every_turn(lambda: self.send_watches(conntrack if first else parent))
+        loop.every_turn(lambda: self.tokens.send_watches(conntrack if first else parent))
         loop.every_turn(self.reload_if_requested)
         if first:
             loop.every_turn(plane.sync_unavailable)
             if self.peers:  # (a cluster's balancer runs one worker)
-                loop.every_turn(lambda: self.send_watches(conntrack, handed_over=True))
+                loop.every_turn(lambda: self.tokens.send_watches(conntrack, handed_over=True))
         if cluster:
             cluster.start(loop)
             loop.every_turn(cluster.turn)
@@ -183,15 +184,9 @@ class Worker:
                 copies.close()
             if control:
                 control.close()
+                if self.snapshot and plane.stopping:
+                    log.info("saved %d tokens for the next worker", self.tokens.save(self.snapshot, conntrack))
                 conntrack_reader.kill()
-
-    def send_watches(self, reader, handed_over: bool = False) -> None:
-        """The connections whose tokens the conntrack reader watches (the first worker's, through it)."""
-        tokens = self.tokens.handed_over if handed_over else self.tokens.lifetimes
-        if tokens and (handed_over or time.monotonic() >= self.next_watch):
-            self.next_watch = self.next_watch if handed_over else time.monotonic() + WATCH_SECONDS
-            reader.send(Watch(tokens, handed_over))
-            tokens.clear()
 
     def reload_if_requested(self) -> None:
         if self.reload_requested:

@@ -66,6 +66,12 @@ class ExpiringTable(Generic[K, V]):
         self.put(key, value, now)
         return True
 
+    def items(self, now: float):
+        """(key, value, seconds left) of every live entry."""
+        for key, (value, expiry, _) in self._entries.items():
+            if expiry > now:
+                yield key, value, expiry - now
+
     def take_pushed_out(self) -> list[K]:
         taken, self.pushed_out = self.pushed_out, []
         return taken

@@ -9,20 +9,22 @@ import queue
 import select
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from ..core.marks import BACKEND_MASK, JOIN
-from .ctnetlink import CHANGED, CREATED, DESTROYED, Conntrack, Entry
+from .ctnetlink import CHANGED, CREATED, DESTROYED, Conntrack, Entry, flow_key
 from .process import die_with_parent
+from .snapshot import read_flows, write_flows
 
 log = logging.getLogger("mplb_nfq.conntrack")
 LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 ABSENT_READINGS = 2  # a watched connection missing from this many full readings in a row is gone
 ABSENT_ASKS = 2  # a handed-over connection this balancer was asked for this many times is elsewhere
 RECENT_SECONDS = 30.0  # an ended connection is remembered this long, for a watch sent after its end
-READING_SECONDS = 60.0  # between full readings; longer if one takes more than a fifth of this
+READING_SECONDS = 300.0  # between full readings; longer if one takes more than a twentieth of this
 WATCH_WAIT = 0.05  # a watch sent is taken this soon
 
 
@@ -33,6 +35,26 @@ class Watch:
     whether this balancer has the connection (HandedOver) and, if it has, watches it as its own."""
     tokens: list[tuple[int, tuple]]
     handed_over: bool = False
+
+
+@dataclass(frozen=True)
+class Save:
+    """From the worker, stopping: write the watched connections to path (kernel.snapshot), then
+    answer Saved."""
+    path: Path
+    identity: str
+
+
+@dataclass(frozen=True)
+class Saved:
+    count: int
+
+
+@dataclass(frozen=True)
+class Load:
+    """From the worker, restarted: watch the connections a Save left at path."""
+    path: Path
+    identity: str
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,7 @@ class Tally:
     def __init__(self):
         self.connections: Counter[int] = Counter()
         self.subflows: Counter[int] = Counter()
-        self.closed: set[tuple] = set()
+        self.closed: set[bytes] = set()  # flow keys
 
     def _counter(self, mark: int) -> Counter[int]:
         return self.subflows if mark & JOIN else self.connections
@@ -83,16 +105,16 @@ class Tally:
             if live:
                 counter[backend] += 1
             else:
-                self.closed.add(entry.flow)
+                self.closed.add(entry.key)
         elif entry.event == CHANGED:
-            if live and entry.flow in self.closed:
-                self.closed.discard(entry.flow)
+            if live and entry.key in self.closed:
+                self.closed.discard(entry.key)
                 counter[backend] += 1
-            elif not live and entry.flow not in self.closed:
-                self.closed.add(entry.flow)
+            elif not live and entry.key not in self.closed:
+                self.closed.add(entry.key)
                 self._less(counter, backend)
-        elif entry.flow in self.closed:
-            self.closed.discard(entry.flow)
+        elif entry.key in self.closed:
+            self.closed.discard(entry.key)
         else:
             self._less(counter, backend)
 
@@ -103,7 +125,7 @@ class Tally:
                 if entry.state in LIVE_TCP_STATES:
                     self._counter(entry.mark)[entry.mark & BACKEND_MASK] += 1
                 else:
-                    self.closed.add(entry.flow)
+                    self.closed.add(entry.key)
 
     def counts(self) -> Counts:
         return Counts(dict(+self.connections), dict(+self.subflows))
@@ -115,11 +137,11 @@ class Lifetimes:
     `here` and `elsewhere` until taken."""
 
     def __init__(self):
-        self.watched: dict[int, tuple] = {}  # token -> its connection's first flow
-        self.teaching: dict[tuple, int] = {}  # the reverse
-        self.handed_over: Counter[int] = Counter()  # watched, not seen here yet: times asked
+        self.watched: dict[int, bytes] = {}  # token -> its connection's first flow (ctnetlink.flow_key)
+        self.teaching: dict[bytes, int] = {}  # the reverse
+        self.handed_over: dict[int, list] = {}  # watched, not seen here yet: [flow, times asked]
         self.absent: Counter[int] = Counter()  # full readings in a row without the connection
-        self.recent: dict[tuple, float] = {}  # flows that ended, and when
+        self.recent: OrderedDict[bytes, float] = OrderedDict()  # flows that ended, and when, oldest first
         self.ended: list[int] = []
         self.here: list[int] = []
         self.elsewhere: list[int] = []
@@ -127,12 +149,21 @@ class Lifetimes:
     def watch(self, tokens: list[tuple[int, tuple]], handed_over: bool = False) -> None:
         for token, flow in tokens:
             self._forget(token)
-            if flow in self.recent and not handed_over:  # its end came first
+            key = flow_key(flow)
+            if key in self.recent and not handed_over:  # its end came first
                 self.ended.append(token)
                 continue
-            self.watched[token], self.teaching[flow] = flow, token
+            self.watched[token], self.teaching[key] = key, token
             if handed_over:
-                self.handed_over[token] = 0
+                self.handed_over[token] = [flow, 0]
+
+    def restore(self, pairs: list[tuple[int, bytes]]) -> None:
+        """Tokens and their connections' flow keys, as a snapshot kept them: any connection the
+        next full reading misses ended while no worker ran."""
+        for token, key in pairs:
+            self._forget(token)
+            self.watched[token], self.teaching[key] = key, token
+            self.absent[token] = ABSENT_READINGS - 1
 
     def _forget(self, token: int) -> None:
         flow = self.watched.pop(token, None)
@@ -144,36 +175,37 @@ class Lifetimes:
     def event(self, entry: Entry, now: float) -> None:
         if entry.mark & JOIN:
             return
+        key = entry.key
         if entry.event == DESTROYED:
-            self.recent.pop(entry.flow, None)  # (kept in the order of their ends)
-            self.recent[entry.flow] = now
-            token = self.teaching.get(entry.flow)
+            self.recent[key] = now
+            self.recent.move_to_end(key)
+            token = self.teaching.get(key)
             if token is not None:
                 (self.elsewhere if token in self.handed_over else self.ended).append(token)
                 self._forget(token)
         else:
-            token = self.teaching.get(entry.flow)
+            token = self.teaching.get(key)
             if token is not None and token in self.handed_over:
                 self.here.append(token)
                 del self.handed_over[token]
 
     def asked(self, has) -> None:
         """Ask for the handed-over connections not seen here yet (has(flow) -> bool)."""
-        for token in list(self.handed_over):
-            if has(self.watched[token]):
+        for token, asked in list(self.handed_over.items()):
+            if has(asked[0]):
                 self.here.append(token)
                 del self.handed_over[token]
             else:
-                self.handed_over[token] += 1
-                if self.handed_over[token] >= ABSENT_ASKS:
+                asked[1] += 1
+                if asked[1] >= ABSENT_ASKS:
                     self.elsewhere.append(token)
                     self._forget(token)
 
-    def reading(self, live: set[tuple]) -> None:
-        """A full reading's flows (of those watched, at least): the connections it and the
+    def reading(self, live: set[bytes]) -> None:
+        """A full reading's flow keys (of those watched, at least): the connections it and the
         readings before missed have ended (an event lost)."""
-        for token, flow in list(self.watched.items()):
-            if flow in live or token in self.handed_over:
+        for token, key in list(self.watched.items()):
+            if key in live or token in self.handed_over:
                 self.absent.pop(token, None)
                 continue
             self.absent[token] += 1
@@ -182,10 +214,8 @@ class Lifetimes:
                 self._forget(token)
 
     def prune(self, now: float) -> None:
-        for flow, when in list(self.recent.items()):
-            if now - when < RECENT_SECONDS:
-                break
-            del self.recent[flow]
+        while self.recent and now - next(iter(self.recent.values())) >= RECENT_SECONDS:
+            self.recent.popitem(last=False)
 
     def take(self) -> tuple[list[int], HandedOver]:
         found = self.ended, HandedOver(self.here, self.elsewhere)
@@ -197,7 +227,7 @@ def follow_conntrack(pipe, interval: float) -> None:
     """In a process of its own, so that a large conntrack table never stalls the queue: follow
     the entries' events, tell the worker which watched tokens' connections ended as they end, and
     the live entries per backend mark at most every interval; read the whole table at start and
-    now and then (at most a fifth of a core) to correct what lost events left wrong."""
+    now and then (at most a twentieth of a core) to correct what lost events left wrong."""
     die_with_parent()
     events = Conntrack(events=True)  # subscribed before the first reading: no end falls between
     table = Conntrack()
@@ -212,12 +242,12 @@ def follow_conntrack(pipe, interval: float) -> None:
             return
 
     def full_reading():
-        live: set[tuple] = set()
+        live: set[bytes] = set()
 
         def entries():
             for entry in table.dump():
-                if entry.flow in lifetimes.teaching:
-                    live.add(entry.flow)
+                if entry.key in lifetimes.teaching:
+                    live.add(entry.key)
                 yield entry
         tally.reading(entries())
         lifetimes.reading(live)
@@ -229,11 +259,17 @@ def follow_conntrack(pipe, interval: float) -> None:
         try:
             now = time.monotonic()
             while not incoming.empty():
-                watch = incoming.get()
-                lifetimes.watch(watch.tokens, watch.handed_over)
+                told = incoming.get()
+                if isinstance(told, Watch):
+                    lifetimes.watch(told.tokens, told.handed_over)
+                elif isinstance(told, Save):
+                    pipe.send(Saved(write_flows(told.path, told.identity, lifetimes.watched)))
+                elif isinstance(told, Load):
+                    lifetimes.restore(read_flows(told.path, told.identity) or [])
+                    next_reading = now
             if now >= next_reading:
                 full_reading()
-                next_reading = now + max(READING_SECONDS, 4 * (time.monotonic() - now))
+                next_reading = now + max(READING_SECONDS, 20 * (time.monotonic() - now))
             for entry in events.events():
                 tally.event(entry)
                 lifetimes.event(entry, now)

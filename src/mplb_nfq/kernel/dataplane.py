@@ -14,6 +14,7 @@ from ..core.balancer import LookupTable
 from ..core.settings import Config
 from .nft import Nft
 from .routing import RetiredRoutes, Routing
+from . import snapshot
 from .ruleset import Ruleset
 from .tokenmap import TokenMap
 log = logging.getLogger("mplb_nfq.kernel")
@@ -122,6 +123,7 @@ class Dataplane:
     def remove(self) -> None:
         self.routing.remove(self.cfg)
         self.ruleset.remove()
+        snapshot.discard(self.cfg.table_name)
 
 
 def _version(flow: tuple) -> int:

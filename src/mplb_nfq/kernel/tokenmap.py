@@ -240,17 +240,19 @@ class Nfnetlink:
 
 
 NFT_MSG_GETTABLE, NFT_MSG_NEWTABLE, NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN, NFT_MSG_GETSET, NFT_MSG_NEWSET = 1, 0, 4, 3, 10, 9
-TABLE_NAME, TABLE_USERDATA, CHAIN_TABLE, CHAIN_NAME, SET_TABLE, SET_NAME, SET_FLAGS = 1, 6, 1, 3, 1, 2, 3
+TABLE_NAME, TABLE_HANDLE, TABLE_USERDATA, CHAIN_TABLE, CHAIN_NAME, SET_TABLE, SET_NAME, SET_FLAGS = 1, 4, 6, 1, 3, 1, 2, 3
 SET_IS_MAP = 0x8  # NFT_SET_MAP
 
 
 class Outline(NamedTuple):
-    """A table's comment, chains and sets (name -> "set" or "map"): what adopting it needs to
-    know. libnftables fetches every element of every set for any listing of a table (5 s for a
-    token map of 200,000, growing faster than the map), so it is read here, elements left out."""
+    """A table's comment, chains and sets (name -> "set" or "map"), and its handle (another table
+    of the same name, made since, has another): what adopting it needs to know. libnftables
+    fetches every element of every set for any listing of a table (5 s for a token map of
+    200,000, growing faster than the map), so it is read here, elements left out."""
     comment: str
     chains: frozenset[str]
     sets: dict[str, str]
+    handle: int = 0
 
 
 def outline_requests(table: str, seq: int) -> list[tuple[int, bytes]]:
@@ -271,7 +273,7 @@ def _text(value: bytes | None) -> str:
 class TableReader(Nfnetlink):
     def outline(self) -> Outline | None:
         """The table's outline, or None when there is no such table."""
-        comment, chains, sets = "", set(), {}
+        comment, chains, sets, handle = "", set(), {}, 0
         requests = outline_requests(self.table, self.seq + 1)
         self.seq += len(requests)
         for seq, request in requests:
@@ -280,6 +282,7 @@ class TableReader(Nfnetlink):
                 attrs = attributes(body, NFGEN_HEADER_SIZE) if error is None else {}
                 if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWTABLE:
                     comment = _comment_of(attrs.get(TABLE_USERDATA, b"")) or ""
+                    handle = struct.unpack("!Q", attrs.get(TABLE_HANDLE, bytes(8)))[0]
                 elif kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWCHAIN and _text(attrs.get(CHAIN_TABLE)) == self.table:
                     chains.add(_text(attrs.get(CHAIN_NAME)))
                 elif kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSET and _text(attrs.get(SET_TABLE)) == self.table:
@@ -289,7 +292,7 @@ class TableReader(Nfnetlink):
                     return None
                 elif error:
                     raise KernelError(f"reading table {self.table}: {os.strerror(error)}")
-        return Outline(comment, frozenset(chains), sets)
+        return Outline(comment, frozenset(chains), sets, handle)
 
 
 class SchedulerMaps(Nfnetlink):

@@ -6,7 +6,9 @@ import os
 import signal
 from typing import Callable, IO
 
-LOCK_DIRECTORY = "/run/mplb-nfq"
+from ..kernel.snapshot import DIRECTORY
+
+LOCK_DIRECTORY = str(DIRECTORY)
 
 
 def hold_instance(table: str, directory: str = LOCK_DIRECTORY) -> IO:

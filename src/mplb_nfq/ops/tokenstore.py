@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 from ..core.balancer import Balancer
 from ..core.marks import BACKEND_MASK, DISPLACEABLE, JOIN, REJECT
 from ..core.news import peer_comment
 from ..core.packet import Segment, parse_ip
-from ..core.tokens import PROVISIONAL_SECONDS, TokenWrites, flow_comment, flow_of_comment, learned_at, plan_writes
+from ..core.tokens import (AMBIGUOUS, INSTALL_PENDING, PROVISIONAL_SECONDS, TokenWrites, flow_comment,
+                           flow_of_comment, learned_at, plan_writes)
 from ..core.verdicts import Kind, Verdict
+from ..kernel.conntrack import Ended, Save, Saved, Watch
 from ..kernel.copies import CopyReader
+from ..kernel.snapshot import write_tokens
 from .logs import ThrottledLog
+
+
+# Tokens to watch go to the conntrack follower at most this often: a send per batch woke it just as
+# clients set up their joins (joins done before a 20 KB connection ended: 98-99 without, 89-97 with)
+WATCH_SECONDS, WATCH_CHUNK = 1.0, 10_000
+SAVE_SECONDS = 10.0  # the longest a stopping worker waits for the conntrack follower's snapshot
 
 
 def peers_value(mark: int) -> int:
@@ -29,6 +39,16 @@ class TokenStore:
         self.lifetimes: list[tuple[int, tuple]] = []  # tokens and their connections, for the conntrack reader
         self.handed_over: list[tuple[int, tuple]] = []  # a peer's ended tokens: is the connection here?
         self.peers = None  # in a cluster (ops.peers.Peers): what this balancer learns, it publishes
+        self.next_watch = 0.0
+
+    def send_watches(self, follower, handed_over: bool = False) -> None:
+        """The connections whose tokens the conntrack follower watches (the first worker's, through it)."""
+        tokens = self.handed_over if handed_over else self.lifetimes
+        if tokens and (handed_over or time.monotonic() >= self.next_watch):
+            self.next_watch = self.next_watch if handed_over else time.monotonic() + WATCH_SECONDS
+            for start in range(0, len(tokens), WATCH_CHUNK):  # (a restart watches a million)
+                follower.send(Watch(tokens[start:start + WATCH_CHUNK], handed_over))
+            tokens.clear()
 
     def write(self, verdicts: list[Verdict]) -> set[int]:
         """One transaction of installs, then the replacements and rejections (rare, one by one);
@@ -134,6 +154,38 @@ class TokenStore:
         self.stats["copies_lost"] = reader.lost
         if verdicts:
             self.write(verdicts)
+
+    def lasting(self, now: float):
+        """(token, value as the kernel map holds it, seconds left) of the tokens the core holds
+        and the map has (a collision is REJECT there; a failed install is not there)."""
+        for token, value, left in self.balancer.tokens.items(now):
+            if value == AMBIGUOUS:
+                yield token, REJECT, left
+            elif not value & INSTALL_PENDING:
+                yield token, value, left
+
+    def save(self, place: tuple[Path, str], follower) -> int:
+        """At a graceful stop: the conntrack follower writes the connections it watches, then this
+        worker the tokens it holds (kernel.snapshot); ends told meanwhile are applied first. The
+        count of tokens saved (0: the follower did not answer, nothing is left to read back)."""
+        follower.send(Save(*place))
+        deadline = time.monotonic() + SAVE_SECONDS
+        while follower.poll(max(0.0, deadline - time.monotonic())):
+            told = follower.recv()
+            if isinstance(told, Ended):
+                self.ended(told.tokens)
+            elif isinstance(told, Saved):
+                return write_tokens(*place, self.lasting(time.perf_counter()))
+        return 0
+
+    def restore(self, entries: list[tuple[int, int, float]]) -> int:
+        """A restarted worker's token table from the snapshot the one before left (kernel.snapshot):
+        as `adopt`, without reading the map (its connections are the conntrack follower's to load)."""
+        now, ttl = time.perf_counter(), self.balancer.tokens.ttl
+        entries.sort(key=lambda entry: entry[2])
+        for token, mark, left in entries:
+            self.balancer.learn_token(token, mark, learned_at(now, ttl, left))
+        return len(entries)
 
     def adopt(self) -> int:
         """A restarted worker rebuilds its token table from the kernel map it finds, and watches
