@@ -237,14 +237,20 @@ def measure(n: int) -> dict:
                 results[figure.replace("_s", "_from")] = worker.ready.get("adopted_from")
                 results[figure.replace("_s", "_tokens")] = worker.ready.get("adopted")
             pids = process_tree(worker.proc.pid)
-            time.sleep(5)
+            deadline = time.monotonic() + 300
+            follower: dict = {}
+            while time.monotonic() < deadline:  # at rest: the follower watches them all, its first reading done
+                follower = request(socket_path, "status").get("conntrack", {})
+                if follower.get("full_readings", 0) >= 1 and follower.get("watched", 0) >= n:
+                    break
+                time.sleep(0.5)
+            results["follower"] = follower
             cpu = cpu_seconds(pids)
             time.sleep(10)
             results["worker_cpu_at_rest"] = round((cpu_seconds(pids) - cpu) / 10, 3)
             tree = process_tree(worker.proc.pid)
             results["worker_rss_mb"] = round(memory_mb(tree, "Pss"), 1)
-            results["worker_processes_rss_mb"] = {Path(f"/proc/{p}/comm").read_text().strip(): round(memory_mb([p], "Rss"), 1)
-                                                  for p in tree if Path(f"/proc/{p}/comm").exists()}
+            results["worker_processes_pss_mb"] = sorted((round(memory_mb([p], "Pss"), 1) for p in tree), reverse=True)
             results["token_removal"] = inside(topo, "end", str(n), "mplb", VIP, str(PORT), str(ENDS_PER_SECOND),
                                               str(END_SECONDS))
             results["token_removal_p50_s"] = results["token_removal"]["p50_s"]

@@ -379,3 +379,44 @@ def test_a_histogram_counts_by_bucket_adds_up_across_workers_and_reads_as_promet
         histogram.observe(value)
     assert histogram.counts == [2, 1, 1] and histogram.sum == 6.0
     assert histogram.plus(histogram).cumulative() == [("1.0", 4), ("2.0", 6), ("+Inf", 8)]
+
+
+class Follower:
+    """The worker's end of the pipe to the conntrack follower, answering a Save as it does."""
+
+    def __init__(self, ended=()):
+        from mplb_nfq.kernel.conntrack import Ended
+        self.sent, self.answers = [], [Ended(list(ended))] if ended else []
+
+    def send(self, message):
+        from mplb_nfq.kernel.conntrack import Save, Saved
+        self.sent.append(message)
+        if isinstance(message, Save):
+            self.answers.append(Saved(len(self.sent)))
+
+    def poll(self, timeout):
+        return bool(self.answers)
+
+    def recv(self):
+        return self.answers.pop(0)
+
+
+def test_a_graceful_stop_saves_every_token_with_what_is_not_watched_yet_and_a_restart_reads_them_back(tmp_path):
+    from mplb_nfq.kernel import snapshot
+    from mplb_nfq.kernel.conntrack import Save, Watch
+
+    w = worker()
+    tokens = []
+    for i, key in enumerate((SERVER_KEY, CLIENT_KEY)):
+        synack = tcp("10.0.100.1", "10.0.1.2", 80, 40000 + i, SYN | ACK, mp_capable(1, 1, key))
+        w.tokens.learn(Copies((synack, 0x100 + i)), 256)
+        tokens.append(token_of_key(key, 1))
+    assert len(w.tokens.lifetimes) == 2  # learned, not sent to the follower yet
+    place = (tmp_path / "mplb", "identity")
+    follower = Follower(ended=[tokens[1]])  # one connection ends as the worker stops
+    assert w.tokens.save(place, follower) == 1
+    assert [type(m) for m in follower.sent] == [Watch, Save] and len(follower.sent[0].tokens) == 2
+    assert tokens[1] not in w.dataplane.tokens  # its end, applied before the tokens were written
+    restarted = Worker(w.plane.cfg, KernelMaps())
+    assert restarted.tokens.restore(snapshot.read_tokens(*place)) == 1
+    assert restarted.balancer.tokens.get(tokens[0], time.perf_counter()) == 0x100

@@ -59,9 +59,13 @@ class Load:
 
 @dataclass(frozen=True)
 class Counts:
-    """To the worker: live connections and added subflows per backend mark."""
+    """To the worker: live connections and added subflows per backend mark; and of the follower,
+    the connections it watches, its full readings of conntrack and how long the last one took."""
     connections: dict[int, int]
     subflows: dict[int, int]
+    watched: int = 0
+    readings: int = 0
+    reading_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,8 @@ class Tally:
                 else:
                     self.closed.add(entry.key)
 
-    def counts(self) -> Counts:
-        return Counts(dict(+self.connections), dict(+self.subflows))
+    def counts(self, watched: int = 0, readings: int = 0, reading_s: float = 0.0) -> Counts:
+        return Counts(dict(+self.connections), dict(+self.subflows), watched, readings, reading_s)
 
 
 class Lifetimes:
@@ -254,7 +258,7 @@ def follow_conntrack(pipe, interval: float) -> None:
 
     threading.Thread(target=receive, name="watches", daemon=True).start()
     next_reading = next_turn = 0.0
-    sent = None
+    sent, readings, reading_s = None, 0, 0.0
     while True:
         try:
             now = time.monotonic()
@@ -269,7 +273,8 @@ def follow_conntrack(pipe, interval: float) -> None:
                     next_reading = now
             if now >= next_reading:
                 full_reading()
-                next_reading = now + max(READING_SECONDS, 20 * (time.monotonic() - now))
+                readings, reading_s = readings + 1, round(time.monotonic() - now, 3)
+                next_reading = now + max(READING_SECONDS, 20 * reading_s)
             for entry in events.events():
                 tally.event(entry)
                 lifetimes.event(entry, now)
@@ -277,7 +282,7 @@ def follow_conntrack(pipe, interval: float) -> None:
                 next_turn = now + interval
                 lifetimes.asked(table.has)
                 lifetimes.prune(now)
-                counts = tally.counts()
+                counts = tally.counts(len(lifetimes.watched), readings, reading_s)
                 if counts != sent:
                     pipe.send(counts)
                     sent = counts

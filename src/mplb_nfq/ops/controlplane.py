@@ -39,6 +39,7 @@ class ControlPlane:
         self.health = None
         self.stopping = False
         self.started = time.time()
+        self.follower: dict = {}  # what the conntrack follower says of itself (Counts)
         self.peers = None  # in a cluster: ops.peers.Peers
 
     def fingerprint(self) -> str:
@@ -182,6 +183,8 @@ class ControlPlane:
             self.fleet.broadcast(counted)
         for mark, backend in self.balancer.by_mark.items():
             backend.active, backend.subflows = counted.connections.get(mark, 0), counted.subflows.get(mark, 0)
+        self.follower = {"watched": counted.watched, "full_readings": counted.readings,
+                         "last_reading_s": counted.reading_s}
         done = [n for n, r in self.retired.items() if r.backend.idle]
         if done:
             for name in done:
@@ -238,7 +241,7 @@ class ControlPlane:
                 "tokens_tracked": report["tokens_tracked"], "flows_tracked": report["flows_tracked"],
                 "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "handshakes": self.cfg.handshakes,
                 "queue_drops": queue_drops(self.cfg.queue, self.cfg.workers), "table_owner": self.dataplane.table_owner,
-                "uptime_s": round(time.time() - self.started, 1),
+                "uptime_s": round(time.time() - self.started, 1), "conntrack": self.follower,
                 "health_errors": {n: e for n, e in (self.health.last_error if self.health else {}).items() if e},
                 "packets": report}
 
