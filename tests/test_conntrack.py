@@ -77,3 +77,30 @@ def test_a_snapshot_reads_back_once_and_only_for_the_table_it_was_written_for(tm
     snapshot.write_flows(path, identity, watched)
     snapshot.discard("mplb")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flow_tokens_behave_as_a_dict_through_collisions_wraparound_removals_and_growth():
+    import random
+
+    from mplb_nfq.core.flowtokens import FlowTokens, digest
+
+    rng = random.Random(7)
+    table, model = FlowTokens(16), {}
+    # few home slots: long probe runs that wrap around the end, and removals inside them
+    flows = [rng.randrange(1, 1 << 64) & ~0xFF | rng.choice((0x0E, 0x0F, 0x00)) for _ in range(200)]
+    for step in range(5000):
+        flow = rng.choice(flows)
+        if rng.random() < 0.55:
+            token = rng.randrange(1 << 32)
+            table.put(flow, token)
+            model[flow] = token
+        else:
+            assert table.pop(flow) == model.pop(flow, None)
+        assert table.get(flow) == model.get(flow) and len(table) == len(model)
+    assert dict(table.items()) == model
+    table.unmark()
+    kept = list(model)[:len(model) // 2]
+    assert all(table.mark(flow) for flow in kept) and not table.mark(12345 << 8)
+    table.pop(kept[0])  # a removal moves entries back: their marks move with them
+    assert sorted(table.unmarked()) == sorted((f, t) for f, t in model.items() if f not in kept)
+    assert digest(b"\x0a\x00\x00\x01") == digest(b"\x0a\x00\x00\x01") != digest(b"\x0a\x00\x00\x02")
