@@ -184,7 +184,7 @@ def test_a_token_handed_over_that_a_peer_took_over_meanwhile_stays_its():
 
 def test_conntrack_lifetimes_say_whether_a_handed_over_connection_is_here_then_watch_it_as_their_own():
     from mplb_nfq.kernel.conntrack import ABSENT_ASKS, Lifetimes
-    from mplb_nfq.kernel.ctnetlink import CHANGED, DESTROYED, Entry, flow_key
+    from mplb_nfq.kernel.ctnetlink import CHANGED, DESTROYED, Entry
 
     lifetimes = Lifetimes()
     other = (FLOW[0], 1, VIP, 80)
@@ -197,7 +197,7 @@ def test_conntrack_lifetimes_say_whether_a_handed_over_connection_is_here_then_w
         asks.append(lifetimes.take()[1])
     assert asks[0].here == [3, 2] and [h.elsewhere for h in asks] == [[]] * (ABSENT_ASKS - 1) + [[4]]
     lifetimes.event(Entry(FLOW6, 0x101, None, DESTROYED), 1.0)  # here, then its own end
-    assert lifetimes.take()[0] == [2] and lifetimes.watched == {1: flow_key(FLOW), 3: flow_key(other)}
+    assert lifetimes.take()[0] == [2] and {t for _, t in lifetimes.teaching.items()} == {1, 3}
 
 
 def test_a_starting_balancer_announces_once_caught_up_from_redis_and_followed_by_its_peers():

@@ -6,34 +6,51 @@ from mplb_nfq.core.marks import JOIN
 from mplb_nfq.kernel.conntrack import ABSENT_READINGS, RECENT_SECONDS, Counts, Lifetimes, Tally
 from mplb_nfq.kernel.ctnetlink import CHANGED, CREATED, DESTROYED, Entry
 from mplb_nfq.kernel.ctnetlink import flow_key as key
+from mplb_nfq.core.flowtokens import digest
 
 VIP = ipaddress.ip_address("10.99.0.1").packed
 FLOW = (ipaddress.ip_address("10.0.0.2").packed, 40000, VIP, 80)
 FLOW6 = (ipaddress.ip_address("fd00::2").packed, 40001, ipaddress.ip_address("fd99::1").packed, 80)
 
 
+def watched(lifetimes) -> dict:
+    """token -> the digest of its connection's first flow."""
+    return {token: flow for flow, token in lifetimes.teaching.items()}
+
+
+def at(*flows) -> dict:
+    return {token: digest(key(flow)) for token, flow in flows}
+
+
+def reading(lifetimes, *flows, mark=0x101):
+    lifetimes.begin_reading()
+    for flow in flows:
+        lifetimes.seen(Entry(flow, mark, 3, CHANGED))
+    lifetimes.end_reading()
+    return lifetimes.take()[0]
+
+
 def test_a_watched_connection_ends_with_its_destroy_event_or_with_the_readings_that_miss_it():
     lifetimes = Lifetimes()
-    other = (FLOW[0], 2, VIP, 80)
+    other, third = (FLOW[0], 2, VIP, 80), (FLOW[0], 3, VIP, 80)
     lifetimes.watch([(1, FLOW), (2, FLOW6), (3, other)])
     lifetimes.event(Entry(FLOW, 0x101, 7, CHANGED), 0.0)  # TIME_WAIT: a late join still finds its token
     lifetimes.event(Entry(FLOW6, 0x101 | JOIN, None, DESTROYED), 0.0)  # a subflow of the same four-tuple: no end
     assert lifetimes.take()[0] == []
     lifetimes.event(Entry(FLOW, 0x101, None, DESTROYED), 1.0)
-    assert lifetimes.take()[0] == [1] and 1 not in lifetimes.watched and key(FLOW) not in lifetimes.teaching
+    assert lifetimes.take()[0] == [1] and watched(lifetimes) == at((2, FLOW6), (3, other))
     lifetimes.watch([(4, FLOW)])  # a watch sent after its connection's end: ended at once
-    assert lifetimes.take()[0] == [4] and lifetimes.watched == {2: key(FLOW6), 3: key(other)}
+    assert lifetimes.take()[0] == [4] and watched(lifetimes) == at((2, FLOW6), (3, other))
     lifetimes.prune(1.0 + RECENT_SECONDS)
-    lifetimes.watch([(5, FLOW)])  # the four-tuple again, long after: a new connection
-    assert lifetimes.take()[0] == [] and lifetimes.watched[5] == key(FLOW)
-    third = (FLOW[0], 3, VIP, 80)
-    lifetimes.watch([(2, third)])  # a token watched again with another connection forgets the first
-    assert lifetimes.teaching == {key(FLOW): 5, key(other): 3, key(third): 2}
-    readings = []
-    for _ in range(ABSENT_READINGS):  # an end whose event was lost
-        lifetimes.reading({key(FLOW), key(other)})
-        readings.append(lifetimes.take()[0])
-    assert readings == [[]] * (ABSENT_READINGS - 1) + [[2]] and lifetimes.watched == {5: key(FLOW), 3: key(other)}
+    lifetimes.watch([(5, FLOW), (6, third)])  # the four-tuple again, long after: a new connection
+    assert lifetimes.take()[0] == [] and watched(lifetimes) == at((2, FLOW6), (3, other), (5, FLOW), (6, third))
+    lifetimes.event(Entry(third, 0x101, None, DESTROYED), 2.0)
+    assert lifetimes.take()[0] == [6]
+    readings = [reading(lifetimes, FLOW, other, (FLOW[0], 9, VIP, 80), mark=0x101) for _ in range(ABSENT_READINGS)]
+    assert readings == [[]] * (ABSENT_READINGS - 1) + [[2]]  # an end whose event was lost
+    assert lifetimes.take()[0] == [] and watched(lifetimes) == at((3, other), (5, FLOW))
+    assert reading(lifetimes, FLOW, other, mark=0x101 | JOIN) == []  # subflows are not connections: one miss
+    assert reading(lifetimes, FLOW, other) == [] and watched(lifetimes) == at((3, other), (5, FLOW))
 
 
 def test_conntrack_tally_counts_live_entries_per_backend_and_each_end_once():
@@ -61,19 +78,19 @@ def test_a_snapshot_reads_back_once_and_only_for_the_table_it_was_written_for(tm
     monkeypatch.setattr(snapshot, "DIRECTORY", tmp_path)
     path, identity = snapshot.place("mplb", handle=7)
     assert path.parent == tmp_path and identity.endswith(" 7")
-    watched = {1: key(FLOW), 2: key(FLOW6)}
+    watched = [(digest(key(FLOW)), 1), (digest(key(FLOW6)), 2)]
     assert snapshot.write_flows(path, identity, watched) == 2
     assert snapshot.write_tokens(path, identity, [(1, 0x101, 600.0), (2, 0x20000000, 0.5)]) == 2
     assert snapshot.read_flows(path, snapshot.place("mplb", handle=8)[1]) is None  # another table: discarded
     assert snapshot.read_flows(path, identity) is None  # (and gone)
     snapshot.write_flows(path, identity, watched)
-    assert snapshot.read_flows(path, identity) == list(watched.items())
-    assert snapshot.read_tokens(path, identity) == [(1, 0x101, 600.0), (2, 0x20000000, 0.5)]
+    assert snapshot.read_flows(path, identity) == watched
+    assert [list(a) for a in snapshot.read_tokens(path, identity)] == [[1, 2], [0x101, 0x20000000], [600.0, 0.5]]
     assert snapshot.read_tokens(path, identity) is None  # read once
     lifetimes = Lifetimes()
-    lifetimes.restore(list(watched.items()))
-    lifetimes.reading({key(FLOW)})  # one reading without FLOW6: it ended while no worker ran
-    assert lifetimes.take()[0] == [2] and lifetimes.watched == {1: key(FLOW)}
+    lifetimes.restore(watched)
+    assert reading(lifetimes, FLOW) == [2]  # one reading without FLOW6: it ended while no worker ran
+    assert {t: f for f, t in lifetimes.teaching.items()} == at((1, FLOW))
     snapshot.write_flows(path, identity, watched)
     snapshot.discard("mplb")
     assert list(tmp_path.iterdir()) == []

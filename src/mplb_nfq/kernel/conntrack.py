@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..core.flowtokens import FlowTokens, digest
 from ..core.marks import BACKEND_MASK, JOIN
 from .ctnetlink import CHANGED, CREATED, DESTROYED, Conntrack, Entry, flow_key
 from .process import die_with_parent
@@ -137,85 +138,89 @@ class Tally:
 
 class Lifetimes:
     """Tokens watched against the connections that taught them (pure: fed the entries' events,
-    the answers to "is this flow here?", and the full readings). What it found waits in `ended`,
-    `here` and `elsewhere` until taken."""
+    the answers to "is this flow here?", and the full readings). A connection is known by the
+    digest of its first flow (core.flowtokens: 24 bytes a connection). What it found waits in
+    `ended`, `here` and `elsewhere` until taken."""
 
     def __init__(self):
-        self.watched: dict[int, bytes] = {}  # token -> its connection's first flow (ctnetlink.flow_key)
-        self.teaching: dict[bytes, int] = {}  # the reverse
-        self.handed_over: dict[int, list] = {}  # watched, not seen here yet: [flow, times asked]
-        self.absent: Counter[int] = Counter()  # full readings in a row without the connection
-        self.recent: OrderedDict[bytes, float] = OrderedDict()  # flows that ended, and when, oldest first
+        self.teaching = FlowTokens()  # digest of a connection's first flow -> its token
+        self.handed_over: dict[int, list] = {}  # token -> [flow, digest, times asked]: not seen here yet
+        self.absent: dict[int, int] = {}  # digest -> full readings in a row without the connection
+        self.recent: OrderedDict[int, float] = OrderedDict()  # digests of flows that ended, and when
         self.ended: list[int] = []
         self.here: list[int] = []
         self.elsewhere: list[int] = []
 
     def watch(self, tokens: list[tuple[int, tuple]], handed_over: bool = False) -> None:
         for token, flow in tokens:
-            self._forget(token)
-            key = flow_key(flow)
-            if key in self.recent and not handed_over:  # its end came first
+            flow_digest = digest(flow_key(flow))
+            self.handed_over.pop(token, None)
+            if flow_digest in self.recent and not handed_over:  # its end came first
                 self.ended.append(token)
                 continue
-            self.watched[token], self.teaching[key] = key, token
+            self.teaching.put(flow_digest, token)
+            self.absent.pop(flow_digest, None)
             if handed_over:
-                self.handed_over[token] = [flow, 0]
+                self.handed_over[token] = [flow, flow_digest, 0]
 
-    def restore(self, pairs: list[tuple[int, bytes]]) -> None:
-        """Tokens and their connections' flow keys, as a snapshot kept them: any connection the
-        next full reading misses ended while no worker ran."""
-        for token, key in pairs:
-            self._forget(token)
-            self.watched[token], self.teaching[key] = key, token
-            self.absent[token] = ABSENT_READINGS - 1
-
-    def _forget(self, token: int) -> None:
-        flow = self.watched.pop(token, None)
-        if flow is not None and self.teaching.get(flow) == token:
-            del self.teaching[flow]
-        self.handed_over.pop(token, None)
-        self.absent.pop(token, None)
+    def restore(self, pairs: list[tuple[int, int]]) -> None:
+        """(flow digest, token) pairs, as a snapshot kept them: any connection the next full
+        reading misses ended while no worker ran."""
+        for flow_digest, token in pairs:
+            self.teaching.put(flow_digest, token)
+            self.absent[flow_digest] = ABSENT_READINGS - 1
 
     def event(self, entry: Entry, now: float) -> None:
         if entry.mark & JOIN:
             return
-        key = entry.key
+        flow_digest = digest(entry.key)
         if entry.event == DESTROYED:
-            self.recent[key] = now
-            self.recent.move_to_end(key)
-            token = self.teaching.get(key)
+            self.recent[flow_digest] = now
+            self.recent.move_to_end(flow_digest)
+            token = self.teaching.pop(flow_digest)
             if token is not None:
-                (self.elsewhere if token in self.handed_over else self.ended).append(token)
-                self._forget(token)
-        else:
-            token = self.teaching.get(key)
-            if token is not None and token in self.handed_over:
+                self.absent.pop(flow_digest, None)
+                (self.elsewhere if self.handed_over.pop(token, None) else self.ended).append(token)
+        elif self.handed_over:
+            token = self.teaching.get(flow_digest)
+            if token is not None and self.handed_over.pop(token, None):
                 self.here.append(token)
-                del self.handed_over[token]
 
     def asked(self, has) -> None:
         """Ask for the handed-over connections not seen here yet (has(flow) -> bool)."""
         for token, asked in list(self.handed_over.items()):
-            if has(asked[0]):
+            flow, flow_digest, times = asked
+            if has(flow):
                 self.here.append(token)
                 del self.handed_over[token]
+            elif times + 1 >= ABSENT_ASKS:
+                self.elsewhere.append(token)
+                self.teaching.pop(flow_digest)
+                del self.handed_over[token]
             else:
-                asked[1] += 1
-                if asked[1] >= ABSENT_ASKS:
-                    self.elsewhere.append(token)
-                    self._forget(token)
+                asked[2] = times + 1
 
-    def reading(self, live: set[bytes]) -> None:
-        """A full reading's flow keys (of those watched, at least): the connections it and the
-        readings before missed have ended (an event lost)."""
-        for token, key in list(self.watched.items()):
-            if key in live or token in self.handed_over:
-                self.absent.pop(token, None)
+    # A full reading: begin, every entry seen, end. The connections it and the readings before
+    # missed have ended (an event lost, or an end while no worker ran).
+    def begin_reading(self) -> None:
+        self.teaching.unmark()
+
+    def seen(self, entry: Entry) -> None:
+        if entry.mark & BACKEND_MASK and not entry.mark & JOIN:
+            self.teaching.mark(digest(entry.key))
+
+    def end_reading(self) -> None:
+        absent = {}
+        for flow_digest, token in self.teaching.unmarked():
+            if token in self.handed_over:
                 continue
-            self.absent[token] += 1
-            if self.absent[token] >= ABSENT_READINGS:
+            missed = self.absent.get(flow_digest, 0) + 1
+            if missed >= ABSENT_READINGS:
                 self.ended.append(token)
-                self._forget(token)
+                self.teaching.pop(flow_digest)
+            else:
+                absent[flow_digest] = missed
+        self.absent = absent
 
     def prune(self, now: float) -> None:
         while self.recent and now - next(iter(self.recent.values())) >= RECENT_SECONDS:
@@ -246,15 +251,13 @@ def follow_conntrack(pipe, interval: float) -> None:
             return
 
     def full_reading():
-        live: set[bytes] = set()
-
         def entries():
             for entry in table.dump():
-                if entry.key in lifetimes.teaching:
-                    live.add(entry.key)
+                lifetimes.seen(entry)
                 yield entry
+        lifetimes.begin_reading()
         tally.reading(entries())
-        lifetimes.reading(live)
+        lifetimes.end_reading()
 
     threading.Thread(target=receive, name="watches", daemon=True).start()
     next_reading = next_turn = 0.0
@@ -267,7 +270,7 @@ def follow_conntrack(pipe, interval: float) -> None:
                 if isinstance(told, Watch):
                     lifetimes.watch(told.tokens, told.handed_over)
                 elif isinstance(told, Save):
-                    pipe.send(Saved(write_flows(told.path, told.identity, lifetimes.watched)))
+                    pipe.send(Saved(write_flows(told.path, told.identity, lifetimes.teaching.items())))
                 elif isinstance(told, Load):
                     lifetimes.restore(read_flows(told.path, told.identity) or [])
                     next_reading = now
@@ -282,7 +285,7 @@ def follow_conntrack(pipe, interval: float) -> None:
                 next_turn = now + interval
                 lifetimes.asked(table.has)
                 lifetimes.prune(now)
-                counts = tally.counts(len(lifetimes.watched), readings, reading_s)
+                counts = tally.counts(len(lifetimes.teaching), readings, reading_s)
                 if counts != sent:
                     pipe.send(counts)
                     sent = counts

@@ -1,9 +1,10 @@
 """What a worker that stops gracefully leaves for the next one, so that a restart need not read the
 token map back: the kernel dumps a set's elements walking it from its start again for each
 message, which for a million tokens takes minutes. Two files in /run (gone at a reboot, as the
-kernel's table is): the tokens and their backends (the worker's), the connections that taught them
-(the conntrack follower's). Each is valid only for the table it was written for (its handle, the
-network namespace, the boot), and is read once and removed.
+kernel's table is): the tokens and their backends (the worker's), the connections that taught
+them (the conntrack follower's, as digests of their first flows). Each is valid only for the
+table it was written for (its handle, the network namespace, the boot), and is read once and
+removed.
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def write_tokens(path: Path, identity: str, entries: Iterable[tuple[int, int, fl
     return len(tokens)
 
 
-def read_tokens(path: Path, identity: str) -> list[tuple[int, int, float]] | None:
+def read_tokens(path: Path, identity: str) -> tuple[array, array, array] | None:
+    """The three arrays: tokens, values, seconds left (in the order written)."""
     found = _read(path.with_suffix(".tokens"), identity)
     if found is None:
         return None
@@ -76,26 +78,23 @@ def read_tokens(path: Path, identity: str) -> list[tuple[int, int, float]] | Non
     tokens, values, left = array("I"), array("I"), array("f")
     tokens.frombytes(rest[:4 * count]), values.frombytes(rest[4 * count:8 * count])
     left.frombytes(rest[8 * count:12 * count])
-    return list(zip(tokens, values, left))
+    return tokens, values, left
 
 
-def write_flows(path: Path, identity: str, watched: dict[int, bytes]) -> int:
-    """Each watched token and its connection's flow key (ctnetlink.flow_key: 12 or 36 bytes)."""
-    tokens, sizes = array("I", watched), array("B", map(len, watched.values()))
-    _write(path.with_suffix(".flows"), identity, [tokens.tobytes(), sizes.tobytes(), b"".join(watched.values())],
-           len(tokens))
+def write_flows(path: Path, identity: str, teaching: Iterable[tuple[int, int]]) -> int:
+    """(digest of the connection's first flow, token) of each watched connection (core.flowtokens)."""
+    digests, tokens = array("Q"), array("I")
+    for flow_digest, token in teaching:
+        digests.append(flow_digest), tokens.append(token)
+    _write(path.with_suffix(".flows"), identity, [digests.tobytes(), tokens.tobytes()], len(tokens))
     return len(tokens)
 
 
-def read_flows(path: Path, identity: str) -> list[tuple[int, bytes]] | None:
+def read_flows(path: Path, identity: str) -> list[tuple[int, int]] | None:
     found = _read(path.with_suffix(".flows"), identity)
     if found is None:
         return None
     count, rest = found
-    tokens, sizes = array("I"), array("B")
-    tokens.frombytes(rest[:4 * count]), sizes.frombytes(rest[4 * count:5 * count])
-    pairs, offset = [], 5 * count
-    for token, size in zip(tokens, sizes):
-        pairs.append((token, bytes(rest[offset:offset + size])))
-        offset += size
-    return pairs
+    digests, tokens = array("Q"), array("I")
+    digests.frombytes(rest[:8 * count]), tokens.frombytes(rest[8 * count:12 * count])
+    return list(zip(digests, tokens))

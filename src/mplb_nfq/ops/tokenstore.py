@@ -180,14 +180,14 @@ class TokenStore:
                 return write_tokens(*place, self.lasting(time.perf_counter()))
         return 0
 
-    def restore(self, entries: list[tuple[int, int, float]]) -> int:
-        """A restarted worker's token table from the snapshot the one before left (kernel.snapshot):
-        as `adopt`, without reading the map (its connections are the conntrack follower's to load)."""
+    def restore(self, kept: tuple) -> int:
+        """A restarted worker's token table from the snapshot the one before left (kernel.snapshot:
+        tokens, values, seconds left, oldest first as the core held them): as `adopt`, without
+        reading the map (its connections are the conntrack follower's to load)."""
         now, ttl = time.perf_counter(), self.balancer.tokens.ttl
-        entries.sort(key=lambda entry: entry[2])
-        for token, mark, left in entries:
+        for token, mark, left in zip(*kept):
             self.balancer.learn_token(token, mark, learned_at(now, ttl, left))
-        return len(entries)
+        return len(kept[0])
 
     def adopt(self) -> int:
         """A restarted worker rebuilds its token table from the kernel map it finds, and watches
