@@ -21,12 +21,13 @@ class FlowTokens:
         self._resize(max(16, 1 << (capacity - 1).bit_length()))
 
     def _resize(self, slots: int) -> None:
-        old = list(self.items()) if self._size else []
+        old = (self._digests, self._tokens) if self._size else ((), ())
         self._digests, self._tokens = array("Q", bytes(8 * slots)), array("I", bytes(4 * slots))
         self._seen = bytearray(slots)
         self._mask, self._size = slots - 1, 0
-        for flow, token in old:
-            self.put(flow, token)
+        for flow, token in zip(*old):
+            if flow != EMPTY:
+                self.put(flow, token)
 
     def __len__(self) -> int:
         return self._size

@@ -150,6 +150,7 @@ class Lifetimes:
         self.ended: list[int] = []
         self.here: list[int] = []
         self.elsewhere: list[int] = []
+        self.in_reading = False
 
     def watch(self, tokens: list[tuple[int, tuple]], handed_over: bool = False) -> None:
         for token, flow in tokens:
@@ -165,10 +166,11 @@ class Lifetimes:
 
     def restore(self, pairs: list[tuple[int, int]]) -> None:
         """(flow digest, token) pairs, as a snapshot kept them: any connection the next full
-        reading misses ended while no worker ran."""
+        reading misses ended while no worker ran (a reading under way may have passed it)."""
         for flow_digest, token in pairs:
             self.teaching.put(flow_digest, token)
-            self.absent[flow_digest] = ABSENT_READINGS - 1
+            if not self.in_reading:
+                self.absent[flow_digest] = ABSENT_READINGS - 1
 
     def event(self, entry: Entry, now: float) -> None:
         if entry.mark & JOIN:
@@ -204,12 +206,14 @@ class Lifetimes:
     # missed have ended (an event lost, or an end while no worker ran).
     def begin_reading(self) -> None:
         self.teaching.unmark()
+        self.in_reading = True
 
     def seen(self, entry: Entry) -> None:
         if entry.mark & BACKEND_MASK and not entry.mark & JOIN:
             self.teaching.mark(digest(entry.key))
 
     def end_reading(self) -> None:
+        self.in_reading = False
         absent = {}
         for flow_digest, token in self.teaching.unmarked():
             if token in self.handed_over:
@@ -250,10 +254,24 @@ def follow_conntrack(pipe, interval: float) -> None:
         except (EOFError, OSError):
             return
 
+    def take_incoming():
+        nonlocal reread
+        while not incoming.empty():
+            told = incoming.get()
+            if isinstance(told, Watch):
+                lifetimes.watch(told.tokens, told.handed_over)
+            elif isinstance(told, Save):
+                pipe.send(Saved(write_flows(told.path, told.identity, lifetimes.teaching.items())))
+            elif isinstance(told, Load):
+                lifetimes.restore(read_flows(told.path, told.identity) or [])
+                reread = True
+
     def full_reading():
-        def entries():
-            for entry in table.dump():
+        def entries():  # (a million take seconds: what the worker says meanwhile is taken on the way)
+            for count, entry in enumerate(table.dump()):
                 lifetimes.seen(entry)
+                if count % 4096 == 4095:
+                    take_incoming()
                 yield entry
         lifetimes.begin_reading()
         tally.reading(entries())
@@ -261,23 +279,17 @@ def follow_conntrack(pipe, interval: float) -> None:
 
     threading.Thread(target=receive, name="watches", daemon=True).start()
     next_reading = next_turn = 0.0
-    sent, readings, reading_s = None, 0, 0.0
+    sent, readings, reading_s, reread = None, 0, 0.0, False
     while True:
         try:
             now = time.monotonic()
-            while not incoming.empty():
-                told = incoming.get()
-                if isinstance(told, Watch):
-                    lifetimes.watch(told.tokens, told.handed_over)
-                elif isinstance(told, Save):
-                    pipe.send(Saved(write_flows(told.path, told.identity, lifetimes.teaching.items())))
-                elif isinstance(told, Load):
-                    lifetimes.restore(read_flows(told.path, told.identity) or [])
-                    next_reading = now
+            take_incoming()
             if now >= next_reading:
                 full_reading()
                 readings, reading_s = readings + 1, round(time.monotonic() - now, 3)
                 next_reading = now + max(READING_SECONDS, 20 * reading_s)
+            if reread:  # what a snapshot kept is checked at once
+                reread, next_reading = False, now
             for entry in events.events():
                 tally.event(entry)
                 lifetimes.event(entry, now)
