@@ -1,6 +1,6 @@
 """One balancer holding N live MPTCP connections: what its housekeeping costs at that scale.
 
-    .venv/bin/python bench/scale.py [--connections 1000000] [--json]
+    .venv/bin/python bench/scale.py [--connections 1000000] [--quick] [--json]
 
 The state of N connections is built on the kernel without opening N sockets: N conntrack entries
 created over ctnetlink (batched, with a backend's mark, in the LB's namespace of the lab's
@@ -197,7 +197,7 @@ def inside(topo, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def measure(n: int) -> dict:
+def measure(n: int, quick: bool = False) -> dict:
     from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
     from mplb_nfq.lab.netns import VIP, Topology
     from mplb_nfq.ops.control import request
@@ -245,18 +245,19 @@ def measure(n: int) -> dict:
                     break
                 time.sleep(0.5)
             results["follower"] = follower
+            rest = 1 if quick else 10
             cpu = cpu_seconds(pids)
-            time.sleep(10)
-            results["worker_cpu_at_rest"] = round((cpu_seconds(pids) - cpu) / 10, 3)
+            time.sleep(rest)
+            results["worker_cpu_at_rest"] = round((cpu_seconds(pids) - cpu) / rest, 3)
             tree = process_tree(worker.proc.pid)
             results["worker_rss_mb"] = round(memory_mb(tree, "Pss"), 1)
             results["worker_processes_pss_mb"] = sorted((round(memory_mb([p], "Pss"), 1) for p in tree), reverse=True)
             results["token_removal"] = inside(topo, "end", str(n), "mplb", VIP, str(PORT), str(ENDS_PER_SECOND),
-                                              str(END_SECONDS))
+                                              str(1 if quick else END_SECONDS))
             results["token_removal_p50_s"] = results["token_removal"]["p50_s"]
             results["token_removal_p99_s"] = results["token_removal"]["p99_s"]
             writes = []
-            for _ in range(3):
+            for _ in range(1 if quick else 3):
                 for command in ("drain", "undrain"):  # the loop's next turn writes the table: the status waits for it
                     started = time.perf_counter()
                     request(socket_path, command, backend="b1")
@@ -274,8 +275,9 @@ def measure(n: int) -> dict:
                 worker.stop(cleanup=True)
             topo.destroy()
             Path(CONNTRACK_MAX).write_text(str(old_max))
-    learn = subprocess.run([sys.executable, str(HERE / "learn_rate.py"), "100000"], capture_output=True, text=True)
-    results["tokens_per_cpu_second"] = json.loads(learn.stdout.splitlines()[-1]).get("tokens_per_cpu_second")
+    if not quick:
+        learn = subprocess.run([sys.executable, str(HERE / "learn_rate.py"), "100000"], capture_output=True, text=True)
+        results["tokens_per_cpu_second"] = json.loads(learn.stdout.splitlines()[-1]).get("tokens_per_cpu_second")
     return results
 
 
@@ -295,8 +297,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=1_000_000)
     parser.add_argument("--json", action="store_true", help="one JSON object, nothing else")
+    parser.add_argument("--quick", action="store_true", help="1 s of ends and of rest, one table write, no learning rate")
     options = parser.parse_args()
-    results = measure(options.connections)
+    results = measure(options.connections, options.quick)
     if options.json:
         print(json.dumps(results))
     else:

@@ -164,10 +164,10 @@ class Lifetimes:
             if handed_over:
                 self.handed_over[token] = [flow, flow_digest, 0]
 
-    def restore(self, pairs: list[tuple[int, int]]) -> None:
-        """(flow digest, token) pairs, as a snapshot kept them: any connection the next full
+    def restore(self, digests: Iterable[int], tokens: Iterable[int]) -> None:
+        """Flow digests and their tokens, as a snapshot kept them: any connection the next full
         reading misses ended while no worker ran (a reading under way may have passed it)."""
-        for flow_digest, token in pairs:
+        for flow_digest, token in zip(digests, tokens):
             self.teaching.put(flow_digest, token)
             if not self.in_reading:
                 self.absent[flow_digest] = ABSENT_READINGS - 1
@@ -255,7 +255,7 @@ def follow_conntrack(pipe, interval: float) -> None:
             return
 
     def take_incoming():
-        nonlocal reread
+        nonlocal reread, next_reading
         while not incoming.empty():
             told = incoming.get()
             if isinstance(told, Watch):
@@ -263,8 +263,11 @@ def follow_conntrack(pipe, interval: float) -> None:
             elif isinstance(told, Save):
                 pipe.send(Saved(write_flows(told.path, told.identity, lifetimes.teaching.items())))
             elif isinstance(told, Load):
-                lifetimes.restore(read_flows(told.path, told.identity) or [])
-                reread = True
+                lifetimes.restore(*(read_flows(told.path, told.identity) or ((), ())))
+                if lifetimes.in_reading:
+                    reread = True
+                else:
+                    next_reading = 0.0
 
     def full_reading():
         def entries():  # (a million take seconds: what the worker says meanwhile is taken on the way)

@@ -90,11 +90,12 @@ def write_flows(path: Path, identity: str, teaching: Iterable[tuple[int, int]]) 
     return len(tokens)
 
 
-def read_flows(path: Path, identity: str) -> list[tuple[int, int]] | None:
+def read_flows(path: Path, identity: str) -> tuple[array, array] | None:
+    """The two arrays: digests, tokens."""
     found = _read(path.with_suffix(".flows"), identity)
     if found is None:
         return None
     count, rest = found
     digests, tokens = array("Q"), array("I")
     digests.frombytes(rest[:8 * count]), tokens.frombytes(rest[8 * count:12 * count])
-    return list(zip(digests, tokens))
+    return digests, tokens
