@@ -375,7 +375,8 @@ def test_a_refused_adoption_writes_the_scheduler_tables_alone_or_leaves_them_to_
 
 
 def test_a_conntrack_entry_created_reads_back_as_its_flow_mark_and_state():
-    from mplb_nfq.kernel.ctnetlink import CREATED, CT_NEW, NLM_F_EXCL, create_message, entry_of, messages
+    from mplb_nfq.kernel.ctnetlink import CREATED, CT_NEW, NLM_F_EXCL, create_message, entry_of
+    from mplb_nfq.kernel.nfnetlink import messages
 
     for flow in [(bytes([10, 0, 0, 1]), 40000, bytes([10, 99, 0, 1]), 80),
                  (ipaddress.ip_address("fd00::1").packed, 1, ipaddress.ip_address("fd99::1").packed, 443)]:
@@ -389,7 +390,8 @@ def test_a_conntrack_entry_created_reads_back_as_its_flow_mark_and_state():
 
 def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_are_skipped():
     from mplb_nfq.kernel.ctnetlink import (CHANGED, CT_DELETE, CT_NEW, DESTROYED, NLM_F_CREATE, delete_message,
-                                           dump_message, entry_of, get_message, messages)
+                                           dump_message, entry_of, get_message)
+    from mplb_nfq.kernel.nfnetlink import messages
 
     flow = (bytes([10, 0, 0, 1]), 40000, bytes([10, 99, 0, 1]), 80)
     ((kind, _, _, body, _),) = messages(delete_message(flow, 1))

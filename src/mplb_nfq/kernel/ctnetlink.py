@@ -21,13 +21,11 @@ from .nfnetlink import (
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    NLMSG_HEADER,
     SOL_NETLINK,
     ATTRIBUTE,
     attribute,
     message,
+    messages,
 )
 from .nft import KernelError
 
@@ -183,19 +181,6 @@ def entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
         return None
     event = DESTROYED if kind == CT_DELETE else CREATED if flags & NLM_F_CREATE else CHANGED
     return Entry(flow, mark, state, event)
-
-
-def messages(data: bytes):
-    """(type, flags, seq, body, errno or None) of each netlink message in a datagram."""
-    offset = 0
-    while offset + NLMSG_HEADER.size <= len(data):
-        length, kind, flags, seq, _ = NLMSG_HEADER.unpack_from(data, offset)
-        if length < NLMSG_HEADER.size:
-            return
-        body = data[offset + NLMSG_HEADER.size:offset + length]
-        error = -struct.unpack_from("=i", body)[0] if kind == NLMSG_ERROR else (0 if kind == NLMSG_DONE else None)
-        yield kind, flags, seq, body, error
-        offset += length + (-length % 4)
 
 
 class Conntrack:

@@ -36,3 +36,17 @@ def walk(data: bytes, offset: int = 0):
 
 def attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
     return dict(walk(data, offset))
+
+
+def messages(data: bytes):
+    """(type, flags, seq, body, errno or None) of each netlink message in a datagram: errno 0 for
+    an acknowledgement or a dump's end."""
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, kind, flags, seq, _ = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size:
+            return
+        body = data[offset + NLMSG_HEADER.size:offset + length]
+        error = -struct.unpack_from("=i", body)[0] if kind == NLMSG_ERROR else (0 if kind == NLMSG_DONE else None)
+        yield kind, flags, seq, body, error
+        offset += length + (-length % 4)

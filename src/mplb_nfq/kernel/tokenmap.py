@@ -27,11 +27,11 @@ from .nfnetlink import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
-    NLMSG_HEADER,
     SOL_NETLINK,
     attribute,
     attributes,
     message,
+    messages,
     walk,
 )
 from .nft import KernelError
@@ -226,14 +226,8 @@ class Nfnetlink:
                     return
 
     def _messages(self):
-        reply = self.sock.recv(1 << 16)
-        offset = 0
-        while offset + NLMSG_HEADER.size <= len(reply):
-            length, kind, _, seq, _ = NLMSG_HEADER.unpack_from(reply, offset)
-            body = reply[offset + NLMSG_HEADER.size:offset + length]
-            error = -struct.unpack_from("=i", body)[0] if kind == NLMSG_ERROR else (0 if kind == NLMSG_DONE else None)
+        for kind, _, seq, body, error in messages(self.sock.recv(1 << 16)):
             yield kind, body, error, seq
-            offset += max(length + (-length % 4), NLMSG_HEADER.size)
 
     def close(self) -> None:
         self.sock.close()
