@@ -165,6 +165,14 @@ def nstat_sum(topo: Topology, key: str) -> int:
     return sum(topo.nstat(name).get(key, 0) for name in topo.backend_names)
 
 
+def read_conntrack(topo: Topology) -> None:
+    """A full reading of the LB's conntrack, as `conntrack -L` makes one: the kernel destroys the
+    expired entries it passes (otherwise its garbage collector's next round does, up to a minute
+    later), and the follower hears of their end."""
+    topo.exec("lb", sys.executable, "-c", "from mplb_nfq.kernel.ctnetlink import Conntrack\n"
+                                          "for _ in Conntrack().dump(): pass")
+
+
 def tokens_in_map(topo: Topology) -> int:
     listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "tokens",
                                    capture_output=True).stdout)
@@ -184,7 +192,7 @@ def leftovers(topo: Topology) -> list[str]:
 
 def soak(minutes: float, rate: float) -> dict:
     seconds = minutes * 60
-    period = min(15.0, max(8.0, seconds / (2 * len(FAULTS))))
+    period = min(15.0, max(6.0, seconds / (2 * len(FAULTS))))  # a fault takes 3 s at most
     with Topology(backends=3, rate_mbit=100) as topo, tempfile.TemporaryDirectory(prefix="mplb-soak-") as tmp:
         state = Soak(topo, Path(tmp))
         for name in topo.backend_names:
@@ -216,7 +224,8 @@ def soak(minutes: float, rate: float) -> dict:
         wrong = judge.sync().wrong()
         judge.close()
         joins = nstat_sum(topo, "MPTcpExtMPJoinAckRx") - joins_before
-        drained = wait(lambda: tokens_in_map(topo) == 0, 60)  # closed connections leave conntrack, then the map
+        # closed connections leave conntrack, then the map
+        drained = wait(lambda: read_conntrack(topo) or tokens_in_map(topo) == 0, 60)
         tokens_left = tokens_in_map(topo)
         memory_end = state.rss_kib()
         state.memory_kib.append(memory_end)
