@@ -8,6 +8,7 @@ import logging
 
 from .core.settings import Config
 from .kernel.dataplane import Dataplane
+from .kernel.conntrack import start_reader
 from .kernel.routing import installed_backends
 from .kernel.snapshot import place, read_tokens
 from .ops.cluster_turn import ClusterTurn
@@ -36,6 +37,9 @@ def run(cfg: Config) -> int:
         dataplane.install(worker.balancer.lookup_tables())
         if not cfg.cluster:  # (a cluster's tokens are also its peers': they are read back from the map)
             worker.snapshot = place(cfg.table_name, dataplane.ruleset.outline().handle)
+        # forked while small: a fork shares the worker's pages, a million tokens among them, and
+        # Python's reference counts copy them into the child one by one (190 MB at a million)
+        worker.follower = start_reader(cfg.conntrack_interval)
         kept = read_tokens(*worker.snapshot) if worker.snapshot else None
         worker.restored = kept is not None
         adopted = worker.tokens.restore(kept) if worker.restored else worker.tokens.adopt()

@@ -48,6 +48,7 @@ class Worker:
         self.reload_requested = False
         # kernel.snapshot's (path, identity), for a graceful stop; restored: the tokens came from one
         self.snapshot, self.restored = None, False
+        self.follower = None  # (process, pipe), started before the tokens are adopted: see service.run
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
@@ -129,9 +130,9 @@ class Worker:
 
         plane, cfg, first, loop = self.plane, self.plane.cfg, parent is None, Loop()
         if first:
-            # The counter starts first: a child must not inherit the queue's socket, or a killed
+            # The follower starts first: a child must not inherit the queue's socket, or a killed
             # worker would leave the queue bound to nobody reading, and no bypass.
-            conntrack_reader, conntrack = start_reader(cfg.conntrack_interval)
+            conntrack_reader, conntrack = self.follower or start_reader(cfg.conntrack_interval)
             if self.restored:  # the connections the snapshot keeps are the follower's to read
                 conntrack.send(Load(*self.snapshot))
             loop.watch(conntrack.fileno(), lambda: self.from_conntrack(conntrack.recv()), pipe=True)
