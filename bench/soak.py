@@ -192,7 +192,7 @@ def leftovers(topo: Topology) -> list[str]:
 
 def soak(minutes: float, rate: float) -> dict:
     seconds = minutes * 60
-    period = min(15.0, max(6.0, seconds / (2 * len(FAULTS))))  # a fault takes 3 s at most
+    period = min(15.0, max(5.5, seconds / (2 * len(FAULTS))))  # a fault takes 3 s at most
     with Topology(backends=3, rate_mbit=100) as topo, tempfile.TemporaryDirectory(prefix="mplb-soak-") as tmp:
         state = Soak(topo, Path(tmp))
         for name in topo.backend_names:

@@ -1,4 +1,4 @@
-"""The soak under faults, its 48-second version (bench/soak.py): real fetches while the worker is
+"""The soak under faults, its 42-second version (bench/soak.py): real fetches while the worker is
 restarted and killed, reloads, drains, an outage and hostile bursts happen, each once."""
 import json
 import subprocess
@@ -12,11 +12,11 @@ SOAK = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
 
 
 def test_faults_break_no_connection_corrupts_no_byte_misroutes_no_join_and_leaves_nothing_behind():
-    done = subprocess.run([sys.executable, str(SOAK), "--minutes", "0.8", "--json"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(SOAK), "--minutes", "0.7", "--json"], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert report["attempted"] >= 240 and report["failed"] == 0, report
+    assert report["attempted"] >= 210 and report["failed"] == 0, report
     assert report["corrupted_bytes"] == 0 and report["bytes_received"] > 0
     assert set(report["faults_injected"]) == {"restart", "kill", "reload_weights", "reload_backends", "drain",
                                               "outage", "hostile"}

@@ -420,3 +420,12 @@ def test_a_graceful_stop_saves_every_token_with_what_is_not_watched_yet_and_a_re
     restarted = Worker(w.plane.cfg, KernelMaps())
     assert restarted.tokens.restore(snapshot.read_tokens(*place)) == 1
     assert restarted.balancer.tokens.get(tokens[0], time.perf_counter()) == 0x100
+
+
+def test_a_stop_whose_follower_is_gone_saves_nothing_and_stops(tmp_path):
+    class Gone:
+        def send(self, message):
+            raise BrokenPipeError
+
+    w = worker()
+    assert w.tokens.save((tmp_path / "mplb", "identity"), Gone()) == 0 and list(tmp_path.iterdir()) == []

@@ -168,16 +168,19 @@ class TokenStore:
         """At a graceful stop: the conntrack follower writes the connections it watches, then this
         worker the tokens it holds (kernel.snapshot); ends told meanwhile are applied first. The
         count of tokens saved (0: the follower did not answer, nothing is left to read back)."""
-        self.next_watch = 0.0
-        self.send_watches(follower)  # those not sent yet are saved with the rest
-        follower.send(Save(*place))
-        deadline = time.monotonic() + SAVE_SECONDS
-        while follower.poll(max(0.0, deadline - time.monotonic())):
-            told = follower.recv()
-            if isinstance(told, Ended):
-                self.ended(told.tokens)
-            elif isinstance(told, Saved):
-                return write_tokens(*place, self.lasting(time.perf_counter()))
+        try:
+            self.next_watch = 0.0
+            self.send_watches(follower)  # those not sent yet are saved with the rest
+            follower.send(Save(*place))
+            deadline = time.monotonic() + SAVE_SECONDS
+            while follower.poll(max(0.0, deadline - time.monotonic())):
+                told = follower.recv()
+                if isinstance(told, Ended):
+                    self.ended(told.tokens)
+                elif isinstance(told, Saved):
+                    return write_tokens(*place, self.lasting(time.perf_counter()))
+        except (EOFError, OSError):  # the follower is gone: the next worker reads the map back
+            pass
         return 0
 
     def restore(self, kept: tuple) -> int:
