@@ -35,8 +35,7 @@ def run(cfg: Config) -> int:
                dump=lambda: print(json.dumps({"event": "stats", **plane.report()}), flush=True))
     try:
         dataplane.install(worker.balancer.lookup_tables())
-        # (a cluster's tokens are also its peers'; other workers' watches in flight at a stop would be lost)
-        if not cfg.cluster and cfg.workers == 1:
+        if not cfg.cluster:  # (a cluster's tokens are also its peers': they are read back from the map)
             worker.snapshot = place(cfg.table_name, dataplane.ruleset.outline().handle)
         # forked while small: a fork shares the worker's pages, a million tokens among them, and
         # Python's reference counts copy them into the child one by one (190 MB at a million)

@@ -133,7 +133,8 @@ class Worker:
             # The follower starts first: a child must not inherit the queue's socket, or a killed
             # worker would leave the queue bound to nobody reading, and no bypass.
             conntrack_reader, conntrack = self.follower or start_reader(cfg.conntrack_interval)
-            conntrack.send(Load(*self.snapshot) if self.restored else Load())  # the tokens are adopted
+            if self.restored:  # the connections the snapshot keeps are the follower's to read
+                conntrack.send(Load(*self.snapshot))
             loop.watch(conntrack.fileno(), lambda: self.from_conntrack(conntrack.recv()), pipe=True)
             for i, other in enumerate(plane.fleet.pipes, 1):
                 loop.watch(other.fileno(), lambda other=other, i=i: self.from_other_worker(i, other.recv()), pipe=True)

@@ -4,7 +4,6 @@ then to correct what events cannot tell (counts of entries whose events were los
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import queue
 import select
@@ -26,7 +25,6 @@ LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 ABSENT_READINGS = 2  # a watched connection missing from this many full readings in a row is gone
 ABSENT_ASKS = 2  # a handed-over connection this balancer was asked for this many times is elsewhere
 RECENT_SECONDS = 30.0  # an ended connection is remembered this long, for a watch sent after its end
-RECENT_MOST = 200_000  # and at most this many (a flood's spoofed connections end too)
 READING_SECONDS = 300.0  # between full readings; longer if one takes more than a twentieth of this
 WATCH_WAIT = 0.05  # a watch sent is taken this soon
 
@@ -55,11 +53,9 @@ class Saved:
 
 @dataclass(frozen=True)
 class Load:
-    """From the worker, its tokens adopted: watch the connections a Save left at path (None: the
-    worker read the map back, or found none). The first full reading waits for it: begun before,
-    it would miss what the snapshot keeps and have to be made again."""
-    path: Path | None = None
-    identity: str = ""
+    """From the worker, restarted: watch the connections a Save left at path."""
+    path: Path
+    identity: str
 
 
 @dataclass(frozen=True)
@@ -154,6 +150,7 @@ class Lifetimes:
         self.ended: list[int] = []
         self.here: list[int] = []
         self.elsewhere: list[int] = []
+        self.in_reading = False
 
     def watch(self, tokens: list[tuple[int, tuple]], handed_over: bool = False) -> None:
         for token, flow in tokens:
@@ -162,32 +159,26 @@ class Lifetimes:
             if flow_digest in self.recent and not handed_over:  # its end came first
                 self.ended.append(token)
                 continue
-            before = self.teaching.get(flow_digest)
-            if before is not None and before != token:  # an earlier connection on the same four-tuple
-                self.ended.append(before)
             self.teaching.put(flow_digest, token)
             self.absent.pop(flow_digest, None)
             if handed_over:
                 self.handed_over[token] = [flow, flow_digest, 0]
 
     def restore(self, digests: Iterable[int], tokens: Iterable[int]) -> None:
-        """Flow digests and their tokens, as a snapshot kept them (before the first full reading):
-        any connection the next full reading misses ended while no worker ran."""
+        """Flow digests and their tokens, as a snapshot kept them: any connection the next full
+        reading misses ended while no worker ran (a reading under way may have passed it)."""
         for flow_digest, token in zip(digests, tokens):
             self.teaching.put(flow_digest, token)
-            self.absent[flow_digest] = ABSENT_READINGS - 1
+            if not self.in_reading:
+                self.absent[flow_digest] = ABSENT_READINGS - 1
 
     def event(self, entry: Entry, now: float) -> None:
-        if entry.mark & JOIN or not entry.mark & BACKEND_MASK:  # a subflow, or not a connection of ours
+        if entry.mark & JOIN:
             return
         flow_digest = digest(entry.key)
-        if entry.event == CREATED:  # a new connection on the four-tuple: a watch for it is no late one
-            self.recent.pop(flow_digest, None)
         if entry.event == DESTROYED:
             self.recent[flow_digest] = now
             self.recent.move_to_end(flow_digest)
-            if len(self.recent) > RECENT_MOST:
-                self.recent.popitem(last=False)
             token = self.teaching.pop(flow_digest)
             if token is not None:
                 self.absent.pop(flow_digest, None)
@@ -215,12 +206,14 @@ class Lifetimes:
     # missed have ended (an event lost, or an end while no worker ran).
     def begin_reading(self) -> None:
         self.teaching.unmark()
+        self.in_reading = True
 
     def seen(self, entry: Entry) -> None:
         if entry.mark & BACKEND_MASK and not entry.mark & JOIN:
             self.teaching.mark(digest(entry.key))
 
     def end_reading(self) -> None:
+        self.in_reading = False
         absent = {}
         for flow_digest, token in self.teaching.unmarked():
             if token in self.handed_over:
@@ -261,26 +254,20 @@ def follow_conntrack(pipe, interval: float) -> None:
         except (EOFError, OSError):
             return
 
-    def send_found():
-        ended, handed_over = lifetimes.take()
-        if ended:
-            pipe.send(Ended(ended))
-        if handed_over.here or handed_over.elsewhere:
-            pipe.send(handed_over)
-
     def take_incoming():
-        nonlocal next_reading
+        nonlocal reread, next_reading
         while not incoming.empty():
             told = incoming.get()
             if isinstance(told, Watch):
                 lifetimes.watch(told.tokens, told.handed_over)
-            elif isinstance(told, Save):  # the ends found meanwhile go first: the worker applies them
-                send_found()
+            elif isinstance(told, Save):
                 pipe.send(Saved(write_flows(told.path, told.identity, lifetimes.teaching.items())))
             elif isinstance(told, Load):
-                if told.path is not None:
-                    lifetimes.restore(*(read_flows(told.path, told.identity) or ((), ())))
-                next_reading = 0.0
+                lifetimes.restore(*(read_flows(told.path, told.identity) or ((), ())))
+                if lifetimes.in_reading:
+                    reread = True
+                else:
+                    next_reading = 0.0
 
     def full_reading():
         def entries():  # (a million take seconds: what the worker says meanwhile is taken on the way)
@@ -294,20 +281,21 @@ def follow_conntrack(pipe, interval: float) -> None:
         lifetimes.end_reading()
 
     threading.Thread(target=receive, name="watches", daemon=True).start()
-    next_reading, next_turn = math.inf, 0.0  # (until the worker's Load)
-    sent, readings, reading_s = None, 0, 0.0
+    next_reading = next_turn = 0.0
+    sent, readings, reading_s, reread = None, 0, 0.0, False
     while True:
         try:
             now = time.monotonic()
-            # events first: a four-tuple's old end and new start come before any watch of the new
-            for entry in events.events():
-                tally.event(entry)
-                lifetimes.event(entry, now)
             take_incoming()
             if now >= next_reading:
                 full_reading()
                 readings, reading_s = readings + 1, round(time.monotonic() - now, 3)
                 next_reading = now + max(READING_SECONDS, 20 * reading_s)
+            if reread:  # what a snapshot kept is checked at once
+                reread, next_reading = False, now
+            for entry in events.events():
+                tally.event(entry)
+                lifetimes.event(entry, now)
             if now >= next_turn:
                 next_turn = now + interval
                 lifetimes.asked(table.has)
@@ -316,7 +304,11 @@ def follow_conntrack(pipe, interval: float) -> None:
                 if counts != sent:
                     pipe.send(counts)
                     sent = counts
-            send_found()
+            ended, handed_over = lifetimes.take()
+            if ended:
+                pipe.send(Ended(ended))
+            if handed_over.here or handed_over.elsewhere:
+                pipe.send(handed_over)
         except (BrokenPipeError, EOFError):
             return
         except Exception as e:

@@ -127,12 +127,10 @@ def _flow_of(orig: bytes) -> tuple | None:
                     src = value
                 elif ikind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
                     dst = value
-            elif kind == CTA_TUPLE_PROTO:
-                if ikind == CTA_PROTO_NUM and value != bytes([socket.IPPROTO_TCP]):  # (UDP on the same ports)
-                    return None
-                if ikind == CTA_PROTO_SRC_PORT and ilength == 6:
+            elif kind == CTA_TUPLE_PROTO and ilength == 6:
+                if ikind == CTA_PROTO_SRC_PORT:
                     sport = _U16.unpack(value)[0]
-                elif ikind == CTA_PROTO_DST_PORT and ilength == 6:
+                elif ikind == CTA_PROTO_DST_PORT:
                     dport = _U16.unpack(value)[0]
             inner += ilength + (-ilength % 4)
         offset += length + (-length % 4)
@@ -162,7 +160,7 @@ def _state_of(protoinfo: bytes) -> int | None:
 
 def entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
     """The entry a ctnetlink message (its body after the netlink header) describes; None for a
-    message that is not an entry or not a TCP connection's."""
+    message that is not an entry or has no TCP/UDP original flow."""
     if kind not in (CT_NEW, CT_DELETE):
         return None
     flow, mark, state = None, 0, None
@@ -214,10 +212,10 @@ class Conntrack:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def events(self, most: int = 64) -> list[Entry]:
-        """The entries of the events waiting on the socket (`most` datagrams), without blocking."""
+    def events(self) -> list[Entry]:
+        """The entries of the events waiting on the socket, without blocking."""
         found = []
-        for _ in range(most):
+        while True:
             try:
                 data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -226,7 +224,6 @@ class Conntrack:
                 entry = entry_of(kind, flags, body)
                 if entry is not None:
                     found.append(entry)
-        return found
 
     def dump(self) -> Iterable[Entry]:
         """Every entry of the table, as the kernel reads it out."""

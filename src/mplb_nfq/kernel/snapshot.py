@@ -46,9 +46,9 @@ def _write(path: Path, identity: str, parts: list[bytes], count: int) -> None:
     partial.replace(path)
 
 
-def _read(path: Path, identity: str, size: int) -> tuple[int, memoryview] | None:
-    """(count, the rest: `size` bytes an entry), or None when there is no such snapshot, it is
-    another table's, or it is cut short; the file is removed either way."""
+def _read(path: Path, identity: str) -> tuple[int, memoryview] | None:
+    """(count, the rest), or None when there is no such snapshot or it is another table's; the
+    file is removed either way."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -57,9 +57,7 @@ def _read(path: Path, identity: str, size: int) -> tuple[int, memoryview] | None
     header = identity.encode() + b"\n"
     if not data.startswith(header) or len(data) < len(header) + 4:
         return None
-    count = _COUNT.unpack_from(data, len(header))[0]
-    rest = memoryview(data)[len(header) + 4:]
-    return (count, rest) if len(rest) == size * count else None
+    return _COUNT.unpack_from(data, len(header))[0], memoryview(data)[len(header) + 4:]
 
 
 def write_tokens(path: Path, identity: str, entries: Iterable[tuple[int, int, float]]) -> int:
@@ -73,7 +71,7 @@ def write_tokens(path: Path, identity: str, entries: Iterable[tuple[int, int, fl
 
 def read_tokens(path: Path, identity: str) -> tuple[array, array, array] | None:
     """The three arrays: tokens, values, seconds left (in the order written)."""
-    found = _read(path.with_suffix(".tokens"), identity, 12)
+    found = _read(path.with_suffix(".tokens"), identity)
     if found is None:
         return None
     count, rest = found
@@ -94,7 +92,7 @@ def write_flows(path: Path, identity: str, teaching: Iterable[tuple[int, int]]) 
 
 def read_flows(path: Path, identity: str) -> tuple[array, array] | None:
     """The two arrays: digests, tokens."""
-    found = _read(path.with_suffix(".flows"), identity, 12)
+    found = _read(path.with_suffix(".flows"), identity)
     if found is None:
         return None
     count, rest = found
