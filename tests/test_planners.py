@@ -389,14 +389,14 @@ def test_a_conntrack_entry_created_reads_back_as_its_flow_mark_and_state():
 
 
 def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_are_skipped():
-    from mplb_nfq.kernel.ctnetlink import (CHANGED, CT_DELETE, CT_NEW, DESTROYED, NLM_F_CREATE, delete_message,
-                                           dump_message, entry_of, get_message)
+    from mplb_nfq.kernel.ctnetlink import (CHANGED, CT_DELETE, CT_GET, CT_NEW, DESTROYED, NLM_F_CREATE, dump_message,
+                                           entry_of, flow_request)
     from mplb_nfq.kernel.nfnetlink import messages
 
     flow = (bytes([10, 0, 0, 1]), 40000, bytes([10, 99, 0, 1]), 80)
-    ((kind, _, _, body, _),) = messages(delete_message(flow, 1))
+    ((kind, _, _, body, _),) = messages(flow_request(CT_DELETE, flow, 1))
     assert kind == CT_DELETE and entry_of(kind, 0, body) == (flow, 0, None, DESTROYED)
-    ((kind, _, _, body, _),) = messages(get_message(flow, 2))
+    ((kind, _, _, body, _),) = messages(flow_request(CT_GET, flow, 2))
     assert entry_of(kind, 0, body) is None  # a request, not an entry
     assert entry_of(CT_NEW, 0, body) == (flow, 0, None, CHANGED)
     ((kind, flags, _, body, _),) = messages(dump_message(3))

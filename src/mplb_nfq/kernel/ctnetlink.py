@@ -94,14 +94,10 @@ def create_message(flow: tuple, mark: int, timeout: int, seq: int) -> bytes:
     return message(CT_NEW, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, seq, _family(flow), body)
 
 
-def delete_message(flow: tuple, seq: int) -> bytes:
+def flow_request(kind: int, flow: tuple, seq: int) -> bytes:
+    """A request about the entry of one original flow: CT_GET (look it up) or CT_DELETE."""
     src, sport, dst, dport = flow
-    return message(CT_DELETE, NLM_F_REQUEST, seq, _family(flow), _tuple(CTA_TUPLE_ORIG, src, sport, dst, dport))
-
-
-def get_message(flow: tuple, seq: int) -> bytes:
-    src, sport, dst, dport = flow
-    return message(CT_GET, NLM_F_REQUEST, seq, _family(flow), _tuple(CTA_TUPLE_ORIG, src, sport, dst, dport))
+    return message(kind, NLM_F_REQUEST, seq, _family(flow), _tuple(CTA_TUPLE_ORIG, src, sport, dst, dport))
 
 
 def dump_message(seq: int, family: int = socket.AF_UNSPEC) -> bytes:
@@ -245,7 +241,7 @@ class Conntrack:
     def has(self, flow: tuple) -> bool:
         """Whether the table has an entry of this original flow."""
         self.seq += 1
-        self.sock.send(get_message(flow, self.seq))
+        self.sock.send(flow_request(CT_GET, flow, self.seq))
         while True:
             for kind, _, seq, _, error in messages(self.sock.recv(1 << 16)):
                 if seq != self.seq:
@@ -299,7 +295,7 @@ class Conntrack:
         def built():
             for flow in flows:
                 self.seq += 1
-                yield delete_message(flow, self.seq)
+                yield flow_request(CT_DELETE, flow, self.seq)
         return self._send_all(built(), (errno.ENOENT,))
 
     def close(self) -> None:
