@@ -402,6 +402,11 @@ def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_a
     ((kind, flags, _, body, _),) = messages(dump_message(3))
     assert flags & NLM_F_DUMP == NLM_F_DUMP and entry_of(CT_NEW, NLM_F_CREATE, body) is None  # no flow
     assert entry_of(CT_NEW, 0, body[:4] + b"\x08\x00\x01\x80" + bytes(4)) is None  # a tuple with nothing in it
+    ((kind, _, _, body, _),) = messages(flow_request(CT_DELETE, flow, 4))
+    tcp = bytes([5, 0, 1, 0, socket.IPPROTO_TCP])  # CTA_PROTO_NUM
+    assert tcp in body
+    udp = body.replace(tcp, bytes([5, 0, 1, 0, socket.IPPROTO_UDP]))
+    assert entry_of(kind, 0, udp) is None  # a UDP entry on the same addresses and ports is not the connection's
 
 
 def test_a_chunk_of_tokens_with_the_longest_comments_fits_one_netlink_attribute():

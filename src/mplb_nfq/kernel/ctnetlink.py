@@ -105,7 +105,10 @@ def dump_message(seq: int, family: int = socket.AF_UNSPEC) -> bytes:
 
 
 def _flow_of(orig: bytes) -> tuple | None:
+    """The TCP flow of a tuple; None for any other protocol: a UDP entry on a watched
+    connection's addresses and ports must not end its token when it times out."""
     src = dst = sport = dport = None
+    tcp = False
     offset = 0
     while offset + 4 <= len(orig):
         length, kind = ATTRIBUTE.unpack_from(orig, offset)
@@ -123,6 +126,8 @@ def _flow_of(orig: bytes) -> tuple | None:
                     src = value
                 elif ikind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
                     dst = value
+            elif kind == CTA_TUPLE_PROTO and ikind == CTA_PROTO_NUM and ilength == 5:
+                tcp = value[0] == socket.IPPROTO_TCP
             elif kind == CTA_TUPLE_PROTO and ilength == 6:
                 if ikind == CTA_PROTO_SRC_PORT:
                     sport = _U16.unpack(value)[0]
@@ -130,7 +135,7 @@ def _flow_of(orig: bytes) -> tuple | None:
                     dport = _U16.unpack(value)[0]
             inner += ilength + (-ilength % 4)
         offset += length + (-length % 4)
-    if src is None or dst is None or sport is None or dport is None:
+    if not tcp or src is None or dst is None or sport is None or dport is None:
         return None
     return src, sport, dst, dport
 
@@ -156,7 +161,7 @@ def _state_of(protoinfo: bytes) -> int | None:
 
 def entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
     """The entry a ctnetlink message (its body after the netlink header) describes; None for a
-    message that is not an entry or has no TCP/UDP original flow."""
+    message that is not an entry or has no TCP original flow."""
     if kind not in (CT_NEW, CT_DELETE):
         return None
     flow, mark, state = None, 0, None
