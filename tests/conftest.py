@@ -65,5 +65,6 @@ def worker(topo, tmp_path):
     for w in started:
         if w.proc.poll() is None:
             w.stop()
+    for w in started:
         if not w.cleaned:  # killed, or stopped leaving its state: cleanup removes it
             topo.exec("lb", sys.executable, "-m", "mplb_nfq", "cleanup", "-c", str(w.config_path))

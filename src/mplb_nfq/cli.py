@@ -78,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
+    from .kernel.conntrack import FollowerLost
     from .ops.instance import AlreadyRunning
     from .service import run
 
     try:
         return run(load(args.config))
-    except AlreadyRunning as e:
+    except (AlreadyRunning, FollowerLost) as e:
         print(f"mplb-nfq: {e}", file=sys.stderr)
         return 1
 

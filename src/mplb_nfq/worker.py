@@ -10,7 +10,7 @@ from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import parse_ip
 from .core.settings import Config
 from .core.verdicts import Kind, Verdict
-from .kernel.conntrack import Counts, Ended, HandedOver, Load, Watch, start_reader
+from .kernel.conntrack import Counts, Ended, FollowerLost, HandedOver, Load, Watch, start_reader
 from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
@@ -135,7 +135,16 @@ class Worker:
             conntrack_reader, conntrack = self.follower or start_reader(cfg.conntrack_interval)
             if self.restored:  # the connections the snapshot keeps are the follower's to read
                 conntrack.send(Load(*self.snapshot))
-            loop.watch(conntrack.fileno(), lambda: self.from_conntrack(conntrack.recv()), pipe=True)
+
+            def from_follower():
+                try:
+                    message = conntrack.recv()
+                except (EOFError, OSError) as e:
+                    conntrack_reader.join(1)
+                    raise FollowerLost(conntrack_reader.exitcode) from e
+                self.from_conntrack(message)
+
+            loop.watch(conntrack.fileno(), from_follower)
             for i, other in enumerate(plane.fleet.pipes, 1):
                 loop.watch(other.fileno(), lambda other=other, i=i: self.from_other_worker(i, other.recv()), pipe=True)
         else:

@@ -317,6 +317,15 @@ def follow_conntrack(pipe, interval: float) -> None:
         select.select([events.sock], [], [], min(interval, WATCH_WAIT))
 
 
+class FollowerLost(Exception):
+    """The follower process is gone: tokens would no longer end with their connections."""
+
+    def __init__(self, exitcode: int | None):
+        super().__init__(f"the conntrack follower exited (code {exitcode}): without it no token ends with its "
+                         "connection; stopping, so that the service manager starts a worker that reads the "
+                         "token map back")
+
+
 def start_reader(interval: float):
     """The following process, and the worker's end of its pipe."""
     mine, theirs = multiprocessing.Pipe()

@@ -1,6 +1,6 @@
 """The worker's loop: the file descriptors it waits on and what each one's input runs, then the
-chores of every turn. A pipe to another process (a worker, the conntrack reader) that breaks is
-dropped, not fatal: that process went away; any other failure ends the loop."""
+chores of every turn. A pipe to another worker that breaks is dropped, not fatal: that process
+went away; any other failure ends the loop."""
 from __future__ import annotations
 
 import logging
