@@ -53,6 +53,21 @@ def test_a_watched_connection_ends_with_its_destroy_event_or_with_the_readings_t
     assert reading(lifetimes, FLOW, other) == [] and watched(lifetimes) == at((3, other), (5, FLOW))
 
 
+def test_ends_remembered_for_late_watches_are_only_marked_connections_and_at_most_a_budget(monkeypatch):
+    from mplb_nfq.kernel import conntrack
+
+    monkeypatch.setattr(conntrack, "RECENT_MAX", 3)
+    lifetimes = Lifetimes()
+    flows = [(FLOW[0], port, VIP, 80) for port in range(1, 6)]
+    lifetimes.event(Entry(flows[0], 0, None, DESTROYED), 0.0)  # no backend: taught nothing
+    for flow in flows[1:]:
+        lifetimes.event(Entry(flow, 0x101, None, DESTROYED), 0.0)
+    assert list(lifetimes.recent) == [digest(key(flow)) for flow in flows[2:]]  # the oldest went
+    lifetimes.watch([(1, flows[1]), (2, flows[4])])
+    assert lifetimes.take()[0] == [2]  # the late watch of a forgotten end waits for the readings
+    assert reading(lifetimes) == [] and reading(lifetimes) == [1]
+
+
 def test_conntrack_tally_counts_live_entries_per_backend_and_each_end_once():
     tally = Tally()
     other = (FLOW[0], 2, VIP, 80)

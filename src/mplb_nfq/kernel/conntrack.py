@@ -25,6 +25,9 @@ LIVE_TCP_STATES = range(1, 7)  # SYN_SENT .. LAST_ACK: not TIME_WAIT, not CLOSE
 ABSENT_READINGS = 2  # a watched connection missing from this many full readings in a row is gone
 ABSENT_ASKS = 2  # a handed-over connection this balancer was asked for this many times is elsewhere
 RECENT_SECONDS = 30.0  # an ended connection is remembered this long, for a watch sent after its end
+# and at most this many (a flood's entries end by the thousand a second): a watch comes within a
+# second or so; one that finds its end forgotten is ended by the full readings instead
+RECENT_MAX = 1 << 18
 READING_SECONDS = 300.0  # between full readings; longer if one takes more than a twentieth of this
 WATCH_WAIT = 0.05  # a watch sent is taken this soon
 
@@ -177,8 +180,11 @@ class Lifetimes:
             return
         flow_digest = digest(entry.key)
         if entry.event == DESTROYED:
-            self.recent[flow_digest] = now
-            self.recent.move_to_end(flow_digest)
+            if entry.mark & BACKEND_MASK:  # (only a connection with a backend teaches a token)
+                self.recent[flow_digest] = now
+                self.recent.move_to_end(flow_digest)
+                if len(self.recent) > RECENT_MAX:
+                    self.recent.popitem(last=False)
             token = self.teaching.pop(flow_digest)
             if token is not None:
                 self.absent.pop(flow_digest, None)
