@@ -138,5 +138,11 @@ def test_flow_tokens_behave_as_a_dict_through_collisions_wraparound_removals_and
     kept = list(model)[:len(model) // 2]
     assert all(table.mark(flow) for flow in kept) and not table.mark(12345 << 8)
     table.pop(kept[0])  # a removal moves entries back: their marks move with them
+    del model[kept[0]]
+    assert sorted(table.unmarked()) == sorted((f, t) for f, t in model.items() if f not in kept)
+    grown = {rng.randrange(1, 1 << 64): rng.randrange(1 << 32) for _ in range(4 * len(model))}
+    for flow, token in grown.items():  # watches during a reading: the table grows, marks stay
+        table.put(flow, token)
+    model.update(grown)
     assert sorted(table.unmarked()) == sorted((f, t) for f, t in model.items() if f not in kept)
     assert digest(b"\x0a\x00\x00\x01") == digest(b"\x0a\x00\x00\x01") != digest(b"\x0a\x00\x00\x02")

@@ -21,13 +21,15 @@ class FlowTokens:
         self._resize(max(16, 1 << (capacity - 1).bit_length()))
 
     def _resize(self, slots: int) -> None:
-        old = (self._digests, self._tokens) if self._size else ((), ())
+        old = (self._digests, self._tokens, self._seen) if self._size else ((), (), ())
         self._digests, self._tokens = array("Q", bytes(8 * slots)), array("I", bytes(4 * slots))
         self._seen = bytearray(slots)
         self._mask, self._size = slots - 1, 0
-        for flow, token in zip(*old):
+        for flow, token, seen in zip(*old):
             if flow != EMPTY:
                 self.put(flow, token)
+                if seen:  # (a reading under way keeps what it found)
+                    self.mark(flow)
 
     def __len__(self) -> int:
         return self._size
