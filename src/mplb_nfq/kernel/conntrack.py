@@ -162,6 +162,9 @@ class Lifetimes:
             if flow_digest in self.recent and not handed_over:  # its end came first
                 self.ended.append(token)
                 continue
+            before = self.teaching.get(flow_digest)
+            if before is not None and before != token:  # an earlier connection on the four-tuple, its end lost
+                self.ended.append(before)
             self.teaching.put(flow_digest, token)
             self.absent.pop(flow_digest, None)
             if handed_over:
@@ -179,7 +182,9 @@ class Lifetimes:
         if entry.mark & JOIN:
             return
         flow_digest = digest(entry.key)
-        if entry.event == DESTROYED:
+        if entry.event == CREATED:  # a new connection on the four-tuple: a watch for it is no late one
+            self.recent.pop(flow_digest, None)
+        elif entry.event == DESTROYED:
             if entry.mark & BACKEND_MASK:  # (only a connection with a backend teaches a token)
                 self.recent[flow_digest] = now
                 self.recent.move_to_end(flow_digest)
@@ -292,6 +297,10 @@ def follow_conntrack(pipe, interval: float) -> None:
     while True:
         try:
             now = time.monotonic()
+            # events first: a four-tuple's old end and new start come before the new one's watch
+            for entry in events.events():
+                tally.event(entry)
+                lifetimes.event(entry, now)
             take_incoming()
             if now >= next_reading:
                 full_reading()
@@ -299,9 +308,6 @@ def follow_conntrack(pipe, interval: float) -> None:
                 next_reading = now + max(READING_SECONDS, 20 * reading_s)
             if reread:  # what a snapshot kept is checked at once
                 reread, next_reading = False, now
-            for entry in events.events():
-                tally.event(entry)
-                lifetimes.event(entry, now)
             if now >= next_turn:
                 next_turn = now + interval
                 lifetimes.asked(table.has)
