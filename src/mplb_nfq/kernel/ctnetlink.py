@@ -159,13 +159,36 @@ def _state_of(protoinfo: bytes) -> int | None:
     return None
 
 
+# An IPv4 TCP original tuple as the kernel lays it out, first in every entry it sends: the
+# attributes' headers at fixed offsets of the message body (after the 4 bytes of nfgenmsg). An
+# entry whose tuple matches is read by slicing (the follower reads several events a connection);
+# any other goes through the general walk.
+_HEADER = struct.Struct("=HH")
+_V4_ORIG_HEADERS = ((4, _HEADER.pack(52, CTA_TUPLE_ORIG | NLA_F_NESTED) + _HEADER.pack(20, CTA_TUPLE_IP | NLA_F_NESTED)
+                     + _HEADER.pack(8, CTA_IP_V4_SRC)),
+                    (20, _HEADER.pack(8, CTA_IP_V4_DST)),
+                    (28, _HEADER.pack(28, CTA_TUPLE_PROTO | NLA_F_NESTED) + _HEADER.pack(5, CTA_PROTO_NUM)),
+                    (40, _HEADER.pack(6, CTA_PROTO_SRC_PORT)),
+                    (48, _HEADER.pack(6, CTA_PROTO_DST_PORT)))
+
+
+def _v4_tcp_flow(body: bytes) -> tuple | None:
+    for at, header in _V4_ORIG_HEADERS:
+        if body[at:at + len(header)] != header:
+            return None
+    if body[36] != socket.IPPROTO_TCP:
+        return None
+    return body[16:20], _U16.unpack_from(body, 44)[0], body[24:28], _U16.unpack_from(body, 52)[0]
+
+
 def entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
     """The entry a ctnetlink message (its body after the netlink header) describes; None for a
     message that is not an entry or has no TCP original flow."""
     if kind not in (CT_NEW, CT_DELETE):
         return None
-    flow, mark, state = None, 0, None
-    offset = 4  # nfgenmsg
+    mark, state = 0, None
+    flow = _v4_tcp_flow(body)
+    offset = 4 if flow is None else 56  # nfgenmsg, or the original tuple too
     while offset + 4 <= len(body):
         length, attr = ATTRIBUTE.unpack_from(body, offset)
         if length < 4:
