@@ -1,6 +1,6 @@
 """The Grafana dashboard: the checked-in JSON is what its code writes; and, for real, a real
-Prometheus (Debian's) scrapes a worker carrying MPTCP traffic, and every panel query of the
-dashboard returns data through Prometheus' HTTP API."""
+Prometheus (Debian's) scrapes a worker carrying MPTCP traffic, every panel query of the
+dashboard returns data through Prometheus' HTTP API, and the alerting rules load and evaluate."""
 import json
 import shutil
 import subprocess
@@ -13,14 +13,19 @@ from netlab import KERNEL, MB, fetch
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 sys.path.insert(0, str(DEPLOY / "grafana"))
-QUERY = """import json, sys, urllib.parse, urllib.request
-url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": sys.argv[1]})
+API = """import sys, urllib.parse, urllib.request
+url = "http://127.0.0.1:9090/api/v1/" + sys.argv[1] + "?" + urllib.parse.urlencode(dict(zip(*[iter(sys.argv[2:])] * 2)))
 print(urllib.request.urlopen(url, timeout=5).read().decode())"""
 
 
-def query(topo, expr, role="lb"):
-    out = topo.exec(role, sys.executable, "-c", QUERY, expr, capture_output=True).stdout
+def api(topo, path, role="lb", **parameters):
+    out = topo.exec(role, sys.executable, "-c", API, path, *[x for kv in parameters.items() for x in kv],
+                    capture_output=True).stdout
     return json.loads(out)
+
+
+def query(topo, expr, role="lb"):
+    return api(topo, "query", role, query=expr)
 
 
 def test_the_checked_in_dashboard_is_what_its_code_writes():
@@ -56,6 +61,7 @@ def assert_panels_answer(topo, role, tmp_path, queries, traffic):
         pytest.skip("Debian's prometheus package is needed (./dev installs it)")
     scrape = (DEPLOY / "prometheus" / "prometheus.yml").read_text().replace("15s", "1s")
     (tmp_path / "prometheus.yml").write_text(scrape)
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
     prometheus = topo.popen(role, "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.listen-address=127.0.0.1:9090",
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
@@ -80,6 +86,8 @@ def assert_panels_answer(topo, role, tmp_path, queries, traffic):
         # scraped (a scrape may time out now and then on two loaded cores: its interval is 1 s)
         up = query(topo, 'max_over_time(up{job="mplb-nfq"}[10s])', role)["data"]["result"]
         assert up and up[0]["value"][1] == "1"
+        rules = [rule for group in api(topo, "rules", role)["data"]["groups"] for rule in group["rules"]]
+        assert len(rules) >= 10 and all(r["health"] == "ok" and r["type"] == "alerting" for r in rules), rules
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=10)

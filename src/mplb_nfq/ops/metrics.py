@@ -109,6 +109,10 @@ class WorkerCollector:
         tokens = GaugeMetricFamily("mplb_tokens_tracked", "MPTCP tokens the worker holds (provisional ones too)")
         tokens.add_metric([], total.tokens)
         yield tokens
+        capacity = GaugeMetricFamily("mplb_token_capacity", "Tokens the worker and the kernel map hold at most "
+                                     "([limits] token_capacity): beyond, new connections' joins are not steered")
+        capacity.add_metric([], w.cfg.token_capacity)
+        yield capacity
         provisional = GaugeMetricFamily("mplb_tokens_provisional", "Tokens clients taught whose connections have "
                                         "not proven themselves yet (direct server return)")
         provisional.add_metric([], len(w.balancer.provisional))
@@ -193,12 +197,17 @@ def _cluster_metrics(peers, nft: dict[str, int]):
     moved.add_metric([], nft.get("subflow_shared", 0))
     same = GaugeMetricFamily("mplb_cluster_peer_config_same", "1 when a peer's config decides as this one's",
                              labels=["peer"])
+    heard = GaugeMetricFamily("mplb_cluster_peers", "Peers whose heartbeat is in Redis (a silent one's expires)")
+    age = GaugeMetricFamily("mplb_cluster_peer_heartbeat_age_seconds", "Since a peer's last heartbeat",
+                            labels=["peer"])
+    heard.add_metric([], len(report["peers"]))
     for peer, beat in sorted(report["peers"].items()):
         same.add_metric([peer], int(beat["fingerprint"] == report["fingerprint"]))
+        age.add_metric([peer], beat["age_s"])
     delay = HistogramMetricFamily("mplb_cluster_propagation_seconds",
                                   "From a peer's learning to this balancer's kernel map")
     delay.add_metric([], peers.delays.cumulative(), peers.delays.sum)
-    yield from (redis, announced, outages, published, received, rejected, joins, moved, same, delay)
+    yield from (redis, announced, outages, published, received, rejected, joins, moved, same, heard, age, delay)
 
 
 def serve_metrics(plane, address: str) -> None:
