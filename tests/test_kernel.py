@@ -2,11 +2,9 @@
 in network namespaces made (and removed) here. Needs root."""
 import ipaddress
 import json
-import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import lab_topology
@@ -154,25 +152,6 @@ def test_with_the_worker_killed_a_join_whose_token_was_learned_is_still_steered_
     end = counters(topo)
     assert delta(download.before, end, "MPTcpExtMPJoinAckRx")[download.home] == 1
     assert wrong_joins(download.before, end) == NO_WRONG_JOINS
-
-
-def test_a_worker_whose_conntrack_follower_dies_stops_with_the_reason_and_the_next_one_reads_the_map_back(topo, worker):
-    """Without its follower no token would end with its connection: the worker stops (the service
-    manager starts another), and the data path stays meanwhile."""
-    w = worker("mplb")
-    with one_path_download(topo, 20 * MB) as download:
-        wait_for(lambda: token_map(topo), 5)
-        tokens = set(token_map(topo))
-        (follower,) = {int(child) for task in Path(f"/proc/{w.proc.pid}/task").iterdir()
-                       for child in (task / "children").read_text().split()}
-        os.kill(follower, signal.SIGKILL)
-        assert w.proc.wait(timeout=10) == 1
-        assert "the conntrack follower exited (code -9)" in w.log_path.read_text()
-        assert set(token_map(topo)) == tokens
-        restarted = worker("mplb")
-        assert (restarted.ready["adopted_from"], restarted.ready["adopted"]) == ("map", len(tokens))
-        result = json.loads(download.process.communicate(timeout=60)[0])
-    assert result["received"] == 20 * MB and result["intact"]
 
 
 def test_with_the_worker_killed_new_connections_are_still_spread_over_every_backend(topo, worker):

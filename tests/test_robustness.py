@@ -1,8 +1,11 @@
 """Robustness on the real kernel: worker restarts, malformed packets, token collisions, floods."""
+import json
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from netlab import (
@@ -15,6 +18,8 @@ from netlab import (
     fetch,
     inject,
     nft_counters,
+    one_path_download,
+    token_map,
     wait_for,
     worker_stats,
     wrong_joins,
@@ -146,3 +151,22 @@ def test_with_two_workers_a_join_ahead_of_its_token_is_held_until_the_kernel_map
     topo.exec("lb", "nft", f"add element inet mplb tokens {{ 0x5eed1234 timeout 60s : 0x{second | JOIN:08x} }}")
     wait_for(lambda: worker_stats(topo, w)["packets"].get("held_found") == 1, 4)
     assert delta(before, counters(topo), "MPTcpExtMPJoinSynRx") == dict(zip(topo.backend_names, (0, 1)))
+
+
+def test_a_worker_whose_conntrack_follower_dies_stops_with_the_reason_and_the_next_one_reads_the_map_back(topo, worker):
+    """Without its follower no token would end with its connection: the worker stops (the service
+    manager starts another), and the data path stays meanwhile."""
+    w = worker("mplb")
+    with one_path_download(topo, 20 * MB) as download:
+        wait_for(lambda: token_map(topo), 5)
+        tokens = set(token_map(topo))
+        (follower,) = {int(child) for task in Path(f"/proc/{w.proc.pid}/task").iterdir()
+                       for child in (task / "children").read_text().split()}
+        os.kill(follower, signal.SIGKILL)
+        assert w.proc.wait(timeout=10) == 1
+        assert "the conntrack follower exited (code -9)" in w.log_path.read_text()
+        assert set(token_map(topo)) == tokens
+        restarted = worker("mplb")
+        assert (restarted.ready["adopted_from"], restarted.ready["adopted"]) == ("map", len(tokens))
+        result = json.loads(download.process.communicate(timeout=60)[0])
+    assert result["received"] == 20 * MB and result["intact"]
