@@ -53,9 +53,9 @@ class Cluster:
                 w.stop()
 
 
-def build_cluster(run_dir, tls=False):
+def build_cluster(run_dir, tls=False, redis="single"):
     """Two balancers, each with its worker, both announced; the judge on the backends."""
-    topo = ClusterTopology(backends=2, balancers=2, run_dir=run_dir, tls=tls)
+    topo = ClusterTopology(backends=2, balancers=2, run_dir=run_dir, tls=tls, redis=redis)
     topo.build()
     c = Cluster(topo, run_dir)
     try:
@@ -95,6 +95,12 @@ def cluster(shared_cluster):
 def own_cluster(tmp_path):
     """A cluster of the test's own (two balancers), for a test that breaks it."""
     yield from build_cluster(tmp_path)
+
+
+@pytest.fixture
+def sentinel_cluster(tmp_path):
+    """A cluster of the test's own whose Redis is a primary and a replica under three sentinels."""
+    yield from build_cluster(tmp_path, redis="sentinel")
 
 
 def wrong_joins(topo) -> dict[str, int]:
@@ -270,6 +276,26 @@ def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_aga
     assert cluster.crossed() > crossed, "no join crossed balancers after Redis came back"
     assert wrong_joins(topo) == wrong
     assert cluster.status("lb1")["outages"] >= 1
+
+
+def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_joins_are_steered_again(
+        sentinel_cluster):
+    """The sentinels promote the replica; each balancer's link finds it through them, publishes
+    again what it holds (the replica may have missed the last writes) and follows its peers' streams
+    from the last entry it read. No transfer breaks, no join goes astray."""
+    cluster, topo = sentinel_cluster, sentinel_cluster.topo
+    wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
+    with transfers_intact(topo, "the Redis primary was killed"):
+        killed = topo.kill_redis_primary()
+        wait_for(lambda: topo.primary_port() != killed, 15)
+        wait_for(lambda: all(cluster.status(r)["outages"] >= 1 and cluster.status(r)["redis"] == "connected"
+                             for r in topo.balancer_names), 20)
+    wrong, crossed = wrong_joins(topo), cluster.crossed()
+    downloads(topo, 12, MB)
+    assert cluster.crossed() > crossed, "no join crossed balancers through the new primary"
+    assert wrong_joins(topo) == wrong
+    topo.restart_redis_node(killed)  # back as a replica of the new primary
+    wait_for(topo.sentinels_ready, 15)
 
 
 def test_every_cluster_panel_of_the_dashboard_returns_data_from_a_real_prometheus(cluster, tmp_path):

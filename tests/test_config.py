@@ -185,6 +185,18 @@ def test_a_cluster_reads_its_password_from_a_file_and_never_shows_it(tmp_path):
     assert from_dict(data, "x").cluster.username == "lb1"  # each balancer its own Redis user
 
 
+def test_a_cluster_may_name_a_sentinel_set_whose_primary_the_link_follows(tmp_path):
+    from mplb_nfq.core.settings import SentinelSet, sentinel_set
+
+    address = "sentinel://10.0.9.250:26379,[fd00:9::fa]:26380,redis-3.example:26381/mplb/2"
+    cfg = from_dict(cluster_config(tmp_path, redis=address), "x")
+    assert sentinel_set(cfg.cluster.redis) == SentinelSet(
+        (("10.0.9.250", 26379), ("fd00:9::fa", 26380), ("redis-3.example", 26381)), "mplb", 2, False)
+    cfg = from_dict(cluster_config(tmp_path, redis="sentinels://h:26379/mplb", tls_ca="/etc/hostname"), "x")
+    assert sentinel_set(cfg.cluster.redis).tls and cfg.cluster.tls_ca == "/etc/hostname"
+    assert sentinel_set("redis://h:6379/0") is None
+
+
 def test_every_default_the_reader_gives_is_the_data_models():
     """token_timeout was 7,200 s in the data model and 5 days in the reader."""
     from mplb_nfq.core.settings import Config, HealthConfig
@@ -198,6 +210,10 @@ def test_every_default_the_reader_gives_is_the_data_models():
 @pytest.mark.parametrize("change, key, reason", [
     ({"redis": "redis://:pw@10.0.9.250:6379"}, "cluster.redis", "no credentials in it"),
     ({"redis": "http://10.0.9.250"}, "cluster.redis", "must be redis://"),
+    ({"redis": "sentinel://10.0.9.250:26379"}, "cluster.redis", "sentinel://HOST:PORT[,HOST:PORT...]/SERVICE"),
+    ({"redis": "sentinel://10.0.9.250:99999/mplb"}, "cluster.redis", "Sentinel set"),
+    ({"redis": "sentinel://u:pw@10.0.9.250:26379/mplb"}, "cluster.redis", "no credentials in it"),
+    ({"redis": "sentinel://h:26379/mplb", "tls_ca": "/etc/hostname"}, "cluster.tls_ca", "sentinels:// (TLS)"),
     ({"password_file": "relative"}, "cluster.password_file", "never talks to an open Redis"),
     ({"password_file": "/nonexistent/pw"}, "cluster.password_file", "cannot read"),
     ({"tls_ca": "/etc/hostname"}, "cluster.tls_ca", "only with a rediss://"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -68,13 +69,46 @@ class ClusterConfig:
     """Balancers behind ECMP that share what they learn through Redis."""
     name: str  # the cluster's key prefix in Redis: balancers of one cluster share it
     balancer: str  # this balancer's name, unique in the cluster
-    redis: str  # redis://HOST:PORT/DB, rediss:// (TLS) or unix:///PATH
+    redis: str  # redis://HOST:PORT/DB, rediss:// (TLS), unix:///PATH, or sentinel[s]://HOST:PORT,.../SERVICE/DB
     username: str | None = None  # the ACL user (the reader's default: the balancer's name); None: Redis's default user
     password: str = field(default="", repr=False)  # read from password_file
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     announce_device: str | None = ANNOUNCE_DEVICE  # None: no announcement
+
+
+@dataclass(frozen=True)
+class SentinelSet:
+    """A Redis primary that Sentinel watches and fails over: where the sentinels listen, the
+    primary's service name, the database; tls: sentinels:// (the sentinels and the data nodes)."""
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    tls: bool = False
+
+
+SENTINEL_ADDRESS = re.compile(r"(?P<scheme>sentinels?)://(?P<hosts>[^/@\s]+)/(?P<service>[A-Za-z0-9_.-]+)(/(?P<db>\d+))?")
+SENTINEL_HOST = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})")
+
+
+def sentinel_set(address: str) -> SentinelSet | None:
+    """The Sentinel set a sentinel:// or sentinels:// address names; None for any other address,
+    or one whose hosts are not HOST:PORT."""
+    found = SENTINEL_ADDRESS.fullmatch(address)
+    if not found:
+        return None
+    hosts = []
+    for part in found["hosts"].split(","):
+        host = SENTINEL_HOST.fullmatch(part)
+        if not host or not 0 < int(host["port"]) < 65536:
+            return None
+        hosts.append((host["host"].strip("[]"), int(host["port"])))
+    return SentinelSet(tuple(hosts), found["service"], int(found["db"] or 0), found["scheme"] == "sentinels")
+
+
+def uses_tls(address: str) -> bool:
+    return address.startswith(("rediss://", "sentinels://"))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ hashed on L4 (fib_multipath_hash_policy=1); each balancer runs BIRD, which annou
 the worker's announcement device is up. The backends answer the client through the router (direct
 server return). Redis lives in a namespace of its own: nothing for the default user, one ACL user
 per balancer (lb1..lb8, each with its own password) who may read the cluster's keys and write
-only its own, as deploy/cluster/redis-acl.conf sets it up. Everything is a real process, started here and stopped by destroy().
+only its own, as deploy/cluster/redis-acl.conf sets it up. With redis="sentinel", a primary and a
+replica watched by three sentinels (quorum 2, a primary down after 1 s), as deploy/cluster's
+Sentinel files set them up; the balancers find the primary through the sentinels. Everything is
+a real process, started here and stopped by destroy().
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ from .netns import BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, VIP6, Topology, b
 ROUTER_ON_SWITCH, ROUTER_ON_SWITCH6 = "10.0.9.1", "fd00:9::1"
 STORE = "10.0.9.250"
 REDIS_PORT = 6379
+REPLICA_PORT = 6380
+SENTINEL_PORTS = (26379, 26380, 26381)
+SENTINEL_SERVICE = "mplb"
 ROUTER_AS, BALANCER_AS = 65000, 65001
 ANNOUNCE_DEVICE = "mplb-announce"
 MAX_BALANCERS = 8
@@ -34,6 +40,30 @@ def redis_user(balancer: str, password: str, cluster: str) -> str:
     own = " ".join(f"~mplb:{cluster}:lb:{balancer}:{kind}" for kind in Keys.KINDS)
     return (f"user {balancer} on >{password} resetkeys %R~mplb:{cluster}:* {own} "
             f"resetchannels -@all +@read +@write +@connection +select -@dangerous")
+
+
+def sentinel_data_users(passwords: dict[str, str]) -> str:
+    """On every data node of a Sentinel set: the user replicas connect as, and the one the
+    sentinels watch and reconfigure it as (Redis's documented least rights for each)."""
+    return "\n".join([f"user replica on >{passwords['replica']} +psync +replconf +ping",
+                      f"user sentinel on >{passwords['sentinel']} allchannels +multi +slaveof +ping +exec "
+                      "+subscribe +config|rewrite +role +publish +info +client|setname +client|kill +script|kill"])
+
+
+def sentinel_config(bind: str, port: int, service: str, primary: str, primary_port: int,
+                    internal: dict[str, str], balancers: dict[str, str], directory: Path) -> str:
+    """A sentinel watching `service`'s primary: quorum 2 of 3, down after 1 s of silence; the
+    balancers' users may only ask it where the primary is; sentinels talk to each other as their
+    own user."""
+    asking = "-@all +sentinel|masters +sentinel|get-master-addr-by-name +sentinel|replicas +sentinel|slaves " \
+             "+sentinel|sentinels +ping +auth +hello +client|setname"
+    return "\n".join([f"bind {bind}", f"port {port}", f"dir {directory}",
+                      f"sentinel monitor {service} {primary} {primary_port} 2",
+                      f"sentinel down-after-milliseconds {service} 1000", f"sentinel failover-timeout {service} 5000",
+                      f"sentinel auth-user {service} sentinel", f"sentinel auth-pass {service} {internal['sentinel']}",
+                      "user default off", f"user sentinel on >{internal['sentinel']} +@all",
+                      "sentinel sentinel-user sentinel", f"sentinel sentinel-pass {internal['sentinel']}",
+                      *(f"user {role} on >{password} {asking}" for role, password in balancers.items())]) + "\n"
 
 
 def balancer_address(k: int, version: int = 4) -> str:
@@ -98,6 +128,9 @@ class ClusterTopology(Topology):
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     added: set = field(default_factory=set)  # balancers added after the build
     tls: bool = False  # Redis only over TLS, its certificate from a CA of the run's own
+    redis: str = "single"  # or "sentinel": a primary, a replica and three sentinels
+    internal_passwords: dict[str, str] = field(default_factory=lambda: {
+        user: secrets.token_hex(16) for user in ("replica", "sentinel")})
 
     @property
     def namespaces(self) -> list[str]:
@@ -208,38 +241,103 @@ class ClusterTopology(Topology):
         """The router withdraws the balancer at once (BIRD closes its BGP session on the way out)."""
         self._stop(f"bird-{role}")
 
-    def redis_config(self) -> str:
-        listen = [f"port {REDIS_PORT}"]
+    def redis_config(self, port: int = REDIS_PORT, replica_of: int | None = None) -> str:
+        listen = [f"port {port}"]
         if self.tls:
             ca, cert, key = make_certificates(self.run_dir)
-            listen = ["port 0", f"tls-port {REDIS_PORT}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+            listen = ["port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}",
                       f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
+        replication = [f"replicaof {STORE} {replica_of}"] if replica_of else []
+        if self.redis == "sentinel":  # any node may be the primary after a failover
+            replication += ["masteruser replica", f"masterauth {self.internal_passwords['replica']}",
+                            sentinel_data_users(self.internal_passwords)]
         return "\n".join([f"bind {STORE}", *listen, 'save ""', "appendonly no", "protected-mode yes",
-                          f"dir {self.run_dir}", "user default off",
+                          f"dir {self.run_dir}", "user default off", *replication,
                           *(redis_user(role, password, "*") for role, password in self.redis_passwords.items())]) + "\n"
 
-    def redis_cli(self, user: str = "lb1") -> list[str]:
+    def sentinel_config(self, port: int) -> str:
+        return sentinel_config(STORE, port, SENTINEL_SERVICE, STORE, REDIS_PORT, self.internal_passwords,
+                               self.redis_passwords, self.run_dir)
+
+    def redis_cli(self, user: str = "lb1", port: int | None = None) -> list[str]:
+        """redis-cli as a balancer's user, to the primary (the sentinels say which it is)."""
         tls = ["--tls", "--cacert", str(self.run_dir / "ca.pem")] if self.tls else []
-        return ["redis-cli", "-h", STORE, "-p", str(REDIS_PORT), *tls, "--user", user, "--pass",
+        return ["redis-cli", "-h", STORE, "-p", str(port or self.primary_port()), *tls, "--user", user, "--pass",
                 self.redis_passwords[user], "--no-auth-warning"]
 
-    def start_redis(self) -> None:
-        conf = self.run_dir / "redis.conf"
-        conf.write_text(self.redis_config())
+    def primary_port(self) -> int:
+        if self.redis != "sentinel":
+            return REDIS_PORT
+        for port in SENTINEL_PORTS:
+            asked = self.exec("store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "lb1", "--pass",
+                              self.redis_passwords["lb1"], "--no-auth-warning", "sentinel",
+                              "get-master-addr-by-name", SENTINEL_SERVICE, capture_output=True, check=False)
+            answer = asked.stdout.split()
+            if len(answer) == 2:
+                return int(answer[1])
+        raise RuntimeError("no sentinel names a primary")
+
+    def _start_node(self, name: str, conf_text: str, *args: str) -> None:
+        conf = self.run_dir / f"{name}.conf"
+        conf.write_text(conf_text)
         conf.chmod(0o600)
-        self.processes["redis"] = self.popen("store", "redis-server", str(conf), stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        self.processes[name] = self.popen("store", "redis-server", str(conf), *args, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+
+    def _wait(self, what: str, ready) -> None:
+        deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            ping = subprocess.run(["ip", "netns", "exec", self.ns("store"), *self.redis_cli(), "ping"],
-                                  capture_output=True, text=True)
-            if ping.stdout.strip() == "PONG":
+            if ready():
                 return
             time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"{what} did not start")
+
+    def _pings(self, port: int) -> bool:
+        ping = subprocess.run(["ip", "netns", "exec", self.ns("store"), *self.redis_cli(port=port), "ping"],
+                              capture_output=True, text=True)
+        return ping.stdout.strip() == "PONG"
+
+    def start_redis(self) -> None:
+        if self.redis == "single":
+            self._start_node("redis", self.redis_config())
+            self._wait("redis-server", lambda: self._pings(REDIS_PORT))
+            return
+        if self.tls:
+            raise ValueError("the lab runs Sentinel without TLS")
+        self._start_node(f"redis-{REDIS_PORT}", self.redis_config(REDIS_PORT))
+        self._start_node(f"redis-{REPLICA_PORT}", self.redis_config(REPLICA_PORT, replica_of=REDIS_PORT))
+        self._wait("redis-server", lambda: self._pings(REDIS_PORT) and self._pings(REPLICA_PORT))
+        for port in SENTINEL_PORTS:
+            self._start_node(f"sentinel-{port}", self.sentinel_config(port), "--sentinel")
+        self._wait("redis-sentinel", self.sentinels_ready)
+
+    def sentinels_ready(self) -> bool:
+        """Each sentinel knows the primary, its replica and the two other sentinels."""
+        for port in SENTINEL_PORTS:
+            asked = self.exec("store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "lb1", "--pass",
+                              self.redis_passwords["lb1"], "--no-auth-warning", "sentinel", "masters",
+                              capture_output=True, check=False).stdout.split()
+            fields = dict(zip(asked[::2], asked[1::2]))
+            if fields.get("num-slaves") != "1" or fields.get("num-other-sentinels") != "2":
+                return False
+        return True
+
+    def kill_redis_primary(self) -> int:
+        """SIGKILL the primary, as a crash would; its port. The sentinels promote the replica."""
+        port = self.primary_port()
+        process = self.processes.pop(f"redis-{port}")
+        process.kill()
+        process.wait()
+        return port
+
+    def restart_redis_node(self, port: int) -> None:
+        """A node killed earlier, back (the sentinels make it a replica of the new primary)."""
+        self._start_node(f"redis-{port}", self.redis_config(port))
+        self._wait("redis-server", lambda: self._pings(port))
 
     def stop_redis(self) -> None:
-        self._stop("redis")
+        for name in [n for n in self.processes if n == "redis" or n.startswith(("redis-", "sentinel-"))]:
+            self._stop(name)
 
     def _stop(self, name: str) -> None:
         process = self.processes.pop(name, None)
@@ -260,8 +358,10 @@ class ClusterTopology(Topology):
     def cluster_config(self, role: str, name: str) -> str:
         """The [cluster] table of balancer `role`'s config."""
         scheme, ca = ("rediss", [f'tls_ca = "{self.run_dir / "ca.pem"}"']) if self.tls else ("redis", [])
+        address = f"{scheme}://{STORE}:{REDIS_PORT}/0" if self.redis == "single" else \
+            "sentinel://" + ",".join(f"{STORE}:{port}" for port in SENTINEL_PORTS) + f"/{SENTINEL_SERVICE}/0"
         return "\n".join(["[cluster]", f'name = "{name}"', f'balancer = "{role}"',
-                          f'redis = "{scheme}://{STORE}:{REDIS_PORT}/0"', *ca, f'username = "{role}"',
+                          f'redis = "{address}"', *ca, f'username = "{role}"',
                           f'password_file = "{self.password_file(role)}"', f'announce_device = "{ANNOUNCE_DEVICE}"']) + "\n"
 
     def wait_announced(self, count: int, timeout: float = 30.0) -> None:

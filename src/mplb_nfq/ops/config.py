@@ -22,6 +22,8 @@ from ..core.settings import (
     ConfigError,
     HealthConfig,
     ServiceConfig,
+    sentinel_set,
+    uses_tls,
 )
 
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
@@ -212,9 +214,11 @@ def _cluster(path: str, table, services: list[ServiceConfig], workers: int) -> C
             raise ConfigError(path, f"services[{i}].direct_return", "a cluster needs direct server return: "
                               "a reply cannot be counted on to pass the balancer its connection came through")
     url = r.table.get("redis")
-    if not isinstance(url, str) or not re.fullmatch(r"(rediss?://[^/@\s]+(/\d+)?|unix:///\S+)", url):
-        r.fail("redis", "must be redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] (TLS) or unix:///PATH, with no "
-                        f"credentials in it (they go in username and password_file), got {url!r}")
+    if not isinstance(url, str) or not (re.fullmatch(r"(rediss?://[^/@\s]+(/\d+)?|unix:///\S+)", url)
+                                        or sentinel_set(url)):
+        r.fail("redis", "must be redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] (TLS), unix:///PATH, or a "
+                        "Sentinel set: sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (sentinels:// with TLS), "
+                        f"with no credentials in it (they go in username and password_file), got {url!r}")
     password_path = r.table.get("password_file")
     if not isinstance(password_path, str) or not password_path.startswith("/"):
         r.fail("password_file", f"must be the absolute path of a file holding the Redis password (a cluster never "
@@ -230,8 +234,8 @@ def _cluster(path: str, table, services: list[ServiceConfig], workers: int) -> C
         value = r.table.get(key)
         if value is None:
             continue
-        if not url.startswith("rediss://"):
-            r.fail(key, "only with a rediss:// (TLS) address")
+        if not uses_tls(url):
+            r.fail(key, "only with a rediss:// or sentinels:// (TLS) address")
         if not isinstance(value, str) or not Path(value).is_file():
             r.fail(key, f"must be the path of a readable file, got {value!r}")
         files[key] = value

@@ -31,7 +31,7 @@ from ..core.news import (
     record_subflows,
     resume_from,
 )
-from ..core.settings import ClusterConfig
+from ..core.settings import ClusterConfig, sentinel_set, uses_tls
 from ..kernel.process import die_with_parent
 
 log = logging.getLogger("mplb_nfq.cluster")
@@ -102,7 +102,7 @@ def client_options(cfg: ClusterConfig) -> dict:
     counted as malformed rather than raised from inside redis-py."""
     options = {"username": cfg.username, "password": cfg.password, "decode_responses": True,
                "encoding_errors": "replace", "socket_timeout": 2, "socket_connect_timeout": 2}
-    if cfg.redis.startswith("rediss://"):
+    if uses_tls(cfg.redis):
         options["ssl_check_hostname"] = True
         options.update({k: v for k, v in (("ssl_ca_certs", cfg.tls_ca), ("ssl_certfile", cfg.tls_cert),
                                           ("ssl_keyfile", cfg.tls_key)) if v})
@@ -110,9 +110,21 @@ def client_options(cfg: ClusterConfig) -> dict:
 
 
 def connect(cfg: ClusterConfig):
+    """A client of the primary; with a Sentinel set, of the primary the sentinels name (asked
+    again at each reconnection: after a failover, the link's next attempt finds the new one)."""
     import redis
 
-    client = redis.Redis.from_url(cfg.redis, **client_options(cfg))
+    sentinels, options = sentinel_set(cfg.redis), client_options(cfg)
+    if sentinels is None:
+        client = redis.Redis.from_url(cfg.redis, **options)
+    else:
+        from redis.sentinel import Sentinel
+
+        if sentinels.tls:
+            options["ssl"] = True
+        asking = {k: v for k, v in options.items() if k not in ("decode_responses", "encoding_errors")}
+        client = Sentinel(sentinels.sentinels, sentinel_kwargs=asking, **options).master_for(sentinels.service,
+                                                                                             db=sentinels.db)
     client.ping()
     return client
 
