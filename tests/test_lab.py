@@ -91,17 +91,20 @@ def test_quick_lab_with_joins_to_the_ports_the_backends_announce(tmp_path):
     assert results["ratio"] >= 1.8, results["ratio"]
 
 
-def test_quick_lab_with_a_cluster_of_two_balancers_doubles_throughput_and_leaves_nothing_behind(tmp_path):
-    """Two balancers behind a router (BGP from BIRD, ECMP on L4), sharing tokens through Redis.
-    That joins cross balancers and each reaches its backend, test_cluster.py shows with 30 of them;
-    here, the lab's own run: its figures, its judge, and nothing left behind."""
+def test_quick_lab_with_three_balancers_and_sentinel_through_faults_doubles_throughput_and_leaves_nothing(tmp_path):
+    """Three balancers behind a router (BGP from BIRD, ECMP on L4), sharing tokens through Redis
+    under Sentinel; while two transfers run, the Redis primary is killed (its replica promoted), a
+    balancer's worker killed (and started again) and a backend's health checks fail and pass
+    again. The transfers arrive whole, the judge sees no join astray, and nothing is left behind."""
     before = set(leftover_namespaces())
-    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--balancers", "2", "--quick", "--json",
-                           "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--balancers", "3", "--redis", "sentinel",
+                           "--faults", "--quick", "--json", "--sizes", "20", "--repeat", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
-    assert results["balancers"] == 2 and results["joins_crossed"] >= 0
+    assert results["balancers"] == 3 and results["joins_crossed"] >= 0 and results["misrouted_joins"] == 0
+    assert (results["redis_failovers"], results["balancer_faults"], results["backend_flaps"]) == (1, 1, 1)
+    assert results["transfers_across_faults"] == 2
     assert results["ratio"] >= 1.8, results["ratio"]
     assert_judged(results, 2)
     for worker in results["modes"]["mplb"]["workers"].values():

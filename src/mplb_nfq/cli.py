@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tunnel", choices=("vxlan", "ipip"), help="backends behind a router, through tunnels (IPv4)")
     p.add_argument("--balancers", type=int, default=0,
                    help="a cluster of N balancers behind a router (BGP, ECMP), sharing tokens through Redis")
+    p.add_argument("--redis", choices=("single", "sentinel"), default="single",
+                   help="a cluster's Redis: one process, or a primary and a replica under three sentinels")
+    p.add_argument("--faults", action="store_true",
+                   help="a cluster's MPLB run: kill the Redis primary and a balancer, flap a backend, mid-transfer")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -213,8 +217,12 @@ def cmd_lab(args) -> int:
     if args.balancers and (args.family == "dual" or args.tunnel or args.joins != "token"):
         print("mplb-nfq lab: --balancers goes with IPv4 or IPv6, tokens and direct server return", file=sys.stderr)
         return 2
+    if (args.redis != "single" or args.faults) and not args.balancers:
+        print("mplb-nfq lab: --redis and --faults go with --balancers", file=sys.stderr)
+        return 2
     settings.family, settings.direct_return, settings.tunnel = args.family, args.dsr, args.tunnel
-    settings.joins, settings.balancers = args.joins, args.balancers
+    settings.joins, settings.balancers, settings.redis, settings.faults = args.joins, args.balancers, args.redis, \
+        args.faults
     return run_lab(settings, out_dir=args.out, as_json=args.json)
 
 

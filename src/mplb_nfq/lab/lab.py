@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .ecmp import ClusterTopology
+from .ecmp import ClusterTopology, balancer_address
 from .judge import Judge, difference
 from .netns import (
     CLIENT,
@@ -53,6 +53,8 @@ class LabSettings:
     tunnel: str | None = None  # vxlan or ipip: backends behind a router, each reached through a tunnel
     joins: str = "token"  # announced-port: each backend announces a join port of the VIP (C flag)
     balancers: int = 0  # N: a cluster of N balancers behind a router (BGP, ECMP), Redis shared; 0: one LB
+    redis: str = "single"  # a cluster's Redis: one process, or "sentinel" (a primary, a replica, three sentinels)
+    faults: bool = False  # a cluster's MPLB run: the Redis primary killed, a balancer killed, a backend flapping
 
     @classmethod
     def quick(cls, balancers: int = 0) -> "LabSettings":
@@ -161,7 +163,7 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
     with tempfile.TemporaryDirectory(prefix="mplb-lab-") as tmp:
         if settings.balancers:
             topo = ClusterTopology(backends=settings.backends, rate_mbit=settings.rate_mbit,
-                                   balancers=settings.balancers, run_dir=Path(tmp))
+                                   balancers=settings.balancers, run_dir=Path(tmp), redis=settings.redis)
         else:
             topo = Topology(backends=settings.backends, rate_mbit=settings.rate_mbit,
                             direct_return=settings.direct_return, tunnel=settings.tunnel)
@@ -195,6 +197,8 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
     if settings.balancers:
         results["balancers"] = settings.balancers
         results["joins_crossed"] = results["modes"]["mplb"]["joins_crossed"]
+        results["misrouted_joins"] = results["oracle"]["mplb"]["misrouted"]
+        results.update(results["modes"]["mplb"].get("faults", {}))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plotted = _plot(results, out / "lab.png")
     if as_json:
@@ -264,6 +268,7 @@ def _run_mode(topo: Topology, judge: Judge, mode: str, settings: LabSettings, tm
             workers.append(WorkerProcess(topo, config, out / log_name, role))
         if settings.balancers:
             topo.wait_announced(len(roles))
+        faults = _inject_faults(topo, workers, settings) if settings.faults and mode == "mplb" else None
         for _ in range(settings.repeat):
             for size in settings.sizes_mb:
                 fetch = topo.exec("client", sys.executable, "-m", "mplb_nfq.lab.transfer", "fetch",
@@ -292,7 +297,69 @@ def _run_mode(topo: Topology, judge: Judge, mode: str, settings: LabSettings, tm
         result["joins_crossed"] = sum(s.get("cluster", {}).get("joins_crossed", 0) for s in stats.values())
     else:
         result["worker"] = stats["lb"]
+    if faults:
+        result["faults"] = faults
     return result
+
+
+FLAP_BLOCK = """table inet mplb_lab_flap {{
+    chain input {{
+        type filter hook input priority 0;
+        ip saddr 10.0.9.2-10.0.9.9 tcp dport {port} tcp flags & (syn | ack) == syn drop
+    }}
+}}
+"""  # the balancers' health checks fail; clients' connections (from the client's addresses) go on
+
+
+def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings: LabSettings) -> dict:
+    """While transfers run (each must arrive whole): the Redis primary killed (with Sentinel: its
+    replica promoted; one Redis: restarted, empty), the last balancer's worker killed (the router
+    withdraws it; a new worker adopts its maps and announces again), a backend's health checks
+    failing until every balancer takes it out, then passing again. Replaces the killed worker in
+    `workers`; the count of each fault."""
+    running = [topo.python("client", "mplb_nfq.lab.transfer", "fetch", *_fetch_target(settings.family),
+                           "--port", str(PORT), "--size", str(20_000_000), stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    time.sleep(0.5)
+    if settings.redis == "sentinel":
+        killed = topo.kill_redis_primary()
+        _until(lambda: topo.primary_port() != killed, 20, "the sentinels promoted no replica")
+        topo.restart_redis_node(killed)
+    else:
+        topo.stop_redis()
+        topo.start_redis()
+    victim = workers[-1]
+    victim.proc.kill()
+    victim.proc.wait()
+    victim.log.close()
+    _until(lambda: balancer_address(int(victim.role.removeprefix("lb"))) not in topo.nexthops(), 10,
+           f"the router kept {victim.role}")
+    workers[-1] = WorkerProcess(topo, victim.config_path, victim.log_path.with_suffix(".restarted.log"), victim.role)
+    topo.wait_announced(len(workers))
+    topo.exec("b1", "nft", "-f", "-", input=FLAP_BLOCK.format(port=PORT))
+    _until(lambda: all(_backend_healthy(topo, w, "b1") is False for w in workers), 15, "b1 stayed up")
+    topo.exec("b1", "nft", "delete", "table", "inet", "mplb_lab_flap")
+    _until(lambda: all(_backend_healthy(topo, w, "b1") for w in workers), 15, "b1 stayed down")
+    for transfer in running:
+        result = json.loads(transfer.communicate(timeout=120)[0] or "{}")
+        if result.get("received") != 20_000_000 or not result.get("intact"):
+            raise RuntimeError(f"a transfer across the faults broke: {result}")
+    return {"redis_failovers" if settings.redis == "sentinel" else "redis_restarts": 1, "balancer_faults": 1,
+            "backend_flaps": 1, "transfers_across_faults": len(running)}
+
+
+def _backend_healthy(topo: ClusterTopology, worker: WorkerProcess, backend: str) -> bool | None:
+    status = json.loads(topo.exec(worker.role, sys.executable, "-m", "mplb_nfq", "status", "--json", "-c",
+                                  str(worker.config_path), capture_output=True).stdout)
+    return next((b["healthy"] for s in status["services"] for b in s["backends"] if b["name"] == backend), None)
+
+
+def _until(condition, seconds: float, failure: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"lab faults: {failure} within {seconds:g} s")
+        time.sleep(0.1)
 
 
 def _table(results: dict) -> str:
