@@ -91,16 +91,11 @@ def cluster(shared_cluster):
     return shared_cluster
 
 
-@pytest.fixture
-def own_cluster(tmp_path):
-    """A cluster of the test's own (two balancers), for a test that breaks it."""
-    yield from build_cluster(tmp_path)
-
-
-@pytest.fixture
-def sentinel_cluster(tmp_path):
-    """A cluster of the test's own whose Redis is a primary and a replica under three sentinels."""
-    yield from build_cluster(tmp_path, redis="sentinel")
+@pytest.fixture(scope="module")
+def sentinel_cluster(tmp_path_factory):
+    """A second cluster, whose Redis is a primary and a replica under three sentinels, for the
+    module's last tests: they break it (its Redis primary killed, then a balancer)."""
+    yield from build_cluster(tmp_path_factory.mktemp("sentinel"), redis="sentinel")
 
 
 def wrong_joins(topo) -> dict[str, int]:
@@ -278,26 +273,6 @@ def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_aga
     assert cluster.status("lb1")["outages"] >= 1
 
 
-def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_joins_are_steered_again(
-        sentinel_cluster):
-    """The sentinels promote the replica; each balancer's link finds it through them, publishes
-    again what it holds (the replica may have missed the last writes) and follows its peers' streams
-    from the last entry it read. No transfer breaks, no join goes astray."""
-    cluster, topo = sentinel_cluster, sentinel_cluster.topo
-    wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
-    with transfers_intact(topo, "the Redis primary was killed"):
-        killed = topo.kill_redis_primary()
-        wait_for(lambda: topo.primary_port() != killed, 15)
-        wait_for(lambda: all(cluster.status(r)["outages"] >= 1 and cluster.status(r)["redis"] == "connected"
-                             for r in topo.balancer_names), 20)
-    wrong, crossed = wrong_joins(topo), cluster.crossed()
-    downloads(topo, 12, MB)
-    assert cluster.crossed() > crossed, "no join crossed balancers through the new primary"
-    assert wrong_joins(topo) == wrong
-    topo.restart_redis_node(killed)  # back as a replica of the new primary
-    wait_for(topo.sentinels_ready, 15)
-
-
 def test_every_cluster_panel_of_the_dashboard_returns_data_from_a_real_prometheus(cluster, tmp_path):
     from test_dashboard import assert_panels_answer, dashboard_queries
 
@@ -325,20 +300,6 @@ def test_a_balancer_withdraws_when_its_worker_stops_or_dies_and_while_no_backend
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in topo.backend_names]
     topo.wait_announced(2, timeout=15)
     downloads(topo, 2, MB)
-
-
-def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(own_cluster):
-    cluster = own_cluster
-    topo = cluster.topo
-    survivors = [hop for hop in topo.nexthops() if hop != balancer_address(1)]
-    with transfers_intact(topo, "the balancer died"):
-        # the machine dies: its worker, its BIRD and its link; the router withdraws it when
-        # BGP's hold time (3 s) runs out
-        cluster.workers["lb1"].proc.send_signal(signal.SIGKILL)
-        topo.stop_bird("lb1")
-        topo.exec("lb1", "ip", "link", "set", "s0", "down")
-        wait_for(lambda: topo.nexthops() == survivors, 10)
-    downloads(topo, 4, MB)  # the survivor serves alone
 
 
 def test_a_flow_the_router_moves_keeps_its_token_after_the_balancer_that_learned_it_forgets_it(cluster):
@@ -397,3 +358,38 @@ def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):  # 
         topo.wait_announced(3)
     assert cluster.status(role)["resyncs"] >= 1
     downloads(topo, 6, MB)
+
+
+def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_joins_are_steered_again(
+        sentinel_cluster):
+    """The sentinels promote the replica; each balancer's link finds it through them, publishes
+    again what it holds (the replica may have missed the last writes) and follows its peers' streams
+    from the last entry it read. No transfer breaks, no join goes astray."""
+    cluster, topo = sentinel_cluster, sentinel_cluster.topo
+    wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
+    with transfers_intact(topo, "the Redis primary was killed"):
+        killed = topo.kill_redis_primary()
+        wait_for(lambda: topo.primary_port() != killed, 15)
+        wait_for(lambda: all(cluster.status(r)["outages"] >= 1 and cluster.status(r)["redis"] == "connected"
+                             for r in topo.balancer_names), 20)
+    wrong, crossed = wrong_joins(topo), cluster.crossed()
+    downloads(topo, 12, MB)
+    assert cluster.crossed() > crossed, "no join crossed balancers through the new primary"
+    assert wrong_joins(topo) == wrong
+    topo.restart_redis_node(killed)  # back as a replica of the new primary
+    wait_for(topo.sentinels_ready, 15)
+
+
+def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(sentinel_cluster):
+    """After the failover test, on its cluster: the machine of a balancer dies."""
+    cluster = sentinel_cluster
+    topo = cluster.topo
+    survivors = [hop for hop in topo.nexthops() if hop != balancer_address(1)]
+    with transfers_intact(topo, "the balancer died"):
+        # the machine dies: its worker, its BIRD and its link; the router withdraws it when
+        # BGP's hold time (3 s) runs out
+        cluster.workers["lb1"].proc.send_signal(signal.SIGKILL)
+        topo.stop_bird("lb1")
+        topo.exec("lb1", "ip", "link", "set", "s0", "down")
+        wait_for(lambda: topo.nexthops() == survivors, 10)
+    downloads(topo, 4, MB)  # the survivor serves alone

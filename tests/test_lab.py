@@ -22,8 +22,8 @@ def assert_judged(results, unaware_misrouted):
 
 def test_quick_lab_doubles_throughput_and_leaves_nothing_behind(tmp_path):
     before = set(leftover_namespaces())
-    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--repeat", "2", "--json",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "mplb_nfq", "lab", "--quick", "--repeat", "2", "--sizes", "2,20",
+                           "--json", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
     assert results["ratio"] >= 1.8, results["ratio"]

@@ -162,9 +162,6 @@ class Lifetimes:
             if flow_digest in self.recent and not handed_over:  # its end came first
                 self.ended.append(token)
                 continue
-            before = self.teaching.get(flow_digest)
-            if before is not None and before != token:  # an earlier connection on the four-tuple, its end lost
-                self.ended.append(before)
             self.teaching.put(flow_digest, token)
             self.absent.pop(flow_digest, None)
             if handed_over:
