@@ -157,3 +157,22 @@ def test_flow_tokens_behave_as_a_dict_through_collisions_wraparound_removals_and
     model.update(grown)
     assert sorted(table.unmarked()) == sorted((f, t) for f, t in model.items() if f not in kept)
     assert digest(b"\x0a\x00\x00\x01") == digest(b"\x0a\x00\x00\x01") != digest(b"\x0a\x00\x00\x02")
+
+
+def test_a_broken_pipe_to_the_follower_either_way_is_its_death_with_its_exit_code():
+    import multiprocessing
+
+    import pytest
+
+    from mplb_nfq.kernel.conntrack import Follower, FollowerLost, Watch
+
+    mine, theirs = multiprocessing.Pipe()
+    process = multiprocessing.Process(target=exit, args=(3,))
+    process.start()
+    theirs.close()
+    follower = Follower(process, mine)
+    with pytest.raises(FollowerLost, match=r"exited \(code 3\)"):
+        follower.recv()
+    with pytest.raises(FollowerLost, match=r"exited \(code 3\)"):
+        for _ in range(64):  # (a pipe buffers a few sends before it reports the reader gone)
+            follower.send(Watch([(1, FLOW)] * 1000))

@@ -423,9 +423,11 @@ def test_a_graceful_stop_saves_every_token_with_what_is_not_watched_yet_and_a_re
 
 
 def test_a_stop_whose_follower_is_gone_saves_nothing_and_stops(tmp_path):
+    from mplb_nfq.kernel.conntrack import FollowerLost
+
     class Gone:
         def send(self, message):
-            raise BrokenPipeError
+            raise FollowerLost(-9)
 
     w = worker()
     assert w.tokens.save((tmp_path / "mplb", "identity"), Gone()) == 0 and list(tmp_path.iterdir()) == []

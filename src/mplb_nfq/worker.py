@@ -10,7 +10,7 @@ from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import parse_ip
 from .core.settings import Config
 from .core.verdicts import Kind, Verdict
-from .kernel.conntrack import Counts, Ended, FollowerLost, HandedOver, Load, Watch, start_reader
+from .kernel.conntrack import Counts, Ended, HandedOver, Load, Watch, start_reader
 from .kernel.copies import CopyReader
 from .kernel.dataplane import Dataplane
 from .kernel.queue import QueueReader, set_fail_open
@@ -48,7 +48,7 @@ class Worker:
         self.reload_requested = False
         # kernel.snapshot's (path, identity), for a graceful stop; restored: the tokens came from one
         self.snapshot, self.restored = None, False
-        self.follower = None  # (process, pipe), started before the tokens are adopted: see service.run
+        self.follower = None  # kernel.conntrack.Follower, started before the tokens are adopted: see service.run
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
@@ -132,19 +132,10 @@ class Worker:
         if first:
             # The follower starts first: a child must not inherit the queue's socket, or a killed
             # worker would leave the queue bound to nobody reading, and no bypass.
-            conntrack_reader, conntrack = self.follower or start_reader(cfg.conntrack_interval)
+            conntrack = self.follower or start_reader(cfg.conntrack_interval)
             if self.restored:  # the connections the snapshot keeps are the follower's to read
                 conntrack.send(Load(*self.snapshot))
-
-            def from_follower():
-                try:
-                    message = conntrack.recv()
-                except (EOFError, OSError) as e:
-                    conntrack_reader.join(1)
-                    raise FollowerLost(conntrack_reader.exitcode) from e
-                self.from_conntrack(message)
-
-            loop.watch(conntrack.fileno(), from_follower)
+            loop.watch(conntrack.fileno(), lambda: self.from_conntrack(conntrack.recv()))
             for i, other in enumerate(plane.fleet.pipes, 1):
                 loop.watch(other.fileno(), lambda other=other, i=i: self.from_other_worker(i, other.recv()), pipe=True)
         else:
@@ -196,7 +187,7 @@ class Worker:
                 control.close()
                 if self.snapshot and plane.stopping:
                     log.info("saved %d tokens for the next worker", self.tokens.save(self.snapshot, conntrack))
-                conntrack_reader.kill()
+                conntrack.kill()
 
     def reload_if_requested(self) -> None:
         if self.reload_requested:

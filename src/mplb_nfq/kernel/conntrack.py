@@ -335,11 +335,43 @@ class FollowerLost(Exception):
                          "token map back")
 
 
-def start_reader(interval: float):
-    """The following process, and the worker's end of its pipe."""
+class Follower:
+    """The worker's end of the follower's pipe, and its process: a pipe that breaks, either way,
+    is the follower's death (FollowerLost)."""
+
+    def __init__(self, process, pipe):
+        self.process, self.pipe = process, pipe
+
+    def lost(self) -> FollowerLost:
+        self.process.join(1)
+        return FollowerLost(self.process.exitcode)
+
+    def send(self, message) -> None:
+        try:
+            self.pipe.send(message)
+        except (EOFError, OSError) as e:
+            raise self.lost() from e
+
+    def recv(self):
+        try:
+            return self.pipe.recv()
+        except (EOFError, OSError) as e:
+            raise self.lost() from e
+
+    def poll(self, timeout: float) -> bool:
+        return self.pipe.poll(timeout)
+
+    def fileno(self) -> int:
+        return self.pipe.fileno()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def start_reader(interval: float) -> Follower:
     mine, theirs = multiprocessing.Pipe()
     reader = multiprocessing.Process(target=follow_conntrack, args=(theirs, interval),
                                      name="mplb-nfq conntrack follower", daemon=True)
     reader.start()
     theirs.close()
-    return reader, mine
+    return Follower(reader, mine)

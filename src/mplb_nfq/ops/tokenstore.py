@@ -15,7 +15,7 @@ from ..core.packet import Segment, parse_ip
 from ..core.tokens import (AMBIGUOUS, INSTALL_PENDING, PROVISIONAL_SECONDS, TokenWrites, flow_comment,
                            flow_of_comment, learned_at, plan_writes)
 from ..core.verdicts import Kind, Verdict
-from ..kernel.conntrack import Ended, Save, Saved, Watch
+from ..kernel.conntrack import Ended, FollowerLost, Save, Saved, Watch
 from ..kernel.copies import CopyReader
 from ..kernel.snapshot import write_tokens
 from .logs import ThrottledLog
@@ -179,7 +179,7 @@ class TokenStore:
                     self.ended(told.tokens)
                 elif isinstance(told, Saved):
                     return write_tokens(*place, self.lasting(time.perf_counter()))
-        except (EOFError, OSError):  # the follower is gone: the next worker reads the map back
+        except FollowerLost:  # the next worker reads the map back
             pass
         return 0
 
