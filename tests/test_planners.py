@@ -407,6 +407,8 @@ def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_a
     assert tcp in body
     udp = body.replace(tcp, bytes([5, 0, 1, 0, socket.IPPROTO_UDP]))
     assert entry_of(kind, 0, udp) is None  # a UDP entry on the same addresses and ports is not the connection's
+    cuts = range(len(body) - 2)  # (the last two bytes are the port's padding)
+    assert [entry_of(kind, 0, body[:cut]) for cut in cuts] == [None] * len(cuts)  # cut short: no entry, no raise
     ip, proto = body[8:28], body[28:56]  # the tuple's two nests: in the other order, read by the general walk
     assert ip[2:4] == b"\x01\x80" and proto[2:4] == b"\x02\x80"
     swapped = body[:8] + proto + ip + body[56:]

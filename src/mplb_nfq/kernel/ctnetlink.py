@@ -185,9 +185,16 @@ def _v4_tcp_flow(body: bytes) -> tuple | None:
 
 def entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
     """The entry a ctnetlink message (its body after the netlink header) describes; None for a
-    message that is not an entry or has no TCP original flow."""
+    message that is not an entry, has no TCP original flow, or is cut short."""
     if kind not in (CT_NEW, CT_DELETE):
         return None
+    try:
+        return _entry_of(kind, flags, body)
+    except (struct.error, IndexError):
+        return None
+
+
+def _entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
     mark, state = 0, None
     flow = _v4_tcp_flow(body)
     offset = 4 if flow is None else 56  # nfgenmsg, or the original tuple too
