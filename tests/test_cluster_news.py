@@ -365,3 +365,49 @@ def test_a_token_this_balancer_watches_but_a_peer_took_over_is_not_its_to_end():
     peers.tokens.ended([1])  # its conntrack reader watched it (a stale entry said "here" once)
     assert 1 in maps.tokens and sent_by(peers).ended == []
 
+
+
+def test_after_an_outage_what_redis_keeps_for_a_balancer_is_what_it_holds_now(tmp_path):
+    """A replica that Sentinel promotes may lack the last writes, the end of a token among them:
+    the balancer's hash would keep that token for every peer that catches up. On reconnecting it
+    writes its hashes again from what it holds (Debian's redis-server, on loopback)."""
+    import shutil
+    import socket
+    import subprocess
+
+    import pytest
+
+    from mplb_nfq.core.news import record
+    from mplb_nfq.core.settings import ClusterConfig
+    from mplb_nfq.ops.link import Link, connect
+
+    if not shutil.which("redis-server"):
+        pytest.skip("Debian's redis-server is needed (./dev installs it)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        cfg = ClusterConfig("t", "lb1", f"redis://127.0.0.1:{port}/0", "default", "unused")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = connect(cfg)
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        keys = Keys("t")
+        client.hset(keys.of("lb1", "tokens"), mapping={"0000dead": record("b1", time.time())})  # ended, end lost
+        client.hset(keys.of("lb1", "subflows"), mapping={"0000dead": "x"})
+        link = Link(cfg, 600, "fingerprint", lambda message: None)
+        link.own.add(Batch("lb1", time.time(), {0xbeef: "b2"}))
+        link.publish_again(client)
+        assert set(client.hkeys(keys.of("lb1", "tokens"))) == {"0000beef"}
+        assert client.hkeys(keys.of("lb1", "subflows")) == []
+        (entry,) = client.xrange(keys.of("lb1", "news"))
+        assert decode(entry[1], "lb1", Counter()).tokens == {0xbeef: "b2"}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -212,11 +212,7 @@ class Link:
                     client = connect(self.cfg)
                     self.heartbeat(client)  # peers meet this balancer by it
                     next_beat = time.monotonic() + self.beat_interval()
-                    # what peers missed while this balancer could not publish
-                    for pending in self.own.batches(self.name) + [Batch(self.name, time.time(),
-                                                                                ended=self.ended)]:
-                        if pending:
-                            self.write(client, pending)
+                    self.publish_again(client)
                     self.ended, retry, self.writer_up = [], 0, True
                 except Exception as e:
                     client = self._lost("publishing", e)
@@ -241,6 +237,16 @@ class Link:
             if now >= next_state:
                 self.send(self.state())
                 next_state = now + STATE_SECONDS
+
+    def publish_again(self, client) -> None:
+        """After an outage: what this balancer keeps in Redis becomes what it holds now (a replica
+        promoted by Sentinel may lack the last writes, ends among them: an ended token kept there
+        would be read back by every peer that catches up), and its peers' news tells them what
+        they missed."""
+        client.delete(self.keys.of(self.name, "tokens"), self.keys.of(self.name, "subflows"))
+        for pending in self.own.batches(self.name) + [Batch(self.name, time.time(), ended=self.ended)]:
+            if pending:
+                self.write(client, pending)
 
     def _lost(self, doing: str, error: Exception) -> None:
         if self.writer_up:
