@@ -104,7 +104,7 @@ def test_quick_lab_with_three_balancers_and_sentinel_through_faults_doubles_thro
     results = json.loads(done.stdout)
     assert results["balancers"] == 3 and results["joins_crossed"] >= 0 and results["misrouted_joins"] == 0
     assert (results["redis_failovers"], results["balancer_faults"], results["backend_flaps"]) == (1, 1, 1)
-    assert results["transfers_across_faults"] == 2
+    assert results["transfers_across_faults"] == 2 and min(results["transfers_running_at_each_fault"]) >= 1, results
     assert results["ratio"] >= 1.8, results["ratio"]
     assert_judged(results, 2)
     for worker in results["modes"]["mplb"]["workers"].values():

@@ -309,9 +309,9 @@ class ClusterTopology(Topology):
         self._wait("redis-server", lambda: self._pings(REDIS_PORT) and self._pings(REPLICA_PORT))
         for port in SENTINEL_PORTS:
             self._start_node(f"sentinel-{port}", self.sentinel_config(port), "--sentinel")
-        self._wait("redis-sentinel", self.sentinels_ready)
+        self._wait("redis-sentinel", self._sentinels_ready)
 
-    def sentinels_ready(self) -> bool:
+    def _sentinels_ready(self) -> bool:
         """Each sentinel knows the primary, its replica and the two other sentinels."""
         for port in SENTINEL_PORTS:
             asked = self.exec("store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "lb1", "--pass",
@@ -331,9 +331,13 @@ class ClusterTopology(Topology):
         return port
 
     def restart_redis_node(self, port: int) -> None:
-        """A node killed earlier, back (the sentinels make it a replica of the new primary)."""
-        self._start_node(f"redis-{port}", self.redis_config(port))
-        self._wait("redis-server", lambda: self._pings(port))
+        """A node killed earlier, back as a replica of the primary now (started as a primary, it
+        would take writes, empty, until the sentinels turned it), once it follows it."""
+        self._start_node(f"redis-{port}", self.redis_config(port, replica_of=self.primary_port()))
+        self._wait("a replica's link to its primary", lambda: "master_link_status:up" in self.exec(
+            "store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "sentinel", "--pass",
+            self.internal_passwords["sentinel"], "--no-auth-warning", "info", "replication",
+            capture_output=True, check=False).stdout)
 
     def stop_redis(self) -> None:
         for name in [n for n in self.processes if n == "redis" or n.startswith(("redis-", "sentinel-"))]:

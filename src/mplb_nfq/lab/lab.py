@@ -302,6 +302,7 @@ def _run_mode(topo: Topology, judge: Judge, mode: str, settings: LabSettings, tm
     return result
 
 
+FAULT_TRANSFER_BYTES = 60_000_000  # two of them outlast the three faults on the lab's 2 x 50 Mbit/s
 FLAP_BLOCK = """table inet mplb_lab_flap {{
     chain input {{
         type filter hook input priority 0;
@@ -312,15 +313,21 @@ FLAP_BLOCK = """table inet mplb_lab_flap {{
 
 
 def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings: LabSettings) -> dict:
-    """While transfers run (each must arrive whole): the Redis primary killed (with Sentinel: its
+    """While two transfers run (each must arrive whole): the Redis primary killed (with Sentinel: its
     replica promoted; one Redis: restarted, empty), the last balancer's worker killed (the router
     withdraws it; a new worker adopts its maps and announces again), a backend's health checks
     failing until every balancer takes it out, then passing again. Replaces the killed worker in
     `workers`; the count of each fault."""
     running = [topo.python("client", "mplb_nfq.lab.transfer", "fetch", *_fetch_target(settings.family),
-                           "--port", str(PORT), "--size", str(20_000_000), stdout=subprocess.PIPE, text=True)
+                           "--port", str(PORT), "--size", str(FAULT_TRANSFER_BYTES), stdout=subprocess.PIPE, text=True)
                for _ in range(2)]
+    during = []  # how many transfers still ran as each fault began
+
+    def still_running() -> None:
+        during.append(sum(transfer.poll() is None for transfer in running))
+
     time.sleep(0.5)
+    still_running()
     if settings.redis == "sentinel":
         killed = topo.kill_redis_primary()
         _until(lambda: topo.primary_port() != killed, 20, "the sentinels promoted no replica")
@@ -329,6 +336,7 @@ def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings
         topo.stop_redis()
         topo.start_redis()
     victim = workers[-1]
+    still_running()
     victim.proc.kill()
     victim.proc.wait()
     victim.log.close()
@@ -336,16 +344,17 @@ def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings
            f"the router kept {victim.role}")
     workers[-1] = WorkerProcess(topo, victim.config_path, victim.log_path.with_suffix(".restarted.log"), victim.role)
     topo.wait_announced(len(workers))
+    still_running()
     topo.exec("b1", "nft", "-f", "-", input=FLAP_BLOCK.format(port=PORT))
     _until(lambda: all(_backend_healthy(topo, w, "b1") is False for w in workers), 15, "b1 stayed up")
     topo.exec("b1", "nft", "delete", "table", "inet", "mplb_lab_flap")
     _until(lambda: all(_backend_healthy(topo, w, "b1") for w in workers), 15, "b1 stayed down")
     for transfer in running:
         result = json.loads(transfer.communicate(timeout=120)[0] or "{}")
-        if result.get("received") != 20_000_000 or not result.get("intact"):
+        if result.get("received") != FAULT_TRANSFER_BYTES or not result.get("intact"):
             raise RuntimeError(f"a transfer across the faults broke: {result}")
     return {"redis_failovers" if settings.redis == "sentinel" else "redis_restarts": 1, "balancer_faults": 1,
-            "backend_flaps": 1, "transfers_across_faults": len(running)}
+            "backend_flaps": 1, "transfers_across_faults": len(running), "transfers_running_at_each_fault": during}
 
 
 def _backend_healthy(topo: ClusterTopology, worker: WorkerProcess, backend: str) -> bool | None:
