@@ -112,6 +112,19 @@ def joins_seen(cluster, role) -> dict:
             "propagation_ms_p99": packets.get("cluster", {}).get("propagation_ms_p99")}
 
 
+def following_each_other(topo) -> bool:
+    """Each balancer follows every other's news: Redis being back ("connected") is not enough, a
+    balancer meets a peer whose keys were not there yet at its next look (half a second later),
+    and a join that crosses meanwhile finds no token."""
+    roles = topo.balancer_names
+    for role in roles:
+        out = topo.exec("store", *topo.redis_cli(role), "smembers", Keys("test").of(role, "following"),
+                        capture_output=True, check=False).stdout.split()
+        if set(roles) - {role} - set(out):
+            return False
+    return True
+
+
 def joins_established(topo) -> int:
     return sum(topo.nstat(name).get("MPTcpExtMPJoinAckRx", 0) for name in topo.backend_names)
 
@@ -266,6 +279,7 @@ def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_aga
     downloads(topo, 2, MB)
     topo.start_redis()
     wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
+    wait_for(lambda: following_each_other(topo), 10)
     wrong, crossed = wrong_joins(topo), cluster.crossed()
     downloads(topo, 12, MB)
     assert cluster.crossed() > crossed, "no join crossed balancers after Redis came back"
@@ -372,6 +386,7 @@ def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_jo
         wait_for(lambda: topo.primary_port() != killed, 15)
         wait_for(lambda: all(cluster.status(r)["outages"] >= 1 and cluster.status(r)["redis"] == "connected"
                              for r in topo.balancer_names), 20)
+        wait_for(lambda: following_each_other(topo), 10)
     wrong, crossed = wrong_joins(topo), cluster.crossed()
     downloads(topo, 12, MB)
     assert cluster.crossed() > crossed, "no join crossed balancers through the new primary"
