@@ -50,15 +50,26 @@ def sentinel_data_users(passwords: dict[str, str]) -> str:
                       "+subscribe +config|rewrite +role +publish +info +client|setname +client|kill +script|kill"])
 
 
+def sentinel_id(port: int) -> str:
+    """A sentinel's run id (40 hex digits), set in its config so that its peers can be told of it
+    rather than find it by hello messages (every 2 s)."""
+    return f"{port:040x}"
+
+
 def sentinel_config(bind: str, port: int, service: str, primary: str, primary_port: int,
-                    internal: dict[str, str], balancers: dict[str, str], directory: Path) -> str:
+                    internal: dict[str, str], balancers: dict[str, str], directory: Path,
+                    sentinels: tuple[int, ...] = (), replicas: tuple[int, ...] = ()) -> str:
     """A sentinel watching `service`'s primary: quorum 2 of 3, down after 1 s of silence; the
     balancers' users may only ask it where the primary is; sentinels talk to each other as their
-    own user."""
+    own user. The lab tells each of the other sentinels and of the replica at once."""
     asking = "-@all +sentinel|masters +sentinel|get-master-addr-by-name +sentinel|replicas +sentinel|slaves " \
              "+sentinel|sentinels +ping +auth +hello +client|setname"
+    known = [f"sentinel myid {sentinel_id(port)}"] if sentinels else []
+    known += [f"sentinel known-sentinel {service} {bind} {other} {sentinel_id(other)}"
+              for other in sentinels if other != port]
+    known += [f"sentinel known-replica {service} {primary} {replica}" for replica in replicas]
     return "\n".join([f"bind {bind}", f"port {port}", f"dir {directory}",
-                      f"sentinel monitor {service} {primary} {primary_port} 2",
+                      f"sentinel monitor {service} {primary} {primary_port} 2", *known,
                       f"sentinel down-after-milliseconds {service} 1000", f"sentinel failover-timeout {service} 5000",
                       f"sentinel auth-user {service} sentinel", f"sentinel auth-pass {service} {internal['sentinel']}",
                       "user default off", f"user sentinel on >{internal['sentinel']} +@all",
@@ -250,6 +261,7 @@ class ClusterTopology(Topology):
         replication = [f"replicaof {STORE} {replica_of}"] if replica_of else []
         if self.redis == "sentinel":  # any node may be the primary after a failover
             replication += ["masteruser replica", f"masterauth {self.internal_passwords['replica']}",
+                            "repl-diskless-sync-delay 0",  # (5 s by default: a replica back would wait)
                             sentinel_data_users(self.internal_passwords)]
         return "\n".join([f"bind {STORE}", *listen, 'save ""', "appendonly no", "protected-mode yes",
                           f"dir {self.run_dir}", "user default off", *replication,
@@ -257,7 +269,7 @@ class ClusterTopology(Topology):
 
     def sentinel_config(self, port: int) -> str:
         return sentinel_config(STORE, port, SENTINEL_SERVICE, STORE, REDIS_PORT, self.internal_passwords,
-                               self.redis_passwords, self.run_dir)
+                               self.redis_passwords, self.run_dir, SENTINEL_PORTS, (REPLICA_PORT,))
 
     def redis_cli(self, user: str = "lb1", port: int | None = None) -> list[str]:
         """redis-cli as a balancer's user, to the primary (the sentinels say which it is)."""
