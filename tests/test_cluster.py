@@ -78,9 +78,8 @@ def build_cluster(run_dir, tls=False, redis="single"):
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory):
-    """Redis over TLS (a CA of the run's own), a primary and a replica under three sentinels: the
-    clear-text path is the cluster lab's (test_lab.py)."""
-    yield from build_cluster(tmp_path_factory.mktemp("cluster"), tls=True, redis="sentinel")
+    """Redis over TLS (a CA of the run's own): the clear-text path is the cluster lab's (test_lab.py)."""
+    yield from build_cluster(tmp_path_factory.mktemp("cluster"), tls=True)
 
 
 @pytest.fixture
@@ -92,6 +91,11 @@ def cluster(shared_cluster):
     return shared_cluster
 
 
+@pytest.fixture(scope="module")
+def sentinel_cluster(tmp_path_factory):
+    """A second cluster, whose Redis is a primary and a replica under three sentinels, for the
+    module's last tests: they break it (its Redis primary killed, then a balancer)."""
+    yield from build_cluster(tmp_path_factory.mktemp("sentinel"), redis="sentinel")
 
 
 def wrong_joins(topo) -> dict[str, int]:
@@ -360,12 +364,22 @@ def test_a_flow_the_router_moves_keeps_its_token_after_the_balancer_that_learned
             topo.start_bird(teacher)
 
 
+def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):  # last: it leaves three
+    topo = cluster.topo
+    with transfers_intact(topo, "a balancer was added"):
+        role = topo.add_balancer()
+        cluster.start(role)
+        topo.wait_announced(3)
+    assert cluster.status(role)["resyncs"] >= 1
+    downloads(topo, 6, MB)
+
+
 def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_joins_are_steered_again(
-        cluster):
+        sentinel_cluster):
     """The sentinels promote the replica; each balancer's link finds it through them, publishes
     again what it holds (the replica may have missed the last writes) and follows its peers' streams
     from the last entry it read. No transfer breaks, no join goes astray."""
-    topo = cluster.topo
+    cluster, topo = sentinel_cluster, sentinel_cluster.topo
     wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
     with transfers_intact(topo, "the Redis primary was killed"):
         killed = topo.kill_redis_primary()
@@ -377,22 +391,12 @@ def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_jo
     downloads(topo, 12, MB)
     assert cluster.crossed() > crossed, "no join crossed balancers through the new primary"
     assert wrong_joins(topo) == wrong
-    topo.restart_redis_node(killed)  # back as a replica of the new primary
+    topo.restart_redis_node(killed)  # back as a replica of the new primary (the next test kills a balancer)
 
 
-def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):  # it leaves three
-    topo = cluster.topo
-    with transfers_intact(topo, "a balancer was added"):
-        role = topo.add_balancer()
-        cluster.start(role)
-        topo.wait_announced(3)
-    assert cluster.status(role)["resyncs"] >= 1
-    downloads(topo, 6, MB)
-
-
-def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(shared_cluster):
-    """Last: the machine of a balancer dies (of three, one added by the test before)."""
-    cluster = shared_cluster
+def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(sentinel_cluster):
+    """After the failover test, on its cluster: the machine of a balancer dies."""
+    cluster = sentinel_cluster
     topo = cluster.topo
     survivors = [hop for hop in topo.nexthops() if hop != balancer_address(1)]
     with transfers_intact(topo, "the balancer died"):

@@ -252,19 +252,12 @@ class ClusterTopology(Topology):
         """The router withdraws the balancer at once (BIRD closes its BGP session on the way out)."""
         self._stop(f"bird-{role}")
 
-    def _listen(self, port: int) -> list[str]:
-        """A Redis node's or sentinel's listening lines: TLS only with tls (a CA of the run's own,
-        made once), replication and the sentinels' links included."""
-        if not self.tls:
-            return [f"port {port}"]
-        if not (self.run_dir / "ca.pem").exists():
-            make_certificates(self.run_dir)
-        ca, cert, key = (self.run_dir / name for name in ("ca.pem", "redis.pem", "redis.key"))
-        return ["port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}", f"tls-ca-cert-file {ca}",
-                "tls-auth-clients no", "tls-replication yes"]
-
     def redis_config(self, port: int = REDIS_PORT, replica_of: int | None = None) -> str:
-        listen = self._listen(port)
+        listen = [f"port {port}"]
+        if self.tls:
+            ca, cert, key = make_certificates(self.run_dir)
+            listen = ["port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+                      f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
         replication = [f"replicaof {STORE} {replica_of}"] if replica_of else []
         if self.redis == "sentinel":  # any node may be the primary after a failover
             replication += ["masteruser replica", f"masterauth {self.internal_passwords['replica']}",
@@ -275,23 +268,21 @@ class ClusterTopology(Topology):
                           *(redis_user(role, password, "*") for role, password in self.redis_passwords.items())]) + "\n"
 
     def sentinel_config(self, port: int) -> str:
-        plain = sentinel_config(STORE, port, SENTINEL_SERVICE, STORE, REDIS_PORT, self.internal_passwords,
-                                self.redis_passwords, self.run_dir, SENTINEL_PORTS, (REPLICA_PORT,))
-        return plain.replace(f"port {port}\n", "\n".join(self._listen(port)) + "\n", 1)
-
-    def _cli(self, port: int, user: str, password: str) -> list[str]:
-        tls = ["--tls", "--cacert", str(self.run_dir / "ca.pem")] if self.tls else []
-        return ["redis-cli", "-h", STORE, "-p", str(port), *tls, "--user", user, "--pass", password, "--no-auth-warning"]
+        return sentinel_config(STORE, port, SENTINEL_SERVICE, STORE, REDIS_PORT, self.internal_passwords,
+                               self.redis_passwords, self.run_dir, SENTINEL_PORTS, (REPLICA_PORT,))
 
     def redis_cli(self, user: str = "lb1", port: int | None = None) -> list[str]:
         """redis-cli as a balancer's user, to the primary (the sentinels say which it is)."""
-        return self._cli(port or self.primary_port(), user, self.redis_passwords[user])
+        tls = ["--tls", "--cacert", str(self.run_dir / "ca.pem")] if self.tls else []
+        return ["redis-cli", "-h", STORE, "-p", str(port or self.primary_port()), *tls, "--user", user, "--pass",
+                self.redis_passwords[user], "--no-auth-warning"]
 
     def primary_port(self) -> int:
         if self.redis != "sentinel":
             return REDIS_PORT
         for port in SENTINEL_PORTS:
-            asked = self.exec("store", *self._cli(port, "lb1", self.redis_passwords["lb1"]), "sentinel",
+            asked = self.exec("store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "lb1", "--pass",
+                              self.redis_passwords["lb1"], "--no-auth-warning", "sentinel",
                               "get-master-addr-by-name", SENTINEL_SERVICE, capture_output=True, check=False)
             answer = asked.stdout.split()
             if len(answer) == 2:
@@ -323,6 +314,8 @@ class ClusterTopology(Topology):
             self._start_node("redis", self.redis_config())
             self._wait("redis-server", lambda: self._pings(REDIS_PORT))
             return
+        if self.tls:
+            raise ValueError("the lab runs Sentinel without TLS")
         self._start_node(f"redis-{REDIS_PORT}", self.redis_config(REDIS_PORT))
         self._start_node(f"redis-{REPLICA_PORT}", self.redis_config(REPLICA_PORT, replica_of=REDIS_PORT))
         self._wait("redis-server", lambda: self._pings(REDIS_PORT) and self._pings(REPLICA_PORT))
@@ -333,7 +326,8 @@ class ClusterTopology(Topology):
     def _sentinels_ready(self) -> bool:
         """Each sentinel knows the primary, its replica and the two other sentinels."""
         for port in SENTINEL_PORTS:
-            asked = self.exec("store", *self._cli(port, "lb1", self.redis_passwords["lb1"]), "sentinel", "masters",
+            asked = self.exec("store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "lb1", "--pass",
+                              self.redis_passwords["lb1"], "--no-auth-warning", "sentinel", "masters",
                               capture_output=True, check=False).stdout.split()
             fields = dict(zip(asked[::2], asked[1::2]))
             if fields.get("num-slaves") != "1" or fields.get("num-other-sentinels") != "2":
@@ -353,7 +347,8 @@ class ClusterTopology(Topology):
         would take writes, empty, until the sentinels turned it), once it follows it."""
         self._start_node(f"redis-{port}", self.redis_config(port, replica_of=self.primary_port()))
         self._wait("a replica's link to its primary", lambda: "master_link_status:up" in self.exec(
-            "store", *self._cli(port, "sentinel", self.internal_passwords["sentinel"]), "info", "replication",
+            "store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "sentinel", "--pass",
+            self.internal_passwords["sentinel"], "--no-auth-warning", "info", "replication",
             capture_output=True, check=False).stdout)
 
     def stop_redis(self) -> None:
@@ -380,8 +375,7 @@ class ClusterTopology(Topology):
         """The [cluster] table of balancer `role`'s config."""
         scheme, ca = ("rediss", [f'tls_ca = "{self.run_dir / "ca.pem"}"']) if self.tls else ("redis", [])
         address = f"{scheme}://{STORE}:{REDIS_PORT}/0" if self.redis == "single" else \
-            ("sentinels" if self.tls else "sentinel") + "://" + ",".join(f"{STORE}:{port}" for port in SENTINEL_PORTS) \
-            + f"/{SENTINEL_SERVICE}/0"
+            "sentinel://" + ",".join(f"{STORE}:{port}" for port in SENTINEL_PORTS) + f"/{SENTINEL_SERVICE}/0"
         return "\n".join(["[cluster]", f'name = "{name}"', f'balancer = "{role}"',
                           f'redis = "{address}"', *ca, f'username = "{role}"',
                           f'password_file = "{self.password_file(role)}"', f'announce_device = "{ANNOUNCE_DEVICE}"']) + "\n"
