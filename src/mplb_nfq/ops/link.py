@@ -95,6 +95,13 @@ class Own:
         return out
 
 
+def said(error: Exception) -> str:
+    """An error as the log and status say it: redis-py's Sentinel errors repeat every sentinel
+    client's whole repr (thousands of characters)."""
+    text = str(error)
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
 def client_options(cfg: ClusterConfig) -> dict:
     """redis-py's options for the config's Redis: its credentials, TLS with the server's name
     checked against its certificate (redis-py before 6 did not unless told), and bytes that are
@@ -251,8 +258,8 @@ class Link:
     def _lost(self, doing: str, error: Exception) -> None:
         if self.writer_up:
             self.outages += 1
-            log.warning("cluster: Redis lost while %s: %s", doing, error)
-        self.writer_up, self.error = False, f"{doing}: {error}"
+            log.warning("cluster: Redis lost while %s: %s", doing, said(error))
+        self.writer_up, self.error = False, f"{doing}: {said(error)}"
         return None
 
     def heartbeat(self, client) -> None:
@@ -316,8 +323,8 @@ class Link:
                         self.drop_broken(client, streams)
             except Exception as e:
                 if self.reader_up:
-                    log.warning("cluster: Redis lost while following peers: %s", e)
-                self.reader_up, self.error = False, f"following: {e}"
+                    log.warning("cluster: Redis lost while following peers: %s", said(e))
+                self.reader_up, self.error = False, f"following: {said(e)}"
                 time.sleep(RETRY_SECONDS[min(retry, len(RETRY_SECONDS) - 1)])
                 retry += 1
 
