@@ -173,8 +173,6 @@ _V4_ORIG_HEADERS = ((4, _HEADER.pack(52, CTA_TUPLE_ORIG | NLA_F_NESTED) + _HEADE
 
 
 def _v4_tcp_flow(body: bytes) -> tuple | None:
-    if len(body) < 56:
-        return None
     for at, header in _V4_ORIG_HEADERS:
         if body[at:at + len(header)] != header:
             return None

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.news import Keys
-from .netns import BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, VIP6, Topology, backend_address, run, run_batched
+from .netns import (BACKEND_SETUP, CLIENT, LB_CLIENT_SIDE, VIP, VIP6, Topology, backend_address, run, run_batched,
+                    until)
 
 ROUTER_ON_SWITCH, ROUTER_ON_SWITCH6 = "10.0.9.1", "fd00:9::1"
 STORE = "10.0.9.250"
@@ -271,20 +272,24 @@ class ClusterTopology(Topology):
         return sentinel_config(STORE, port, SENTINEL_SERVICE, STORE, REDIS_PORT, self.internal_passwords,
                                self.redis_passwords, self.run_dir, SENTINEL_PORTS, (REPLICA_PORT,))
 
+    def _cli(self, port: int, user: str, password: str) -> list[str]:
+        tls = ["--tls", "--cacert", str(self.run_dir / "ca.pem")] if self.tls else []
+        return ["redis-cli", "-h", STORE, "-p", str(port), *tls, "--user", user, "--pass", password, "--no-auth-warning"]
+
+    def _asked(self, port: int, *command: str, user: str = "lb1") -> str:
+        """A node's or a sentinel's answer (lb1's user, or the sentinels' own for a data node's INFO)."""
+        password = self.internal_passwords[user] if user == "sentinel" else self.redis_passwords[user]
+        return self.exec("store", *self._cli(port, user, password), *command, capture_output=True, check=False).stdout
+
     def redis_cli(self, user: str = "lb1", port: int | None = None) -> list[str]:
         """redis-cli as a balancer's user, to the primary (the sentinels say which it is)."""
-        tls = ["--tls", "--cacert", str(self.run_dir / "ca.pem")] if self.tls else []
-        return ["redis-cli", "-h", STORE, "-p", str(port or self.primary_port()), *tls, "--user", user, "--pass",
-                self.redis_passwords[user], "--no-auth-warning"]
+        return self._cli(port or self.primary_port(), user, self.redis_passwords[user])
 
     def primary_port(self) -> int:
         if self.redis != "sentinel":
             return REDIS_PORT
         for port in SENTINEL_PORTS:
-            asked = self.exec("store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "lb1", "--pass",
-                              self.redis_passwords["lb1"], "--no-auth-warning", "sentinel",
-                              "get-master-addr-by-name", SENTINEL_SERVICE, capture_output=True, check=False)
-            answer = asked.stdout.split()
+            answer = self._asked(port, "sentinel", "get-master-addr-by-name", SENTINEL_SERVICE).split()
             if len(answer) == 2:
                 return int(answer[1])
         raise RuntimeError("no sentinel names a primary")
@@ -296,39 +301,27 @@ class ClusterTopology(Topology):
         self.processes[name] = self.popen("store", "redis-server", str(conf), *args, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
 
-    def _wait(self, what: str, ready) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if ready():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{what} did not start")
-
     def _pings(self, port: int) -> bool:
-        ping = subprocess.run(["ip", "netns", "exec", self.ns("store"), *self.redis_cli(port=port), "ping"],
-                              capture_output=True, text=True)
-        return ping.stdout.strip() == "PONG"
+        return self._asked(port, "ping").strip() == "PONG"
 
     def start_redis(self) -> None:
         if self.redis == "single":
             self._start_node("redis", self.redis_config())
-            self._wait("redis-server", lambda: self._pings(REDIS_PORT))
+            until(lambda: self._pings(REDIS_PORT), 15, "redis-server did not start")
             return
         if self.tls:
             raise ValueError("the lab runs Sentinel without TLS")
         self._start_node(f"redis-{REDIS_PORT}", self.redis_config(REDIS_PORT))
         self._start_node(f"redis-{REPLICA_PORT}", self.redis_config(REPLICA_PORT, replica_of=REDIS_PORT))
-        self._wait("redis-server", lambda: self._pings(REDIS_PORT) and self._pings(REPLICA_PORT))
+        until(lambda: self._pings(REDIS_PORT) and self._pings(REPLICA_PORT), 15, "redis-server did not start")
         for port in SENTINEL_PORTS:
             self._start_node(f"sentinel-{port}", self.sentinel_config(port), "--sentinel")
-        self._wait("redis-sentinel", self._sentinels_ready)
+        until(self._sentinels_ready, 15, "redis-sentinel did not start")
 
     def _sentinels_ready(self) -> bool:
         """Each sentinel knows the primary, its replica and the two other sentinels."""
         for port in SENTINEL_PORTS:
-            asked = self.exec("store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "lb1", "--pass",
-                              self.redis_passwords["lb1"], "--no-auth-warning", "sentinel", "masters",
-                              capture_output=True, check=False).stdout.split()
+            asked = self._asked(port, "sentinel", "masters").split()
             fields = dict(zip(asked[::2], asked[1::2]))
             if fields.get("num-slaves") != "1" or fields.get("num-other-sentinels") != "2":
                 return False
@@ -346,10 +339,8 @@ class ClusterTopology(Topology):
         """A node killed earlier, back as a replica of the primary now (started as a primary, it
         would take writes, empty, until the sentinels turned it), once it follows it."""
         self._start_node(f"redis-{port}", self.redis_config(port, replica_of=self.primary_port()))
-        self._wait("a replica's link to its primary", lambda: "master_link_status:up" in self.exec(
-            "store", "redis-cli", "-h", STORE, "-p", str(port), "--user", "sentinel", "--pass",
-            self.internal_passwords["sentinel"], "--no-auth-warning", "info", "replication",
-            capture_output=True, check=False).stdout)
+        until(lambda: "master_link_status:up" in self._asked(port, "info", "replication", user="sentinel"), 15,
+              "a replica's link to its primary did not come up")
 
     def stop_redis(self) -> None:
         for name in [n for n in self.processes if n == "redis" or n.startswith(("redis-", "sentinel-"))]:

@@ -29,6 +29,7 @@ from .netns import (
     tunnel_address,
     tunnel_vni,
     underlay_address,
+    until,
 )
 
 PORT = 8080
@@ -330,7 +331,7 @@ def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings
     still_running()
     if settings.redis == "sentinel":
         killed = topo.kill_redis_primary()
-        _until(lambda: topo.primary_port() != killed, 20, "the sentinels promoted no replica")
+        until(lambda: topo.primary_port() != killed, 20, "the sentinels promoted no replica")
         topo.restart_redis_node(killed)
     else:
         topo.stop_redis()
@@ -340,15 +341,15 @@ def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings
     victim.proc.kill()
     victim.proc.wait()
     victim.log.close()
-    _until(lambda: balancer_address(int(victim.role.removeprefix("lb"))) not in topo.nexthops(), 10,
+    until(lambda: balancer_address(int(victim.role.removeprefix("lb"))) not in topo.nexthops(), 10,
            f"the router kept {victim.role}")
     workers[-1] = WorkerProcess(topo, victim.config_path, victim.log_path.with_suffix(".restarted.log"), victim.role)
     topo.wait_announced(len(workers))
     still_running()
     topo.exec("b1", "nft", "-f", "-", input=FLAP_BLOCK.format(port=PORT))
-    _until(lambda: all(_backend_healthy(topo, w, "b1") is False for w in workers), 15, "b1 stayed up")
+    until(lambda: all(_backend_healthy(topo, w, "b1") is False for w in workers), 15, "b1 stayed up")
     topo.exec("b1", "nft", "delete", "table", "inet", "mplb_lab_flap")
-    _until(lambda: all(_backend_healthy(topo, w, "b1") for w in workers), 15, "b1 stayed down")
+    until(lambda: all(_backend_healthy(topo, w, "b1") for w in workers), 15, "b1 stayed down")
     for transfer in running:
         result = json.loads(transfer.communicate(timeout=120)[0] or "{}")
         if result.get("received") != FAULT_TRANSFER_BYTES or not result.get("intact"):
@@ -362,13 +363,6 @@ def _backend_healthy(topo: ClusterTopology, worker: WorkerProcess, backend: str)
                                   str(worker.config_path), capture_output=True).stdout)
     return next((b["healthy"] for s in status["services"] for b in s["backends"] if b["name"] == backend), None)
 
-
-def _until(condition, seconds: float, failure: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"lab faults: {failure} within {seconds:g} s")
-        time.sleep(0.1)
 
 
 def _table(results: dict) -> str:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,15 @@ class Topology:
         out = self.exec(role, "nstat", "-asz", env={**os.environ, "NSTAT_HISTORY": "/dev/null"},
                         capture_output=True, text=True).stdout
         return {m[0]: int(m[1]) for m in re.findall(r"^(MPTcpExt\w+)\s+(\d+)", out, re.M)}
+
+
+def until(condition, seconds: float, failure: str) -> None:
+    """Until condition() holds; RuntimeError after `seconds` ("<failure> within N s")."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{failure} within {seconds:g} s")
+        time.sleep(0.05)
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
