@@ -4,7 +4,7 @@ as the kernel does; replacements; renewals; deletes; reads with time left) and t
 
 
 class KernelMaps:
-    queue_mode = "test"
+    queue_mode = table_owner = "test"
     TIMEOUT = 3600.0  # seconds left of a token put in by a test itself
 
     def __init__(self, held=()):

@@ -15,9 +15,9 @@ import pytest
 from netlab import KERNEL, MB, fetch, fetch_in_background, token_map, wait_for
 
 from mplb_nfq.core.news import Keys
-from mplb_nfq.lab.ecmp import ClusterTopology, balancer_address
+from mplb_nfq.lab.ecmp import STORE, ClusterTopology, balancer_address
 from mplb_nfq.lab.judge import Judge
-from mplb_nfq.lab.lab import PORT, WorkerProcess, config_text
+from mplb_nfq.lab.lab import FLAP_BLOCK, PORT, WorkerProcess, config_text
 from mplb_nfq.lab.netns import leftover_namespaces
 
 pytestmark = KERNEL
@@ -265,6 +265,65 @@ def transfers_intact(topo, event):
     print(f"subflows reset by a backend after {event}: {lost}")
     assert lost == 0
     assert wrong_joins(topo) == before_wrong
+
+
+def unavailable(topo, role) -> set[int]:
+    """The marks of the backends a balancer's kernel takes no new connection to."""
+    listing = json.loads(topo.exec(role, "nft", "-j", "list", "set", "inet", "mplb", "unavailable",
+                                   capture_output=True).stdout)
+    (elements,) = [item["set"].get("elem", []) for item in listing["nftables"] if "set" in item]
+    return set(elements)
+
+
+def b1_as_seen(cluster, role) -> tuple[bool, bool]:
+    """(healthy as the balancer uses it, its own check) of b1."""
+    (b1,) = [b for b in cluster.full_status(role)["services"][0]["backends"] if b["name"] == "b1"]
+    return b1["healthy"], b1["checked"]
+
+
+@contextmanager
+def checks_failing(topo, backend, *roles):
+    """These balancers' health checks of `backend` fail at the backend (their SYNs to its port
+    dropped there); clients' connections go on."""
+    sources = "{ " + ", ".join(balancer_address(int(role[2:])) for role in roles) + " }"
+    topo.exec(backend, "nft", "-f", "-", input=FLAP_BLOCK.format(port=PORT, sources=sources))
+    try:
+        yield
+    finally:
+        topo.exec(backend, "nft", "delete", "table", "inet", "mplb_lab_flap")
+
+
+def test_balancers_build_their_tables_from_one_view_of_the_backends_and_one_cut_off_goes_by_its_own(cluster):
+    """b1 is down in the cluster's view when more than half of the balancers see it down. Only lb1
+    failing to check it (1 of 2) keeps it in both tables, so the flows the router moves from lb2
+    to lb1 keep their backend; both failing takes it out of both; lb1 cut off from Redis goes by
+    its own checks, and says so."""
+    topo = cluster.topo
+    marks = {b["name"]: int(b["mark"], 16) for b in cluster.full_status("lb1")["services"][0]["backends"]}
+    b1_mark, b2_mark = marks["b1"], marks["b2"]
+    with checks_failing(topo, "b1", "lb1"):
+        with transfers_intact(topo, "lb1 could not check b1 and the router moved every flow to lb1"):
+            wait_for(lambda: b1_as_seen(cluster, "lb1") == (True, False), 10)  # down for lb1, up for the cluster
+            assert b1_as_seen(cluster, "lb2") == (True, True)
+            assert b1_mark not in unavailable(topo, "lb1") | unavailable(topo, "lb2")
+            topo.stop_bird("lb2")
+            wait_for(lambda: topo.nexthops() == [balancer_address(1)], 10)
+        topo.start_bird("lb2")
+        with checks_failing(topo, "b2", "lb1", "lb2"):  # b2: both see it down
+            wait_for(lambda: all(b2_mark in unavailable(topo, role) for role in topo.balancer_names), 10)
+        wait_for(lambda: all(not unavailable(topo, role) for role in topo.balancer_names), 10)
+        cut = f"table inet redis_cut {{\n chain output {{\n type filter hook output priority 0; ip daddr {STORE} drop\n }}\n}}\n"
+        topo.exec("lb1", "nft", "-f", "-", input=cut)
+        try:
+            wait_for(lambda: cluster.full_status("lb1")["backend_view"]["source"] == "own checks", 10)
+            wait_for(lambda: b1_mark in unavailable(topo, "lb1"), 5)
+            assert b1_mark not in unavailable(topo, "lb2")
+        finally:
+            topo.exec("lb1", "nft", "delete", "table", "inet", "redis_cut")
+        wait_for(lambda: cluster.full_status("lb1")["backend_view"] == {"source": "cluster", "voters": 2}, 15)
+        wait_for(lambda: b1_mark not in unavailable(topo, "lb1"), 5)
+    wait_for(lambda: all(b1_as_seen(cluster, role) == (True, True) for role in topo.balancer_names), 10)
+    topo.wait_announced(2)
 
 
 def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_again_once_back(cluster):

@@ -248,7 +248,7 @@ def test_heartbeats_are_parsed_strictly_and_at_most_so_many_peers_are_kept():
                         ("lb4", '{"fingerprint": "0123456789ab", "at": true}'), ("lb5", "\ufffd"),
                         ("lb6", None), ("x" * 65, good), ("lb7", '{"fingerprint": "<script>", "at": 1}'),
                         ("lb8", "[]"), ("lb9", "[" * 100_000)], rejected)  # json's recursion limit
-    assert beats == {"lb2": ("0123456789ab", 1000.0)} and rejected["malformed"] == 8
+    assert beats == {"lb2": ("0123456789ab", 1000.0, frozenset())} and rejected["malformed"] == 8
     many = peer_beats([(f"lb{i}", good) for i in range(MAX_PEERS + 10)], rejected)
     assert len(many) == MAX_PEERS and rejected["malformed"] == 18
 
@@ -411,3 +411,111 @@ def test_after_an_outage_what_redis_keeps_for_a_balancer_is_what_it_holds_now(tm
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_backend_is_down_in_the_clusters_view_when_more_than_half_of_the_voters_see_it_down():
+    from mplb_nfq.core.backend_view import shared_view
+
+    own = {"b1": False, "b2": True}
+    assert shared_view(own, []) == own  # alone: its own checks
+    assert shared_view(own, [set()]) == {"b1": True, "b2": True}  # 1 of 2: a tie keeps it up
+    assert shared_view(own, [{"b1"}]) == {"b1": False, "b2": True}
+    assert shared_view(own, [set(), {"b2"}]) == {"b1": True, "b2": True}  # 1 of 3 each
+    assert shared_view(own, [{"b1"}, {"b2"}]) == {"b1": False, "b2": True}  # b1: 2 of 3
+    assert shared_view({"b1": True}, [{"b1"}, {"b1"}]) == {"b1": False}  # the peers outvote it
+    assert shared_view({"b1": True}, [{"ghost"}]) == {"b1": True}  # a name it does not have counts for nothing
+
+
+def test_a_heartbeat_carries_the_backends_its_balancer_sees_down_and_a_malformed_vote_is_refused():
+    rejected = Counter()
+    beats = peer_beats([("lb2", heartbeat("0123456789ab", 5, 1000.0, {"b2", "b1"})),
+                        ("lb3", '{"fingerprint": "0123456789ab", "at": 1, "down": "b1"}'),
+                        ("lb4", '{"fingerprint": "0123456789ab", "at": 1, "down": ["b1", 7]}'),
+                        ("lb5", '{"fingerprint": "0123456789ab", "at": 1, "down": ["b 1"]}'),
+                        ("lb6", '{"fingerprint": "0123456789ab", "at": 1, "down": ["b1"] }'.replace(
+                            '["b1"]', str([f"b{i}" for i in range(5000)]).replace("'", '"')))], rejected)
+    assert beats == {"lb2": ("0123456789ab", 1000.0, frozenset({"b1", "b2"}))} and rejected["malformed"] == 4
+    older = peer_beats([("lb2", '{"fingerprint": "0123456789ab", "at": 1000}')], rejected)  # before votes
+    assert older["lb2"].down == frozenset()
+
+
+class LinkStandIn:
+    """What ClusterTurn uses of ops.link.LinkHandle."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def restart_due(self):
+        return False
+
+
+def test_a_balancer_builds_its_tables_from_the_clusters_view_and_goes_by_its_own_checks_when_cut_off(tmp_path):
+    from prometheus_client import generate_latest
+    from test_config import cluster_config
+
+    from mplb_nfq.core.news import Checked
+    from mplb_nfq.ops.cluster_turn import ClusterTurn
+    from mplb_nfq.ops.config import from_dict
+    from mplb_nfq.ops.metrics import WorkerCollector
+    from mplb_nfq.ops.status import render_status
+    from mplb_nfq.worker import Worker
+
+    w = Worker(from_dict(cluster_config(tmp_path)), KernelMaps())
+    link, plane = LinkStandIn(), w.plane
+    turn = ClusterTurn(link, w.peers, plane, w.held)
+    w.peers.fingerprint = plane.fingerprint()
+
+    def view(peers_down: dict[str, list[str]], connected=True, fingerprint=w.peers.fingerprint):
+        peers = {name: {"fingerprint": fingerprint, "age_s": 0.5, "down": down} for name, down in peers_down.items()}
+        turn.heard(LinkState(connected, 0, {}, {}, peers, None, resyncs=1, outages=0, followed=True))
+
+    def available() -> dict[str, bool]:
+        return {b.name: b.available for b in w.balancer.backends}
+
+    def metric(text: str, name: str) -> str:
+        return next(line.split()[-1] for line in text.splitlines() if line.startswith(name))
+
+    plane.set_health("b1", False, "connection refused")  # this balancer's own check
+    assert available() == {"b1": False, "b2": True}  # no word from the cluster yet: its own checks
+    turn.turn()
+    assert Checked(frozenset({"b1"})) in link.sent  # its vote, to the link
+    view({"lb2": []})  # its peer sees b1 up: a tie keeps b1 in every table
+    assert available() == {"b1": True, "b2": True}
+    status = plane.status()
+    assert status["backend_view"] == {"source": "cluster", "voters": 2}
+    b1 = status["services"][0]["backends"][0]
+    assert (b1["name"], b1["healthy"], b1["checked"]) == ("b1", True, False)
+    text = render_status(status)
+    assert "backends' health: the cluster's view (2 balancers vote)" in text and "(own check: down)" in text
+    text = generate_latest(_registry(WorkerCollector(plane))).decode()
+    assert metric(text, 'mplb_backend_check_up{backend="b1"') == "0.0"
+    assert metric(text, 'mplb_backend_up{backend="b1"') == "1.0"
+    assert metric(text, "mplb_cluster_backend_view_shared") == "1.0"
+    view({"lb2": ["b1"], "lb3": []})  # 2 of 3 see it down
+    assert available() == {"b1": False, "b2": True}
+    view({"lb2": ["b2"], "lb3": ["b2"]}, fingerprint="ffffffffffff")  # another config: its votes do not count
+    assert available() == {"b1": False, "b2": True} and plane.backend_view()["voters"] == 1
+    view({"lb2": []}, connected=False)  # cut off from Redis: its own checks, said in status and metrics
+    assert available() == {"b1": False, "b2": True}
+    assert plane.status()["backend_view"] == {"source": "own checks", "why": "cut off from the cluster's Redis"}
+    assert "OWN CHECKS ONLY (cut off from the cluster's Redis)" in render_status(plane.status())
+    assert metric(generate_latest(_registry(WorkerCollector(plane))).decode(),
+                  "mplb_cluster_backend_view_shared") == "0.0"
+    view({"lb2": []})
+    assert available() == {"b1": True, "b2": True}
+    turn.heard(None)  # the link process died
+    assert available() == {"b1": False, "b2": True}
+    plane.set_health("b1", True, None)
+    turn.turn()
+    assert link.sent[-1] == Checked(frozenset())
+
+
+def _registry(collector):
+    from prometheus_client.registry import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry

@@ -60,7 +60,8 @@ def test_an_end_published_while_the_follower_was_cut_off_still_reaches_the_worke
         peer.set(Keys("t").of("lb3", kind), "not a stream, not a set")
     peer.set(Keys("t").of("lb3", "beat"), heartbeat("0123456789ab", 0, time.time()))
     link = Link(cfg, 60, "0123456789ab", lambda message: None)
-    link.heartbeat(peer)
+    link.beat(peer)
+    link.look(peer)
     assert list(link.peers) == ["lb3"] and not link.followed
     news = multiprocessing.get_context("fork").Queue()
     follower = multiprocessing.get_context("fork").Process(target=follow, args=(cfg, news), daemon=True)

@@ -12,7 +12,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 from .tokens import flow_comment, flow_of_comment
 
@@ -22,7 +22,8 @@ MILLIS = re.compile(r"[0-9]{1,15}")  # Unix milliseconds, ASCII digits only (str
 FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 MAX_ITEMS = 100_000  # in one field: more is not a batch a balancer writes
 MAX_PEERS = 64  # heartbeats read: their names become metric labels
-MAX_HEARTBEAT = 256  # bytes: a balancer's is under 100
+MAX_DOWN = 4096  # backends a heartbeat may say are down (kernel.max_backends's highest)
+MAX_HEARTBEAT = 128 + 67 * MAX_DOWN  # bytes: a balancer's is under 100, and 67 more per backend down
 MAX_SUBFLOWS = 8  # join subflows kept per connection (Linux opens at most 8): more are a client's replays
 
 
@@ -208,28 +209,46 @@ def teacher_of(comment: str | None) -> tuple[str, tuple | None] | None:
     return origin, flow_of_comment(connection)
 
 
-def heartbeat(fingerprint: str, published: int, at: float) -> str:
-    """A balancer's heartbeat value: its config's fingerprint, what it published, when (Unix seconds)."""
-    return json.dumps({"fingerprint": fingerprint, "published": published, "at": int(at * 1000)})
+@dataclass(frozen=True)
+class Checked:
+    """The backends a balancer's own health checks see down, from its worker to its link."""
+    down: frozenset[str]
 
 
-def peer_beats(beats: Iterable[tuple[str, str | None]], rejected: Counter[str]) -> dict[str, tuple[str, float]]:
-    """(name, heartbeat value) as read from Redis -> name: (fingerprint, Unix seconds), at most
-    MAX_PEERS of them; a malformed one is counted in `rejected` and left out."""
+class Beat(NamedTuple):
+    """A peer's heartbeat, read: its config's fingerprint, when it beat (Unix seconds), and the
+    backends its own health checks see down."""
+    fingerprint: str
+    at: float
+    down: frozenset[str] = frozenset()
+
+
+def heartbeat(fingerprint: str, published: int, at: float, down: Iterable[str] = ()) -> str:
+    """A balancer's heartbeat value: its config's fingerprint, what it published, when (Unix
+    seconds), and the backends its own checks see down (its vote in the cluster's view of them)."""
+    return json.dumps({"fingerprint": fingerprint, "published": published, "at": int(at * 1000),
+                       "down": sorted(down)})
+
+
+def peer_beats(beats: Iterable[tuple[str, str | None]], rejected: Counter[str]) -> dict[str, Beat]:
+    """(name, heartbeat value) as read from Redis -> name: Beat, at most MAX_PEERS of them; a
+    malformed one is counted in `rejected` and left out."""
     peers = {}
     for name, value in beats:
         try:
             if len(value or "") > MAX_HEARTBEAT:  # "[" * 100000 would reach json's recursion limit
                 raise ValueError("too long")
             beat = json.loads(value or "")
-            fingerprint, at = beat["fingerprint"], beat["at"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            fingerprint = at = None
+            fingerprint, at, down = beat["fingerprint"], beat["at"], beat.get("down", [])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            fingerprint = at = down = None
         if (not NAME.fullmatch(name) or not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint)
-                or type(at) is not int or not 0 <= at < 10 ** 15 or len(peers) >= MAX_PEERS):
+                or type(at) is not int or not 0 <= at < 10 ** 15 or len(peers) >= MAX_PEERS
+                or not isinstance(down, list) or len(down) > MAX_DOWN
+                or not all(isinstance(d, str) and NAME.fullmatch(d) for d in down)):
             rejected["malformed"] += 1
             continue
-        peers[name] = (fingerprint, at / 1000)
+        peers[name] = Beat(fingerprint, at / 1000, frozenset(down))
     return peers
 
 

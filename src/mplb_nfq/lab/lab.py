@@ -307,10 +307,11 @@ FAULT_TRANSFER_BYTES = 60_000_000  # two of them outlast the three faults on the
 FLAP_BLOCK = """table inet mplb_lab_flap {{
     chain input {{
         type filter hook input priority 0;
-        ip saddr 10.0.9.2-10.0.9.9 tcp dport {port} tcp flags & (syn | ack) == syn drop
+        ip saddr {sources} tcp dport {port} tcp flags & (syn | ack) == syn drop
     }}
 }}
-"""  # the balancers' health checks fail; clients' connections (from the client's addresses) go on
+"""  # these balancers' health checks fail; clients' connections (from the client's addresses) go on
+EVERY_BALANCER = "10.0.9.2-10.0.9.9"
 
 
 def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings: LabSettings) -> dict:
@@ -346,7 +347,7 @@ def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings
     workers[-1] = WorkerProcess(topo, victim.config_path, victim.log_path.with_suffix(".restarted.log"), victim.role)
     topo.wait_announced(len(workers))
     still_running()
-    topo.exec("b1", "nft", "-f", "-", input=FLAP_BLOCK.format(port=PORT))
+    topo.exec("b1", "nft", "-f", "-", input=FLAP_BLOCK.format(port=PORT, sources=EVERY_BALANCER))
     until(lambda: all(_backend_healthy(topo, w, "b1") is False for w in workers), 15, "b1 stayed up")
     topo.exec("b1", "nft", "delete", "table", "inet", "mplb_lab_flap")
     until(lambda: all(_backend_healthy(topo, w, "b1") for w in workers), 15, "b1 stayed down")

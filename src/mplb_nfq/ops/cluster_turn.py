@@ -1,13 +1,15 @@
 """A cluster balancer's share of the worker's loop: the link's pipe watched (the link started
 again should it die), this balancer's news flushed every turn, the config's fingerprint sent
-after a reload, and the VIPs announced while a backend is available and the balancer has caught
-up from Redis."""
+after a reload and its own health checks' verdicts when they change, the peers' verdicts taken
+into the backends' shared view, and the VIPs announced while a backend is available and the
+balancer has caught up from Redis."""
 from __future__ import annotations
 
+from ..core.news import Checked
 from ..kernel.announce import Announcement
 from .controlplane import ControlPlane
 from .holding import Holding
-from .link import LinkHandle, LinkState
+from .link import LinkHandle, LinkState, PeerNews
 from .loop import Loop
 from .peers import Peers
 
@@ -18,6 +20,7 @@ class ClusterTurn:
         self.loop: Loop | None = None
         self.announcement: Announcement | None = None
         self.fingerprinted = None  # the config the link last heard the fingerprint of
+        self.told_down: frozenset[str] | None = None  # what the link last heard this balancer's checks see down
 
     def start(self, loop: Loop) -> None:
         """In the serving process: a child that held the announcement device would keep the route."""
@@ -35,23 +38,32 @@ class ClusterTurn:
                 message = self.link.recv()
             except EOFError:  # started again in a while; meanwhile this balancer balances alone
                 self.loop.unwatch(fd)
-                self.peers.state = None
-                return
-            if isinstance(message, LinkState):
-                self.peers.state = message
-            else:
-                self.peers.news(message)
-                self.held.release()  # a join may have waited for this peer's token
+                message = None
+            self.heard(message)
 
         self.loop.watch(fd, from_link)
+
+    def heard(self, message: LinkState | PeerNews | None) -> None:
+        """A message from the link (None: the link is gone)."""
+        if message is None or isinstance(message, LinkState):
+            self.peers.state = message
+            self.plane.set_peer_votes(self.peers.votes())
+        else:
+            self.peers.news(message)
+            self.held.release()  # a join may have waited for this peer's token
 
     def turn(self) -> None:
         if self.plane.cfg is not self.fingerprinted:  # a reload: peers compare the new one
             self.fingerprinted, self.peers.fingerprint = self.plane.cfg, self.plane.fingerprint()
             self.link.send(self.peers.fingerprint)
+        down = self.plane.checked_down()
+        if down != self.told_down:
+            self.link.send(Checked(down))
+            self.told_down = down
         self.peers.flush(self.link)
         if self.link.restart_due():
             self.link.restart(self.peers.fingerprint)
+            self.told_down = None
             self._watch_link()
         if self.announcement:
             self.announcement.set(self.plane.any_available() and self.peers.ready_to_announce())

@@ -4,9 +4,11 @@ to the others (`kernel=False` there)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
+from ..core.backend_view import shared_view
 from ..core.balancer import Backend, Balancer
 from ..core.news import fingerprint
 from ..core.schedulers import Index
@@ -41,6 +43,11 @@ class ControlPlane:
         self.started = time.time()
         self.follower: dict = {}  # what the conntrack follower says of itself (Counts)
         self.peers = None  # in a cluster: ops.peers.Peers
+        self.checked: dict[str, bool] = {}  # this balancer's own health checks: backend -> up
+        # in a cluster, while Redis is reachable: the backends each voting peer sees down
+        # (core.backend_view); None: this balancer goes by its own checks
+        self.peer_votes: list[frozenset[str]] | None = None
+        self.view_lock = threading.Lock()  # the health thread and the loop both refresh the view
 
     def fingerprint(self) -> str:
         """What must be the same on every balancer of a cluster for them to decide alike."""
@@ -96,10 +103,46 @@ class ControlPlane:
             self.unavailable_in_kernel = marks
 
     def set_health(self, name: str, up: bool, error: str | None) -> None:
-        backend = self.backends().get(name)
-        if backend is not None:
-            backend.healthy = up
+        """This balancer's own check of a backend changed."""
+        self.checked[name] = up
+        self.refresh_view()
         self.fleet.broadcast(HealthChanged(name, up, error))
+
+    def set_peer_votes(self, votes: list[frozenset[str]] | None) -> None:
+        """The cluster's votes as the link last heard them; None: cut off, own checks only."""
+        if votes != self.peer_votes:
+            if (votes is None) != (self.peer_votes is None):
+                log.warning("backends' health: %s", "the cluster's view" if votes is not None else
+                            "this balancer's own checks (cut off from the cluster)")
+            self.peer_votes = votes
+            self.refresh_view()
+
+    def refresh_view(self) -> None:
+        """Each backend's health as the balancer uses it: its own checks, or in a cluster the
+        shared view of them (core.backend_view)."""
+        with self.view_lock:
+            running, votes = self.backends(), self.peer_votes
+            own = {name: self.checked.get(name, True) for name in running}
+            view = own if votes is None else shared_view(own, votes)
+            for name, up in view.items():
+                if running[name].healthy != up:
+                    running[name].healthy = up
+                    if votes is not None:
+                        log.warning("backend %s is now %s in the cluster's view (%d of %d balancers see it down)",
+                                    name, "up" if up else "down",
+                                    (not own[name]) + sum(name in down for down in votes), 1 + len(votes))
+
+    def checked_down(self) -> frozenset[str]:
+        """The backends this balancer's own checks see down: its vote in the cluster's view."""
+        running = self.backends()
+        return frozenset(name for name, up in self.checked.items() if not up and name in running)
+
+    def backend_view(self) -> dict:
+        if self.peers is None:
+            return {"source": "own checks"}
+        if self.peer_votes is None:
+            return {"source": "own checks", "why": "cut off from the cluster's Redis"}
+        return {"source": "cluster", "voters": 1 + len(self.peer_votes)}
 
     def health_targets(self) -> list[tuple[str, str, int]]:
         port = self.cfg.health.port
@@ -156,6 +199,7 @@ class ControlPlane:
         self.balancer.update(services, [r.backend for r in self.retired.values()])
         health_changed = new.health != self.cfg.health
         self.cfg = new
+        self.refresh_view()
         if health_changed and kernel:  # the first worker runs the checks
             self.start_health()
         if kernel:
@@ -234,14 +278,15 @@ class ControlPlane:
                 "name": s.name, "vips": list(s.vips), "ports": list(s.ports), "scheduler": s.scheduler,
                 "persistence": s.persistence, "unknown_join": s.unknown_join, "mptcp_aware": s.mptcp_aware,
                 "syns_decided_by": decided_by, "joins": s.joins, "join_ports": self.cfg.join_ports(s),
-                "backends": [backend_status(running[n]) for n in s.backends]})
+                "backends": [backend_status(running[n], self.checked.get(n, True)) for n in s.backends]})
         report = self.report()
         return {"ok": True, "services": services,
-                "retired": [backend_status(r.backend) for r in self.retired.values()],
+                "retired": [backend_status(r.backend, self.checked.get(n, True)) for n, r in self.retired.items()],
                 "tokens_tracked": report["tokens_tracked"], "flows_tracked": report["flows_tracked"],
                 "queue": self.cfg.queue, "queue_mode": self.dataplane.queue_mode, "handshakes": self.cfg.handshakes,
                 "queue_drops": queue_drops(self.cfg.queue, self.cfg.workers), "table_owner": self.dataplane.table_owner,
                 "uptime_s": round(time.time() - self.started, 1), "conntrack": self.follower,
+                "backend_view": self.backend_view(),
                 "health_errors": {n: e for n, e in (self.health.last_error if self.health else {}).items() if e},
                 "packets": report}
 
@@ -256,7 +301,8 @@ class ControlPlane:
         return {"ok": False, "error": f"unknown command {command!r} (status, drain, undrain, reload)"}
 
 
-def backend_status(b: Backend) -> dict:
-    return {"name": b.name, "addresses": list(b.addresses), "state": b.state, "healthy": b.healthy,
+def backend_status(b: Backend, checked: bool) -> dict:
+    """healthy: as the balancer uses it (in a cluster, the shared view); checked: its own check."""
+    return {"name": b.name, "addresses": list(b.addresses), "state": b.state, "healthy": b.healthy, "checked": checked,
             "weight": b.weight, "drained": b.drained, "mark": f"0x{b.mark:x}", "table": b.table,
             "connections": b.active, "subflows": b.subflows}

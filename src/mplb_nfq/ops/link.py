@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ..core.news import (
     MAX_PEERS,
     Batch,
+    Checked,
     Keys,
     decode,
     encode,
@@ -37,7 +38,7 @@ from ..kernel.process import die_with_parent
 log = logging.getLogger("mplb_nfq.cluster")
 STREAM_LENGTH = 100_000  # batches kept in the stream (about): a peer that falls further behind catches up
 HEARTBEAT_SECONDS, HEARTBEAT_TTL = 2.0, 10
-LOOK_SECONDS = 0.5  # how often the follower looks for a balancer it has not met
+LOOK_SECONDS = 0.5  # how often the links look for a balancer they have not met, and read the peers' heartbeats
 READ_ENTRIES = 100  # entries of a stream read at once (each up to MAX_ITEMS items: a reply stays bounded)
 STATE_SECONDS = 1.0
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
@@ -151,6 +152,8 @@ class Link:
         self.writer_up = self.reader_up = False
         self.resyncs = self.outages = 0
         self.followed = False
+        self.down: frozenset[str] = frozenset()  # the backends this balancer's checks see down
+        self.beat_due = False  # the checks changed: a heartbeat at once, not in HEARTBEAT_SECONDS
 
     # -- from the worker ----------------------------------------------------------------------
     def receive(self, pipe) -> None:
@@ -171,6 +174,10 @@ class Link:
                     return None
                 if isinstance(item, str):  # the config's fingerprint after a reload
                     self.fingerprint = item
+                    item = self.incoming.get_nowait()
+                    continue
+                if isinstance(item, Checked):
+                    self.down, self.beat_due = item.down, True
                     item = self.incoming.get_nowait()
                     continue
                 merged.at = min(merged.at, item.at)
@@ -207,7 +214,7 @@ class Link:
         self.published += len(batch.tokens) + len(batch.subflows)
 
     def publish_forever(self) -> None:
-        client, retry, next_beat, next_state = None, 0, 0.0, 0.0
+        client, retry, next_beat, next_look, next_state = None, 0, 0.0, 0.0, 0.0
         while True:
             batch = self.next_batch(0.05 if client else 0.2)
             if batch is None:
@@ -217,8 +224,9 @@ class Link:
                 self.ended = (self.ended + batch.ended)[-ENDED_KEPT:]
                 try:
                     client = connect(self.cfg)
-                    self.heartbeat(client)  # peers meet this balancer by it
-                    next_beat = time.monotonic() + self.beat_interval()
+                    self.beat(client)  # peers meet this balancer by it
+                    self.look(client)
+                    next_beat, next_look = time.monotonic() + HEARTBEAT_SECONDS, time.monotonic() + LOOK_SECONDS
                     self.publish_again(client)
                     self.ended, retry, self.writer_up = [], 0, True
                 except Exception as e:
@@ -232,15 +240,16 @@ class Link:
                     self.ended = (self.ended + batch.ended)[-ENDED_KEPT:]
                     client = self._lost("publishing", e)
             now = time.monotonic()
-            if client is not None and now >= next_beat:
-                followed = self.followed
+            if client is not None and (now >= next_look or self.beat_due):
                 try:
-                    self.heartbeat(client)
+                    if now >= next_beat or self.beat_due:
+                        self.beat(client)
+                        next_beat = now + HEARTBEAT_SECONDS
+                    if self.look(client):
+                        next_state = now  # the worker may announce, or its backends' view changed: now
                 except Exception as e:
                     client = self._lost("heartbeat", e)
-                next_beat = now + self.beat_interval()
-                if self.followed and not followed:
-                    next_state = now  # the worker may announce: now, not within STATE_SECONDS
+                next_look = now + LOOK_SECONDS
             if now >= next_state:
                 self.send(self.state())
                 next_state = now + STATE_SECONDS
@@ -262,24 +271,31 @@ class Link:
         self.writer_up, self.error = False, f"{doing}: {said(error)}"
         return None
 
-    def heartbeat(self, client) -> None:
-        client.set(self.keys.of(self.name, "beat"), heartbeat(self.fingerprint, self.published, time.time()),
-                   ex=HEARTBEAT_TTL)
+    def beat(self, client) -> None:
+        """This balancer's heartbeat, with the backends its checks see down (its vote)."""
+        self.beat_due = False
+        client.set(self.keys.of(self.name, "beat"),
+                   heartbeat(self.fingerprint, self.published, time.time(), self.down), ex=HEARTBEAT_TTL)
+
+    def look(self, client) -> bool:
+        """The peers' heartbeats and whether each follows this balancer; True when the worker
+        should hear of it at once: every peer follows it now, or a peer's vote on the backends
+        changed (or a peer came or went)."""
         names = self.balancers(client, "beat")
         beats = peer_beats(zip(names, client.mget([self.keys.of(n, "beat") for n in names]) if names else []),
                            self.rejected)
         now = time.time()
-        self.peers = {name: {"fingerprint": fingerprint, "age_s": round(now - at, 1)}
-                      for name, (fingerprint, at) in beats.items()}
+        votes_before = {name: (peer["fingerprint"], peer["down"]) for name, peer in self.peers.items()}
+        self.peers = {name: {"fingerprint": beat.fingerprint, "age_s": round(now - beat.at, 1),
+                             "down": sorted(beat.down)} for name, beat in beats.items()}
         pipe = client.pipeline(transaction=False)
         for name in beats:
             pipe.sismember(self.keys.of(name, "following"), self.name)
+        followed = self.followed
         # a peer's key of another type (its user can write one) answers an error: not followed there
         self.followed = all(answer == 1 for answer in pipe.execute(raise_on_error=False))
-
-    def beat_interval(self) -> float:
-        """Until every peer follows this balancer, it looks as often as followers look for peers."""
-        return HEARTBEAT_SECONDS if self.followed else LOOK_SECONDS
+        return (self.followed and not followed) or \
+            votes_before != {name: (peer["fingerprint"], peer["down"]) for name, peer in self.peers.items()}
 
     def balancers(self, client, kind: str) -> list[str]:
         """The other balancers that have a `kind` key, MAX_PEERS of them at most."""

@@ -140,8 +140,11 @@ class WorkerCollector:
                                         labels=["service", "backend"])
         subflows = GaugeMetricFamily("mplb_backend_subflows", "Active added subflows (MP_JOIN) per backend",
                                      labels=["service", "backend"])
-        up = GaugeMetricFamily("mplb_backend_up", "1 when the backend's health check passes",
+        up = GaugeMetricFamily("mplb_backend_up", "1 when the backend is healthy as the balancer uses it: its "
+                               "health check passes, in a cluster the cluster's view of the checks",
                                labels=["service", "backend"])
+        checked = GaugeMetricFamily("mplb_backend_check_up", "1 when this balancer's own health check passes",
+                                    labels=["service", "backend"])
         weight = GaugeMetricFamily("mplb_backend_weight", "The backend's weight", labels=["service", "backend"])
         draining = GaugeMetricFamily("mplb_backend_draining", "1 when the backend takes no new connections",
                                      labels=["service", "backend"])
@@ -151,9 +154,10 @@ class WorkerCollector:
                 connections.add_metric(labels, b.active)
                 subflows.add_metric(labels, b.subflows)
                 up.add_metric(labels, int(b.healthy))
+                checked.add_metric(labels, int(w.checked.get(b.name, True)))
                 weight.add_metric(labels, b.weight)
                 draining.add_metric(labels, int(not b.available and b.healthy))
-        yield from (connections, subflows, up, weight, draining)
+        yield from (connections, subflows, up, checked, weight, draining)
 
         drops = CounterMetricFamily("mplb_nfqueue_dropped_packets", "Packets the kernel dropped at the queue",
                                     labels=["reason"])
@@ -168,6 +172,10 @@ class WorkerCollector:
         yield latency
         if w.peers:
             yield from _cluster_metrics(w.peers, nft)
+            shared = GaugeMetricFamily("mplb_cluster_backend_view_shared", "1 while backends' health is the "
+                                       "cluster's view, 0 while this balancer goes by its own checks (cut off)")
+            shared.add_metric([], int(w.peer_votes is not None))
+            yield shared
 
 
 def _cluster_metrics(peers, nft: dict[str, int]):

@@ -195,6 +195,15 @@ class Peers:
             or time.monotonic() - self.started > CATCH_UP_SECONDS
         return self.ready
 
+    def votes(self) -> list[frozenset[str]] | None:
+        """The backends each peer sees down, of the peers whose heartbeat is in Redis and whose
+        config decides as this one's (a peer's of another config may name other backends); None
+        while the link does not reach Redis: this balancer then goes by its own checks."""
+        if self.state is None or not self.state.connected:
+            return None
+        return [frozenset(peer["down"]) for peer in self.state.peers.values()
+                if peer["fingerprint"] == self.fingerprint]
+
     def held_found(self, token: int) -> None:
         if self.taught.get(token, self.name) != self.name:
             self.stats["held_for_peer"] += 1

@@ -29,14 +29,17 @@ def render_status(status: dict) -> str:
         lines += [_backend_line(b) for b in status["retired"]]
     cluster = status["packets"].get("cluster")
     if cluster:
-        lines += _cluster_lines(cluster)
+        lines += _cluster_lines(cluster, status["backend_view"])
     return "\n".join(lines)
 
 
-def _cluster_lines(c: dict) -> list[str]:
+def _cluster_lines(c: dict, view: dict) -> list[str]:
     announced = {True: "announced", False: "withdrawn", None: "not announced by mplb-nfq"}[c["announced"]]
+    health = f"the cluster's view ({view['voters']} balancers vote)" if view["source"] == "cluster" else \
+        f"OWN CHECKS ONLY ({view['why']})"
     lines = [f"Cluster: this balancer {c['balancer']}, VIPs {announced}, Redis {c['redis']}"
              + (f" ({c['error']})" if c["error"] else "") + f", {c['outages']} outages, {c['resyncs']} catch-ups",
+             f"  backends' health: {health}",
              f"  published {c['published']}, peer tokens held {c['peer_tokens']}, joins crossed {c['joins_crossed']}, "
              f"held for a peer's token {c['held_for_peer']}, propagation p50 {c['propagation_ms_p50']} ms "
              f"p99 {c['propagation_ms_p99']} ms, rejected {sum(c['rejected'].values())}",
@@ -50,5 +53,6 @@ def _cluster_lines(c: dict) -> list[str]:
 
 
 def _backend_line(b: dict) -> str:
+    own = "" if b["checked"] == b["healthy"] else f"  (own check: {'up' if b['checked'] else 'down'})"
     return (f"  -> {b['name']:14} {', '.join(b['addresses']):22} {b['state']:9} {b['weight']:6}  "
-            f"{b['connections']:5}  {b['subflows']:8}")
+            f"{b['connections']:5}  {b['subflows']:8}{own}")
