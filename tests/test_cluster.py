@@ -18,7 +18,7 @@ from mplb_nfq.core.news import Keys
 from mplb_nfq.lab.ecmp import STORE, ClusterTopology, balancer_address
 from mplb_nfq.lab.judge import Judge
 from mplb_nfq.lab.lab import FLAP_BLOCK, PORT, WorkerProcess, config_text
-from mplb_nfq.lab.netns import leftover_namespaces
+from mplb_nfq.lab.netns import CLIENT, leftover_namespaces
 
 pytestmark = KERNEL
 
@@ -177,6 +177,24 @@ def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(clu
     plain = topo.exec("store", "redis-cli", "-h", "10.0.9.250", "--user", "lb1", "--pass", topo.redis_passwords["lb1"],
                       "--no-auth-warning", "ping", capture_output=True, check=False)
     assert topo.tls and "PONG" not in plain.stdout
+
+
+def test_an_ipv6_join_of_an_ipv4_connection_reaches_its_backend_through_either_balancer(cluster):
+    """Dual stack: each connection opens over IPv4 and its one extra subflow goes to the IPv6 VIP
+    its backend announces; the router hashes that join to either balancer, which steers it by the
+    token, whichever family taught it."""
+    topo = cluster.topo
+    topo.dual_stack_paths()
+    try:
+        established, wrong, crossed = joins_established(topo), wrong_joins(topo), cluster.crossed()
+        results = fetch(topo, *[2 * MB] * 12, pause=0.05, mapped=True)  # AF_INET6 sockets, IPv4 first
+        assert len(results) == 12 and all(r.get("received") == 2 * MB and r["intact"] for r in results), results
+        assert wrong_joins(topo) == wrong
+        assert joins_established(topo) - established >= 11  # over IPv6: the client has no other second path
+        assert cluster.crossed() > crossed, "no IPv6 join reached another balancer than its connection"
+    finally:
+        topo.dual_stack_paths(on=False)
+        topo.exec("client", "ip", "mptcp", "endpoint", "add", CLIENT[6][1], "subflow")  # as the build left it
 
 
 def in_token_map(topo, role, token: int) -> bool:

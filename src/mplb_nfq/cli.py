@@ -214,8 +214,8 @@ def cmd_lab(args) -> int:
     if args.joins == "announced-port" and (args.family != "4" or args.tunnel):
         print("mplb-nfq lab: --joins announced-port goes with IPv4 and backends on the LAN", file=sys.stderr)
         return 2
-    if args.balancers and (args.family == "dual" or args.tunnel or args.joins != "token"):
-        print("mplb-nfq lab: --balancers goes with IPv4 or IPv6, tokens and direct server return", file=sys.stderr)
+    if args.balancers and (args.tunnel or args.joins != "token"):
+        print("mplb-nfq lab: --balancers goes with tokens and direct server return", file=sys.stderr)
         return 2
     if (args.redis != "single" or args.faults) and not args.balancers:
         print("mplb-nfq lab: --redis and --faults go with --balancers", file=sys.stderr)

@@ -177,7 +177,7 @@ def run_lab(settings: LabSettings, out_dir: str = "lab-results", as_json: bool =
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _wait_for_servers(topo, settings.backends)
             judge = Judge(topo)
-            if not settings.balancers:
+            if not settings.balancers or settings.family == "dual":  # (a cluster's client has both families' paths)
                 _set_paths(topo, settings.family)
             if settings.joins == "announced-port":
                 topo.announce_join_ports(JOIN_PORT_BASE)
