@@ -27,12 +27,12 @@ class Cluster:
     def __init__(self, topo: ClusterTopology, run_dir):
         self.topo, self.run_dir, self.workers = topo, run_dir, {}
 
-    def start(self, role: str, metrics: str = "127.0.0.1:9842") -> WorkerProcess:  # a namespace each
+    def start(self, role: str, metrics: str = "127.0.0.1:9842", workers: int = 1) -> WorkerProcess:  # a namespace each
         (self.run_dir / role).mkdir(exist_ok=True)
         config = self.run_dir / role / "mplb.toml"
         config.write_text(config_text("mplb", self.topo.backends, self.run_dir / role, metrics=metrics,
                                       direct_return=True, cluster=self.topo.cluster_config(role, "test"),
-                                      kernel="conntrack_interval = 0.5"))
+                                      kernel=f"conntrack_interval = 0.5\nworkers = {workers}"))
         self.workers[role] = WorkerProcess(self.topo, config, self.run_dir / role / "worker.log", role)
         return self.workers[role]
 
@@ -338,7 +338,8 @@ def test_balancers_build_their_tables_from_one_view_of_the_backends_and_one_cut_
             assert b1_mark not in unavailable(topo, "lb2")
         finally:
             topo.exec("lb1", "nft", "delete", "table", "inet", "redis_cut")
-        wait_for(lambda: cluster.full_status("lb1")["backend_view"] == {"source": "cluster", "voters": 2}, 15)
+        wait_for(lambda: cluster.full_status("lb1")["backend_view"] == {"source": "cluster", "voters": 2,
+                                                                      "votes_here": True}, 15)
         wait_for(lambda: b1_mark not in unavailable(topo, "lb1"), 5)
     wait_for(lambda: all(b1_as_seen(cluster, role) == (True, True) for role in topo.balancer_names), 10)
     topo.wait_announced(2)
@@ -391,6 +392,27 @@ def test_a_balancer_withdraws_when_its_worker_stops_or_dies_and_while_no_backend
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in topo.backend_names]
     topo.wait_announced(2, timeout=15)
     downloads(topo, 2, MB)
+
+
+def test_a_balancer_with_two_workers_steers_and_shares_as_one(cluster):
+    """Its first worker reads the copies and talks to the cluster; joins that race their token may
+    reach the second's queue, which passes those it steers to the first to publish."""
+    topo = cluster.topo
+    cluster.workers["lb2"].stop()
+    wait_for(lambda: topo.nexthops() == [balancer_address(1)], 5)
+    try:
+        cluster.start("lb2", workers=2)
+        topo.wait_announced(2)
+        wait_for(lambda: following_each_other(topo), 10)
+        wrong, crossed = wrong_joins(topo), cluster.crossed()
+        downloads(topo, 12, MB)
+        assert cluster.full_status("lb2")["packets"]["workers"] == 2
+        assert wrong_joins(topo) == wrong
+        assert cluster.crossed() > crossed, "no join crossed balancers"
+    finally:
+        cluster.workers["lb2"].stop()
+        wait_for(lambda: topo.nexthops() == [balancer_address(1)], 5)
+        cluster.start("lb2")
 
 
 def test_a_flow_the_router_moves_keeps_its_token_after_the_balancer_that_learned_it_forgets_it(cluster):

@@ -9,9 +9,9 @@ from collections import Counter
 from fakes import KernelMaps
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
-from mplb_nfq.core.news import (MAX_PEERS, Batch, Keys, accepted, decode, encode, from_kept, heartbeat, peer_beats,
+from mplb_nfq.core.news import (MAX_DOWN, MAX_HEARTBEAT, MAX_PEERS, Batch, Keys, accepted, decode, encode, from_kept, heartbeat, peer_beats,
                                    record, record_subflows)
-from mplb_nfq.core.marks import DISPLACEABLE, JOIN, LEARNED
+from mplb_nfq.core.marks import BACKEND_MASK, DISPLACEABLE, JOIN, LEARNED
 from mplb_nfq.ops.link import LinkState, Own, PeerNews
 from mplb_nfq.ops.logs import ThrottledLog
 from mplb_nfq.ops.peers import Peers
@@ -248,7 +248,7 @@ def test_heartbeats_are_parsed_strictly_and_at_most_so_many_peers_are_kept():
                         ("lb4", '{"fingerprint": "0123456789ab", "at": true}'), ("lb5", "\ufffd"),
                         ("lb6", None), ("x" * 65, good), ("lb7", '{"fingerprint": "<script>", "at": 1}'),
                         ("lb8", "[]"), ("lb9", "[" * 100_000)], rejected)  # json's recursion limit
-    assert beats == {"lb2": ("0123456789ab", 1000.0, frozenset())} and rejected["malformed"] == 8
+    assert beats == {"lb2": ("0123456789ab", 1000.0, None)} and rejected["malformed"] == 8
     many = peer_beats([(f"lb{i}", good) for i in range(MAX_PEERS + 10)], rejected)
     assert len(many) == MAX_PEERS and rejected["malformed"] == 18
 
@@ -416,27 +416,30 @@ def test_after_an_outage_what_redis_keeps_for_a_balancer_is_what_it_holds_now(tm
 def test_a_backend_is_down_in_the_clusters_view_when_more_than_half_of_the_voters_see_it_down():
     from mplb_nfq.core.backend_view import shared_view
 
-    own = {"b1": False, "b2": True}
-    assert shared_view(own, []) == own  # alone: its own checks
-    assert shared_view(own, [set()]) == {"b1": True, "b2": True}  # 1 of 2: a tie keeps it up
-    assert shared_view(own, [{"b1"}]) == {"b1": False, "b2": True}
-    assert shared_view(own, [set(), {"b2"}]) == {"b1": True, "b2": True}  # 1 of 3 each
-    assert shared_view(own, [{"b1"}, {"b2"}]) == {"b1": False, "b2": True}  # b1: 2 of 3
-    assert shared_view({"b1": True}, [{"b1"}, {"b1"}]) == {"b1": False}  # the peers outvote it
-    assert shared_view({"b1": True}, [{"ghost"}]) == {"b1": True}  # a name it does not have counts for nothing
+    names = ["b1", "b2"]
+    assert shared_view(names, [{"b1"}]) == {"b1": False, "b2": True}  # one voter: its checks
+    assert shared_view(names, [{"b1"}, set()]) == {"b1": True, "b2": True}  # 1 of 2: a tie keeps it up
+    assert shared_view(names, [{"b1"}, {"b1"}]) == {"b1": False, "b2": True}
+    assert shared_view(names, [{"b1"}, set(), {"b2"}]) == {"b1": True, "b2": True}  # 1 of 3 each
+    assert shared_view(names, [{"b1"}, {"b1"}, {"b2"}]) == {"b1": False, "b2": True}  # b1: 2 of 3
+    assert shared_view(names, [{"ghost"}]) == {"b1": True, "b2": True}  # a name it does not have counts for nothing
+    assert shared_view(names, []) == {"b1": True, "b2": True}
 
 
 def test_a_heartbeat_carries_the_backends_its_balancer_sees_down_and_a_malformed_vote_is_refused():
     rejected = Counter()
+    many = str([f"b{i}" for i in range(MAX_DOWN + 1)]).replace("'", '"')
     beats = peer_beats([("lb2", heartbeat("0123456789ab", 5, 1000.0, {"b2", "b1"})),
                         ("lb3", '{"fingerprint": "0123456789ab", "at": 1, "down": "b1"}'),
                         ("lb4", '{"fingerprint": "0123456789ab", "at": 1, "down": ["b1", 7]}'),
                         ("lb5", '{"fingerprint": "0123456789ab", "at": 1, "down": ["b 1"]}'),
-                        ("lb6", '{"fingerprint": "0123456789ab", "at": 1, "down": ["b1"] }'.replace(
-                            '["b1"]', str([f"b{i}" for i in range(5000)]).replace("'", '"')))], rejected)
+                        ("lb6", '{"fingerprint": "0123456789ab", "at": 1, "down": %s}' % many)], rejected)
     assert beats == {"lb2": ("0123456789ab", 1000.0, frozenset({"b1", "b2"}))} and rejected["malformed"] == 4
-    older = peer_beats([("lb2", '{"fingerprint": "0123456789ab", "at": 1000}')], rejected)  # before votes
-    assert older["lb2"].down == frozenset()
+    abstains = peer_beats([("lb2", heartbeat("0123456789ab", 5, 1000.0)),
+                           ("lb3", '{"fingerprint": "0123456789ab", "at": 1000}')], rejected)  # an older version
+    assert abstains["lb2"].down is None and abstains["lb3"].down is None
+    longest = heartbeat("0123456789ab", 10 ** 14, 9e11, [f"{i:064d}" for i in range(MAX_DOWN)])
+    assert len(longest) <= MAX_HEARTBEAT and len(peer_beats([("lb2", longest)], rejected)["lb2"].down) == MAX_DOWN
 
 
 class LinkStandIn:
@@ -459,58 +462,71 @@ def test_a_balancer_builds_its_tables_from_the_clusters_view_and_goes_by_its_own
     from mplb_nfq.core.news import Checked
     from mplb_nfq.ops.cluster_turn import ClusterTurn
     from mplb_nfq.ops.config import from_dict
+    from mplb_nfq.ops.fleet import HealthChanged
     from mplb_nfq.ops.metrics import WorkerCollector
     from mplb_nfq.ops.status import render_status
     from mplb_nfq.worker import Worker
 
     w = Worker(from_dict(cluster_config(tmp_path)), KernelMaps())
     link, plane = LinkStandIn(), w.plane
+    other_worker = LinkStandIn()  # what the first worker tells a second one
+    plane.fleet.pipes = [other_worker]
+    plane.health = SimpleNamespace(settled=False, last_error={})  # its checks have not run `fall` rounds yet
     turn = ClusterTurn(link, w.peers, plane, w.held)
     w.peers.fingerprint = plane.fingerprint()
 
-    def view(peers_down: dict[str, list[str]], connected=True, fingerprint=w.peers.fingerprint):
+    def view(peers_down: dict[str, list[str] | None], connected=True, fingerprint=w.peers.fingerprint):
         peers = {name: {"fingerprint": fingerprint, "age_s": 0.5, "down": down} for name, down in peers_down.items()}
         turn.heard(LinkState(connected, 0, {}, {}, peers, None, resyncs=1, outages=0, followed=True))
+        turn.turn()
 
     def available() -> dict[str, bool]:
+        plane.sync_unavailable()  # the kernel's set of backends its tables leave out, as written
+        written = [marks for kind, marks in w.dataplane.calls if kind == "unavailable"]
+        assert written[-1] == {b.mark for b in w.balancer.backends if not b.available}
         return {b.name: b.available for b in w.balancer.backends}
 
-    def metric(text: str, name: str) -> str:
+    def metric(name: str) -> str:
+        text = generate_latest(_registry(WorkerCollector(plane))).decode()
         return next(line.split()[-1] for line in text.splitlines() if line.startswith(name))
 
     plane.set_health("b1", False, "connection refused")  # this balancer's own check
     assert available() == {"b1": False, "b2": True}  # no word from the cluster yet: its own checks
+    view({"lb2": [], "lb3": None})  # lb3 abstains; this balancer too, until its checks settle
+    assert available() == {"b1": True, "b2": True} and not any(isinstance(m, Checked) for m in link.sent)
+    assert plane.backend_view() == {"source": "cluster", "voters": 1, "votes_here": False}
+    plane.health.settled = True
     turn.turn()
-    assert Checked(frozenset({"b1"})) in link.sent  # its vote, to the link
-    view({"lb2": []})  # its peer sees b1 up: a tie keeps b1 in every table
-    assert available() == {"b1": True, "b2": True}
+    assert link.sent[-1] == Checked(frozenset({"b1"}))  # its vote, to the link
+    assert available() == {"b1": True, "b2": True}  # 1 of 2: a tie keeps b1 in every table
     status = plane.status()
-    assert status["backend_view"] == {"source": "cluster", "voters": 2}
+    assert status["backend_view"] == {"source": "cluster", "voters": 2, "votes_here": True}
     b1 = status["services"][0]["backends"][0]
     assert (b1["name"], b1["healthy"], b1["checked"]) == ("b1", True, False)
     text = render_status(status)
     assert "backends' health: the cluster's view (2 balancers vote)" in text and "(own check: down)" in text
-    text = generate_latest(_registry(WorkerCollector(plane))).decode()
-    assert metric(text, 'mplb_backend_check_up{backend="b1"') == "0.0"
-    assert metric(text, 'mplb_backend_up{backend="b1"') == "1.0"
-    assert metric(text, "mplb_cluster_backend_view_shared") == "1.0"
+    assert metric('mplb_backend_check_up{backend="b1"') == "0.0" and metric('mplb_backend_up{backend="b1"') == "1.0"
+    assert metric("mplb_cluster_backend_view_shared") == "1.0"
     view({"lb2": ["b1"], "lb3": []})  # 2 of 3 see it down
     assert available() == {"b1": False, "b2": True}
+    assert other_worker.sent[-1] == HealthChanged("b1", False, None)  # the other workers decide alike
     view({"lb2": ["b2"], "lb3": ["b2"]}, fingerprint="ffffffffffff")  # another config: its votes do not count
     assert available() == {"b1": False, "b2": True} and plane.backend_view()["voters"] == 1
+    view({"lb2": [], "lb3": ["b2"]})
+    assert available() == {"b1": True, "b2": True}
+    plane.set_health("b2", False, "timed out")  # its own check changes: b2 2 of 3
+    assert available() == {"b1": True, "b2": False} and link.sent[-1] != Checked(frozenset({"b1", "b2"}))
+    turn.turn()
+    assert link.sent[-1] == Checked(frozenset({"b1", "b2"}))
     view({"lb2": []}, connected=False)  # cut off from Redis: its own checks, said in status and metrics
-    assert available() == {"b1": False, "b2": True}
+    assert available() == {"b1": False, "b2": False}
     assert plane.status()["backend_view"] == {"source": "own checks", "why": "cut off from the cluster's Redis"}
     assert "OWN CHECKS ONLY (cut off from the cluster's Redis)" in render_status(plane.status())
-    assert metric(generate_latest(_registry(WorkerCollector(plane))).decode(),
-                  "mplb_cluster_backend_view_shared") == "0.0"
-    view({"lb2": []})
+    assert metric("mplb_cluster_backend_view_shared") == "0.0"
+    view({"lb2": [], "lb3": []})
     assert available() == {"b1": True, "b2": True}
     turn.heard(None)  # the link process died
-    assert available() == {"b1": False, "b2": True}
-    plane.set_health("b1", True, None)
-    turn.turn()
-    assert link.sent[-1] == Checked(frozenset())
+    assert available() == {"b1": False, "b2": False}
 
 
 def _registry(collector):
@@ -519,3 +535,31 @@ def _registry(collector):
     registry = CollectorRegistry()
     registry.register(collector)
     return registry
+
+
+def test_a_second_worker_passes_the_joins_it_steers_to_the_first_which_publishes_them(tmp_path):
+    from test_config import cluster_config
+    from test_worker import Packet
+
+    from mplb_nfq.lab.packets import SYN, mp_join_syn, tcp
+    from mplb_nfq.ops.config import from_dict
+    from mplb_nfq.ops.fleet import Steered
+    from mplb_nfq.worker import Worker
+
+    cfg = from_dict({**cluster_config(tmp_path), "kernel": {"workers": 2}})
+    first, second = Worker(cfg, KernelMaps()), Worker(cfg, KernelMaps())
+    to_first = LinkStandIn()
+    second.beyond_the_first(to_first)
+    token, b1 = 0x5EED0001, first.balancer.backends[0]
+    join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(token)))
+    second.handle(join)
+    assert join.verdict is None and len(second.held) == 1  # raced its token
+    second.dataplane.tokens[token] = b1.mark  # a peer's token, which the first worker installed
+    second.held.found(token, time.perf_counter())
+    assert join.verdict == "accept" and join.mark & BACKEND_MASK == b1.mark
+    (steered,) = to_first.sent
+    assert isinstance(steered, Steered) and steered.token == token and steered.held
+    first.peers.taught[token] = "lb2"
+    first.from_other_worker(1, steered)
+    assert first.peers.outgoing.subflows == {steered.flow: (token, "b1")}  # published, as its own would be
+    assert first.peers.stats["held_for_peer"] == 1 and first.peers.stats["joins_crossed"] == 1

@@ -18,7 +18,7 @@ from .kernel.ruleset import COPY_SNAPLEN
 from .ops.cluster_turn import ClusterTurn
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
-from .ops.fleet import Fleet
+from .ops.fleet import Fleet, Steered, ToFirstWorker
 from .ops.holding import Holding
 from .ops.logs import ThrottledLog
 from .ops.loop import Loop
@@ -102,10 +102,17 @@ class Worker:
         if isinstance(message, Ended):
             self.tokens.ended(message.tokens)
             self.plane.fleet.broadcast(message)
-        elif isinstance(message, HandedOver):  # (a cluster's balancer runs one worker)
+        elif isinstance(message, HandedOver):  # (in a cluster)
             self.peers.handed_over_found(message.here, message.elsewhere)
         else:
             self.plane.apply_conntrack_counts(message)
+
+    def beyond_the_first(self, parent) -> None:
+        """In a worker beyond the first: in a cluster, the joins it steers go to the first
+        worker, which publishes them; its own copy of the peers' state is not used."""
+        if self.peers:
+            self.peers = self.held.peers = ToFirstWorker(parent)
+            self.tokens.peers = self.plane.peers = None
 
     def from_first_worker(self, message) -> None:
         if isinstance(message, Ended):  # it took them out of the kernel map
@@ -113,9 +120,11 @@ class Worker:
         else:
             self.plane.apply(message)
 
-    def from_other_worker(self, index: int, message: Report | Watch) -> None:
+    def from_other_worker(self, index: int, message: Report | Watch | Steered) -> None:
         if isinstance(message, Watch):
             self.tokens.lifetimes += message.tokens
+        elif isinstance(message, Steered):
+            self.peers.steered(message.flow, message.token, message.mark, message.held)
         else:
             self.plane.fleet.reports[index] = message
 
@@ -140,6 +149,7 @@ class Worker:
                 loop.watch(other.fileno(), lambda other=other, i=i: self.from_other_worker(i, other.recv()), pipe=True)
         else:
             loop.watch(parent.fileno(), lambda: self.from_first_worker(parent.recv()), pipe=True)
+            self.beyond_the_first(parent)
         copies = CopyReader(cfg.queue, COPY_SNAPLEN) if first and (cfg.handshakes == "kernel" or cfg.cluster) else None
         nfq = NetfilterQueue()
         nfq.bind(cfg.queue + index, self.handle, max_len=4096)
@@ -165,7 +175,7 @@ class Worker:
         loop.every_turn(self.reload_if_requested)
         if first:
             loop.every_turn(plane.sync_unavailable)
-            if self.peers:  # (a cluster's balancer runs one worker)
+            if self.peers:
                 loop.every_turn(lambda: self.tokens.send_watches(conntrack, handed_over=True))
         if cluster:
             cluster.start(loop)

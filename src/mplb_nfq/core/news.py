@@ -23,7 +23,7 @@ FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 MAX_ITEMS = 100_000  # in one field: more is not a batch a balancer writes
 MAX_PEERS = 64  # heartbeats read: their names become metric labels
 MAX_DOWN = 4096  # backends a heartbeat may say are down (kernel.max_backends's highest)
-MAX_HEARTBEAT = 128 + 67 * MAX_DOWN  # bytes: a balancer's is under 100, and 67 more per backend down
+MAX_HEARTBEAT = 128 + 70 * MAX_DOWN  # bytes: a balancer's is under 128, and at most 70 more per backend down
 MAX_SUBFLOWS = 8  # join subflows kept per connection (Linux opens at most 8): more are a client's replays
 
 
@@ -211,23 +211,25 @@ def teacher_of(comment: str | None) -> tuple[str, tuple | None] | None:
 
 @dataclass(frozen=True)
 class Checked:
-    """The backends a balancer's own health checks see down, from its worker to its link."""
-    down: frozenset[str]
+    """The backends a balancer's own health checks see down, from its worker to its link (None:
+    it abstains, core.backend_view)."""
+    down: frozenset[str] | None
 
 
 class Beat(NamedTuple):
     """A peer's heartbeat, read: its config's fingerprint, when it beat (Unix seconds), and the
-    backends its own health checks see down."""
+    backends its own health checks see down (None: it abstains, or is of a version that does not vote)."""
     fingerprint: str
     at: float
-    down: frozenset[str] = frozenset()
+    down: frozenset[str] | None = None
 
 
-def heartbeat(fingerprint: str, published: int, at: float, down: Iterable[str] = ()) -> str:
+def heartbeat(fingerprint: str, published: int, at: float, down: Iterable[str] | None = None) -> str:
     """A balancer's heartbeat value: its config's fingerprint, what it published, when (Unix
-    seconds), and the backends its own checks see down (its vote in the cluster's view of them)."""
+    seconds), and the backends its own checks see down (its vote in the cluster's view of them;
+    None: it abstains)."""
     return json.dumps({"fingerprint": fingerprint, "published": published, "at": int(at * 1000),
-                       "down": sorted(down)})
+                       "down": None if down is None else sorted(down)})
 
 
 def peer_beats(beats: Iterable[tuple[str, str | None]], rejected: Counter[str]) -> dict[str, Beat]:
@@ -239,16 +241,16 @@ def peer_beats(beats: Iterable[tuple[str, str | None]], rejected: Counter[str]) 
             if len(value or "") > MAX_HEARTBEAT:  # "[" * 100000 would reach json's recursion limit
                 raise ValueError("too long")
             beat = json.loads(value or "")
-            fingerprint, at, down = beat["fingerprint"], beat["at"], beat.get("down", [])
+            fingerprint, at, down = beat["fingerprint"], beat["at"], beat.get("down")
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             fingerprint = at = down = None
         if (not NAME.fullmatch(name) or not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint)
                 or type(at) is not int or not 0 <= at < 10 ** 15 or len(peers) >= MAX_PEERS
-                or not isinstance(down, list) or len(down) > MAX_DOWN
-                or not all(isinstance(d, str) and NAME.fullmatch(d) for d in down)):
+                or not (down is None or isinstance(down, list) and len(down) <= MAX_DOWN
+                        and all(isinstance(d, str) and NAME.fullmatch(d) for d in down))):
             rejected["malformed"] += 1
             continue
-        peers[name] = Beat(fingerprint, at / 1000, frozenset(down))
+        peers[name] = Beat(fingerprint, at / 1000, None if down is None else frozenset(down))
     return peers
 
 

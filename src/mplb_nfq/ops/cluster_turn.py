@@ -20,7 +20,7 @@ class ClusterTurn:
         self.loop: Loop | None = None
         self.announcement: Announcement | None = None
         self.fingerprinted = None  # the config the link last heard the fingerprint of
-        self.told_down: frozenset[str] | None = None  # what the link last heard this balancer's checks see down
+        self.told_down: frozenset[str] | None = None  # this balancer's vote as the link last heard it (None: abstains)
 
     def start(self, loop: Loop) -> None:
         """In the serving process: a child that held the announcement device would keep the route."""
@@ -56,10 +56,12 @@ class ClusterTurn:
         if self.plane.cfg is not self.fingerprinted:  # a reload: peers compare the new one
             self.fingerprinted, self.peers.fingerprint = self.plane.cfg, self.plane.fingerprint()
             self.link.send(self.peers.fingerprint)
-        down = self.plane.checked_down()
-        if down != self.told_down:
-            self.link.send(Checked(down))
-            self.told_down = down
+            self.plane.set_peer_votes(self.peers.votes())  # a peer's vote counts while its config is this one's
+        vote = self.plane.own_vote()
+        if vote != self.told_down:
+            self.link.send(Checked(vote))
+            self.told_down = vote
+            self.plane.refresh_view()
         self.peers.flush(self.link)
         if self.link.restart_due():
             self.link.restart(self.peers.fingerprint)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..core.balancer import UNKNOWN_JOIN_POLICIES
 from ..core.marks import BACKEND_MASK
+from ..core.news import NAME
 from ..core.schedulers import MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, SCHEDULERS, is_prime
 from ..core.settings import (
     ANNOUNCE_DEVICE,
@@ -198,14 +199,16 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
         token_capacity=limits.integer("token_capacity", DEFAULT.token_capacity, 1, 100_000_000),
         token_timeout=limits.integer("token_timeout", DEFAULT.token_timeout, 1, 30 * 86400),
         metrics_address=metrics_address or None, control_socket=socket_path,
-        cluster=_cluster(path, data["cluster"], services, workers) if "cluster" in data else None,
+        cluster=_cluster(path, data["cluster"], services, backends) if "cluster" in data else None,
     )
 
 
-def _cluster(path: str, table, services: list[ServiceConfig], workers: int) -> ClusterConfig:
+def _cluster(path: str, table, services: list[ServiceConfig], backends: list[BackendConfig]) -> ClusterConfig:
     r = _Reader(path, table, "cluster", CLUSTER_KEYS)
-    if workers != 1:
-        raise ConfigError(path, "kernel.workers", f"a balancer of a cluster runs one worker, got {workers}")
+    for i, b in enumerate(backends):
+        if not NAME.fullmatch(b.name):  # balancers name backends to each other: news.NAME parses them
+            raise ConfigError(path, f"backends[{i}].name", "a cluster's backend names are at most 64 ASCII letters, "
+                              f"digits, - and _, got {b.name!r}")
     for i, s in enumerate(services):
         if s.scheduler not in CLUSTER_SCHEDULERS:
             raise ConfigError(path, f"services[{i}].scheduler", f"a cluster needs a scheduler every balancer "
@@ -245,6 +248,8 @@ def _cluster(path: str, table, services: list[ServiceConfig], workers: int) -> C
     if not isinstance(device, str) or not re.fullmatch(r"([A-Za-z0-9_.-]{1,15})?", device):
         r.fail("announce_device", f"must be an interface name of at most 15 characters (or \"\"), got {device!r}")
     balancer = r.name("balancer")
+    if not NAME.fullmatch(balancer):  # its peers find it by its keys' names (news.Keys)
+        r.fail("balancer", f"must be at most 64 ASCII letters, digits, - and _, got {balancer!r}")
     username = r.table.get("username", balancer)  # each balancer its own user (deploy/cluster/redis-acl.conf)
     if not (isinstance(username, str) and username.strip()):
         r.fail("username", f"must be a Redis ACL user name, got {username!r}")

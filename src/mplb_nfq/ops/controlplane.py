@@ -47,7 +47,7 @@ class ControlPlane:
         # in a cluster, while Redis is reachable: the backends each voting peer sees down
         # (core.backend_view); None: this balancer goes by its own checks
         self.peer_votes: list[frozenset[str]] | None = None
-        self.view_lock = threading.Lock()  # the health thread and the loop both refresh the view
+        self.view_lock = threading.RLock()  # the health thread and the loop both refresh the view
 
     def fingerprint(self) -> str:
         """What must be the same on every balancer of a cluster for them to decide alike."""
@@ -103,10 +103,10 @@ class ControlPlane:
             self.unavailable_in_kernel = marks
 
     def set_health(self, name: str, up: bool, error: str | None) -> None:
-        """This balancer's own check of a backend changed."""
+        """This balancer's own check of a backend changed (in a worker beyond the first: the
+        backend's health as the first worker uses it)."""
         self.checked[name] = up
-        self.refresh_view()
-        self.fleet.broadcast(HealthChanged(name, up, error))
+        self.refresh_view(error)
 
     def set_peer_votes(self, votes: list[frozenset[str]] | None) -> None:
         """The cluster's votes as the link last heard them; None: cut off, own checks only."""
@@ -117,32 +117,48 @@ class ControlPlane:
             self.peer_votes = votes
             self.refresh_view()
 
-    def refresh_view(self) -> None:
+    def refresh_view(self, error: str | None = None) -> None:
         """Each backend's health as the balancer uses it: its own checks, or in a cluster the
-        shared view of them (core.backend_view)."""
+        shared view of them (core.backend_view); passed on to the other workers."""
         with self.view_lock:
-            running, votes = self.backends(), self.peer_votes
-            own = {name: self.checked.get(name, True) for name in running}
-            view = own if votes is None else shared_view(own, votes)
+            running, votes = self.backends(), self.votes()
+            view = {name: self.checked.get(name, True) for name in running} if votes is None else \
+                shared_view(running, votes)
             for name, up in view.items():
                 if running[name].healthy != up:
                     running[name].healthy = up
+                    self.fleet.broadcast(HealthChanged(name, up, error if not up else None))
                     if votes is not None:
                         log.warning("backend %s is now %s in the cluster's view (%d of %d balancers see it down)",
-                                    name, "up" if up else "down",
-                                    (not own[name]) + sum(name in down for down in votes), 1 + len(votes))
+                                    name, "up" if up else "down", sum(name in down for down in votes), len(votes))
 
-    def checked_down(self) -> frozenset[str]:
-        """The backends this balancer's own checks see down: its vote in the cluster's view."""
-        running = self.backends()
-        return frozenset(name for name, up in self.checked.items() if not up and name in running)
+    def votes(self) -> list[frozenset[str]] | None:
+        """The votes of the cluster's view: this balancer's (unless it abstains) and its peers';
+        None while cut off from the cluster or while no balancer votes: its own checks then."""
+        if self.peer_votes is None:
+            return None
+        own = self.own_vote()
+        votes = self.peer_votes + ([own] if own is not None else [])
+        return votes or None
+
+    def own_vote(self) -> frozenset[str] | None:
+        """The backends this balancer's own checks see down; None (it abstains) while they have
+        not run `fall` rounds, or do not run."""
+        if self.health is None or not self.health.settled:
+            return None
+        with self.view_lock:  # the health thread adds to `checked`
+            running = self.backends()
+            return frozenset(name for name, up in list(self.checked.items()) if not up and name in running)
 
     def backend_view(self) -> dict:
         if self.peers is None:
             return {"source": "own checks"}
         if self.peer_votes is None:
             return {"source": "own checks", "why": "cut off from the cluster's Redis"}
-        return {"source": "cluster", "voters": 1 + len(self.peer_votes)}
+        votes = self.votes()
+        if votes is None:
+            return {"source": "own checks", "why": "no balancer's checks have settled yet"}
+        return {"source": "cluster", "voters": len(votes), "votes_here": self.own_vote() is not None}
 
     def health_targets(self) -> list[tuple[str, str, int]]:
         port = self.cfg.health.port
@@ -216,11 +232,13 @@ class ControlPlane:
         if self.health is not None:
             self.health.stop()
             self.health = None
+            self.checked.clear()  # the new checks start from up, and tell only of changes
         h = self.cfg.health
         if h.enabled:
             self.health = HealthChecker(h.interval, h.timeout, h.rise, h.fall, h.mptcp, self.health_targets,
                                         self.set_health)
             self.health.start()
+        self.refresh_view()
 
     def apply_conntrack_counts(self, counted: Counts, kernel: bool = True) -> None:
         if kernel:

@@ -1,5 +1,6 @@
-"""Several worker processes: the first one runs the kernel, the health checks and the control
-socket, and passes state changes on to the others, which report their counters back."""
+"""Several worker processes: the first one runs the kernel, the health checks, the control socket
+and, in a cluster, the link to its peers; it passes state changes on to the others, which report
+their counters back, and in a cluster the joins they steered."""
 from __future__ import annotations
 
 import multiprocessing
@@ -36,6 +37,27 @@ class Reloaded:
 @dataclass(frozen=True)
 class Stop:
     pass
+
+
+@dataclass(frozen=True)
+class Steered:
+    """From a cluster's worker beyond the first: a join it steered by its token (held: after
+    waiting for it). The first worker publishes it, as it does its own."""
+    flow: tuple
+    token: int
+    mark: int
+    held: bool = False
+
+
+class ToFirstWorker:
+    """What a cluster's worker beyond the first has of ops.peers.Peers: the joins it steers go to
+    the first worker, which alone talks to the cluster's link."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def steered(self, flow: tuple, token: int, mark: int, held: bool = False) -> None:
+        self.parent.send(Steered(flow, token, mark, held))
 
 
 Message = HealthChanged | Drained | Reloaded | Counts | Ended | Stop

@@ -67,6 +67,7 @@ class HealthChecker:
         self.targets, self.on_change, self.check = targets, on_change, check
         self.states: dict[str, Hysteresis] = {}
         self.last_error: dict[str, str | None] = {}
+        self.rounds = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="health", daemon=True)
 
@@ -103,3 +104,9 @@ class HealthChecker:
                 log.warning("backend %s is now %s%s", name, "up" if changed else "down",
                             f" ({error})" if error else "")
                 self.on_change(name, changed, error)
+        self.rounds += 1
+
+    @property
+    def settled(self) -> bool:
+        """Every backend checked `fall` times: one that is down is seen down by now (all start up)."""
+        return self.rounds >= self.fall

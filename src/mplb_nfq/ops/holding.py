@@ -27,7 +27,7 @@ class Holding:
                  give: Callable[[object, Verdict], None], stats: Counter[str], errors: ThrottledLog, peers=None):
         self.joins = HeldJoins(budget, seconds, RECHECK_SECONDS if other_workers else None)
         self.balancer, self.tokens, self.give, self.stats, self.errors = balancer, tokens, give, stats, errors
-        self.peers = peers  # in a cluster: a held join steered by a peer's token counts there
+        self.peers = peers  # in a cluster: the joins it steered are published (ops.peers.Peers, or fleet.ToFirstWorker)
 
     def __len__(self) -> int:
         return len(self.joins)
@@ -62,7 +62,10 @@ class Holding:
             return False
         for join in self.joins.release(token) + ([expiring] if expiring else []):
             self.stats[Held.FOUND] += 1
-            self.give(join.packet, self.balancer.decide_join_by(join.segment, mark, now))
+            verdict = self.balancer.decide_join_by(join.segment, mark, now)
+            if verdict.kind is Kind.JOIN_HIT and self.peers:
+                self.peers.steered(join.segment.flow, join.token, verdict.mark, held=True)
+            self.give(join.packet, verdict)
         return True
 
     def let_go(self, join: HeldJoin, outcome: Held, now: float) -> None:
@@ -76,8 +79,7 @@ class Holding:
             join.packet.accept()
             return
         if verdict.kind is Kind.JOIN_HIT and self.peers:
-            self.peers.held_found(join.token)
-            self.peers.steered(join.segment.flow, join.token, verdict.mark)
+            self.peers.steered(join.segment.flow, join.token, verdict.mark, held=True)
         self.give(join.packet, verdict)
 
     def wait_ms(self) -> int:

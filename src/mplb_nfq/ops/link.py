@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..core.news import (
+    MAX_HEARTBEAT,
     MAX_PEERS,
     Batch,
     Checked,
@@ -152,7 +153,7 @@ class Link:
         self.writer_up = self.reader_up = False
         self.resyncs = self.outages = 0
         self.followed = False
-        self.down: frozenset[str] = frozenset()  # the backends this balancer's checks see down
+        self.down: frozenset[str] | None = None  # the backends this balancer's checks see down (None: abstains)
         self.beat_due = False  # the checks changed: a heartbeat at once, not in HEARTBEAT_SECONDS
 
     # -- from the worker ----------------------------------------------------------------------
@@ -173,7 +174,7 @@ class Link:
                 if item is None:
                     return None
                 if isinstance(item, str):  # the config's fingerprint after a reload
-                    self.fingerprint = item
+                    self.fingerprint, self.beat_due = item, True
                     item = self.incoming.get_nowait()
                     continue
                 if isinstance(item, Checked):
@@ -282,12 +283,14 @@ class Link:
         should hear of it at once: every peer follows it now, or a peer's vote on the backends
         changed (or a peer came or went)."""
         names = self.balancers(client, "beat")
-        beats = peer_beats(zip(names, client.mget([self.keys.of(n, "beat") for n in names]) if names else []),
-                           self.rejected)
+        pipe = client.pipeline(transaction=False)
+        for name in names:  # a value longer than a heartbeat is read no further than that
+            pipe.getrange(self.keys.of(name, "beat"), 0, MAX_HEARTBEAT)
+        beats = peer_beats(zip(names, pipe.execute(raise_on_error=False) if names else []), self.rejected)
         now = time.time()
         votes_before = {name: (peer["fingerprint"], peer["down"]) for name, peer in self.peers.items()}
         self.peers = {name: {"fingerprint": beat.fingerprint, "age_s": round(now - beat.at, 1),
-                             "down": sorted(beat.down)} for name, beat in beats.items()}
+                             "down": None if beat.down is None else sorted(beat.down)} for name, beat in beats.items()}
         pipe = client.pipeline(transaction=False)
         for name in beats:
             pipe.sismember(self.keys.of(name, "following"), self.name)

@@ -58,8 +58,11 @@ class Peers:
                 if token in connections:
                     self.outgoing.connections[token] = connections[token]
 
-    def steered(self, flow: tuple, token: int, mark: int) -> None:
-        """A join this balancer steered: should the router move it, a peer keeps its backend."""
+    def steered(self, flow: tuple, token: int, mark: int, held: bool = False) -> None:
+        """A join this balancer steered (held: after waiting for its token): should the router
+        move it, a peer keeps its backend."""
+        if held and self.taught.get(token, self.name) != self.name:
+            self.stats["held_for_peer"] += 1
         backend = self.balancer.backend_of(mark)
         if backend is None:
             return
@@ -196,17 +199,14 @@ class Peers:
         return self.ready
 
     def votes(self) -> list[frozenset[str]] | None:
-        """The backends each peer sees down, of the peers whose heartbeat is in Redis and whose
-        config decides as this one's (a peer's of another config may name other backends); None
-        while the link does not reach Redis: this balancer then goes by its own checks."""
+        """The backends each peer sees down, of the peers whose heartbeat is in Redis, whose
+        config decides as this one's (a peer's of another config may name other backends) and
+        that do not abstain; None while the link does not reach Redis: this balancer then goes
+        by its own checks."""
         if self.state is None or not self.state.connected:
             return None
         return [frozenset(peer["down"]) for peer in self.state.peers.values()
-                if peer["fingerprint"] == self.fingerprint]
-
-    def held_found(self, token: int) -> None:
-        if self.taught.get(token, self.name) != self.name:
-            self.stats["held_for_peer"] += 1
+                if peer["fingerprint"] == self.fingerprint and peer["down"] is not None]
 
     def report(self) -> dict:
         state = self.state
