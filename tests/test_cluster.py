@@ -112,6 +112,21 @@ def joins_seen(cluster, role) -> dict:
             "propagation_ms_p99": packets.get("cluster", {}).get("propagation_ms_p99")}
 
 
+def why_wrong(cluster) -> dict:
+    """For a failed check: each misrouted join (its token, its flow, the backend it reached, the
+    one that issued its token, and what each balancer's token map holds for it), and what each
+    balancer did with the joins that reached its worker."""
+    topo, ledger = cluster.topo, cluster.topo.judge.sync()
+    misrouted = [{"token": f"{join.token:08x}", "flow": flow, "reached": backend, "at": join.at,
+                  "issued_by": [b for b, tokens in ledger.issued.items() if join.token in tokens],
+                  "maps": {role: token_map(topo, role).get(join.token) for role in topo.balancer_names}}
+                 for backend, flows in ledger.latest.items() for flow, join in flows.items()
+                 if ledger.verdict(backend, join) == "misrouted"]
+    return {"misrouted": misrouted, "now": time.monotonic(),
+            "balancers": {role: joins_seen(cluster, role) for role in topo.balancer_names
+                          if cluster.workers[role].proc.poll() is None}}
+
+
 def following_each_other(topo) -> bool:
     """Each balancer follows every other's news: Redis being back ("connected") is not enough, a
     balancer meets a peer whose keys were not there yet at its next look (half a second later),
@@ -156,7 +171,7 @@ def test_joins_cross_balancers_and_every_one_reaches_its_connections_backend(clu
     # ended, which the backend would count as a join for an unknown token too
     downloads(topo, 20, 2 * MB)
     downloads(topo, 10, 2 * MB, family=6)
-    assert wrong_joins(topo) == wrong, {role: joins_seen(cluster, role) for role in topo.balancer_names}
+    assert wrong_joins(topo) == wrong, why_wrong(cluster)
     # wait for the last joins' counts: a status answers between two packets
     crossed = cluster.crossed()
     assert crossed > 0, "no join reached another balancer than its connection: nothing was shown"
@@ -189,7 +204,7 @@ def test_an_ipv6_join_of_an_ipv4_connection_reaches_its_backend_through_either_b
         established, wrong, crossed = joins_established(topo), wrong_joins(topo), cluster.crossed()
         results = fetch(topo, *[2 * MB] * 12, pause=0.05, mapped=True)  # AF_INET6 sockets, IPv4 first
         assert len(results) == 12 and all(r.get("received") == 2 * MB and r["intact"] for r in results), results
-        assert wrong_joins(topo) == wrong
+        assert wrong_joins(topo) == wrong, why_wrong(cluster)
         assert joins_established(topo) - established >= 11  # over IPv6: the client has no other second path
         assert cluster.crossed() > crossed, "no IPv6 join reached another balancer than its connection"
     finally:
@@ -266,7 +281,8 @@ def test_a_link_process_that_dies_is_started_again_and_the_balancer_catches_up(c
     assert link_pid(topo, "lb1") != first and cluster.status("lb1")["resyncs"] >= 1
     wrong, crossed = wrong_joins(topo), cluster.crossed()
     downloads(topo, 12, MB)
-    assert cluster.crossed() > crossed and wrong_joins(topo) == wrong
+    assert wrong_joins(topo) == wrong, why_wrong(cluster)
+    assert cluster.crossed() > crossed
 
 
 @contextmanager
@@ -361,7 +377,7 @@ def test_redis_stopped_mid_run_balancers_keep_going_and_steer_crossing_joins_aga
     wrong, crossed = wrong_joins(topo), cluster.crossed()
     downloads(topo, 12, MB)
     assert cluster.crossed() > crossed, "no join crossed balancers after Redis came back"
-    assert wrong_joins(topo) == wrong
+    assert wrong_joins(topo) == wrong, why_wrong(cluster)
     assert cluster.status("lb1")["outages"] >= 1
 
 
@@ -407,7 +423,7 @@ def test_a_balancer_with_two_workers_steers_and_shares_as_one(cluster):
         wrong, crossed = wrong_joins(topo), cluster.crossed()
         downloads(topo, 12, MB)
         assert cluster.full_status("lb2")["packets"]["workers"] == 2
-        assert wrong_joins(topo) == wrong
+        assert wrong_joins(topo) == wrong, why_wrong(cluster)
         assert cluster.crossed() > crossed, "no join crossed balancers"
     finally:
         cluster.workers["lb2"].stop()
@@ -450,7 +466,7 @@ def test_a_flow_the_router_moves_keeps_its_token_after_the_balancer_that_learned
         wait_for(lambda: joins_established(topo) > joins, 10)
         result = json.loads(download.communicate(timeout=60)[0])
         assert result.get("received") == 60 * MB and result["intact"], result
-        assert wrong_joins(topo) == wrong
+        assert wrong_joins(topo) == wrong, why_wrong(cluster)
         topo.start_bird(teacher)
         topo.wait_announced(2)
         wait_for(lambda: (token_map(topo, teacher).get(token, (0, ""))[1] or "").startswith(f"peer {other}"), 5)
@@ -489,7 +505,7 @@ def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_jo
     wrong, crossed = wrong_joins(topo), cluster.crossed()
     downloads(topo, 12, MB)
     assert cluster.crossed() > crossed, "no join crossed balancers through the new primary"
-    assert wrong_joins(topo) == wrong
+    assert wrong_joins(topo) == wrong, why_wrong(cluster)
     topo.restart_redis_node(killed)  # back as a replica of the new primary (the next test kills a balancer)
 
 

@@ -86,3 +86,58 @@ def test_an_end_published_while_the_follower_was_cut_off_still_reaches_the_worke
     finally:
         follower.terminate()
         follower.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_link_finds_and_reaches_the_primary_through_sentinels_over_tls(tmp_path):
+    """sentinels://: the link asks a sentinel over TLS where the primary is, then talks to the
+    primary over TLS, each server's certificate checked against a CA of the test's own (with its
+    address as the name); a client that does not speak TLS gets nothing from either."""
+    from mplb_nfq.lab.ecmp import make_certificates
+    from mplb_nfq.ops.link import connect
+
+    ca, cert, key = make_certificates(tmp_path, "127.0.0.1")
+    tls = [f"tls-cert-file {cert}", f"tls-key-file {key}", f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
+    primary_port, sentinel_port = free_port(), free_port()
+    primary_conf, sentinel_conf = tmp_path / "primary.conf", tmp_path / "sentinel.conf"
+    primary_conf.write_text("\n".join(["bind 127.0.0.1", "port 0", f"tls-port {primary_port}", *tls, 'save ""',
+                                       "appendonly no", f"dir {tmp_path}"]) + "\n")
+    sentinel_conf.write_text("\n".join(["bind 127.0.0.1", "port 0", f"tls-port {sentinel_port}", *tls,
+                                        "tls-replication yes",  # the sentinel speaks TLS to the primary
+                                        f"sentinel monitor mplb 127.0.0.1 {primary_port} 1", f"dir {tmp_path}"]) + "\n")
+    servers = [subprocess.Popen(["redis-server", str(primary_conf)], stdout=subprocess.DEVNULL),
+               subprocess.Popen(["redis-server", str(sentinel_conf), "--sentinel"], stdout=subprocess.DEVNULL)]
+    try:
+        asking = redis.Redis("127.0.0.1", sentinel_port, ssl=True, ssl_ca_certs=str(ca), decode_responses=True)
+        wait_for(lambda: _names_a_primary(asking), 10)
+        cfg = ClusterConfig("t", "lb1", f"sentinels://127.0.0.1:{sentinel_port}/mplb/0", password="",
+                            tls_ca=str(ca))
+        client = connect(cfg)
+        client.set(Keys("t").of("lb1", "beat"), heartbeat("0123456789ab", 0, time.time()))
+        assert client.connection_pool.connection_kwargs["ssl_check_hostname"] is True
+        assert redis.Redis("127.0.0.1", primary_port, ssl=True, ssl_ca_certs=str(ca), decode_responses=True).get(
+            Keys("t").of("lb1", "beat")).startswith('{"fingerprint"')
+        for port in (primary_port, sentinel_port):  # a clear-text PING gets no PONG
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as plain:
+                plain.sendall(b"PING\r\n")
+                try:
+                    answer = plain.recv(64)
+                except ConnectionResetError:  # what this Redis does
+                    answer = b""
+                assert b"PONG" not in answer
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+def _names_a_primary(asking) -> bool:
+    try:
+        return asking.sentinel_get_master_addr_by_name("mplb") is not None
+    except redis.ConnectionError:
+        return False

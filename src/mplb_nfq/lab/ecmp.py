@@ -393,9 +393,9 @@ class ClusterTopology(Topology):
         super().destroy()
 
 
-def make_certificates(run_dir: Path) -> tuple[Path, Path, Path]:
-    """A CA of the run's own and Redis's certificate (for STORE), signed by it: ca.pem, redis.pem,
-    redis.key in run_dir."""
+def make_certificates(run_dir: Path, address: str = STORE) -> tuple[Path, Path, Path]:
+    """A CA of the run's own and Redis's certificate (for `address`), signed by it: ca.pem,
+    redis.pem, redis.key in run_dir."""
     import datetime
     import ipaddress
 
@@ -421,7 +421,7 @@ def make_certificates(run_dir: Path) -> tuple[Path, Path, Path]:
 
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = certificate("mplb-nfq lab CA", ca_key, "mplb-nfq lab CA", ca_key, True)
-    server = certificate(STORE, key, "mplb-nfq lab CA", ca_key, False, STORE)
+    server = certificate(address, key, "mplb-nfq lab CA", ca_key, False, address)
     paths = run_dir / "ca.pem", run_dir / "redis.pem", run_dir / "redis.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
