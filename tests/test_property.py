@@ -4,10 +4,10 @@ import random
 from conftest import CAPTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mplb_nfq.lab.packets import SYN, tcp
+from mplb_nfq.lab.packets import ACK, PSH, SYN, tcp
 
 from mplb_nfq.core.balancer import Backend, Balancer, Service
-from mplb_nfq.core.marks import JOIN, LEARNED, REJECT
+from mplb_nfq.core.marks import JOIN, LEARNED, PROVISIONAL, REJECT
 from mplb_nfq.core.packet import Malformed, Segment, parse_ip
 from mplb_nfq.core.verdicts import Kind, Verdict
 from mplb_nfq.inspect import read_packets
@@ -82,3 +82,45 @@ def test_every_truncation_of_every_real_packet():
     for number, packet in enumerate(REAL):
         for cut in range(len(packet) + 1):
             check(packet[:cut], lb, MARKS[(number + cut) % len(MARKS)])
+
+
+def learned_both_ways(packet: bytes, mark: int) -> None:
+    """The learning path's shortcut (packet.capable_copy, Balancer.learn_copy) reaches the verdict,
+    the counts and the tables decide() reaches, wherever it takes the packet."""
+    from mplb_nfq.core.packet import capable_copy
+
+    copy = capable_copy(packet)
+    if copy is None:
+        return
+    general, short = balancer(random.Random(1)), balancer(random.Random(1))
+    for lb in (general, short):  # a token known already: the shortcut meets the same tables
+        lb.tokens.add(0x01020304, 0x102, 0.0)
+    assert short.learn_copy(copy, mark, 0.0) == general.decide(parse_ip(packet), mark, 0.0)
+    assert short.counts == general.counts and short.newly_known == general.newly_known
+    assert list(short.tokens.items(1.0)) == list(general.tokens.items(1.0))
+    assert list(short.provisional.items(1.0)) == list(general.provisional.items(1.0))
+
+
+BACKEND_MARKS = (0x101, 0x102 | JOIN, 0x101 | LEARNED, 0x101 | PROVISIONAL)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=400)
+@given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.integers(0, 1499), st.integers(0, 255)),
+                                                    max_size=6), st.integers(0, 1500), st.sampled_from(BACKEND_MARKS))
+def test_the_learning_shortcut_decides_as_the_general_path_on_mutated_real_packets(index, flips, cut, mark):
+    packet = bytearray(REAL[index])
+    for position, value in flips:
+        if position < len(packet):
+            packet[position] = value
+    learned_both_ways(bytes(packet[:cut]), mark)
+
+
+@settings(max_examples=400)
+@given(st.sampled_from([4, 6]), st.sampled_from([SYN | ACK, ACK, ACK | PSH, SYN]), st.integers(0, 1),
+       st.sampled_from([4, 12, 20, 22, 24]), st.binary(min_size=0, max_size=16), st.binary(max_size=12),
+       st.sampled_from(BACKEND_MARKS))
+def test_the_learning_shortcut_decides_as_the_general_path_on_made_up_handshakes(
+        family, flags, version, length, keys, other_options, mark):
+    src, dst = ("10.0.1.2", "10.0.100.1") if family == 4 else ("2001:db8::2", "2001:db8::1")
+    option = bytes([30, length, version, 0x81]) + (keys + bytes(24))[:max(0, length - 4)]
+    learned_both_ways(tcp(src, dst, flags=flags, options=(other_options + option)[:40]), mark)

@@ -168,6 +168,16 @@ class Balancer:
         self.counts[verdict.kind] += 1
         return verdict
 
+    def learn_copy(self, copy: tuple[bool, bytes, int, tuple], mark: int, now: float) -> Verdict:
+        """decide() for what packet.capable_copy read of a copy whose mark names a backend: the
+        same verdict and counts, without a Segment."""
+        from_server, key, version, flow = copy
+        verdict = self._learn(key, version, flow, mark, now, Kind.SYN_ACK if from_server else Kind.THIRD_ACK)
+        if not from_server and verdict.accept and not verdict.mark & (REJECT | LEARNED):
+            verdict = verdict._replace(mark=verdict.mark | LEARNED)
+        self.counts[verdict.kind] += 1
+        return verdict
+
     def learn_token(self, token: int, mark: int, now: float) -> None:
         """A token read back from the kernel map, where a worker put it: with its backend's mark
         (and whether a client taught it), or with REJECT when it collides (then it overrides

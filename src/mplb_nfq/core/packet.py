@@ -168,6 +168,58 @@ def parse_ip(buf: bytes) -> Segment | Malformed | None:
     return Malformed(f"IP version {version}")
 
 
+U16 = struct.Struct("!H")
+
+
+def capable_copy(buf: bytes) -> tuple[bool, bytes, int, tuple] | None:
+    """The learning path's shortcut for a copy of a handshake packet: (from the server, the key it
+    teaches, MP_CAPABLE version, the connection's flow, client first) when the packet is what
+    Linux sends (a plain IPv4 or IPv6 header, a SYN-ACK or an ACK, sound options, one MPTCP
+    option: an MP_CAPABLE that carries the key); None for anything else, which parse_ip reads.
+    It builds no Segment: most of the learning's cost per token was building objects."""
+    n = len(buf)
+    if n >= 40 and buf[0] == 0x45:
+        if buf[9] != 6 or buf[6] & 0x1F or buf[7]:
+            return None
+        end, start = min(n, U16.unpack_from(buf, 2)[0]), 20
+        src, dst = buf[12:16], buf[16:20]
+    elif n >= 60 and buf[0] >> 4 == 6 and buf[6] == 6:
+        end, start = min(n, 40 + U16.unpack_from(buf, 4)[0]), 40
+        src, dst = buf[8:24], buf[24:40]
+    else:
+        return None
+    if end - start < 20:
+        return None
+    sport, dport, offset, flags = TCP_FIXED.unpack_from(buf, start)
+    i, stop = start + 20, start + (offset >> 4) * 4
+    if stop < i or stop > end or flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+        return None
+    at = 0
+    while i < stop:
+        kind = buf[i]
+        if kind == OPT_EOL:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= stop:
+            return None
+        length = buf[i + 1]
+        if length < 2 or i + length > stop or kind == OPT_MPTCP and at:
+            return None
+        if kind == OPT_MPTCP:
+            at = i
+        i += length
+    if not at or buf[at + 1] < 3 or buf[at + 2] >> 4 != MP_CAPABLE:
+        return None
+    length, version = buf[at + 1], buf[at + 2] & 0x0F
+    if length not in MP_CAPABLE_LENGTHS.get(version, ()):
+        return None
+    if flags & TCP_SYN:  # the backend's SYN-ACK: its own key
+        return (True, buf[at + 4:at + 12], version, (dst, dport, src, sport)) if length >= 12 else None
+    return (False, buf[at + 12:at + 20], version, (src, sport, dst, dport)) if length >= 20 else None
+
+
 def _parse_tcp(buf: bytes, start: int, end: int, version: int, src: bytes, dst: bytes) -> Segment | Malformed:
     """The TCP header at buf[start:end] (end: where the IP packet says it stops, or the capture does).
     MPTCP options are read as Linux reads them: every one of them, the last of a subtype winning.

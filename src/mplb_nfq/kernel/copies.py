@@ -30,29 +30,35 @@ def bind_request(group: int, snaplen: int, seq: int) -> bytes:
                       body, res_id=group)
 
 
+COPY = NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET
+MESSAGE_START = struct.Struct("=IH")  # a netlink message's length and type
+MARK = struct.Struct("!I")
+
+
 def parse_copies(data: bytes) -> list[tuple[bytes, int]]:
     """(packet from its IP header on, mark) of each copy in what one read returned. Only the two
     attributes it needs are read: this runs once per learned token."""
     copies, offset, end = [], 0, len(data)
+    header, attribute_at, mark_at = MESSAGE_START.unpack_from, ATTRIBUTE.unpack_from, MARK.unpack_from
     while offset + NLMSG_HEADER.size <= end:
-        length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+        length, kind = header(data, offset)
         if length < NLMSG_HEADER.size:
             break
-        if kind == NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET:
+        if kind == COPY:
             mark, payload = 0, None
             at, stop = offset + NLMSG_HEADER.size + 4, min(offset + length, end)
             while at + 4 <= stop:
-                size, attribute = ATTRIBUTE.unpack_from(data, at)
+                size, attribute = attribute_at(data, at)
                 if size < 4:
                     break
                 if attribute == NFULA_MARK and size == 8:
-                    mark = int.from_bytes(data[at + 4:at + 8], "big")
+                    mark = mark_at(data, at + 4)[0]
                 elif attribute == NFULA_PAYLOAD:
                     payload = data[at + 4:at + size]
-                at += size + (-size % 4)
+                at += (size + 3) & ~3
             if payload is not None:
                 copies.append((payload, mark))
-        offset += length + (-length % 4)
+        offset += (length + 3) & ~3
     return copies
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..core.balancer import Balancer
 from ..core.marks import BACKEND_MASK, DISPLACEABLE, JOIN, REJECT
 from ..core.news import peer_comment
-from ..core.packet import Segment, parse_ip
+from ..core.packet import Segment, capable_copy, parse_ip
 from ..core.tokens import (AMBIGUOUS, INSTALL_PENDING, PROVISIONAL_SECONDS, TokenWrites, flow_comment,
                            flow_of_comment, learned_at, plan_writes)
 from ..core.verdicts import Kind, Verdict
@@ -138,6 +138,12 @@ class TokenStore:
         now, verdicts = time.perf_counter(), []
         for payload, mark in copies:
             try:
+                found = capable_copy(payload) if mark & BACKEND_MASK else None
+                if found is not None:
+                    verdict = self.balancer.learn_copy(found, mark, now)
+                    if verdict.token is not None:
+                        verdicts.append(verdict)
+                    continue
                 segment = parse_ip(payload)
                 if self.peers and isinstance(segment, Segment) and segment.is_syn and segment.join is not None:
                     # a cluster's: a join the kernel steered; its peers keep its backend if the router moves it
