@@ -70,11 +70,16 @@ def test_kind_30_with_any_subtype_and_length(subtype_byte, length, body, flags, 
 @given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.integers(0, 1499), st.integers(0, 255)),
                                                     max_size=8), st.integers(0, 1500), st.sampled_from(MARKS))
 def test_mutated_real_packets(index, flips, cut, mark):
+    check(mutated(index, flips, cut), balancer(), mark)
+
+
+def mutated(index: int, flips: list[tuple[int, int]], cut: int) -> bytes:
+    """A real packet with bytes changed (position, new value) and cut short."""
     packet = bytearray(REAL[index])
     for position, value in flips:
         if position < len(packet):
             packet[position] = value
-    check(bytes(packet[:cut]), balancer(), mark)
+    return bytes(packet[:cut])
 
 
 def test_every_truncation_of_every_real_packet():
@@ -108,11 +113,7 @@ BACKEND_MARKS = (0x101, 0x102 | JOIN, 0x101 | LEARNED, 0x101 | PROVISIONAL)
 @given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.integers(0, 1499), st.integers(0, 255)),
                                                     max_size=6), st.integers(0, 1500), st.sampled_from(BACKEND_MARKS))
 def test_the_learning_shortcut_decides_as_the_general_path_on_mutated_real_packets(index, flips, cut, mark):
-    packet = bytearray(REAL[index])
-    for position, value in flips:
-        if position < len(packet):
-            packet[position] = value
-    learned_both_ways(bytes(packet[:cut]), mark)
+    learned_both_ways(mutated(index, flips, cut), mark)
 
 
 @settings(max_examples=400)
