@@ -109,7 +109,8 @@ def joins_seen(cluster, role) -> dict:
     packets = cluster.full_status(role)["packets"]
     return {"kinds": {k: v for k, v in packets.get("kinds", {}).items() if "join" in k},
             "held": {k: v for k, v in packets.items() if k.startswith("held")},
-            "propagation_ms_p99": packets.get("cluster", {}).get("propagation_ms_p99")}
+            "propagation_ms_p99": packets.get("cluster", {}).get("propagation_ms_p99"),
+            "tokens_after_held_joins_gave_up": packets.get("cluster", {}).get("tokens_after_held_joins_gave_up")}
 
 
 def why_wrong(cluster) -> dict:

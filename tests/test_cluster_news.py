@@ -2,6 +2,7 @@
 accepts from it (untrusted), and what the worker's side does with a peer's news, on a stand-in
 for the kernel maps."""
 import ipaddress
+import logging
 import time
 from types import SimpleNamespace
 from collections import Counter
@@ -91,7 +92,7 @@ def make_peers(held=()):
     b1, b2 = Backend("b1", ("10.0.9.11",), 0x101, 1001), Backend("b2", ("10.0.9.12",), 0x102, 1002)
     balancer = Balancer([Service("web", (VIP,), (8080,), [b1, b2], "maglev", direct_return=True)])
     maps = KernelMaps(held)
-    errors = ThrottledLog(None)
+    errors = ThrottledLog(logging.getLogger("mplb_nfq.test"))
     return Peers("lb1", balancer, maps, TokenStore(balancer, maps, Counter(), errors), errors), balancer, maps
 
 
@@ -563,3 +564,32 @@ def test_a_second_worker_passes_the_joins_it_steers_to_the_first_which_publishes
     first.from_other_worker(1, steered)
     assert first.peers.outgoing.subflows == {steered.flow: (token, "b1")}  # published, as its own would be
     assert first.peers.stats["held_for_peer"] == 1 and first.peers.stats["joins_crossed"] == 1
+
+
+def test_a_token_a_peer_brings_after_a_join_held_for_it_gave_up_is_counted_and_said(caplog):
+    peers, _, _ = make_peers()
+    peers.gave_up_on(5)
+    peers.news(PeerNews(Batch("lb2", time.time(), {5: "b1", 6: "b2"})))
+    assert peers.stats["tokens_after_held_joins_gave_up"] == 1 and not peers.gave_up  # 6: no join gave up on it
+    assert "1 tokens from lb2 came after a join held for them took the unknown-join policy" in caplog.text
+    for token in range(5000):  # what it keeps to look for is bounded
+        peers.gave_up_on(token)
+    assert len(peers.gave_up) == 4096 and 0 not in peers.gave_up and 4999 in peers.gave_up
+
+
+def test_a_second_worker_tells_the_first_of_a_join_it_held_in_vain(tmp_path):
+    from test_config import cluster_config
+    from test_worker import Packet
+
+    from mplb_nfq.lab.packets import SYN, mp_join_syn, tcp
+    from mplb_nfq.ops.config import from_dict
+    from mplb_nfq.ops.fleet import GaveUp
+    from mplb_nfq.worker import Worker
+
+    second = Worker(from_dict({**cluster_config(tmp_path), "kernel": {"workers": 2, "hold_ms": 0}}), KernelMaps())
+    to_first = LinkStandIn()
+    second.beyond_the_first(to_first)
+    join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(0x0BAD0BAD)))
+    second.handle(join)
+    second.held.release()  # hold_ms is over and the kernel map does not have it: the policy
+    assert join.verdict == "accept" and to_first.sent == [GaveUp(0x0BAD0BAD)]

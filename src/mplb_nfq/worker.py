@@ -18,7 +18,7 @@ from .kernel.ruleset import COPY_SNAPLEN
 from .ops.cluster_turn import ClusterTurn
 from .ops.controlplane import ControlPlane
 from .ops.counters import Report
-from .ops.fleet import Fleet, Steered, ToFirstWorker
+from .ops.fleet import Fleet, GaveUp, Steered, ToFirstWorker
 from .ops.holding import Holding
 from .ops.logs import ThrottledLog
 from .ops.loop import Loop
@@ -120,11 +120,13 @@ class Worker:
         else:
             self.plane.apply(message)
 
-    def from_other_worker(self, index: int, message: Report | Watch | Steered) -> None:
+    def from_other_worker(self, index: int, message: Report | Watch | Steered | GaveUp) -> None:
         if isinstance(message, Watch):
             self.tokens.lifetimes += message.tokens
         elif isinstance(message, Steered):
             self.peers.steered(message.flow, message.token, message.mark, message.held)
+        elif isinstance(message, GaveUp):
+            self.peers.gave_up_on(message.token)
         else:
             self.plane.fleet.reports[index] = message
 

@@ -49,6 +49,13 @@ class Steered:
     held: bool = False
 
 
+@dataclass(frozen=True)
+class GaveUp:
+    """From a cluster's worker beyond the first: a join it held for this token took the
+    unknown-join policy (the first counts the token if a peer brings it later)."""
+    token: int
+
+
 class ToFirstWorker:
     """What a cluster's worker beyond the first has of ops.peers.Peers: the joins it steers go to
     the first worker, which alone talks to the cluster's link."""
@@ -58,6 +65,9 @@ class ToFirstWorker:
 
     def steered(self, flow: tuple, token: int, mark: int, held: bool = False) -> None:
         self.parent.send(Steered(flow, token, mark, held))
+
+    def gave_up_on(self, token: int) -> None:
+        self.parent.send(GaveUp(token))
 
 
 Message = HealthChanged | Drained | Reloaded | Counts | Ended | Stop

@@ -80,6 +80,8 @@ class Holding:
             return
         if verdict.kind is Kind.JOIN_HIT and self.peers:
             self.peers.steered(join.segment.flow, join.token, verdict.mark, held=True)
+        elif outcome is not Held.FOUND and self.peers:
+            self.peers.gave_up_on(join.token)
         self.give(join.packet, verdict)
 
     def wait_ms(self) -> int:

@@ -196,10 +196,12 @@ def _cluster_metrics(peers, nft: dict[str, int]):
     for reason in REJECTED:
         rejected.add_metric([reason], report["rejected"].get(reason, 0))
     joins = CounterMetricFamily("mplb_cluster_joins", "Joins steered by a token a peer taught (crossed: their "
-                                "connection came through another balancer; held: they waited for it)",
-                                labels=["kind"])
+                                "connection came through another balancer; held: they waited for it); "
+                                "token_late: tokens a peer brought after a join held for them took the "
+                                "unknown-join policy", labels=["kind"])
     joins.add_metric(["crossed"], report["joins_crossed"])
     joins.add_metric(["held_for_peer"], report["held_for_peer"])
+    joins.add_metric(["token_late"], report["tokens_after_held_joins_gave_up"])
     moved = CounterMetricFamily("mplb_cluster_moved_subflows", "First packets of join subflows a peer steered, "
                                 "picked up here mid-stream (the router moved them)")
     moved.add_metric([], nft.get("subflow_shared", 0))

@@ -8,7 +8,7 @@ whose conntrack has the connection takes the token over and teaches it from then
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 
 from ..core.balancer import Balancer
 from ..core.news import MAX_PEERS, Batch, Subflows, accepted, teacher_of
@@ -22,6 +22,7 @@ from .tokenstore import TokenStore
 # to it then finds its join subflows), or after this long without Redis: then it balances alone
 CATCH_UP_SECONDS = 5.0
 DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
+GAVE_UP_KEPT = 4096  # tokens a held join gave up on, kept to see whether a peer brings them after all
 
 
 class Peers:
@@ -38,8 +39,9 @@ class Peers:
         self.handed_over: set[int] = set()  # ended by their teacher: is the connection here?
         self.published = Subflows()  # the join subflows this balancer steered and told its peers
         self.installed = Subflows()  # those its peers steered, in the kernel's subflow map
-        self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, subflows_installed=0,
-                                           subflows_not_published=0)
+        self.stats: Counter[str] = Counter(joins_crossed=0, held_for_peer=0, tokens_after_held_joins_gave_up=0,
+                                           subflows_installed=0, subflows_not_published=0)
+        self.gave_up: OrderedDict[int, float] = OrderedDict()  # token -> when a join held for it gave up
         self.rejected: Counter[str] = Counter()
         self.received: Counter[str] = Counter()  # items installed, per peer
         self.state: LinkState | None = None
@@ -103,6 +105,13 @@ class Peers:
         for token in self.handed_over.intersection(batch.tokens).difference(installed):
             if self._backend(token) == batch.tokens[token]:  # its teacher ended it: the peer it moved to took it over
                 self._taught_by(token, batch.origin, batch.connections.get(token))
+        late = [(token, self.gave_up.pop(token)) for token in installed if token in self.gave_up]
+        if late:
+            self.stats["tokens_after_held_joins_gave_up"] += len(late)
+            self.errors.error("late-token", f"{len(late)} tokens from {batch.origin} came after a join held for "
+                                            f"them took the unknown-join policy (the last "
+                                            f"{(time.monotonic() - late[-1][1]) * 1000:.0f} ms after): a join "
+                                            f"waits hold_ms for its token")
         if installed and (batch.origin in self.received or len(self.received) < MAX_PEERS):  # a metric label each
             self.received[batch.origin] += len(installed)
         subflows = {}
@@ -134,6 +143,14 @@ class Peers:
             delay = max(0.0, time.time() - batch.at)
             self.delays.observe(delay)
             self.recent_delays.append(delay)
+
+    def gave_up_on(self, token: int) -> None:
+        """A join held for this token took the unknown-join policy: should a peer's news bring
+        the token after all, it came too late for that join (counted, and logged)."""
+        self.gave_up[token] = time.monotonic()
+        self.gave_up.move_to_end(token)
+        if len(self.gave_up) > GAVE_UP_KEPT:
+            self.gave_up.popitem(last=False)
 
     def handed_over_found(self, here: list[int], elsewhere: list[int]) -> None:
         """What this balancer's conntrack says of the tokens their teachers ended: a connection

@@ -41,7 +41,8 @@ def _cluster_lines(c: dict, view: dict) -> list[str]:
              + (f" ({c['error']})" if c["error"] else "") + f", {c['outages']} outages, {c['resyncs']} catch-ups",
              f"  backends' health: {health}",
              f"  published {c['published']}, peer tokens held {c['peer_tokens']}, joins crossed {c['joins_crossed']}, "
-             f"held for a peer's token {c['held_for_peer']}, propagation p50 {c['propagation_ms_p50']} ms "
+             f"held for a peer's token {c['held_for_peer']} (its token came too late: "
+             f"{c['tokens_after_held_joins_gave_up']}), propagation p50 {c['propagation_ms_p50']} ms "
              f"p99 {c['propagation_ms_p99']} ms, rejected {sum(c['rejected'].values())}",
              "  -> Peer           Received  Config      Heartbeat"]
     for name in sorted(set(c["peers"]) | set(c["received"])):
