@@ -106,7 +106,7 @@ def learned_both_ways(packet: bytes, mark: int) -> None:
     assert list(short.provisional.items(1.0)) == list(general.provisional.items(1.0))
 
 
-BACKEND_MARKS = (0x101, 0x102 | JOIN, 0x101 | LEARNED, 0x101 | PROVISIONAL)
+BACKEND_MARKS = (0x101, 0x102 | JOIN, 0x101 | LEARNED, 0x101 | PROVISIONAL, 0x9999)  # the last: no such backend
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=400)

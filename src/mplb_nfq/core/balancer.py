@@ -173,7 +173,7 @@ class Balancer:
         same verdict and counts, without a Segment."""
         from_server, key, version, flow = copy
         verdict = self._learn(key, version, flow, mark, now, Kind.SYN_ACK if from_server else Kind.THIRD_ACK)
-        if not from_server and verdict.accept and not verdict.mark & (REJECT | LEARNED):
+        if verdict.accept and not verdict.mark & (REJECT | LEARNED):  # as decide(): no copy is a client's SYN
             verdict = verdict._replace(mark=verdict.mark | LEARNED)
         self.counts[verdict.kind] += 1
         return verdict

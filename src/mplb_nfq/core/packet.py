@@ -205,12 +205,14 @@ def capable_copy(buf: bytes) -> tuple[bool, bytes, int, tuple] | None:
         if i + 1 >= stop:
             return None
         length = buf[i + 1]
-        if length < 2 or i + length > stop or kind == OPT_MPTCP and at:
+        if length < 2 or i + length > stop:
             return None
-        if kind == OPT_MPTCP:
+        if kind == OPT_MPTCP:  # one, an MP_CAPABLE: a DSS (a proof) or a second one goes to parse_ip now
+            if at or length < 3 or buf[i + 2] >> 4 != MP_CAPABLE:
+                return None
             at = i
         i += length
-    if not at or buf[at + 1] < 3 or buf[at + 2] >> 4 != MP_CAPABLE:
+    if not at:
         return None
     length, version = buf[at + 1], buf[at + 2] & 0x0F
     if length not in MP_CAPABLE_LENGTHS.get(version, ()):

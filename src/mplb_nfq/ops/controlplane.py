@@ -105,8 +105,9 @@ class ControlPlane:
     def set_health(self, name: str, up: bool, error: str | None) -> None:
         """This balancer's own check of a backend changed (in a worker beyond the first: the
         backend's health as the first worker uses it)."""
-        self.checked[name] = up
-        self.refresh_view(error)
+        with self.view_lock:
+            self.checked[name] = up
+            self.refresh_view(error)
 
     def set_peer_votes(self, votes: list[frozenset[str]] | None) -> None:
         """The cluster's votes as the link last heard them; None: cut off, own checks only."""
@@ -146,9 +147,9 @@ class ControlPlane:
         not run `fall` rounds, or do not run."""
         if self.health is None or not self.health.settled:
             return None
-        with self.view_lock:  # the health thread adds to `checked`
+        with self.view_lock:  # the health thread writes `checked`
             running = self.backends()
-            return frozenset(name for name, up in list(self.checked.items()) if not up and name in running)
+            return frozenset(name for name, up in self.checked.items() if not up and name in running)
 
     def backend_view(self) -> dict:
         if self.peers is None:

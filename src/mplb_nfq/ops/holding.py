@@ -63,8 +63,7 @@ class Holding:
         for join in self.joins.release(token) + ([expiring] if expiring else []):
             self.stats[Held.FOUND] += 1
             verdict = self.balancer.decide_join_by(join.segment, mark, now)
-            if verdict.kind is Kind.JOIN_HIT and self.peers:
-                self.peers.steered(join.segment.flow, join.token, verdict.mark, held=True)
+            self.tell_peers(join, verdict, Held.FOUND)
             self.give(join.packet, verdict)
         return True
 
@@ -78,11 +77,18 @@ class Holding:
             self.stats["errors"] += 1
             join.packet.accept()
             return
-        if verdict.kind is Kind.JOIN_HIT and self.peers:
-            self.peers.steered(join.segment.flow, join.token, verdict.mark, held=True)
-        elif outcome is not Held.FOUND and self.peers:
-            self.peers.gave_up_on(join.token)
+        self.tell_peers(join, verdict, outcome)
         self.give(join.packet, verdict)
+
+    def tell_peers(self, join: HeldJoin, verdict: Verdict, outcome: Held) -> None:
+        """In a cluster: a held join steered by its token is published; one that gave up is
+        remembered, should its token come later."""
+        if not self.peers:
+            return
+        if verdict.kind is Kind.JOIN_HIT:
+            self.peers.steered(join.segment.flow, join.token, verdict.mark, held=True)
+        elif outcome is not Held.FOUND:
+            self.peers.gave_up_on(join.token)
 
     def wait_ms(self) -> int:
         """The loop's wait: until the next held join is due, LONGEST_WAIT_MS at most."""

@@ -288,7 +288,7 @@ class Link:
             pipe.getrange(self.keys.of(name, "beat"), 0, MAX_HEARTBEAT)
         beats = peer_beats(zip(names, pipe.execute(raise_on_error=False) if names else []), self.rejected)
         now = time.time()
-        votes_before = {name: (peer["fingerprint"], peer["down"]) for name, peer in self.peers.items()}
+        votes_before = self.votes_heard()
         self.peers = {name: {"fingerprint": beat.fingerprint, "age_s": round(now - beat.at, 1),
                              "down": None if beat.down is None else sorted(beat.down)} for name, beat in beats.items()}
         pipe = client.pipeline(transaction=False)
@@ -297,8 +297,11 @@ class Link:
         followed = self.followed
         # a peer's key of another type (its user can write one) answers an error: not followed there
         self.followed = all(answer == 1 for answer in pipe.execute(raise_on_error=False))
-        return (self.followed and not followed) or \
-            votes_before != {name: (peer["fingerprint"], peer["down"]) for name, peer in self.peers.items()}
+        return (self.followed and not followed) or votes_before != self.votes_heard()
+
+    def votes_heard(self) -> dict[str, tuple]:
+        """Each peer's config fingerprint and vote, as the last look read them."""
+        return {name: (peer["fingerprint"], peer["down"]) for name, peer in self.peers.items()}
 
     def balancers(self, client, kind: str) -> list[str]:
         """The other balancers that have a `kind` key, MAX_PEERS of them at most."""

@@ -141,15 +141,13 @@ class TokenStore:
                 found = capable_copy(payload) if mark & BACKEND_MASK else None
                 if found is not None:
                     verdict = self.balancer.learn_copy(found, mark, now)
-                    if verdict.token is not None:
-                        verdicts.append(verdict)
-                    continue
-                segment = parse_ip(payload)
-                if self.peers and isinstance(segment, Segment) and segment.is_syn and segment.join is not None:
-                    # a cluster's: a join the kernel steered; its peers keep its backend if the router moves it
-                    self.peers.steered(segment.flow, segment.join.token, mark)
-                    continue
-                verdict = self.balancer.decide(segment, mark, now)
+                else:
+                    segment = parse_ip(payload)
+                    if self.peers and isinstance(segment, Segment) and segment.is_syn and segment.join is not None:
+                        # a cluster's: a join the kernel steered; its peers keep its backend if the router moves it
+                        self.peers.steered(segment.flow, segment.join.token, mark)
+                        continue
+                    verdict = self.balancer.decide(segment, mark, now)
             except Exception:  # a bug must not stop the learning of the others
                 self.errors.error("copy", "learning from a copy failed", exc_info=True)
                 self.stats["errors"] += 1
