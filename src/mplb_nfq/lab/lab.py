@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .ecmp import ClusterTopology, balancer_address
+from .ecmp import MAX_BALANCERS, ClusterTopology, balancer_address
 from .judge import Judge, difference
 from .netns import (
     CLIENT,
@@ -311,7 +311,7 @@ FLAP_BLOCK = """table inet mplb_lab_flap {{
     }}
 }}
 """  # these balancers' health checks fail; clients' connections (from the client's addresses) go on
-EVERY_BALANCER = "10.0.9.2-10.0.9.9"
+EVERY_BALANCER = f"{balancer_address(1)}-{balancer_address(MAX_BALANCERS)}"
 
 
 def _inject_faults(topo: ClusterTopology, workers: list[WorkerProcess], settings: LabSettings) -> dict:
@@ -363,7 +363,6 @@ def _backend_healthy(topo: ClusterTopology, worker: WorkerProcess, backend: str)
     status = json.loads(topo.exec(worker.role, sys.executable, "-m", "mplb_nfq", "status", "--json", "-c",
                                   str(worker.config_path), capture_output=True).stdout)
     return next((b["healthy"] for s in status["services"] for b in s["backends"] if b["name"] == backend), None)
-
 
 
 def _table(results: dict) -> str:
