@@ -108,22 +108,22 @@ def joins_seen(cluster, role) -> dict:
     """What a balancer did with the joins that reached its worker, and how late its peers' news came."""
     packets = cluster.full_status(role)["packets"]
     return {"kinds": {k: v for k, v in packets.get("kinds", {}).items() if "join" in k},
-            "held": {k: v for k, v in packets.items() if k.startswith("held")},
+            "held": {k: v for k, v in packets.items() if k.startswith("held") or k.startswith("copies")},
             "propagation_ms_p99": packets.get("cluster", {}).get("propagation_ms_p99"),
             "tokens_after_held_joins_gave_up": packets.get("cluster", {}).get("tokens_after_held_joins_gave_up")}
 
 
 def why_wrong(cluster) -> dict:
-    """For a failed check: each misrouted join (its token, its flow, the backend it reached, the
-    one that issued its token, and what each balancer's token map holds for it), and what each
+    """For a failed check: each wrong join (its verdict, token, flow, the backend it reached and
+    its answer, the one that issued its token, and what each balancer's token map holds for it), and what each
     balancer did with the joins that reached its worker."""
     topo, ledger = cluster.topo, cluster.topo.judge.sync()
-    misrouted = [{"token": f"{join.token:08x}", "flow": flow, "reached": backend, "at": join.at,
-                  "issued_by": [b for b, tokens in ledger.issued.items() if join.token in tokens],
-                  "maps": {role: token_map(topo, role).get(join.token) for role in topo.balancer_names}}
-                 for backend, flows in ledger.latest.items() for flow, join in flows.items()
-                 if ledger.verdict(backend, join) == "misrouted"]
-    found = {"misrouted": misrouted, "now": time.monotonic(),
+    wrong = [{"verdict": verdict, "token": f"{join.token:08x}", "flow": flow, "reached": backend, "at": join.at,
+              "answer": join.answer, "issued_by": [b for b, tokens in ledger.issued.items() if join.token in tokens],
+              "maps": {role: token_map(topo, role).get(join.token) for role in topo.balancer_names}}
+             for backend, flows in ledger.latest.items() for flow, join in flows.items()
+             if (verdict := ledger.verdict(backend, join))]
+    found = {"wrong": wrong, "now": time.monotonic(),
              "balancers": {role: joins_seen(cluster, role) for role in topo.balancer_names
                            if cluster.workers[role].proc.poll() is None}}
     print("wrong joins:", json.dumps(found, default=str))  # whole: pytest cuts a long assertion message
