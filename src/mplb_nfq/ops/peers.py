@@ -22,6 +22,9 @@ from .tokenstore import TokenStore
 # to it then finds its join subflows), or after this long without Redis: then it balances alone
 CATCH_UP_SECONDS = 5.0
 DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
+# News older than this is a republication after an outage, a peer's clock far off, or a hostile
+# entry: not a propagation delay (one would fill the histogram's sum and the status's p99)
+PLAUSIBLE_DELAY_SECONDS = 300.0
 GAVE_UP_KEPT = 4096  # tokens a held join gave up on, kept to see whether a peer brings them after all
 
 
@@ -139,8 +142,8 @@ class Peers:
             self.tokens.hand_over(handed)
             self.handed_over.update(token for token, _ in handed)
         self._end([token for token in ended if token not in self.connection_of], batch.origin)
-        if not news.resync and (batch.tokens or batch.subflows):
-            delay = max(0.0, time.time() - batch.at)
+        delay = max(0.0, time.time() - batch.at)
+        if not news.resync and (batch.tokens or batch.subflows) and delay <= PLAUSIBLE_DELAY_SECONDS:
             self.delays.observe(delay)
             self.recent_delays.append(delay)
 
