@@ -1,6 +1,6 @@
 """Joins held until their token is known (pure): found by token, expired in order, the oldest
 pushed out when the budget is spent."""
-from mplb_nfq.core.held import HeldJoins
+from mplb_nfq.core.held import RETRY_SECONDS, HeldJoins
 
 
 def hold(held, packet, token, now):
@@ -46,3 +46,22 @@ def test_rechecks_come_at_doubling_intervals_a_bounded_number_a_turn():
     for i in range(5):
         hold(held, i, 10 + i, now=0.01)
     assert len(held.due_for_recheck(0.02, 2)) == 2 and len(held.due_for_recheck(0.02, 32)) == 4  # a's, then the rest
+
+
+def test_an_expired_join_is_dropped_once_and_its_retransmission_meets_the_policy():
+    held = HeldJoins(budget=2, seconds=0.05)
+    flow = ("10.0.2.2", 50000, "10.0.100.1", 80)
+    assert held.drop_first_expiry(flow, 7, now=0.05)  # dropped: the client sends it again
+    assert not held.drop_first_expiry(flow, 7, now=1.1)  # sent again, waited again: the policy
+    assert held.drop_first_expiry(flow, 7, now=1.2)  # a third time is a new join (its token may be reused)
+    assert held.drop_first_expiry(flow, 8, now=1.3)  # the same ports with another token: another join
+    assert held.drop_first_expiry(flow, 7, now=1.2 + RETRY_SECONDS + 0.1)  # forgotten after RETRY_SECONDS
+
+
+def test_strangers_joins_push_a_dropped_one_out_of_memory_and_it_is_only_dropped_again():
+    held = HeldJoins(budget=100, seconds=0.05)
+    assert held.drop_first_expiry(("real", 1), 7, now=0)
+    for i in range(100):  # a flood's joins, each expired and dropped
+        assert held.drop_first_expiry(("flood", i), 0x10000 + i, now=0.001 * i)
+    assert held.drop_first_expiry(("real", 1), 7, now=1.0)  # dropped again (its token would have been in the map)
+    assert not held.drop_first_expiry(("real", 1), 7, now=3.0)

@@ -517,8 +517,9 @@ def seen(stats):
 
 def test_a_flood_of_joins_with_made_up_tokens_leaves_every_real_join_its_backend(topo, worker):
     """10,000 joins a second, each with a token nobody issued: each waits hold_ms in the worker,
-    then takes the unknown-join policy; the real joins (some of which race their token's copy
-    under this load) all reach their connection's backend."""
+    then is dropped (the policy would meet it only when sent again, and a flood does not send
+    again); the real joins (some of which race their token's copy under this load) all reach
+    their connection's backend."""
     w = worker("mplb")
     with flooding(topo, "joins"):
         before = counters(topo)
@@ -528,6 +529,8 @@ def test_a_flood_of_joins_with_made_up_tokens_leaves_every_real_join_its_backend
     assert [r["received"] for r in results] == [4 * MB] * 3
     assert sum(delta(before, after, "MPTcpExtMPJoinAckRx").values()) == 3, json.dumps([stats, nft_counters(topo)])
     wrong = wrong_joins(before, after)
-    assert wrong["misrouted"] == wrong["late"] == 0 and wrong["foreign"] > 1000  # the flood's, judged too
-    assert stats["held_expired"] > 1000, json.dumps(stats)
+    assert wrong["misrouted"] == wrong["late"] == 0
+    assert stats["held_dropped_once"] > 1000, json.dumps(stats)
+    # only the joins that met the policy (random: pushed out of the hold budget) reach a backend
+    assert wrong["foreign"] <= stats["kinds"].get("join_miss", 0), json.dumps(stats)
 

@@ -125,10 +125,11 @@ def test_two_workers_share_tokens_through_the_kernel_map_and_misroute_no_join(to
     assert stats["workers"] == 2 and stats.get("held_expired", 0) == 0 and stats["copies"] == 8
     joins = [tcp(f"10.0.2.{50 + i}", VIP, 50005, PORT, SYN, mp_join_syn(0x5EED0000 + i)) for i in range(16)]
     inject(topo, joins)  # unknown tokens, from 16 addresses: both queues get some (all in one: p = 2**-15)
-    time.sleep(0.8)
+    wait_for(lambda: worker_stats(topo, w)["packets"].get("held_dropped_once") == 16, 5)  # both workers', summed
     per_queue = queue_counts(w.proc.pid)
     assert min(per_queue.values()) > 0 and sum(per_queue.values()) == raced + 16, per_queue
-    wait_for(lambda: worker_stats(topo, w)["packets"]["kinds"].get("join_miss") == 16, 5)  # both workers', summed
+    inject(topo, joins)  # as their clients would send them again: held again, then the policy
+    wait_for(lambda: worker_stats(topo, w)["packets"]["kinds"].get("join_miss") == 16, 5)
     w.proc.send_signal(signal.SIGKILL)  # the others follow the first worker, and the queues are bypassed
     w.proc.wait()
     time.sleep(1.0)

@@ -157,13 +157,18 @@ def test_queue_reader_gives_a_lone_packet_its_verdict_at_once_and_a_burst_in_bat
         sock.close()
 
 
-def test_with_several_workers_an_unknown_join_is_held_then_released_with_the_policy():
+def test_with_several_workers_an_unknown_join_is_held_dropped_once_then_sent_again_meets_the_policy():
     w = worker(workers=2, hold_ms=0)
     join = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(0x12345678)))
     w.handle(join)
     assert join.verdict is None and len(w.held) == 1  # no verdict yet: the token may still come
     w.held.release()  # the kernel map does not have it, and hold_ms is over
-    assert join.verdict == "accept" and join.mark & JOIN and w.stats["held_expired"] == 1 and not w.held
+    assert join.verdict == "drop" and w.stats["held_dropped_once"] == 1 and not w.held
+    again = Packet(tcp("10.0.2.2", "10.0.100.1", 50000, 80, SYN, mp_join_syn(0x12345678)))  # the client's retransmission
+    w.handle(again)
+    assert again.verdict is None and len(w.held) == 1
+    w.held.release()
+    assert again.verdict == "accept" and again.mark & JOIN and w.stats["held_expired"] == 1 and not w.held
 
 
 def test_joins_with_made_up_tokens_beyond_the_budget_never_cost_a_raced_join_its_backend():

@@ -6,18 +6,29 @@ A flood of joins with random tokens must not crowd the real ones out, nor cost a
 loop turn: joins are found by token when it is learned, expire in the order they came, and when
 the budget is spent the oldest goes first (it has had its chance: a real join's token comes
 within a round trip, and the newest is the likeliest to be one still waiting).
+
+A join whose token did not come within its wait is dropped, once: the client sends its SYN again
+a second later, when a token that was slow (a stalled worker, a peer's late news) is in the
+kernel map and the join goes straight to its backend. A guess (the unknown-join policy) would
+send it to the wrong backend as often as not, and a subflow reset there is not tried again. The
+join sent again waits once more, then meets the policy. Those dropped are remembered for
+RETRY_SECONDS, as many as joins may be held: strangers' joins can push a real one out of that
+memory, which only costs it one more drop and wait, never its backend.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from enum import StrEnum
+
+RETRY_SECONDS = 3.0  # a dropped join SYN comes again a second after it was first sent (then 3 s, 7 s)
 
 
 class Held(StrEnum):
     FOUND = "held_found"  # its token became known: to its backend
-    EXPIRED = "held_expired"  # waited hold_ms: the unknown-join policy
+    DROPPED_ONCE = "held_dropped_once"  # waited hold_ms: dropped, its token may be known when it comes again
+    EXPIRED = "held_expired"  # waited hold_ms, dropped once, waited again: the unknown-join policy
     PUSHED_OUT = "held_pushed_out"  # the budget was spent on newer joins: the unknown-join policy
 
 
@@ -41,6 +52,7 @@ class HeldJoins:
         self._rechecks: list[tuple[float, int, HeldJoin]] = []  # a heap: (when, tie-break, join)
         self._sequence = itertools.count()
         self._count = 0
+        self._dropped: OrderedDict[tuple, float] = OrderedDict()  # (flow, token) -> when it was dropped
 
     def __len__(self) -> int:
         return self._count
@@ -76,6 +88,19 @@ class HeldJoins:
             if join.waiting:
                 gone.append(self._take(join))
         return gone
+
+    def drop_first_expiry(self, flow: tuple, token: int, now: float) -> bool:
+        """An expired join: True the first time (drop it; remembered), False when it is the one
+        dropped before, sent again (the policy)."""
+        key = (flow, token)
+        while self._dropped and next(iter(self._dropped.values())) <= now - RETRY_SECONDS:
+            self._dropped.popitem(last=False)
+        if self._dropped.pop(key, None) is not None:
+            return False
+        self._dropped[key] = now
+        if len(self._dropped) > self.budget:
+            self._dropped.popitem(last=False)
+        return True
 
     def due_for_recheck(self, now: float, limit: int) -> list[HeldJoin]:
         """At most `limit` joins whose token is due to be asked for (each again later, at

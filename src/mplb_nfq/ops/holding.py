@@ -1,6 +1,7 @@
 """Joins that raced their token, held in the queue (core.held.HeldJoins keeps them): each goes to
-its connection's backend as soon as the token is known, or gets the unknown-join policy when
-held too long or pushed out for a newer one. Every held packet gets a verdict, whatever happens."""
+its connection's backend as soon as the token is known, is dropped once when held too long (the
+client sends it again), or gets the unknown-join policy when held too long again or pushed out
+for a newer one. Every held packet gets a verdict, whatever happens."""
 from __future__ import annotations
 
 import math
@@ -68,7 +69,12 @@ class Holding:
         return True
 
     def let_go(self, join: HeldJoin, outcome: Held, now: float) -> None:
-        """A held join's verdict, by what the core knows now (its token, or the unknown-join policy)."""
+        """A held join's verdict, by what the core knows now (its token, or the unknown-join
+        policy); one that waited in vain the first time is dropped (core.held)."""
+        if outcome is Held.EXPIRED and self.joins.drop_first_expiry(join.segment.flow, join.token, now):
+            self.stats[Held.DROPPED_ONCE] += 1
+            self.give(join.packet, Verdict(False, 0, Kind.JOIN_HELD))
+            return
         self.stats[outcome] += 1
         try:
             verdict = self.balancer.decide(join.segment, 0, now)

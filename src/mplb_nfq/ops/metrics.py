@@ -100,8 +100,9 @@ class WorkerCollector:
         copies.add_metric(["lost"], stats["copies_lost"])
         yield copies
         raced = CounterMetricFamily("mplb_held_joins", "Joins held in the queue until their token was learned "
-                                    "(found: they raced its copy) or given up on (expired; pushed_out: held joins "
-                                    "were at hold_max, a flood of unknown tokens)", labels=["outcome"])
+                                    "(found: they raced its copy), dropped for the client to send again (dropped_once) "
+                                    "or given up on (expired: in vain twice; pushed_out: held joins were at "
+                                    "hold_max, a flood of unknown tokens)", labels=["outcome"])
         for outcome in Held:
             raced.add_metric([outcome.removeprefix("held_")], stats[outcome])
         yield raced
