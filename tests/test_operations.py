@@ -101,30 +101,32 @@ def test_drained_backend_takes_no_new_connection_but_new_subflows_of_its_own(top
         assert delta(again, counters(topo), "MPTcpExtMPCapableSYNRX")[home] >= 1
 
 
-def test_a_drain_rewrites_a_maglev_table_in_place_and_the_kernel_holds_the_cores_table(topo, worker, tmp_path):
-    """A backend's state change writes only the slots that change, over nfnetlink, in one
-    transaction: the service's chain stays as it is (its rules keep their handles)."""
+def test_a_drain_rewrites_only_a_maglev_tables_virtual_backends_and_the_kernel_holds_the_cores_table(
+        topo, worker, tmp_path):
+    """A backend's state change writes only its virtual backends' entries, over nfnetlink, in
+    one transaction: the slots and the service's chain stay as they are (its rules keep their
+    handles)."""
     maglev = 'scheduler = "maglev"\nmaglev_size = 251\nmptcp_aware = true\n'
     w = worker("mplb", text=config(tmp_path, ["b1", "b2"]).replace(MODES["mplb"], maglev))
 
-    def slots():
-        listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", "sched_lab",
+    def elements(name):
+        listing = json.loads(topo.exec("lb", "nft", "-j", "list", "map", "inet", "mplb", name,
                                        capture_output=True).stdout)
-        (elements,) = [item["map"].get("elem", []) for item in listing["nftables"] if "map" in item]
-        return {key: mark for key, mark in elements}
+        (found,) = [item["map"].get("elem", []) for item in listing["nftables"] if "map" in item]
+        return {key: value for key, value in found}
 
     def rule_handles():
         return topo.exec("lb", "nft", "-a", "list", "chain", "inet", "mplb", "svc_lab", capture_output=True).stdout
 
     marks = {name: int(b["mark"], 16) for name, b in states(topo, w).items()}
-    first, rules = slots(), rule_handles()
-    assert len(first) == 251 and set(first.values()) == {marks["b1"], marks["b2"]}
+    slots, via, rules = elements("sched_lab"), elements("via_lab"), rule_handles()
+    assert len(slots) == 251 and set(slots.values()) <= set(via) and set(via.values()) == {marks["b1"], marks["b2"]}
     assert cli(topo, "drain", "b1", "-c", str(w.config_path)).stdout.strip() == "b1: draining"
-    wait_for(lambda: set(slots().values()) == {marks["b2"]}, 5)
-    assert rule_handles() == rules
+    wait_for(lambda: set(elements("via_lab").values()) == {marks["b2"]}, 5)
+    assert elements("sched_lab") == slots and rule_handles() == rules
     cli(topo, "undrain", "b1", "-c", str(w.config_path))
-    wait_for(lambda: slots() == first, 5)  # Maglev: the same backends, the same table
-    assert rule_handles() == rules
+    wait_for(lambda: elements("via_lab") == via, 5)  # each virtual backend back on its own backend
+    assert elements("sched_lab") == slots and rule_handles() == rules
 
 
 def test_reload_adds_and_removes_backends_during_a_live_transfer(topo, worker, tmp_path):

@@ -112,7 +112,7 @@ def test_each_service_gets_a_chain_that_indexes_its_table_and_each_vip_points_at
     c = cfg()
     tables = c.balancer().lookup_tables()
     text = render_decide(c, tables, gone=["old"])
-    assert "add element inet mplb sched_web { 0 : 0x100, 1 : 0x101 }" in text
+    assert "add element inet mplb sched_web { 0x0 : 0x100, 0x1 : 0x101 }" in text
     assert "meta mark set numgen inc mod 2 map @sched_web counter name decided" in text
     # direct server return: the first ACK must find its SYN's backend again, so a hash, not a counter
     assert "meta mark set jhash ip saddr . tcp sport . ip daddr . tcp dport mod 1 seed" in text
@@ -124,6 +124,46 @@ def test_each_service_gets_a_chain_that_indexes_its_table_and_each_vip_points_at
 
 
 # -- routing ---------------------------------------------------------------------------------------
+def test_a_maglev_table_goes_through_its_virtual_backends_and_a_backend_going_rewrites_only_theirs():
+    from mplb_nfq.core.schedulers import VIRTUAL_PER_BACKEND
+    from mplb_nfq.kernel.ruleset import Ruleset
+
+    maglev = {**CONFIG, "services": [{**CONFIG["services"][0], "scheduler": "maglev", "maglev_size": 4099}]}
+    config = from_dict({**maglev, "kernel": {"queue_mode": "native"}})
+    balancer = config.balancer()
+    before = balancer.lookup_tables()
+    web = before["web"]
+    assert len(web.slots) == 4099 and len(web.via) == 2 * VIRTUAL_PER_BACKEND and web.marks() == {0x100, 0x101}
+    assert all(value & REJECT for value in web.slots)  # a number the kernel cannot find refuses the SYN
+    text = render_decide(config, before)
+    assert "add map inet mplb via_web { typeof meta mark : meta mark ; }" in text
+    assert "meta mark set jhash ip saddr . tcp sport . ip daddr . tcp dport mod 4099 seed 0x" in text
+    assert "map @sched_web meta mark set meta mark map @via_web counter name decided" in text
+    assert f"add element inet mplb via_web {{ 0x{REJECT:x} : 0x100, 0x{REJECT | 1:x} : 0x100, " in text
+    assert f"add element inet mplb sched_web {{ 0x0 : 0x{web.slots[0]:x}, " in text
+
+    class Written:
+        def __init__(self):
+            self.maps, self.ran = [], []
+
+        def write(self, maps):
+            self.maps.append(maps)
+
+        def run(self, commands):
+            self.ran.append(commands)
+
+    ruleset = Ruleset(Written(), config)
+    ruleset.tables, ruleset.written_for, ruleset.slots = dict(before), config, ruleset.nft
+    balancer.services[0].backends[0].healthy = False
+    after = balancer.lookup_tables()
+    ruleset.sync_tables(config, after)
+    (written,) = ruleset.slots.maps
+    assert written["sched_web"] == []  # the slots stay
+    assert sorted(virtual for virtual, _ in written["via_web"]) == [REJECT | v for v in range(VIRTUAL_PER_BACKEND)]
+    assert {mark for _, mark in written["via_web"]} == {0x101} and ruleset.tables["web"] is after["web"]
+    assert ruleset.nft.ran == []  # no chain, no table written again through nft
+
+
 def test_the_routing_plan_gives_each_backend_a_table_and_a_fwmark_rule_and_each_vip_a_fail_open_route():
     c = cfg()
     routes, rules = routing_plan(c)
@@ -427,7 +467,7 @@ def test_a_scheduler_map_rewrite_is_one_transaction_of_deletes_then_adds_each_wi
     from mplb_nfq.kernel.tokenmap import NFT_MSG_NEWSETELEM, SLOTS_PER_MESSAGE, slot_batch
 
     changes = [(slot, 0x100 + slot % 3) for slot in range(2 * SLOTS_PER_MESSAGE + 1)]
-    batch, count = slot_batch("mplb", "sched_web", changes, 40)
+    batch, count = slot_batch("mplb", {"sched_web": changes}, 40)
     parsed = messages(batch)
     assert count == 6 and [seq for _, _, seq, _ in parsed] == list(range(40, 40 + count + 2))
     kinds = [kind & 0xFF for kind, _, _, _ in parsed[1:-1]]

@@ -71,6 +71,32 @@ def test_maglev_removing_one_of_n_backends_moves_about_one_nth_of_the_keys(n):
     assert moved / keys < 1 / n * 1.6, f"{moved / keys:.3f} of the keys moved, 1/N = {1 / n:.3f}"
 
 
+@pytest.mark.parametrize("n", [3, 5])
+def test_maglev_over_virtual_backends_moves_exactly_the_keys_of_a_backend_that_goes(n):
+    backends = [B(f"b{i}") for i in range(n)]
+    m = Maglev(table_size=65537, backends=backends)
+    table, keys = list(m.table(backends)), 20000
+    before = picks(m, backends, keys)
+    after = picks(m, backends[:-1], keys)
+    assert m.table(backends[:-1]) == table  # the slots stay: only the virtual backends' table changes
+    assert [x for x, y in zip(before, after) if x != y] == [x for x in before if x == backends[-1].name]
+    taken = Counter(y for x, y in zip(before, after) if x != y)
+    assert len(taken) == n - 1 and min(taken.values()) > 0.5 * max(taken.values()), taken  # spread over the others
+    second = picks(m, backends[:-2], keys)  # another goes: only its own keys and those it had inherited move
+    assert [y for x, y in zip(after, second) if x != y] and all(
+        x == backends[-2].name for x, y in zip(after, second) if x != y)
+    assert picks(m, backends, keys) == before  # both back: every key where it was
+
+
+def test_maglev_over_virtual_backends_shares_a_gone_backend_by_weight():
+    backends = [B("a", 3), B("b", 1), B("c", 2)]
+    m = Maglev(table_size=65537, backends=backends)
+    before = picks(m, backends, 30000)
+    after = picks(m, backends[:2], 30000)
+    taken = Counter(y for x, y in zip(before, after) if x == "c")
+    assert 2.0 < taken["a"] / taken["b"] < 4.5, taken
+
+
 def test_maglev_honours_weights():
     counts = Counter(picks(Maglev(table_size=65537), [B("a", 3), B("b", 1)], 20000))
     assert 2.5 < counts["a"] / counts["b"] < 3.5

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .expiring import ExpiringTable
 from .marks import BACKEND_MASK, DISPLACEABLE, JOIN, LEARNED, PROVISIONAL, REJECT
 from .packet import TCP_SYN, Malformed, Segment, token_of_key
-from .schedulers import MAGLEV_DEFAULT_SIZE, Index, make_scheduler
+from .schedulers import MAGLEV_DEFAULT_SIZE, Index, Maglev, make_scheduler
 from .tokens import AMBIGUOUS, INSTALL_PENDING, PROVISIONAL_SECONDS, token_capacities
 from .verdicts import Kind, Verdict
 
@@ -68,7 +68,7 @@ class Service:
     affinity: ExpiringTable[bytes, Backend] = field(init=False)
 
     def __post_init__(self):
-        self.picker = make_scheduler(self.scheduler, self.maglev_size)
+        self.picker = make_scheduler(self.scheduler, self.maglev_size, self.backends)
         self.affinity = ExpiringTable(1_000_000, self.persistence)
 
     @property
@@ -85,10 +85,24 @@ class Service:
 class LookupTable:
     """A service's SYN decision as the kernel takes it: the slot its index picks holds the
     backend's mark; REJECT alone when no backend is available; no slot when the worker decides.
+    With `via` (Maglev): the slot holds a virtual backend's number (with REJECT: should the
+    kernel not find it, the SYN is refused, not sent by a number), and via[number] the mark.
     affinity: seconds a client keeps the backend it last got (persistence), 0: none."""
     index: Index
     slots: tuple[int, ...]
     affinity: int = 0
+    via: tuple[int, ...] = ()
+
+    def mark_at(self, position: int) -> int:
+        value = self.slots[position]
+        return self.via[value & ~VIRTUAL] if self.via else value
+
+    def marks(self) -> set[int]:
+        """The marks its SYNs may get."""
+        return set(self.via) if self.via else set(self.slots)
+
+
+VIRTUAL = REJECT  # in a slot: a virtual backend's number (LookupTable.via)
 
 
 class Balancer:
@@ -106,6 +120,7 @@ class Balancer:
         self.rng = rng or random.Random()
         self.counts: Counter[Kind] = Counter()
         self._tables: dict[str, tuple[tuple, LookupTable]] = {}  # service -> (what it was built for, table)
+        self._slots: dict[str, tuple[list[int], tuple[int, ...]]] = {}  # service -> its Maglev table, as slots
         self.update(services)
 
     def update(self, services: list[Service], retired: list[Backend] = ()) -> None:
@@ -128,19 +143,33 @@ class Balancer:
         tables = {}
         for service in self.services:
             candidates = [b for b in service.backends if b.available]
-            signature = (service.index, service.persistence, tuple((b.name, b.mark, b.weight) for b in candidates))
+            signature = (service.index, service.persistence,
+                         tuple((b.name, b.mark, b.weight, b.available) for b in service.backends))
             cached = self._tables.get(service.name)
             if cached is None or cached[0] != signature:
+                via = ()
                 if service.index is Index.WORKER:
                     slots = ()
                 elif not candidates:
                     slots = (REJECT,)
+                elif isinstance(service.picker, Maglev):
+                    slots = self._virtual_slots(service, candidates)
+                    via = tuple(candidates[i].mark for i in service.picker.virtual_backends(candidates))
                 else:
                     slots = tuple(candidates[i].mark for i in service.picker.table(candidates))
-                table = LookupTable(service.index, slots, int(service.persistence))
+                table = LookupTable(service.index, slots, int(service.persistence), via)
                 cached = self._tables[service.name] = (signature, table)
             tables[service.name] = cached[1]
         return tables
+
+    def _virtual_slots(self, service: Service, candidates: list[Backend]) -> tuple[int, ...]:
+        """A Maglev table's slots: the same tuple while its backends stay (a backend's going
+        changes only `via`), so that nothing compares 65,537 slots for it."""
+        table = service.picker.table(candidates)
+        kept = self._slots.get(service.name)
+        if kept is None or kept[0] is not table:
+            kept = self._slots[service.name] = (table, tuple(VIRTUAL | virtual for virtual in table))
+        return kept[1]
 
     @property
     def backends(self) -> list[Backend]:

@@ -7,7 +7,9 @@ counter (`numgen inc`) or a hash (`jhash`) of the connection: the SYN is decided
 core's own `pick` reads the same table the same way."""
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 from enum import StrEnum
 from math import gcd
 from typing import NamedTuple, Protocol, Sequence
@@ -17,6 +19,9 @@ from .jhash import flow_key, slot
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 MAGLEV_DEFAULT_SIZE = 65537
 MAGLEV_MAX_SIZE = 131071  # its table takes 0.16 s to build here; 1,000,003 took 1.4 s
+VIRTUAL_PER_BACKEND = 256  # a Maglev table's virtual backends per backend...
+VIRTUAL_BACKENDS = 8192  # ...and per table: beyond 32 backends each has fewer (a failure's work stays bounded)
+HEIR_DRAWS = 32  # draws for a gone backend's virtual backend, then the first candidate by its number
 
 
 class Candidate(Protocol):
@@ -116,27 +121,46 @@ class Maglev:
 
     A lookup table of prime size M is filled by the backends' permutations, in turns weighted by
     their weights; removing one of N backends moves about 1/N of the keys.
+
+    Given the service's backends, the table is built for all of them (weight > 0), up or down,
+    and its slots hold virtual backends: each backend's slots go in turn to its
+    VIRTUAL_PER_BACKEND virtual ones. A second, small table gives each virtual backend its
+    backend: its own while that one takes new connections, else its heir: the first of a
+    sequence of backends drawn by weight (fixed for each virtual backend) that takes new
+    connections, so each takes a share of a gone backend by its weight, and another backend's
+    going moves none but its own. A backend that goes or comes rewrites its virtual backends'
+    entries, a few hundred, not the third of the M slots a table built again would change;
+    exactly its own keys move.
     """
     index = Index.FLOW
 
-    def __init__(self, table_size: int = MAGLEV_DEFAULT_SIZE, **_):
+    def __init__(self, table_size: int = MAGLEV_DEFAULT_SIZE, backends: Sequence[Candidate] | None = None, **_):
         if not is_prime(table_size):
             raise ValueError(f"maglev table size {table_size} is not a prime")
         self.size = table_size
+        self.backends = backends  # the service's, up or down (None: the table follows the candidates)
         self._built_for: tuple | None = None
         self._table: list[int] = []
+        self._owners: list[str] = []  # virtual backend -> its backend's name
+        self._names: list[str] = []  # the backends the table was built for, and their weights summed in turn
+        self._cumulative: list[int] = []
+        self._via_for: tuple | None = None
+        self._via: list[int] = []
 
-    def _build(self, candidates: Sequence[Candidate]) -> None:
+    def _build(self, built: Sequence[Candidate]) -> None:
         m = self.size
-        names = [b.name.encode() for b in candidates]
+        names = [b.name.encode() for b in built]
+        per_backend = max(1, min(VIRTUAL_PER_BACKEND, VIRTUAL_BACKENDS // len(built), m // len(built))) \
+            if self.backends is not None else 1
         offsets = [_hash64(n, b"offset") % m for n in names]
         skips = [_hash64(n, b"skip") % (m - 1) + 1 for n in names]
-        weights = [b.weight for b in candidates]
+        weights = [b.weight for b in built]
         top = max(weights)
         following = [0] * len(names)
         table = [-1] * m
         filled = 0
         credit = [0] * len(names)
+        taken = [0] * len(names)
         while True:
             for i in range(len(names)):
                 credit[i] += weights[i]
@@ -147,31 +171,64 @@ class Maglev:
                 while table[slot] >= 0:
                     following[i] += 1
                     slot = (offsets[i] + following[i] * skips[i]) % m
-                table[slot] = i
+                table[slot] = i * per_backend + taken[i] % per_backend
+                taken[i] += 1
                 following[i] += 1
                 filled += 1
                 if filled == m:
                     self._table = table
+                    self._owners = [b.name for b in built for _ in range(per_backend)]
+                    self._names, self._cumulative = [b.name for b in built], list(itertools.accumulate(weights))
                     return
 
+    def _built(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
+        return candidates if self.backends is None else [b for b in self.backends if b.weight > 0] or candidates
+
     def prepare(self, candidates: Sequence[Candidate]) -> None:
-        """Build the table for these candidates unless it is built: off the packet path, when
-        the backends' state changes, so that no SYN waits for it."""
-        signature = tuple((b.name, b.weight) for b in candidates)
-        if signature != self._built_for and candidates:
-            self._build(candidates)
-            self._built_for = signature
+        """Build the tables for these candidates unless they are built: off the packet path, when
+        the backends' state changes, so that no SYN waits for them."""
+        built = self._built(candidates)
+        signature = tuple((b.name, b.weight) for b in built)
+        if signature != self._built_for and built:
+            self._build(built)
+            self._built_for, self._via_for = signature, None
+        if self._via_for != (signature, tuple(b.name for b in candidates)) and candidates:
+            self._via = self._virtual_to_candidates(candidates)
+            self._via_for = (signature, tuple(b.name for b in candidates))
+
+    def _virtual_to_candidates(self, candidates: Sequence[Candidate]) -> list[int]:
+        index = {b.name: i for i, b in enumerate(candidates)}
+        via = []
+        for virtual, owner in enumerate(self._owners):
+            own = index.get(owner)
+            via.append(own if own is not None else self._heir(virtual, index))
+        return via
+
+    def _heir(self, virtual: int, index: dict[str, int]) -> int:
+        total = self._cumulative[-1]
+        for draw in range(HEIR_DRAWS):
+            h = _hash64(virtual.to_bytes(4, "big") + draw.to_bytes(2, "big"), b"heir")
+            i = index.get(self._names[bisect.bisect_right(self._cumulative, h % total)])
+            if i is not None:
+                return i
+        return virtual % len(index)  # next to none take new connections
 
     def table(self, candidates: Sequence[Candidate]) -> list[int]:
+        """slot -> virtual backend."""
         self.prepare(candidates)
         return self._table
+
+    def virtual_backends(self, candidates: Sequence[Candidate]) -> list[int]:
+        """virtual backend -> index in candidates."""
+        self.prepare(candidates)
+        return self._via
 
     def key(self, flow) -> bytes:
         return flow_key(flow.src, flow.sport, flow.dst, flow.dport)
 
     def pick(self, flow, candidates: Sequence[Candidate]) -> Candidate:
         self.prepare(candidates)
-        return candidates[self._table[slot(self.key(flow), self.size)]]
+        return candidates[self._via[self._table[slot(self.key(flow), self.size)]]]
 
 
 class SourceHash(Maglev):
@@ -183,6 +240,6 @@ class SourceHash(Maglev):
         return flow.src
 
 
-def make_scheduler(name: str, maglev_size: int = MAGLEV_DEFAULT_SIZE):
+def make_scheduler(name: str, maglev_size: int = MAGLEV_DEFAULT_SIZE, backends: Sequence[Candidate] | None = None):
     return {"rr": RoundRobin, "wrr": WeightedRoundRobin, "lc": LeastConnections, "sh": SourceHash,
-            "maglev": Maglev}[name](table_size=maglev_size)
+            "maglev": Maglev}[name](table_size=maglev_size, backends=backends)

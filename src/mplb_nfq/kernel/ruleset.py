@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 from typing import Container, Mapping, NamedTuple
 
-from ..core.balancer import LookupTable
+from ..core.balancer import VIRTUAL, LookupTable
 from ..core.jhash import SEED, flow_key, slot
 from ..core.marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, QUEUE, REJECT
 from ..core.packet import TCP_ACK, TCP_SYN, Segment
@@ -139,14 +139,15 @@ def service_rules(service, table: LookupTable) -> list[str]:
     if table.index is Index.COUNTER:
         rules.append(f"{ack} return")  # mid-stream: no counter can tell what the SYN got
     unset = ""
-    members = sorted({mark for mark in table.slots if mark & BACKEND_MASK}) if table.affinity else []
+    members = sorted({mark for mark in table.marks() if mark & BACKEND_MASK}) if table.affinity else []
     for mark in members:  # a client's last backend first, from its set (only those available have one here)
         rules += [f"{address} saddr @{affinity_set(service.name, version, mark)} meta mark set 0x{mark:x}"
                   for address, version in (("ip", 4), ("ip6", 6))]
     if members:
         unset = "meta mark == 0 "
     indexes = [_index(table, 4)] if table.index is Index.COUNTER else [_index(table, 4), _index(table, 6)]
-    rules += [f"{unset}meta mark set {index} map @sched_{service.name} counter name decided" for index in indexes]
+    via = f" meta mark set meta mark map @via_{service.name}" if table.via else ""
+    rules += [f"{unset}meta mark set {index} map @sched_{service.name}{via} counter name decided" for index in indexes]
     for mark in members:
         rules += [f"meta mark & 0x{BACKEND_MASK:08x} == 0x{mark:x} update @{affinity_set(service.name, version, mark)} "
                   f"{{ {address} saddr timeout {table.affinity}s }}" for address, version in (("ip", 4), ("ip6", 6))]
@@ -171,6 +172,13 @@ def affinity_sets(cfg: Config, tables: Mapping[str, LookupTable]) -> dict[str, s
             for b in s.backends for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr"))}
 
 
+def scheduler_maps(table: str, name: str) -> list[str]:
+    """A service's table (slot -> mark, or to a virtual backend's number) and its virtual
+    backends' (number -> mark; empty but for Maglev)."""
+    return [f"add map {table} sched_{name} {{ typeof numgen inc mod 2 : meta mark ; }}",
+            f"add map {table} via_{name} {{ typeof meta mark : meta mark ; }}"]
+
+
 def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Container[str] = (),
                   gone_affinity: Mapping[str, str] | None = None) -> str:
     """nft commands, one transaction, that (re)write the chains and tables of the services in
@@ -180,11 +188,12 @@ def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Containe
     commands = []
     by_name = {s.name: s for s in cfg.services}
     for name, lookup in tables.items():
-        commands += [f"add map {table} sched_{name} {{ typeof numgen inc mod 2 : meta mark ; }}",
-                     f"flush map {table} sched_{name}"]
-        if lookup.slots:
-            elements = ", ".join(f"{i} : 0x{mark:x}" for i, mark in enumerate(lookup.slots))
-            commands.append(f"add element {table} sched_{name} {{ {elements} }}")
+        commands += scheduler_maps(table, name)
+        for kind, values, first in (("sched", lookup.slots, 0), ("via", lookup.via, VIRTUAL)):
+            commands.append(f"flush map {table} {kind}_{name}")
+            if values:
+                elements = ", ".join(f"0x{first | i:x} : 0x{mark:x}" for i, mark in enumerate(values))
+                commands.append(f"add element {table} {kind}_{name} {{ {elements} }}")
         # kept across rewrites: clients keep their backends
         commands += [f"add set {table} {s} {{ type {kind} ; flags dynamic, timeout ; size {AFFINITY_SIZE} ; }}"
                      for s, kind in affinity_sets(cfg, {name: lookup}).items()]
@@ -196,8 +205,9 @@ def render_decide(cfg: Config, tables: Mapping[str, LookupTable], gone: Containe
             elements = [e for v, e in found if v == version]
             if elements:
                 commands.append(f"add element {table} {name} {{ {', '.join(elements)} }}")
-    for name in gone:
-        commands += [f"delete chain {table} svc_{name}", f"delete map {table} sched_{name}"]
+    for name in gone:  # (added first: a table of a version before has no via map)
+        commands += [f"delete chain {table} svc_{name}"] + scheduler_maps(table, name) + \
+            [f"delete map {table} sched_{name}", f"delete map {table} via_{name}"]
     for name, kind in (gone_affinity or {}).items():
         commands.append(f"delete {kind} {table} {name}")
     return "\n".join(commands) + "\n"
@@ -346,7 +356,7 @@ def _decide(segment: Segment, decider: Decider, subtype: int | None, turn: int) 
         key = segment.src if table.index is Index.SOURCE else flow_key(segment.src, segment.sport, segment.dst,
                                                                         segment.dport)
         position = slot(key, len(table.slots))
-    mark = table.slots[position]
+    mark = table.mark_at(position)
     return mark if decider.mptcp_aware and subtype == 0 else mark | LEARNED
 
 
@@ -358,6 +368,12 @@ def renew_chains(outline: Outline, table: str) -> str:
 
 def families(cfg: Config) -> set[int]:
     return {ipaddress.ip_address(vip).version for vip in cfg.vips}
+
+
+def changes(now: tuple[int, ...], was: tuple[int, ...], first: int = 0) -> list[tuple[int, int]]:
+    """(key, value) where a table of the same size changed (none when it is the same tuple); its
+    keys count from `first`."""
+    return [] if now is was else [(first | i, value) for i, (value, old) in enumerate(zip(now, was)) if value != old]
 
 
 class Ruleset:
@@ -422,10 +438,12 @@ class Ruleset:
         if changed and not gone and cfg is self.written_for:
             services = {s.name: s for s in cfg.services}
             in_place = {name: table for name, table in changed.items() if name in self.tables
+                        and len(table.via) == len(self.tables[name].via)
                         and service_rules(services[name], table) == service_rules(services[name], self.tables[name])}
             for name, table in in_place.items():  # (a health or drain change: the chain stays as it is)
-                self.slots.write(f"sched_{name}", [(i, mark) for i, (mark, was) in
-                                                   enumerate(zip(table.slots, self.tables[name].slots)) if mark != was])
+                was = self.tables[name]
+                self.slots.write({f"sched_{name}": changes(table.slots, was.slots),
+                                  f"via_{name}": changes(table.via, was.via, VIRTUAL)})
                 self.tables[name] = table
                 del changed[name]
         if changed or gone or cfg is not self.written_for:

@@ -107,15 +107,17 @@ def _slot_elements(slots: array, marks: array | None) -> bytes:
     return words.tobytes()
 
 
-def slot_batch(table: str, name: str, changes: list[tuple[int, int]], seq: int) -> tuple[bytes, int]:
-    """One transaction that gives each slot of map `name` its new mark (delete, then add: a map
-    element's value cannot be changed in place); and the count of its messages."""
+def slot_batch(table: str, maps: Mapping[str, list[tuple[int, int]]], seq: int) -> tuple[bytes, int]:
+    """One transaction that gives each slot of these maps (name -> changes) its new value
+    (delete, then add: a map element's value cannot be changed in place); and the count of its
+    messages."""
     messages = []
-    for start in range(0, len(changes), SLOTS_PER_MESSAGE):
-        chunk = changes[start:start + SLOTS_PER_MESSAGE]
-        slots, marks = array("I", [slot for slot, _ in chunk]), array("I", [mark for _, mark in chunk])
-        messages += [(NFT_MSG_DELSETELEM, _set_elements(table, _slot_elements(slots, None), name)),
-                     (NFT_MSG_NEWSETELEM, _set_elements(table, _slot_elements(slots, marks), name))]
+    for name, changes in maps.items():
+        for start in range(0, len(changes), SLOTS_PER_MESSAGE):
+            chunk = changes[start:start + SLOTS_PER_MESSAGE]
+            slots, marks = array("I", [slot for slot, _ in chunk]), array("I", [mark for _, mark in chunk])
+            messages += [(NFT_MSG_DELSETELEM, _set_elements(table, _slot_elements(slots, None), name)),
+                         (NFT_MSG_NEWSETELEM, _set_elements(table, _slot_elements(slots, marks), name))]
     return transaction(seq, messages), len(messages)
 
 
@@ -290,21 +292,24 @@ class TableReader(Nfnetlink):
 
 
 class SchedulerMaps(Nfnetlink):
-    """The services' scheduler maps (sched_NAME), slots rewritten in place."""
+    """The services' scheduler maps (sched_NAME, via_NAME), slots rewritten in place."""
 
     def __init__(self, table: str):
         super().__init__(table)
         self.sock.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)  # SO_SNDBUFFORCE: a whole table in one send
 
-    def write(self, name: str, changes: list[tuple[int, int]]) -> None:
-        """Give the slots their marks, all in one transaction (a SYN sees the old table or the new)."""
-        if not changes:
+    def write(self, maps: Mapping[str, list[tuple[int, int]]]) -> None:
+        """Give the slots of these maps (name -> changes) their values, all in one transaction (a
+        SYN sees the old tables or the new)."""
+        maps = {name: changes for name, changes in maps.items() if changes}
+        if not maps:
             return
-        batch, count = slot_batch(self.table, name, changes, self.seq + 1)
+        batch, count = slot_batch(self.table, maps, self.seq + 1)
         error = self._transaction(batch, list(range(self.seq + 2, self.seq + 2 + count)))
         self.seq += count + 2
         if error:
-            raise KernelError(f"writing {len(changes)} slots of map {name}: {os.strerror(error)}")
+            raise KernelError(f"writing {sum(map(len, maps.values()))} slots of maps {', '.join(maps)}: "
+                              f"{os.strerror(error)}")
 
 
 class Counters(Nfnetlink):
