@@ -510,6 +510,37 @@ def test_a_table_is_built_again_only_when_the_backends_state_changes():
     assert lb_table(balancer) is not first
 
 
+def test_a_table_is_built_from_one_reading_of_each_backends_state():
+    """The health thread changes a backend while the loop builds a table: read twice, the table
+    had it up under a signature that said down, and stayed so until something else changed."""
+    class GoingDown(Backend):
+        readings = 0
+
+        @property
+        def available(self):
+            self.readings += 1
+            return self.readings == 1
+
+    going = GoingDown("b9", ("10.0.9.19",), 0x109, 109)
+    balancer = Balancer([Service("web", (ipaddress.ip_address(VIP).packed,), (80,), backends(2) + [going], "rr")])
+    assert 0x109 in lb_table(balancer).slots
+    assert 0x109 not in lb_table(balancer).slots  # down at the next reading: built again
+
+
+def test_a_reload_that_changes_the_scheduler_or_the_table_size_builds_the_table_again():
+    def service(scheduler, size=65537, aware=True):
+        return Service("web", (ipaddress.ip_address(VIP).packed,), (80,), backends(), scheduler, "random", aware,
+                       maglev_size=size, direct_return=True)
+
+    balancer = Balancer([service("maglev")])
+    first = lb_table(balancer)
+    for changed in (service("maglev", 251), service("rr"), service("rr", aware=False)):
+        balancer.update([changed])
+        assert lb_table(balancer) is not first
+        first = lb_table(balancer)
+    assert len(first.slots) == 3 and not first.via
+
+
 def test_round_robin_under_direct_server_return_hashes_the_connection():
     service = Service("web", (ipaddress.ip_address(VIP).packed,), (80,), backends(), "rr", direct_return=True)
     assert lb_table(Balancer([service])).index is Index.FLOW

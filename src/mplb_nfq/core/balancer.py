@@ -142,9 +142,11 @@ class Balancer:
         their state changes (the same object comes back otherwise)."""
         tables = {}
         for service in self.services:
-            candidates = [b for b in service.backends if b.available]
-            signature = (service.index, service.persistence,
-                         tuple((b.name, b.mark, b.weight, b.available) for b in service.backends))
+            # read once: the health thread may change a backend between two readings
+            states = [(b, b.available) for b in service.backends]
+            candidates = [b for b, available in states if available]
+            signature = (service.index, service.scheduler, service.maglev_size, service.mptcp_aware,
+                         service.persistence, tuple((b.name, b.mark, b.weight, up) for b, up in states))
             cached = self._tables.get(service.name)
             if cached is None or cached[0] != signature:
                 via = ()
