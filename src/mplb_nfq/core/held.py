@@ -13,7 +13,9 @@ kernel map and the join goes straight to its backend. A guess (the unknown-join 
 send it to the wrong backend as often as not, and a subflow reset there is not tried again. The
 join sent again waits once more, then meets the policy. Those dropped are remembered for
 RETRY_SECONDS, as many as joins may be held: strangers' joins can push a real one out of that
-memory, which only costs it one more drop and wait, never its backend.
+memory, and then it is dropped again when sent again: a join whose token is only late still
+reaches its backend, one whose token never comes is dropped at each try under a flood, never
+sent to a guessed backend.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ class HeldJoins:
         """An expired join: True the first time (drop it; remembered), False when it is the one
         dropped before, sent again (the policy)."""
         key = (flow, token)
-        while self._dropped and next(iter(self._dropped.values())) <= now - RETRY_SECONDS:
+        while self._dropped and next(iter(self._dropped.values())) < now - RETRY_SECONDS:
             self._dropped.popitem(last=False)
         if self._dropped.pop(key, None) is not None:
             return False
