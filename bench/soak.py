@@ -241,8 +241,9 @@ def soak(minutes: float, rate: float) -> dict:
         "failure_examples": [r["error"] for r in outside[:5]],
         "mptcp_connections": sum(r["mptcp"] for r in records), "joins_completed": joins,
         **{f"{verdict}_joins": sum(1 for v, _ in wrong if v == verdict) for verdict in ("misrouted", "foreign", "late")},
-        "late_joins_by_fault": dict(Counter(state.fault_during({"start": t, "end": t}) or "none"
-                                            for v, t in wrong if v == "late")),
+        "wrong_joins_by_fault": {verdict: dict(Counter(state.fault_during({"start": t, "end": t}) or "none"
+                                                       for v, t in wrong if v == verdict))
+                                 for verdict in sorted({v for v, _ in wrong})},
         "corrupted_bytes": sum(r["received"] for r in records if r["received"] == r["size"] and not r["intact"]),
         "bytes_received": sum(r["received"] for r in records),
         "faults_injected": dict(injected), "worker_restarts_survived": injected["restart"] + injected["kill"],

@@ -16,6 +16,7 @@ def test_faults_break_no_connection_corrupts_no_byte_misroutes_no_join_and_leave
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
+    print(json.dumps(report))  # whole: pytest cuts a long assertion message
     assert report["attempted"] >= 210 and report["failed"] == 0, report
     assert report["corrupted_bytes"] == 0 and report["bytes_received"] > 0
     assert set(report["faults_injected"]) == {"restart", "kill", "reload_weights", "reload_backends", "drain",
