@@ -289,9 +289,10 @@ def test_a_link_process_that_dies_is_started_again_and_the_balancer_catches_up(c
 
 
 @contextmanager
-def transfers_intact(topo, event):
+def transfers_intact(cluster, event):
     """Six 6 MB downloads across `event` (the with block, a second in): each must complete with
     every byte as sent, no backend may reset a subflow or refuse a join."""
+    topo = cluster.topo
     before_resets, before_wrong = resets(topo), wrong_joins(topo)
     running = [fetch_in_background(topo, 6 * MB) for _ in range(6)]
     time.sleep(1.0)
@@ -300,8 +301,8 @@ def transfers_intact(topo, event):
     assert all(r.get("received") == 6 * MB and r["intact"] for r in results), results
     lost = resets(topo) - before_resets
     print(f"subflows reset by a backend after {event}: {lost}")
-    assert lost == 0
-    assert wrong_joins(topo) == before_wrong
+    assert lost == 0, why_wrong(cluster)
+    assert wrong_joins(topo) == before_wrong, why_wrong(cluster)
 
 
 def unavailable(topo, role) -> set[int]:
@@ -339,7 +340,7 @@ def test_balancers_build_their_tables_from_one_view_of_the_backends_and_one_cut_
     marks = {b["name"]: int(b["mark"], 16) for b in cluster.full_status("lb1")["services"][0]["backends"]}
     b1_mark, b2_mark = marks["b1"], marks["b2"]
     with checks_failing(topo, "b1", "lb1"):
-        with transfers_intact(topo, "lb1 could not check b1 and the router moved every flow to lb1"):
+        with transfers_intact(cluster, "lb1 could not check b1 and the router moved every flow to lb1"):
             wait_for(lambda: b1_as_seen(cluster, "lb1") == (True, False), 10)  # down for lb1, up for the cluster
             assert b1_as_seen(cluster, "lb2") == (True, True)
             assert b1_mark not in unavailable(topo, "lb1") | unavailable(topo, "lb2")
@@ -465,7 +466,7 @@ def test_a_flow_the_router_moves_keeps_its_token_after_the_balancer_that_learned
 
 def test_a_balancer_added_while_traffic_flows_breaks_no_connection(cluster):  # last: it leaves three
     topo = cluster.topo
-    with transfers_intact(topo, "a balancer was added"):
+    with transfers_intact(cluster, "a balancer was added"):
         role = topo.add_balancer()
         cluster.start(role)
         topo.wait_announced(3)
@@ -497,7 +498,7 @@ def test_the_redis_primary_killed_mid_run_its_replica_takes_over_and_crossing_jo
     from the last entry it read. No transfer breaks, no join goes astray."""
     cluster, topo = sentinel_cluster, sentinel_cluster.topo
     wait_for(lambda: all(cluster.status(r)["redis"] == "connected" for r in topo.balancer_names), 15)
-    with transfers_intact(topo, "the Redis primary was killed"):
+    with transfers_intact(cluster, "the Redis primary was killed"):
         killed = topo.kill_redis_primary()
         wait_for(lambda: topo.primary_port() != killed, 15)
         wait_for(lambda: all(cluster.status(r)["outages"] >= 1 and cluster.status(r)["redis"] == "connected"
@@ -515,7 +516,7 @@ def test_a_balancer_killed_mid_transfer_moves_its_flows_to_the_other_intact(sent
     cluster = sentinel_cluster
     topo = cluster.topo
     survivors = [hop for hop in topo.nexthops() if hop != balancer_address(1)]
-    with transfers_intact(topo, "the balancer died"):
+    with transfers_intact(cluster, "the balancer died"):
         # the machine dies: its worker, its BIRD and its link; the router withdraws it when
         # BGP's hold time (3 s) runs out
         cluster.workers["lb1"].proc.send_signal(signal.SIGKILL)
