@@ -11,7 +11,7 @@ which opens one join from the client's second address. Floods (mplb_nfq.lab.floo
 
   none     the baseline
   capable  bare ACKs carrying MP_CAPABLE with made-up keys (each teaches a token under DSR)
-  joins    MP_JOIN SYNs with random tokens (each held hold_ms, then the unknown-join policy)
+  joins    MP_JOIN SYNs with random tokens (each held hold_ms, then dropped: a flood does not send again)
   replay   MP_JOIN SYNs carrying the token of a live connection (a long download's)
 
 Per flood: packets sent and the rate reached; legitimate joins completed on their connection's
@@ -156,7 +156,7 @@ def run_flood(topo: Topology, run: Path, kind: str, args) -> dict:
             "foreign": delta(before, after, "foreign"), "worker_rss_kib": sum(rss for rss, _ in usage),
             "worker_cpu_s": round(sum(cpu for _, cpu in usage), 2), "token_map": sum(map_sizes),
             "redis_rss_kib": redis, "copies_lost": total("copies_lost"), "held_found": total("held_found"),
-            "held_expired": total("held_expired"), "held_pushed_out": total("held_pushed_out"),
+            "held_dropped_once": total("held_dropped_once"), "held_expired": total("held_expired"), "held_pushed_out": total("held_pushed_out"),
             "tokens_provisional": total("tokens_provisional"), "tokens_proven": total("tokens_proven"),
             "tokens_pushed_out": total("tokens_pushed_out")}
 
