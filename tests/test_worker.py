@@ -17,6 +17,7 @@ from mplb_nfq.ops.config import from_dict
 from mplb_nfq.ops.logs import ERROR_LOG_SECONDS
 from mplb_nfq.ops.metrics import WorkerCollector
 from mplb_nfq.ops.holding import RECHECK_SECONDS
+from mplb_nfq.ops.status import render_status
 from mplb_nfq.worker import Worker
 
 CONFIG = {"services": [{"name": "web", "vip": "10.0.100.1", "ports": [80]}],
@@ -169,6 +170,8 @@ def test_with_several_workers_an_unknown_join_is_held_dropped_once_then_sent_aga
     assert again.verdict is None and len(w.held) == 1
     w.held.release()
     assert again.verdict == "accept" and again.mark & JOIN and w.stats["held_expired"] == 1 and not w.held
+    assert "joins that raced their token: found 0, dropped once 1, given up 1 (held twice) + 0 (pushed out)" in \
+        render_status(w.plane.status())
 
 
 def test_joins_with_made_up_tokens_beyond_the_budget_never_cost_a_raced_join_its_backend():

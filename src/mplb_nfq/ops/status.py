@@ -1,14 +1,19 @@
 """`mplb-nfq status`: the running worker's state, laid out like `ipvsadm -Ln`."""
 from __future__ import annotations
 
+from ..core.held import Held
+
 
 def render_status(status: dict) -> str:
-    drops = status["queue_drops"]
+    drops, packets = status["queue_drops"], status["packets"]
     lines = [f"mplb-nfq: handshakes {status['handshakes']}, queue {status['queue']} ({status['queue_mode']}), "
              f"table {status['table_owner']}'s, up {status['uptime_s']:.0f} s",
              f"tokens tracked {status['tokens_tracked']}, flows tracked {status['flows_tracked']}, "
              f"queue drops {drops['queue_full']} (queue full) + {drops['socket_full']} (socket full), "
              f"waiting {drops['waiting']}",
+             f"copies read {packets.get('copies', 0)}, lost {packets.get('copies_lost', 0)}; joins that raced their "
+             f"token: found {packets.get(Held.FOUND, 0)}, dropped once {packets.get(Held.DROPPED_ONCE, 0)}, given up "
+             f"{packets.get(Held.EXPIRED, 0)} (held twice) + {packets.get(Held.PUSHED_OUT, 0)} (pushed out)",
              "Prot VIP:Port                    Scheduler  Flags",
              "  -> Backend        Address                State     Weight  Conns  Subflows"]
     for s in status["services"]:
