@@ -141,8 +141,8 @@ class Maglev:
         self.backends = backends  # the service's, up or down (None: the table follows the candidates)
         self._built_for: tuple | None = None
         self._table: list[int] = []
-        self._owners: list[str] = []  # virtual backend -> its backend's name
         self._names: list[str] = []  # the backends the table was built for, and their weights summed in turn
+        self._per_backend = 1  # virtual backends each (virtual // _per_backend: its backend's index)
         self._cumulative: list[int] = []
         self._via_for: tuple | None = None
         self._via: list[int] = []
@@ -177,12 +177,12 @@ class Maglev:
                 filled += 1
                 if filled == m:
                     self._table = table
-                    self._owners = [b.name for b in built for _ in range(per_backend)]
                     self._names, self._cumulative = [b.name for b in built], list(itertools.accumulate(weights))
+                    self._per_backend = per_backend
                     return
 
     def _built(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
-        return candidates if self.backends is None else [b for b in self.backends if b.weight > 0] or candidates
+        return candidates if self.backends is None else [b for b in self.backends if b.weight > 0]
 
     def prepare(self, candidates: Sequence[Candidate]) -> None:
         """Build the tables for these candidates unless they are built: off the packet path, when
@@ -199,8 +199,8 @@ class Maglev:
     def _virtual_to_candidates(self, candidates: Sequence[Candidate]) -> list[int]:
         index = {b.name: i for i, b in enumerate(candidates)}
         via = []
-        for virtual, owner in enumerate(self._owners):
-            own = index.get(owner)
+        for virtual in range(len(self._names) * self._per_backend):
+            own = index.get(self._names[virtual // self._per_backend])
             via.append(own if own is not None else self._heir(virtual, index))
         return via
 
