@@ -40,11 +40,15 @@ class ExpiringTable(Generic[K, V]):
         return entry[0]
 
     def put(self, key: K, value: V, now: float) -> None:
-        entry = (value, now + self.ttl, key)
-        self._entries[key] = entry
-        self._order.append(entry)
         self.expire(now)
+        self._put(key, value, now)
+
+    def _put(self, key: K, value: V, now: float) -> None:
+        """put() once expired entries are gone."""
+        entry = (value, now + self.ttl, key)
         entries, order = self._entries, self._order
+        entries[key] = entry
+        order.append(entry)
         while len(entries) > self.capacity:
             oldest = order.popleft()
             if entries.get(oldest[2]) is oldest:
@@ -58,12 +62,11 @@ class ExpiringTable(Generic[K, V]):
     def add(self, key: K, value: V, now: float) -> bool:
         """Put a new key only while there is room (after expiry): when full, False, and nothing
         already there is pushed out. For a table whose old entries matter more than new ones."""
-        if key not in self._entries:
-            self.expire(now)
-            if len(self._entries) >= self.capacity:
-                self.refused += 1
-                return False
-        self.put(key, value, now)
+        self.expire(now)
+        if key not in self._entries and len(self._entries) >= self.capacity:
+            self.refused += 1
+            return False
+        self._put(key, value, now)
         return True
 
     def items(self, now: float):

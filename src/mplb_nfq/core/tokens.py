@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from socket import AF_INET, inet_ntop
 from typing import Iterable, Mapping, NamedTuple
 
 from .marks import BACKEND_MASK, DISPLACEABLE, JOIN
@@ -85,24 +86,25 @@ class TokenWrites(NamedTuple):
         return self.install + self.provisional
 
 
+OPERATIONS = {Kind.TOKEN_COLLISION: "reject", Kind.SYN_ACK_OVER_CLIENT: "replace", Kind.THIRD_ACK: "provisional",
+              Kind.TOKEN_PROVEN: "renew"}
+
+
 def plan_writes(verdicts: Iterable[Verdict]) -> TokenWrites:
     """One batch's writes: the last word on a token wins (a collision found later in the batch
     takes back the install of the same token earlier in it)."""
-    operations = {Kind.TOKEN_COLLISION: "reject", Kind.SYN_ACK_OVER_CLIENT: "replace",
-                  Kind.THIRD_ACK: "provisional", Kind.TOKEN_PROVEN: "renew"}
     final: dict[int, tuple[str, int]] = {}
     for v in verdicts:
         if v.token is not None:
-            operation = operations.get(v.kind, "install")
+            operation = OPERATIONS.get(v.kind, "install")
             if operation == "renew" and final.get(v.token, ("",))[0] == "provisional":
                 operation = "install"  # taught and proven in one batch: not in the map yet, and may be another's
             final[v.token] = (operation, 0 if v.kind is Kind.TOKEN_COLLISION else map_value(v))
-
-    def planned(operation):
-        return [(t, m) for t, (op, m) in final.items() if op == operation]
-
-    return TokenWrites(planned("install"), [t for t, _ in planned("reject")], planned("replace"), [],
-                       planned("provisional"), planned("renew"))
+    planned: dict[str, list] = {"install": [], "reject": [], "replace": [], "provisional": [], "renew": []}
+    for token, (operation, mark) in final.items():
+        planned[operation].append((token, mark))
+    return TokenWrites(planned["install"], [t for t, _ in planned["reject"]], planned["replace"], [],
+                       planned["provisional"], planned["renew"])
 
 
 def learned_at(now: float, ttl: float, seconds_left: float) -> float:
@@ -114,6 +116,8 @@ def learned_at(now: float, ttl: float, seconds_left: float) -> float:
 def flow_comment(flow: tuple) -> str:
     """A connection as the kernel map's element comment shows it: client > VIP."""
     src, sport, dst, dport = flow
+    if len(src) == 4:  # one call for the common case: every learned token's comment is one
+        return f"{inet_ntop(AF_INET, src)}:{sport}>{inet_ntop(AF_INET, dst)}:{dport}"
     return f"{endpoint(src, sport)}>{endpoint(dst, dport)}"
 
 

@@ -54,25 +54,29 @@ def _set_elements(table: str, elements: bytes = b"", name: str = MAP_NAME) -> by
 # One element of the token map as NFT_MSG_NEWSETELEM carries it, 40 bytes, packed in one go (the
 # generic attribute helpers took 20 µs a token): a list element nesting the key (the token's four
 # bytes, as on the wire), the data (the mark, host order) and the timeout (ms, big endian); then
-# the comment naming the connection, if any.
+# the comment naming the connection, if any: the user data attribute's header, then libnftnl's
+# own (type, length) before the text.
 SET_ELEMENT = struct.Struct("=HHHHHH4sHHHHIHH8s")
+COMMENT_HEADER = struct.Struct("=HHBB")
 
 
 def _comment(text: str | None) -> bytes:
     if not text:
         return b""
     value = text.encode()[:126] + b"\0"
-    return attribute(SET_ELEM_USERDATA, bytes([UDATA_COMMENT, len(value)]), value)
+    size = COMMENT_HEADER.size + len(value)
+    return COMMENT_HEADER.pack(size, SET_ELEM_USERDATA, UDATA_COMMENT, len(value)) + value + bytes(-size % 4)
 
 
 def _with_marks(tokens: list[tuple[int, int]], timeout: int, comments: Mapping[int, str] | None = None) -> bytes:
-    expires = struct.pack("!Q", timeout * 1000)
+    expires, pack, comment_of = struct.pack("!Q", timeout * 1000), SET_ELEMENT.pack, comments or {}
     parts = []
     for token, mark in tokens:
-        comment = _comment(comments.get(token)) if comments else b""
-        parts.append(SET_ELEMENT.pack(40 + len(comment), LIST_ELEM | NLA_F_NESTED, 12, SET_ELEM_KEY | NLA_F_NESTED, 8,
-                                      DATA_VALUE, token.to_bytes(4, "big"), 12, SET_ELEM_DATA | NLA_F_NESTED, 8,
-                                      DATA_VALUE, mark, 12, SET_ELEM_TIMEOUT, expires) + comment)
+        comment = _comment(comment_of.get(token))
+        parts.append(pack(40 + len(comment), LIST_ELEM | NLA_F_NESTED, 12, SET_ELEM_KEY | NLA_F_NESTED, 8,
+                          DATA_VALUE, token.to_bytes(4, "big"), 12, SET_ELEM_DATA | NLA_F_NESTED, 8,
+                          DATA_VALUE, mark, 12, SET_ELEM_TIMEOUT, expires))
+        parts.append(comment)
     return b"".join(parts)
 
 
