@@ -12,6 +12,7 @@ from mplb_nfq.core.jhash import flow_key, slot
 from mplb_nfq.core.marks import BACKEND_MASK, JOIN, LEARNED, PROVISIONAL, QUEUE, REJECT
 from mplb_nfq.core.packet import parse_ip, token_of_key
 from mplb_nfq.core.schedulers import Index
+from mplb_nfq.core.tokens import flow_comment, flow_of_comment
 from mplb_nfq.kernel.copies import bind_request, parse_copies
 from mplb_nfq.kernel.nft import KernelError
 from mplb_nfq.kernel.routing import MAIN_TABLE, routing_plan
@@ -230,6 +231,17 @@ def test_an_element_s_comment_names_its_connection_and_reads_back():
     (_, add, _) = messages(batch)
     assert parse_elements(add[3]) == [(0x11223344, 0x100 | JOIN, 600.0, "10.0.1.2:40000>10.0.100.1:80")]
     assert bytes([0, 29]) + b"10.0.1.2:40000>10.0.100.1:80\0" in add[3]  # libnftnl's comment: type 0, length
+
+
+def test_a_flow_s_comment_reads_back_whatever_its_addresses_families():
+    # a peer's news may name a connection from an IPv4 client to an IPv6 VIP: named, never a crash
+    v4, v6 = ipaddress.ip_address("10.0.1.2").packed, ipaddress.ip_address("fd00:100::1").packed
+    for flow, text in (((v4, 40000, v4, 80), "10.0.1.2:40000>10.0.1.2:80"),
+                       ((v6, 40000, v6, 80), "[fd00:100::1]:40000>[fd00:100::1]:80"),
+                       ((v4, 40000, v6, 80), "10.0.1.2:40000>[fd00:100::1]:80"),
+                       ((v6, 40000, v4, 80), "[fd00:100::1]:40000>10.0.1.2:80")):
+        assert flow_comment(flow) == text
+        assert flow_of_comment(text) == flow
 
 
 def test_a_replace_deletes_then_adds_in_one_transaction_or_only_adds():

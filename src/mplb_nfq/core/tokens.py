@@ -116,7 +116,7 @@ def learned_at(now: float, ttl: float, seconds_left: float) -> float:
 def flow_comment(flow: tuple) -> str:
     """A connection as the kernel map's element comment shows it: client > VIP."""
     src, sport, dst, dport = flow
-    if len(src) == 4:  # one call for the common case: every learned token's comment is one
+    if len(src) == 4 == len(dst):  # one call for the common case: every learned token's comment is one
         return f"{inet_ntop(AF_INET, src)}:{sport}>{inet_ntop(AF_INET, dst)}:{dport}"
     return f"{endpoint(src, sport)}>{endpoint(dst, dport)}"
 
