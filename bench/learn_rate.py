@@ -110,7 +110,7 @@ def main() -> None:
         results = []
         for _ in range(rounds):
             subprocess.run(inside + ["nft", "flush", "map", "inet", TABLE, "tokens"], check=True)
-            learned = subprocess.run(inside + [sys.executable, __file__, str(connections)], check=True, capture_output=True,
+            learned = subprocess.run(inside + [sys.executable, __file__, str(connections)], check=True, stdout=subprocess.PIPE,
                                      text=True, env={**os.environ, "MPLB_LEARN_INSIDE": "1"})
             results.append(json.loads(learned.stdout.splitlines()[-1]))
         rates = [r["tokens_per_cpu_second"] for r in results]
