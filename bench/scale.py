@@ -14,7 +14,7 @@ worker is then restarted, so that it adopts them as after an upgrade, and measur
   (the map's deletions read from nf_tables' own events), while 1,000 connections a second end;
 - `worker_rss_mb`, `worker_cpu_at_rest`: the worker's processes (the worker, its conntrack
   follower, its health checker), their memory summed (PSS: pages they share counted once), and
-  their CPU share over 10 s of rest;
+  their CPU share over 10 s of rest (once the follower's full readings of conntrack are over);
 - `kernel_bytes_per_connection`: MemAvailable's drop while the state was built, per connection;
 - `table_write_ms`: a backend drained or undrained (its Maglev table of 65,537 slots rewritten),
   from the control socket's command to the answer of the status asked next (the loop's turn in
@@ -174,6 +174,25 @@ def memory_mb(pids: list[int], field: str) -> float:
     return total / 1024
 
 
+def settled_follower(socket_path: str, n: int, patience: float = 300.0) -> dict:
+    """The follower's status once it is at rest: watching the n connections, a full reading of
+    conntrack done, and no other ended for twice as long as the last one took (a graceful restart
+    reads again once its snapshot is loaded: 7-8 s of a core at a million, not rest)."""
+    from mplb_nfq.ops.control import request
+    deadline, last, since = time.monotonic() + patience, None, time.monotonic()
+    follower: dict = {}
+    while time.monotonic() < deadline:
+        follower = request(socket_path, "status").get("conntrack", {})
+        readings = follower.get("full_readings", 0)
+        if readings != last:
+            last, since = readings, time.monotonic()
+        quiet = time.monotonic() - since >= 2 * follower.get("last_reading_s", 0.0) + 1
+        if readings >= 1 and follower.get("watched", 0) >= n and quiet:
+            break
+        time.sleep(0.5)
+    return follower
+
+
 def cpu_seconds(pids: list[int]) -> float:
     ticks = 0
     for pid in pids:
@@ -237,14 +256,7 @@ def measure(n: int, quick: bool = False) -> dict:
                 results[figure.replace("_s", "_from")] = worker.ready.get("adopted_from")
                 results[figure.replace("_s", "_tokens")] = worker.ready.get("adopted")
             pids = process_tree(worker.proc.pid)
-            deadline = time.monotonic() + 300
-            follower: dict = {}
-            while time.monotonic() < deadline:  # at rest: the follower watches them all, its first reading done
-                follower = request(socket_path, "status").get("conntrack", {})
-                if follower.get("full_readings", 0) >= 1 and follower.get("watched", 0) >= n:
-                    break
-                time.sleep(0.5)
-            results["follower"] = follower
+            results["follower"] = settled_follower(socket_path, n)
             rest = 1 if quick else 10
             cpu = cpu_seconds(pids)
             time.sleep(rest)
