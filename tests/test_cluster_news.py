@@ -88,6 +88,14 @@ def test_only_known_backends_and_served_vips_are_accepted():
     assert rejected == {"unknown_backend": 2, "unknown_service": 2}
 
 
+def test_a_peers_connection_from_one_family_to_another_is_refused_and_its_token_kept():
+    batch = Batch("lb2", 0.0, {1: "b1", 2: "b1"}, {}, [], {1: (FLOW[0], 40000, FLOW6[2], 8080), 2: FLOW})
+    rejected = Counter()
+    kept = accepted(batch, {"b1": 0x101}, [(VIP, 8080)], rejected)
+    assert kept.tokens == {1: "b1", 2: "b1"} and kept.connections == {2: FLOW}
+    assert rejected == {"malformed": 1}
+
+
 def make_peers(held=()):
     b1, b2 = Backend("b1", ("10.0.9.11",), 0x101, 1001), Backend("b2", ("10.0.9.12",), 0x102, 1002)
     balancer = Balancer([Service("web", (VIP,), (8080,), [b1, b2], "maglev", direct_return=True)])

@@ -257,7 +257,9 @@ def peer_beats(beats: Iterable[tuple[str, str | None]], rejected: Counter[str]) 
 def accepted(batch: Batch, backends: Mapping[str, int], services: Iterable[tuple[bytes, int]],
              rejected: Counter[str]) -> Batch:
     """Of a peer's batch, what names a backend this balancer has (`backends`: name -> mark) and,
-    for subflows, a VIP . port it serves; the rest counted in `rejected` by reason."""
+    for subflows, a VIP . port it serves; a connection's flow only when both its ends are of one
+    family (no packet has two: conntrack would be asked for a flow it cannot hold); the rest
+    counted in `rejected` by reason."""
     served = set(services)
     tokens = {}
     for token, backend in batch.tokens.items():
@@ -273,7 +275,14 @@ def accepted(batch: Batch, backends: Mapping[str, int], services: Iterable[tuple
             rejected["unknown_service"] += 1
         else:
             subflows[flow] = (token, backend)
-    connections = {token: flow for token, flow in batch.connections.items() if token in tokens}
+    connections = {}
+    for token, flow in batch.connections.items():
+        if token not in tokens:
+            continue
+        if len(flow[0]) != len(flow[2]):
+            rejected["malformed"] += 1
+        else:
+            connections[token] = flow
     return Batch(batch.origin, batch.at, tokens, subflows, list(batch.ended), connections)
 
 
