@@ -148,15 +148,17 @@ def token_map(topo, role="lb"):
 CT_MARKS = """
 import sys
 from pyroute2 import NFCTSocket
-port = int(sys.argv[1])
+client, port = sys.argv[1], int(sys.argv[2])
 with NFCTSocket() as ct:
     for entry in ct.dump():
-        if entry.get_nested("CTA_TUPLE_ORIG", "CTA_TUPLE_PROTO", "CTA_PROTO_SRC_PORT") == port:
+        if entry.get_nested("CTA_TUPLE_ORIG", "CTA_TUPLE_PROTO", "CTA_PROTO_SRC_PORT") == port \
+                and entry.get_nested("CTA_TUPLE_ORIG", "CTA_TUPLE_IP", "CTA_IP_V4_SRC") == client:
             print(entry.get_attr("CTA_MARK") or 0)
 """
 
 
-def ct_marks(topo, sport):
-    """The conntrack marks of the LB's entries whose client port is sport."""
-    out = topo.exec("lb", sys.executable, "-c", CT_MARKS, str(sport), capture_output=True).stdout
+def ct_marks(topo, client, sport):
+    """The conntrack marks of the LB's entries from client:sport (the port alone also finds the
+    LB's own connections, its health checks' among them, whose ephemeral ports it may share)."""
+    out = topo.exec("lb", sys.executable, "-c", CT_MARKS, client, str(sport), capture_output=True).stdout
     return [int(line) for line in out.split()]

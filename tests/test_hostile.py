@@ -115,9 +115,9 @@ def test_a_crafted_join_opens_nothing_on_a_drained_backend_and_a_real_one_still_
                       for port, options in ((53001, past_the_end), (53002, both))])
         wait_for(lambda: nft_counters(topo)["queued_join_unavailable"] == 2
                  and worker_stats(topo, w)["packets"]["kinds"].get("malformed", 0) == 1, 5)
-        (ct_mark,) = ct_marks(topo, 53001)
+        (ct_mark,) = ct_marks(topo, "10.0.1.53", 53001)
         assert ct_mark & BACKEND_MASK not in (0, mark & BACKEND_MASK)  # scheduled, not on the drained one
-        assert ct_marks(topo, 53002) == []  # dropped: the one verdict safe under either reading
+        assert ct_marks(topo, "10.0.1.53", 53002) == []  # dropped: the one verdict safe under either reading
         assert sum(delta(before, counters(topo), "joins").values()) == 0  # no backend received a join
         topo.subflow_endpoint(True)  # a real join of the live connection: to its drained backend
         assert json.loads(download.process.communicate(timeout=60)[0])["received"] == 60 * MB

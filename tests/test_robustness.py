@@ -55,7 +55,7 @@ def test_malformed_packets_get_a_verdict_that_respects_drain_are_counted_and_the
     assert stats["packets"]["kinds"].get("malformed", 0) >= reach_the_worker  # (option length 1 nftables cannot read)
     assert stats["packets"].get("errors", 0) == 0 and w.proc.poll() is None
     for i in range(len(bad_options)):  # taken as Linux takes them: plain SYNs, scheduled, drain respected
-        assert all(mark & BACKEND_MASK in (0, 0x100) for mark in ct_marks(topo, base + i)), i
+        assert all(mark & BACKEND_MASK in (0, 0x100) for mark in ct_marks(topo, "10.0.1.60", base + i)), i
     assert [r["received"] for r in fetch(topo, MB)] == [MB]
 
 
