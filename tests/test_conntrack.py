@@ -2,7 +2,7 @@
 the full readings that miss it), and live entries are counted per backend, each end once."""
 import ipaddress
 
-from mplb_nfq.core.marks import JOIN
+from mplb_nfq.core.marks import CLOSING, JOIN
 from mplb_nfq.kernel.conntrack import ABSENT_READINGS, RECENT_SECONDS, Counts, Lifetimes, Tally
 from mplb_nfq.kernel.ctnetlink import CHANGED, CREATED, DESTROYED, Entry
 from mplb_nfq.kernel.ctnetlink import flow_key as key
@@ -96,6 +96,24 @@ def test_conntrack_tally_counts_live_entries_per_backend_and_each_end_once():
     assert tally.counts() == Counts({0x101: 1}, {}) and tally.closed == {key(other)}
     tally.event(Entry(other, 0x103, 1, CHANGED))  # reopened (TIME_WAIT -> SYN_SENT): live again
     assert tally.counts() == Counts({0x101: 1, 0x103: 1}, {})
+
+
+def test_a_connection_stops_counting_at_its_first_fin_or_rst_and_its_end_is_no_second_one():
+    tally, other = Tally(), (FLOW[0], 2, VIP, 80)
+    tally.event(Entry(FLOW, 0x101, 1, CREATED))
+    tally.event(Entry(other, 0x101, None, CREATED))  # (an event without the TCP state)
+    tally.event(Entry(FLOW6, 0x102 | JOIN, 1, CREATED))
+    assert tally.counts() == Counts({0x101: 2}, {0x102: 1})
+    tally.event(Entry(FLOW, 0x101 | CLOSING, 4, CHANGED))  # FIN_WAIT, the only change told after ESTABLISHED
+    tally.event(Entry(FLOW6, 0x102 | JOIN | CLOSING, 7, CHANGED))  # a subflow's RST
+    assert tally.counts() == Counts({0x101: 1}, {})
+    tally.event(Entry(FLOW, 0x101 | CLOSING, None, DESTROYED))
+    tally.event(Entry(FLOW6, 0x102 | JOIN | CLOSING, None, DESTROYED))
+    assert tally.counts() == Counts({0x101: 1}, {})
+    # a full reading counts an established entry that saw a FIN as closing, and one with no state never
+    tally.reading([Entry(FLOW, 0x101 | CLOSING, 3, CHANGED), Entry(other, 0x101, 3, CHANGED),
+                   Entry(FLOW6, 0x102, None, CHANGED)])
+    assert tally.counts() == Counts({0x101: 1}, {}) and tally.closed == {key(FLOW), key(FLOW6)}
 
 
 def test_a_snapshot_reads_back_once_and_only_for_the_table_it_was_written_for(tmp_path, monkeypatch):

@@ -78,6 +78,11 @@ def test_status_shows_services_backends_and_live_counts(topo, worker):
     assert "up" in home_line()
     assert json.loads(download.communicate(timeout=60)[0])["received"] == 40 * MB
     assert status(topo, w)["tokens_tracked"] >= 1
+    # closed: counted out at its first FIN, while its entries wait out TIME_WAIT
+    try:
+        wait_for(lambda: seen.append(home_line()) or seen[-1][-2:] == ["0", "0"], 5)
+    except AssertionError:
+        raise AssertionError(f"{home}'s status line stayed {seen[-1]} after the download ended") from None
 
 
 def test_drained_backend_takes_no_new_connection_but_new_subflows_of_its_own(topo, worker):
