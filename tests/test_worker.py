@@ -366,6 +366,40 @@ def test_a_reload_that_changes_limits_is_refused_naming_them(tmp_path):
     assert answer["ok"] is False and "token_capacity" in answer["error"] and "restart" in answer["error"]
 
 
+def test_the_loop_writes_the_scheduler_tables_after_a_change_of_the_backends_not_on_every_turn(tmp_path):
+    from mplb_nfq.ops.config import load
+
+    w = Worker(load(config_file(tmp_path)), KernelMaps())
+    written, failing = [], []
+
+    def sync_tables(tables):
+        if failing:
+            raise OSError("the kernel said no")
+        written.append({b for b in tables["web"].slots})
+
+    w.dataplane.sync_tables = sync_tables
+    marks = {b.name: b.mark for b in w.balancer.backends}
+    turns = lambda: [w.plane.sync_unavailable() for _ in range(3)]  # noqa: E731
+    turns()
+    assert written == [set(marks.values())]
+    w.plane.set_health("b1", False, "connection refused")  # from the health thread
+    turns()
+    assert written[1:] == [{marks["b2"]}]
+    failing.append(True)
+    w.plane.drain("b2", True)
+    turns()
+    failing.clear()
+    turns()  # the failed write is tried again, once it goes through no more
+    assert len(written) == 3 and written[-1] == {REJECT}  # (no backend takes new connections)
+    w.plane.set_health("b1", True, None)
+    w.plane.drain("b2", False)
+    turns()
+    w.dataplane.apply = lambda cfg, retired: None
+    assert w.plane.reload()["ok"]  # the same backends, a new config: its tables are written for it
+    turns()
+    assert written[3:] == [set(marks.values())] * 2
+
+
 def test_maglev_tables_are_built_off_the_packet_path():
     from mplb_nfq.core.schedulers import Maglev
 

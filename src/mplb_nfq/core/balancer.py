@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .expiring import ExpiringTable
 from .marks import BACKEND_MASK, DISPLACEABLE, JOIN, LEARNED, PROVISIONAL, REJECT
@@ -19,6 +20,9 @@ from .verdicts import Kind, Verdict
 
 UNKNOWN_JOIN_POLICIES = ("random", "drop", "reset")
 REPEATED = {Kind.SYN_ACK: Kind.SYN_ACK_REPEAT, Kind.THIRD_ACK: Kind.THIRD_ACK_REPEAT}
+
+
+SCHEDULING_STATE = frozenset({"weight", "healthy", "drained", "retired"})  # what `available` reads
 
 
 @dataclass(eq=False)
@@ -33,6 +37,14 @@ class Backend:
     retired: bool = False  # gone from the config: drained until its connections are gone
     active: int = 0  # connections (conntrack's count, plus those placed since)
     subflows: int = 0
+    # times any backend's scheduling state (SCHEDULING_STATE) was set, by any thread: the loop
+    # writes the kernel's tables when it moves, not on every turn
+    changes: ClassVar[int] = 0
+
+    def __setattr__(self, name, value):
+        if name in SCHEDULING_STATE:
+            Backend.changes += 1
+        object.__setattr__(self, name, value)
 
     @property
     def available(self) -> bool:

@@ -38,6 +38,7 @@ class ControlPlane:
         self.cfg, self.balancer, self.dataplane, self.fleet, self.counters = cfg, balancer, dataplane, fleet, counters
         self.retired: dict[str, RetiredBackend] = {}
         self.unavailable_in_kernel: set[int] | None = None  # the kernel's set, as last written
+        self.synced: tuple | None = None  # what sync_unavailable last wrote the tables for
         self.health = None
         self.stopping = False
         self.started = time.time()
@@ -86,9 +87,15 @@ class ControlPlane:
     def sync_unavailable(self) -> None:
         """Backends that take no new connections: the services' tables leave them out, and the
         ruleset sends their joins to the worker, which reads them as Linux will before they reach
-        such a backend. Called from the loop (the health thread only changes the backends' state)."""
+        such a backend. Called from the loop on every turn (the health thread only changes the
+        backends' state); it writes only after a change of the backends, the services or the config."""
+        seen = (Backend.changes, self.balancer.services, self.cfg)  # before the states are read: a later change is seen next turn
+        if self.synced is not None and seen[0] == self.synced[0] and seen[1] is self.synced[1] \
+                and seen[2] is self.synced[2]:
+            return
         try:
             self.dataplane.sync_tables(self.balancer.lookup_tables())
+            self.synced = seen
         except Exception as e:  # the tables in the kernel stay as they were; tried again next turn
             log.error("updating the scheduler tables failed: %s", e)
         unavailable = [b for b in self.balancer.backends if not b.available]

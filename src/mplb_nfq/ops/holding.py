@@ -43,6 +43,9 @@ class Holding:
         """Held joins whose token is known now go to its backend; those held too long get the
         unknown-join policy. A worker that reads no copies looks its held joins' tokens up in the
         kernel map, where another worker puts them."""
+        if not self.joins:  # (the loop's every turn)
+            self.balancer.take_newly_known()
+            return
         now = time.perf_counter()
         looks_up = self.joins.recheck_after is not None
         if looks_up:
