@@ -2,7 +2,7 @@
 the full readings that miss it), and live entries are counted per backend, each end once."""
 import ipaddress
 
-from mplb_nfq.core.marks import CLOSING, JOIN
+from mplb_nfq.core.marks import JOIN
 from mplb_nfq.kernel.conntrack import ABSENT_READINGS, RECENT_SECONDS, Counts, Lifetimes, Tally
 from mplb_nfq.kernel.ctnetlink import CHANGED, CREATED, DESTROYED, Entry
 from mplb_nfq.kernel.ctnetlink import flow_key as key
@@ -104,14 +104,14 @@ def test_a_connection_stops_counting_at_its_first_fin_or_rst_and_its_end_is_no_s
     tally.event(Entry(other, 0x101, None, CREATED))  # (an event without the TCP state)
     tally.event(Entry(FLOW6, 0x102 | JOIN, 1, CREATED))
     assert tally.counts() == Counts({0x101: 2}, {0x102: 1})
-    tally.event(Entry(FLOW, 0x101 | CLOSING, 4, CHANGED))  # FIN_WAIT, the only change told after ESTABLISHED
-    tally.event(Entry(FLOW6, 0x102 | JOIN | CLOSING, 7, CHANGED))  # a subflow's RST
+    tally.event(Entry(FLOW, 0x101, 3, CHANGED, closing=True))  # its first FIN: the label, its only change told
+    tally.event(Entry(FLOW6, 0x102 | JOIN, 1, CHANGED, closing=True))  # a subflow's RST, whatever its state
     assert tally.counts() == Counts({0x101: 1}, {})
-    tally.event(Entry(FLOW, 0x101 | CLOSING, None, DESTROYED))
-    tally.event(Entry(FLOW6, 0x102 | JOIN | CLOSING, None, DESTROYED))
+    tally.event(Entry(FLOW, 0x101, None, DESTROYED, closing=True))
+    tally.event(Entry(FLOW6, 0x102 | JOIN, None, DESTROYED))
     assert tally.counts() == Counts({0x101: 1}, {})
     # a full reading counts an established entry that saw a FIN as closing, and one with no state never
-    tally.reading([Entry(FLOW, 0x101 | CLOSING, 3, CHANGED), Entry(other, 0x101, 3, CHANGED),
+    tally.reading([Entry(FLOW, 0x101, 3, CHANGED, closing=True), Entry(other, 0x101, 3, CHANGED),
                    Entry(FLOW6, 0x102, None, CHANGED)])
     assert tally.counts() == Counts({0x101: 1}, {}) and tally.closed == {key(FLOW), key(FLOW6)}
 

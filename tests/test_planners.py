@@ -437,7 +437,7 @@ def test_a_conntrack_entry_created_reads_back_as_its_flow_mark_and_state():
         family = struct.unpack_from("=B", body)[0]
         assert (kind, seq, error, family) == (CT_NEW, 7, None, socket.AF_INET if len(flow[0]) == 4 else socket.AF_INET6)
         assert flags & NLM_F_EXCL and flags & NLM_F_REQUEST
-        assert entry_of(kind, flags, body) == (flow, 0x48000101, 3, CREATED)  # ESTABLISHED
+        assert entry_of(kind, flags, body) == (flow, 0x48000101, 3, CREATED, False)  # ESTABLISHED
 
 
 def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_are_skipped():
@@ -447,10 +447,10 @@ def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_a
 
     flow = (bytes([10, 0, 0, 1]), 40000, bytes([10, 99, 0, 1]), 80)
     ((kind, _, _, body, _),) = messages(flow_request(CT_DELETE, flow, 1))
-    assert kind == CT_DELETE and entry_of(kind, 0, body) == (flow, 0, None, DESTROYED)
+    assert kind == CT_DELETE and entry_of(kind, 0, body) == (flow, 0, None, DESTROYED, False)
     ((kind, _, _, body, _),) = messages(flow_request(CT_GET, flow, 2))
     assert entry_of(kind, 0, body) is None  # a request, not an entry
-    assert entry_of(CT_NEW, 0, body) == (flow, 0, None, CHANGED)
+    assert entry_of(CT_NEW, 0, body) == (flow, 0, None, CHANGED, False)
     ((kind, flags, _, body, _),) = messages(dump_message(3))
     assert flags & NLM_F_DUMP == NLM_F_DUMP and entry_of(CT_NEW, NLM_F_CREATE, body) is None  # no flow
     assert entry_of(CT_NEW, 0, body[:4] + b"\x08\x00\x01\x80" + bytes(4)) is None  # a tuple with nothing in it
@@ -464,7 +464,25 @@ def test_conntrack_events_read_as_created_changed_destroyed_and_other_messages_a
     ip, proto = body[8:28], body[28:56]  # the tuple's two nests: in the other order, read by the general walk
     assert ip[2:4] == b"\x01\x80" and proto[2:4] == b"\x02\x80"
     swapped = body[:8] + proto + ip + body[56:]
-    assert swapped != body and entry_of(kind, 0, swapped) == (flow, 0, None, DESTROYED)
+    assert swapped != body and entry_of(kind, 0, swapped) == (flow, 0, None, DESTROYED, False)
+
+
+def test_a_conntrack_entry_with_the_closing_label_reads_as_closing_and_other_labels_do_not():
+    from mplb_nfq.core.marks import CLOSING_LABEL
+    from mplb_nfq.kernel.ctnetlink import CHANGED, CT_NEW, CTA_LABELS, entry_of, flow_request
+    from mplb_nfq.kernel.nfnetlink import attribute, messages
+
+    flow = (bytes([10, 0, 0, 1]), 40000, bytes([10, 99, 0, 1]), 80)
+    ((_, _, _, body, _),) = messages(flow_request(CT_NEW, flow, 1))
+
+    def labels(*bits: int) -> bytes:  # two unsigned longs, host order, as the kernel sends them
+        words = [sum(1 << (b % 64) for b in bits if b // 64 == w) for w in (0, 1)]
+        return attribute(CTA_LABELS, struct.pack("=QQ", *words))
+
+    assert entry_of(CT_NEW, 0, body + labels(CLOSING_LABEL)) == (flow, 0, None, CHANGED, True)
+    assert entry_of(CT_NEW, 0, body + labels(0, 63, 64, CLOSING_LABEL - 1)).closing is False  # an operator's
+    assert entry_of(CT_NEW, 0, body + labels(1, CLOSING_LABEL)).closing is True
+    assert entry_of(CT_NEW, 0, body + attribute(CTA_LABELS, bytes(8))).closing is False  # short: not ours
 
 
 def test_a_chunk_of_tokens_with_the_longest_comments_fits_one_netlink_attribute():

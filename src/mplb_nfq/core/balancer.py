@@ -7,6 +7,7 @@ only record of a token whose install in the kernel map failed).
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -37,14 +38,17 @@ class Backend:
     retired: bool = False  # gone from the config: drained until its connections are gone
     active: int = 0  # connections (conntrack's count, plus those placed since)
     subflows: int = 0
-    # times any backend's scheduling state (SCHEDULING_STATE) was set, by any thread: the loop
-    # writes the kernel's tables when it moves, not on every turn
+    # times any backend's scheduling state (SCHEDULING_STATE) was set, by any thread (the health
+    # thread, the loop): the loop writes the kernel's tables when it moves, not on every turn. It
+    # moves after the value is stored: a loop that sees it move reads the new state.
     changes: ClassVar[int] = 0
+    _changing: ClassVar[threading.Lock] = threading.Lock()
 
     def __setattr__(self, name, value):
-        if name in SCHEDULING_STATE:
-            Backend.changes += 1
         object.__setattr__(self, name, value)
+        if name in SCHEDULING_STATE:
+            with Backend._changing:
+                Backend.changes += 1
 
     @property
     def available(self) -> bool:

@@ -11,6 +11,8 @@ DISPLACEABLE = 0x04000000  # in the token map: a surer teacher may replace it: a
 # kept in ct mark: this connection's token came from its client's third ACK (direct server return)
 # and is provisional until the connection's next MPTCP packet (a DSS option) shows it is real
 PROVISIONAL = 0x02000000
-# kept in ct mark: the connection's (or subflow's) first FIN or RST has passed: it no longer counts as
-# live (IPVS's active connections end there too), and conntrack tells none of its later TCP states
-CLOSING = 0x01000000
+# A conntrack label, not a mark bit: the connection's (or subflow's) first FIN or RST has passed; it no
+# longer counts as live (IPVS's active connections end there too). Setting a label is an event of
+# its own (IPCT_LABEL), told whatever the packet did to the TCP state; the highest of the 128 bits,
+# out of the way of an operator's connlabel.conf names.
+CLOSING_LABEL = 127

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..core.flowtokens import FlowTokens, digest
-from ..core.marks import BACKEND_MASK, CLOSING, JOIN
+from ..core.marks import BACKEND_MASK, JOIN
 from .ctnetlink import CHANGED, CREATED, DESTROYED, Conntrack, Entry, flow_key
 from .process import die_with_parent
 from .snapshot import read_flows, write_flows
@@ -91,9 +91,9 @@ class HandedOver:
 
 
 def live(entry: Entry) -> bool:
-    """A connection counts as live until its first FIN or RST (CLOSING, from the ruleset; an entry
-    older than that rule: until TIME_WAIT or CLOSE)."""
-    return not entry.mark & CLOSING and (entry.state is None or entry.state in LIVE_TCP_STATES)
+    """A connection counts as live until its first FIN or RST (the ruleset's closing label; an
+    entry older than that rule: until TIME_WAIT or CLOSE)."""
+    return not entry.closing and (entry.state is None or entry.state in LIVE_TCP_STATES)
 
 
 class Tally:

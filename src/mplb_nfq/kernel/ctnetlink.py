@@ -13,6 +13,7 @@ import socket
 import struct
 from typing import Iterable, NamedTuple
 
+from ..core.marks import CLOSING_LABEL
 from .nfnetlink import (
     NETLINK_CAP_ACK,
     NETLINK_NETFILTER,
@@ -34,7 +35,7 @@ CT_NEW, CT_GET, CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8 | kind for kind in (0, 1
 GROUPS = (1, 2, 3)  # NFNLGRP_CONNTRACK_NEW, _UPDATE, _DESTROY
 NETLINK_ADD_MEMBERSHIP, NETLINK_BROADCAST_ERROR, NETLINK_NO_ENOBUFS = 1, 4, 5
 NLM_F_EXCL = 0x200
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_TIMEOUT, CTA_MARK = 1, 2, 4, 7, 8
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_TIMEOUT, CTA_MARK, CTA_LABELS = 1, 2, 4, 7, 8, 22
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -48,12 +49,14 @@ CREATED, CHANGED, DESTROYED = "created", "changed", "destroyed"
 
 class Entry(NamedTuple):
     """What the load balancer reads of a conntrack entry: its original flow (client address
-    packed, port, VIP packed, port), its mark, its TCP state (None if the message has none), and
-    what the message says of it (CREATED, CHANGED, DESTROYED; a dump's entries are CHANGED)."""
+    packed, port, VIP packed, port), its mark, its TCP state (None if the message has none),
+    what the message says of it (CREATED, CHANGED, DESTROYED; a dump's entries are CHANGED), and
+    whether it has the closing label (core.marks.CLOSING_LABEL)."""
     flow: tuple
     mark: int
     state: int | None
     event: str
+    closing: bool = False
 
     @property
     def key(self) -> bytes:
@@ -192,8 +195,14 @@ def entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
         return None
 
 
+def has_label(labels: bytes, bit: int) -> bool:
+    """A bit of CTA_LABELS: the kernel's bitmap of unsigned longs, in host order."""
+    word, at = divmod(bit, 64)
+    return len(labels) >= 8 * (word + 1) and bool(struct.unpack_from("=Q", labels, 8 * word)[0] >> at & 1)
+
+
 def _entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
-    mark, state = 0, None
+    mark, state, closing = 0, None, False
     flow = _v4_tcp_flow(body)
     offset = 4 if flow is None else 56  # nfgenmsg, or the original tuple too
     while offset + 4 <= len(body):
@@ -207,11 +216,13 @@ def _entry_of(kind: int, flags: int, body: bytes) -> Entry | None:
             mark = _U32.unpack_from(body, offset + 4)[0]
         elif attr == CTA_PROTOINFO:
             state = _state_of(body[offset + 4:offset + length])
+        elif attr == CTA_LABELS:
+            closing = has_label(body[offset + 4:offset + length], CLOSING_LABEL)
         offset += length + (-length % 4)
     if flow is None:
         return None
     event = DESTROYED if kind == CT_DELETE else CREATED if flags & NLM_F_CREATE else CHANGED
-    return Entry(flow, mark, state, event)
+    return Entry(flow, mark, state, event, closing)
 
 
 class Conntrack:

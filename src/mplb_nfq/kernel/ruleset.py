@@ -14,7 +14,7 @@ from typing import Container, Mapping, NamedTuple
 
 from ..core.balancer import VIRTUAL, LookupTable
 from ..core.jhash import SEED, flow_key, slot
-from ..core.marks import BACKEND_MASK, CLOSING, JOIN, LEARNED, PROVISIONAL, QUEUE, REJECT
+from ..core.marks import BACKEND_MASK, CLOSING_LABEL, JOIN, LEARNED, PROVISIONAL, QUEUE, REJECT
 from ..core.packet import TCP_ACK, TCP_SYN, Segment
 from ..core.schedulers import Index
 from ..core.settings import Config
@@ -67,7 +67,7 @@ def render_ruleset(cfg: Config, native: bool, by_worker: bool = False) -> str:
         vip4_elements=elements(4), vip6_elements=elements(6), dsr4_elements=elements(4, True),
         dsr6_elements=elements(6, True),
         token_capacity=cfg.token_capacity, learned=f"0x{LEARNED:08x}", settled=f"0x{LEARNED | JOIN:08x}",
-        closing=f"0x{CLOSING:08x}",
+        closing_label=CLOSING_LABEL,
         join=f"0x{JOIN:08x}", join_rate=JOIN_RATE,
         backend_mask=f"0x{BACKEND_MASK:08x}",
         reject=f"0x{REJECT:08x}",

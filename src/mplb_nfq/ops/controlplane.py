@@ -89,9 +89,9 @@ class ControlPlane:
         ruleset sends their joins to the worker, which reads them as Linux will before they reach
         such a backend. Called from the loop on every turn (the health thread only changes the
         backends' state); it writes only after a change of the backends, the services or the config."""
-        seen = (Backend.changes, self.balancer.services, self.cfg)  # before the states are read: a later change is seen next turn
-        if self.synced is not None and seen[0] == self.synced[0] and seen[1] is self.synced[1] \
-                and seen[2] is self.synced[2]:
+        # read before the states: a change after this is written next turn
+        seen = (Backend.changes, self.balancer.services, self.balancer.by_mark, self.cfg)
+        if self.synced is not None and seen[0] == self.synced[0] and all(a is b for a, b in zip(seen[1:], self.synced[1:])):
             return
         try:
             self.dataplane.sync_tables(self.balancer.lookup_tables())
