@@ -275,7 +275,7 @@ def test_check_reports_the_queue_mode(topo):
     """What `check` says of the queue statement agrees with nft itself, asked here directly."""
     report = json.loads(topo.exec("lb", sys.executable, "-m", "mplb_nfq", "check", "--json",
                                   capture_output=True, check=False).stdout)
-    assert report["features"]["nft token map"]["ok"]
+    assert report["features"]["nft token map"]["ok"] and report["features"]["conntrack events and labels"]["ok"]
     probe = topo.exec("lb", "nft", "add table inet qprobe; add chain inet qprobe c; "
                                    "add rule inet qprobe c queue num 0 bypass", capture_output=True, check=False)
     topo.exec("lb", "nft", "delete table inet qprobe", check=False, capture_output=True)

@@ -49,6 +49,11 @@ def kernel_report() -> dict:
                              "{ typeof tcp option @30,32,32 : meta mark; flags timeout; }")
         nft.try_run("delete table inet mplb_probe_map")
         feature("nft token map", tokens, "map on tcp option @30,32,32 with timeouts")
+        labels = nft.try_run("add table inet mplb_probe_ct; add chain inet mplb_probe_ct c; "
+                             "add rule inet mplb_probe_ct c ct event set new,destroy,label ct label set 127")
+        nft.try_run("delete table inet mplb_probe_ct")
+        feature("conntrack events and labels", labels,
+                "ct event set, ct label set (a connection's close is its label's event)")
         dsr = nft.try_run("add table inet mplb_probe_raw; add chain inet mplb_probe_raw c; "
                           "add rule inet mplb_probe_raw c tcp flags & (syn | ack) == syn notrack")
         nft.try_run("delete table inet mplb_probe_raw")
@@ -78,7 +83,7 @@ def kernel_report() -> dict:
         feature("NetfilterQueue binding", True, "importable")
     except ImportError as e:
         feature("NetfilterQueue binding", False, str(e))
-    needed = ("libnftables", "nft token map", "NetfilterQueue binding")
+    needed = ("libnftables", "nft token map", "conntrack events and labels", "NetfilterQueue binding")
     usable = all(features.get(k, {}).get("ok") for k in needed) and (native or xt is not None)
     mode = "native nft queue" if native else ("xtables NFQUEUE on mark bit" if xt else "none")
     return {"features": features, "queue_mode": mode, "usable": usable}
