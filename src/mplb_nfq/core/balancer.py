@@ -38,17 +38,22 @@ class Backend:
     retired: bool = False  # gone from the config: drained until its connections are gone
     active: int = 0  # connections (conntrack's count, plus those placed since)
     subflows: int = 0
-    # times any backend's scheduling state (SCHEDULING_STATE) was set, by any thread (the health
-    # thread, the loop): the loop writes the kernel's tables when it moves, not on every turn. It
-    # moves after the value is stored: a loop that sees it move reads the new state.
+    # times what the scheduler tables are built from changed: any backend's SCHEDULING_STATE, set
+    # by any thread (the health thread, the loop), or a balancer's services. The loop writes the
+    # kernel's tables when it moves, not on every turn. It moves after the value is stored: a loop
+    # that sees it move reads the new state.
     changes: ClassVar[int] = 0
     _changing: ClassVar[threading.Lock] = threading.Lock()
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
         if name in SCHEDULING_STATE:
-            with Backend._changing:
-                Backend.changes += 1
+            Backend.changed()
+
+    @staticmethod
+    def changed() -> None:
+        with Backend._changing:
+            Backend.changes += 1
 
     @property
     def available(self) -> bool:
@@ -152,6 +157,7 @@ class Balancer:
         self._service_at = {(vip, port): s for s in services for vip in s.vips for port in s.ports}
         self.by_mark = {b.mark: b for b in retired}
         self.by_mark.update({b.mark: b for s in services for b in s.backends})
+        Backend.changed()
 
     def lookup_tables(self) -> dict[str, LookupTable]:
         """Every service's table for the backends available now; one is built again only when

@@ -4,6 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..core.marks import CLOSING_LABEL
+
 
 def _read(path: str) -> str | None:
     try:
@@ -50,7 +52,7 @@ def kernel_report() -> dict:
         nft.try_run("delete table inet mplb_probe_map")
         feature("nft token map", tokens, "map on tcp option @30,32,32 with timeouts")
         labels = nft.try_run("add table inet mplb_probe_ct; add chain inet mplb_probe_ct c; "
-                             "add rule inet mplb_probe_ct c ct event set new,destroy,label ct label set 127")
+                             f"add rule inet mplb_probe_ct c ct event set new,destroy,label ct label set {CLOSING_LABEL}")
         nft.try_run("delete table inet mplb_probe_ct")
         feature("conntrack events and labels", labels,
                 "ct event set, ct label set (a connection's close is its label's event)")

@@ -38,7 +38,7 @@ class ControlPlane:
         self.cfg, self.balancer, self.dataplane, self.fleet, self.counters = cfg, balancer, dataplane, fleet, counters
         self.retired: dict[str, RetiredBackend] = {}
         self.unavailable_in_kernel: set[int] | None = None  # the kernel's set, as last written
-        self.synced: tuple | None = None  # what sync_unavailable last wrote the tables for
+        self.synced: int | None = None  # Backend.changes when sync_unavailable last wrote the tables
         self.health = None
         self.stopping = False
         self.started = time.time()
@@ -88,14 +88,13 @@ class ControlPlane:
         """Backends that take no new connections: the services' tables leave them out, and the
         ruleset sends their joins to the worker, which reads them as Linux will before they reach
         such a backend. Called from the loop on every turn (the health thread only changes the
-        backends' state); it writes only after a change of the backends, the services or the config."""
-        # read before the states: a change after this is written next turn
-        seen = (Backend.changes, self.balancer.services, self.balancer.by_mark, self.cfg)
-        if self.synced is not None and seen[0] == self.synced[0] and all(a is b for a, b in zip(seen[1:], self.synced[1:])):
+        backends' state); it writes only after a change of the backends or the services."""
+        changes = Backend.changes  # read before the states: a change after this is written next turn
+        if changes == self.synced:
             return
         try:
             self.dataplane.sync_tables(self.balancer.lookup_tables())
-            self.synced = seen
+            self.synced = changes
         except Exception as e:  # the tables in the kernel stay as they were; tried again next turn
             log.error("updating the scheduler tables failed: %s", e)
         unavailable = [b for b in self.balancer.backends if not b.available]
