@@ -400,6 +400,43 @@ def test_the_loop_writes_the_scheduler_tables_after_a_change_of_the_backends_not
     assert written[3:] == [set(marks.values())] * 2
 
 
+def test_the_loop_gathers_what_follows_the_input_that_woke_it_and_a_timed_turn_goes_at_once():
+    import os
+
+    from mplb_nfq.ops.loop import Loop
+
+    loop, reader, writer = Loop(), *os.pipe()
+    read, gathered, chores = [], [], []
+    loop.watch(reader, lambda: read.append(os.read(reader, 100)))
+    loop.every_turn(lambda: chores.append(len(read)))
+
+    def gather():  # what arrives while the turn gathers
+        gathered.append(os.write(writer, b"b"))
+        return 0.001
+
+    try:
+        loop.run(lambda: len(chores) < 1, lambda: 1, gather)  # no input: a turn for time, no gathering
+        assert chores == [0] and gathered == []
+        os.write(writer, b"a")
+        loop.run(lambda: len(chores) < 2, lambda: 1000, gather)
+        assert read == [b"ab"] and chores == [0, 1] and gathered == [1]  # one turn took both
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_the_worker_gathers_its_turns_while_no_syn_needs_it_and_a_reload_is_looked_at():
+    from mplb_nfq.worker import GATHER_SECONDS
+
+    assert worker().gather_seconds() == GATHER_SECONDS  # copies and raced joins only
+    assert worker(handshakes="queue").gather_seconds() == 0  # SYNs and SYN-ACKs wait in the queue
+    least = Worker(from_dict({**CONFIG, "services": [{**CONFIG["services"][0], "scheduler": "lc"}]}), KernelMaps())
+    assert least.gather_seconds() == 0  # the worker picks each SYN's backend
+    w = worker()
+    w.balancer.update(least.balancer.services, [])
+    assert w.gather_seconds() == 0
+
+
 def test_maglev_tables_are_built_off_the_packet_path():
     from mplb_nfq.core.schedulers import Maglev
 

@@ -8,6 +8,7 @@ import time
 
 from .core.marks import LEARNED, PROVISIONAL, REJECT
 from .core.packet import parse_ip
+from .core.schedulers import Index
 from .core.settings import Config
 from .core.verdicts import Kind, Verdict
 from .kernel.conntrack import Counts, Ended, HandedOver, Load, Watch, start_reader
@@ -27,6 +28,15 @@ from .ops.tokenstore import TokenStore
 
 log = logging.getLogger("mplb_nfq.worker")
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
+# While the kernel decides every SYN, what reaches the worker is copies and the joins that raced
+# them, nothing a client waits on to connect: what wakes the worker then waits this long for what
+# follows it, and all of it is taken in one turn. A turn per packet (a copy, then its raced joins),
+# each at the moment its connection was in its handshake, cost more CPU than the learning, on the
+# cores the connections use (1 KB MPTCP fetches at 1,000/s: the worker's CPU 42 -> 19 ticks of
+# 10 ms per 3,000, the fetches' p99 650-701 -> 581 µs, plain forwarding 488-535; a turn at once
+# when the last was 5 ms ago did not help: 694; 10 ms made bursts: 885). Every join races its
+# token's copy then, and waits up to this long in the queue.
+GATHER_SECONDS = 0.005
 REPORT_SECONDS = 0.5  # a worker beyond the first reports its counts to the first this often
 
 
@@ -49,6 +59,7 @@ class Worker:
         # kernel.snapshot's (path, identity), for a graceful stop; restored: the tokens came from one
         self.snapshot, self.restored = None, False
         self.follower = None  # kernel.conntrack.Follower, started before the tokens are adopted: see service.run
+        self.gathers_for, self.gathering = None, 0.0  # the services gather_seconds() last looked at, its answer
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
@@ -74,6 +85,15 @@ class Worker:
             return
         self.decided.append((packet, verdict))  # a later verdict needs no retain(): only the payload is reused
         self.counters.latency.observe(time.perf_counter() - started)
+
+    def gather_seconds(self) -> float:
+        """GATHER_SECONDS while no SYN needs the worker (handshakes in the kernel, no `lc` service); 0 otherwise."""
+        services = self.balancer.services
+        if services is not self.gathers_for:  # a reload's
+            self.gathers_for = services
+            self.gathering = GATHER_SECONDS if self.plane.cfg.handshakes == "kernel" and \
+                all(s.index is not Index.WORKER for s in services) else 0.0
+        return self.gathering
 
     def give_decided(self) -> None:
         """The tokens learned go to the kernel map before any verdict: a SYN-ACK's verdict lets the
@@ -165,9 +185,11 @@ class Worker:
             finally:
                 self.give_decided()
 
-        loop.watch(nfq.get_fd(), read_queue)
         if copies:  # a held join goes as soon as the copy of its connection's handshake is read
+            # (watched first: poll answers in this order, and a join that raced a copy of the same
+            # turn then finds its token known)
             loop.watch(copies.fileno(), lambda: (self.tokens.learn(copies, BATCH), self.held.release()))
+        loop.watch(nfq.get_fd(), read_queue)
         control = ControlServer(cfg.control_socket, plane.control, loop.watch, loop.unwatch) if first else None
         if control:
             loop.watch(control.fileno(), control.accept_ready)
@@ -187,7 +209,7 @@ class Worker:
         log.info("worker %d listening on queue %d", index, cfg.queue + index)
         ready()
         try:
-            loop.run(lambda: not plane.stopping, self.held.wait_ms)
+            loop.run(lambda: not plane.stopping, self.held.wait_ms, self.gather_seconds)
         finally:
             if cluster:
                 cluster.close()

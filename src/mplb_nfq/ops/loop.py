@@ -1,6 +1,6 @@
 """The worker's loop: the file descriptors it waits on and what each one's input runs, then the
-chores of every turn. A pipe to another worker that breaks is dropped, not fatal: that process
-went away; any other failure ends the loop."""
+chores of every turn; a turn may gather (see run). A pipe to another worker that breaks is
+dropped, not fatal: that process went away; any other failure ends the loop."""
 from __future__ import annotations
 
 import logging
@@ -42,9 +42,17 @@ class Loop:
 
         self.chores.append(when_due)
 
-    def run(self, running: Callable[[], bool], wait_ms: Callable[[], int]) -> None:
+    def run(self, running: Callable[[], bool], wait_ms: Callable[[], int],
+            gather: Callable[[], float] = lambda: 0.0) -> None:
+        """Turns until running() is false. A turn that input wakes begins gather() seconds after
+        it, and takes what came meanwhile too; a wait that ends for time (wait_ms) is a turn at once."""
         while running():
-            for fd, _ in self.poller.poll(wait_ms()):
+            ready = self.poller.poll(wait_ms())
+            pause = gather() if ready else 0.0
+            if pause:
+                time.sleep(pause)
+                ready = self.poller.poll(0)
+            for fd, _ in ready:
                 try:
                     self.handlers.get(fd, lambda: None)()  # (a pipe dropped earlier in this round)
                 except (EOFError, OSError) as e:
