@@ -400,14 +400,15 @@ def test_the_loop_writes_the_scheduler_tables_after_a_change_of_the_backends_not
     assert written[3:] == [set(marks.values())] * 2
 
 
-def test_the_loop_gathers_what_follows_the_input_that_woke_it_and_a_timed_turn_goes_at_once():
+def test_the_loop_gathers_what_follows_the_input_that_woke_it_and_a_command_or_a_timed_turn_goes_at_once():
     import os
 
     from mplb_nfq.ops.loop import Loop
 
-    loop, reader, writer = Loop(), *os.pipe()
+    loop, (reader, writer), (command, to_command) = Loop(), os.pipe(), os.pipe()
     read, gathered, chores = [], [], []
     loop.watch(reader, lambda: read.append(os.read(reader, 100)))
+    loop.watch(command, lambda: read.append(os.read(command, 100)), at_once=True)
     loop.every_turn(lambda: chores.append(len(read)))
 
     def gather():  # what arrives while the turn gathers
@@ -420,9 +421,12 @@ def test_the_loop_gathers_what_follows_the_input_that_woke_it_and_a_timed_turn_g
         os.write(writer, b"a")
         loop.run(lambda: len(chores) < 2, lambda: 1000, gather)
         assert read == [b"ab"] and chores == [0, 1] and gathered == [1]  # one turn took both
+        os.write(to_command, b"c")
+        loop.run(lambda: len(chores) < 3, lambda: 1000, gather)
+        assert read == [b"ab", b"c"] and gathered == [1]  # a command: at once
     finally:
-        os.close(reader)
-        os.close(writer)
+        for fd in (reader, writer, command, to_command):
+            os.close(fd)
 
 
 def test_the_worker_gathers_its_turns_while_no_syn_needs_it_and_a_reload_is_looked_at():

@@ -30,7 +30,7 @@ log = logging.getLogger("mplb_nfq.worker")
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
 # While the kernel decides every SYN, what reaches the worker is copies and the joins that raced
 # them, nothing a client waits on to connect: what wakes the worker then waits this long for what
-# follows it, and all of it is taken in one turn. A turn per packet (a copy, then its raced joins),
+# follows it, and all of it is taken in one turn (an operator's command goes at once). A turn per packet (a copy, then its raced joins),
 # each at the moment its connection was in its handshake, cost more CPU than the learning, on the
 # cores the connections use (1 KB MPTCP fetches at 1,000/s: the worker's CPU 42 -> 19 ticks of
 # 10 ms per 3,000, the fetches' p99 650-701 -> 581 µs, plain forwarding 488-535; a turn at once
@@ -190,9 +190,10 @@ class Worker:
             # turn then finds its token known)
             loop.watch(copies.fileno(), lambda: (self.tokens.learn(copies, BATCH), self.held.release()))
         loop.watch(nfq.get_fd(), read_queue)
-        control = ControlServer(cfg.control_socket, plane.control, loop.watch, loop.unwatch) if first else None
+        control = ControlServer(cfg.control_socket, plane.control, lambda fd, read: loop.watch(fd, read, at_once=True),
+                                loop.unwatch) if first else None
         if control:
-            loop.watch(control.fileno(), control.accept_ready)
+            loop.watch(control.fileno(), control.accept_ready, at_once=True)
             loop.every_turn(control.expire)
         loop.every_turn(self.held.release)
         loop.every_turn(lambda: self.tokens.send_watches(conntrack if first else parent))

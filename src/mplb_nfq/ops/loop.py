@@ -15,18 +15,22 @@ class Loop:
     def __init__(self):
         self.handlers: dict[int, Callable[[], None]] = {}
         self.pipes: set[int] = set()
+        self.at_once: set[int] = set()  # inputs a turn does not gather for (see run)
         self.chores: list[Callable[[], None]] = []
         self.poller = select.poll()
 
-    def watch(self, fd: int, handler: Callable[[], None], pipe: bool = False) -> None:
+    def watch(self, fd: int, handler: Callable[[], None], pipe: bool = False, at_once: bool = False) -> None:
         self.handlers[fd] = handler
         self.poller.register(fd, select.POLLIN)
         if pipe:
             self.pipes.add(fd)
+        if at_once:
+            self.at_once.add(fd)
 
     def unwatch(self, fd: int) -> None:
         self.handlers.pop(fd, None)
         self.pipes.discard(fd)
+        self.at_once.discard(fd)
         self.poller.unregister(fd)
 
     def every_turn(self, chore: Callable[[], None]) -> None:
@@ -45,10 +49,11 @@ class Loop:
     def run(self, running: Callable[[], bool], wait_ms: Callable[[], int],
             gather: Callable[[], float] = lambda: 0.0) -> None:
         """Turns until running() is false. A turn that input wakes begins gather() seconds after
-        it, and takes what came meanwhile too; a wait that ends for time (wait_ms) is a turn at once."""
+        it, and takes what came meanwhile too; one for an input watched at_once (an operator's
+        command) or for time (wait_ms) begins at once."""
         while running():
             ready = self.poller.poll(wait_ms())
-            pause = gather() if ready else 0.0
+            pause = gather() if ready and not any(fd in self.at_once for fd, _ in ready) else 0.0
             if pause:
                 time.sleep(pause)
                 ready = self.poller.poll(0)
