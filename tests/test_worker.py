@@ -424,6 +424,10 @@ def test_the_loop_gathers_what_follows_the_input_that_woke_it_and_a_command_or_a
         os.write(to_command, b"c")
         loop.run(lambda: len(chores) < 3, lambda: 1000, gather)
         assert read == [b"ab", b"c"] and gathered == [1]  # a command: at once
+        os.write(writer, b"d")
+        slept = time.monotonic()
+        loop.run(lambda: len(chores) < 4, lambda: 1, lambda: 60.0)  # a held join due in 1 ms
+        assert read[-1] == b"d" and time.monotonic() - slept < 30  # gathered until then, not 60 s
     finally:
         for fd in (reader, writer, command, to_command):
             os.close(fd)
@@ -439,6 +443,17 @@ def test_the_worker_gathers_its_turns_while_no_syn_needs_it_and_a_reload_is_look
     w = worker()
     w.balancer.update(least.balancer.services, [])
     assert w.gather_seconds() == 0
+
+
+def test_a_worker_whose_turn_stopped_at_its_batch_takes_the_next_at_once():
+    from mplb_nfq.worker import BATCH, GATHER_SECONDS
+
+    w = worker()
+    burst = Copies(*[(synack(20000 + i, i.to_bytes(8, "big"), 0x100).payload, 0x100) for i in range(BATCH + 1)])
+    w.learn(burst)
+    assert w.gather_seconds() == 0  # one copy left: the next turn at once
+    w.learn(burst)
+    assert w.gather_seconds() == GATHER_SECONDS and len(w.dataplane.tokens) == BATCH + 1
 
 
 def test_maglev_tables_are_built_off_the_packet_path():

@@ -29,13 +29,16 @@ from .ops.tokenstore import TokenStore
 log = logging.getLogger("mplb_nfq.worker")
 BATCH = 256  # packets handled between two turns of the housekeeping (held joins, control, counts)
 # While the kernel decides every SYN, what reaches the worker is copies and the joins that raced
-# them, nothing a client waits on to connect: what wakes the worker then waits this long for what
-# follows it, and all of it is taken in one turn (an operator's command goes at once). A turn per packet (a copy, then its raced joins),
-# each at the moment its connection was in its handshake, cost more CPU than the learning, on the
-# cores the connections use (1 KB MPTCP fetches at 1,000/s: the worker's CPU 42 -> 19 ticks of
-# 10 ms per 3,000, the fetches' p99 650-701 -> 581 µs, plain forwarding 488-535; a turn at once
-# when the last was 5 ms ago did not help: 694; 10 ms made bursts: 885). Every join races its
-# token's copy then, and waits up to this long in the queue.
+# them (rarely an established flow's first packet here: a flow a router moved), nothing a client
+# waits on to connect: what wakes the worker then waits this long for what follows it, and all of
+# it is taken in one turn; not when an operator's command woke it, nor after a turn that stopped
+# at BATCH (a worker that is behind goes on at once). A turn per packet (a copy, then its raced
+# joins), each at the moment its connection was in its handshake, cost more CPU than the
+# learning, on the cores the connections use (1 KB MPTCP fetches at 1,000/s: the worker's CPU
+# 42 -> 19 ticks of 10 ms per 3,000, the fetches' p99 650-701 -> 581 µs, plain forwarding
+# 488-535; a turn at once when the last was 5 ms ago did not help: 694; 10 ms made bursts: 885).
+# Every join races its token's copy then, and waits up to this long in the queue (twice under
+# direct server return, where its first ACK is queued too).
 GATHER_SECONDS = 0.005
 REPORT_SECONDS = 0.5  # a worker beyond the first reports its counts to the first this often
 
@@ -60,6 +63,7 @@ class Worker:
         self.snapshot, self.restored = None, False
         self.follower = None  # kernel.conntrack.Follower, started before the tokens are adopted: see service.run
         self.gathers_for, self.gathering = None, 0.0  # the services gather_seconds() last looked at, its answer
+        self.behind = False  # the last turn left packets waiting (a read stopped at BATCH)
 
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, packet) -> None:
@@ -87,13 +91,22 @@ class Worker:
         self.counters.latency.observe(time.perf_counter() - started)
 
     def gather_seconds(self) -> float:
-        """GATHER_SECONDS while no SYN needs the worker (handshakes in the kernel, no `lc` service); 0 otherwise."""
+        """GATHER_SECONDS while no SYN needs the worker (handshakes in the kernel, no `lc` service)
+        and the last turn took all there was; 0 otherwise (a worker that is behind never waits)."""
+        if self.behind:
+            self.behind = False
+            return 0.0
         services = self.balancer.services
         if services is not self.gathers_for:  # a reload's
             self.gathers_for = services
             self.gathering = GATHER_SECONDS if self.plane.cfg.handshakes == "kernel" and \
                 all(s.index is not Index.WORKER for s in services) else 0.0
         return self.gathering
+
+    def learn(self, copies: CopyReader) -> None:
+        """A turn's copies; a held join goes as soon as the copy of its connection's handshake is read."""
+        self.behind |= self.tokens.learn(copies, BATCH) >= BATCH
+        self.held.release()
 
     def give_decided(self) -> None:
         """The tokens learned go to the kernel map before any verdict: a SYN-ACK's verdict lets the
@@ -184,11 +197,11 @@ class Worker:
                 nfq.run_socket(queue_reader)
             finally:
                 self.give_decided()
+            self.behind |= queue_reader.left <= 0
 
-        if copies:  # a held join goes as soon as the copy of its connection's handshake is read
-            # (watched first: poll answers in this order, and a join that raced a copy of the same
-            # turn then finds its token known)
-            loop.watch(copies.fileno(), lambda: (self.tokens.learn(copies, BATCH), self.held.release()))
+        if copies:  # watched first: poll answers in this order, and a join that raced a copy of the
+            # same turn then finds its token known
+            loop.watch(copies.fileno(), lambda: self.learn(copies))
         loop.watch(nfq.get_fd(), read_queue)
         control = ControlServer(cfg.control_socket, plane.control, lambda fd, read: loop.watch(fd, read, at_once=True),
                                 loop.unwatch) if first else None

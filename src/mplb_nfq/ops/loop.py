@@ -55,7 +55,7 @@ class Loop:
             ready = self.poller.poll(wait_ms())
             pause = gather() if ready and not any(fd in self.at_once for fd, _ in ready) else 0.0
             if pause:
-                time.sleep(pause)
+                time.sleep(min(pause, wait_ms() / 1000))  # not past a held join's deadline
                 ready = self.poller.poll(0)
             for fd, _ in ready:
                 try:

@@ -130,10 +130,10 @@ class TokenStore:
         return writes._replace(provisional=[(token, mark) for token, mark in writes.provisional
                                             if self.balancer.provisional.get(token, now) is not None])
 
-    def learn(self, reader: CopyReader, limit: int) -> None:
+    def learn(self, reader: CopyReader, limit: int) -> int:
         """Copies of MP_CAPABLE handshake packets, each with its connection's backend mark: their
         tokens go to the kernel map in one transaction. The packets went on long ago. In a
-        cluster, copies of the joins the kernel steered too."""
+        cluster, copies of the joins the kernel steered too. Returns the count of copies read."""
         copies = reader.read(limit)
         now, verdicts = time.perf_counter(), []
         for payload, mark in copies:
@@ -158,6 +158,7 @@ class TokenStore:
         self.stats["copies_lost"] = reader.lost
         if verdicts:
             self.write(verdicts)
+        return len(copies)
 
     def lasting(self, now: float):
         """(token, value as the kernel map holds it, seconds left) of the tokens the core holds
