@@ -99,6 +99,23 @@ def test_syn_ack_teaches_the_token_one_round_trip_before_the_third_ack(version):
     assert balancer.decide(join(token=learned.token), 0, 0.002).mark == chosen | JOIN
 
 
+def test_a_join_on_an_earlier_subflow_s_four_tuple_follows_its_token_and_a_retransmission_counts_once():
+    balancer = lb("rr")
+    first = balancer.decide(syn(), 0, 0).mark
+    balancer.decide(synack(), first, 0.001)
+    assert balancer.decide(join(sport=50001), 0, 0.002).mark == first | JOIN
+    other_key = bytes.fromhex("0102030405060708")
+    second = balancer.decide(syn(sport=40001), 0, 0.003).mark
+    balancer.decide(synack(sport=40001, key=other_key), second, 0.004)
+    # the client reuses the first join's port for the second connection's join
+    again = balancer.decide(join(sport=50001, token=token_of_key(other_key, 1)), 0, 0.005)
+    assert second != first and again.mark == second | JOIN and again.kind == "join_hit"
+    subflows = {b.name: b.subflows for b in balancer.backends}
+    retransmitted = balancer.decide(join(sport=50001, token=token_of_key(other_key, 1)), 0, 0.006)
+    assert retransmitted.mark == second | JOIN and retransmitted.kind == "syn_retransmit"
+    assert {b.name: b.subflows for b in balancer.backends} == subflows
+
+
 def test_syn_ack_without_mark_finds_its_flow_reversed():
     balancer = lb("rr")
     chosen = balancer.decide(syn(), 0, 0).mark
