@@ -330,11 +330,14 @@ class Balancer:
         return Verdict(True, mark, Kind.OTHER)
 
     def _on_syn(self, service: Service, segment: Segment, now: float, hold: bool) -> Verdict:
-        known = self.flows.get(segment.flow, now)  # a retransmitted SYN keeps its backend
-        if known is not None and not self._join_elsewhere(service, segment, known, now):
-            return Verdict(True, known, Kind.SYN_RETRANSMIT)
+        cached = self.flows.get(segment.flow, now)  # a retransmitted SYN keeps its backend
         if segment.join is not None and service.mptcp_aware:
             known = self.known_token(segment.join.token, now)
+            # so does a join, unless its token is known on another backend: then the four-tuple is
+            # an earlier subflow's (clients reuse ports: a few hundred joins a minute meet one in a lab)
+            if cached is not None and (known is None or known == AMBIGUOUS
+                                       or known & BACKEND_MASK == cached & BACKEND_MASK):
+                return Verdict(True, cached, Kind.SYN_RETRANSMIT)
             if known == AMBIGUOUS:
                 return Verdict(True, REJECT, Kind.JOIN_COLLISION)
             backend = None if known is None else self.backend_of(known)
@@ -351,6 +354,8 @@ class Balancer:
             self.flows.put(segment.flow, backend.mark | JOIN, now)
             return Verdict(True, backend.mark | JOIN, Kind.JOIN_MISS)
         else:
+            if cached is not None:
+                return Verdict(True, cached, Kind.SYN_RETRANSMIT)
             backend = self._schedule(service, segment, now)
             if backend is None:
                 return Verdict(True, REJECT, Kind.NO_BACKEND)
@@ -362,15 +367,6 @@ class Balancer:
         settled = 0 if kind is Kind.MP_CAPABLE_SYN and service.mptcp_aware else LEARNED
         self.flows.put(segment.flow, backend.mark | settled, now)
         return Verdict(True, backend.mark | settled, kind)
-
-    def _join_elsewhere(self, service: Service, segment: Segment, cached: int, now: float) -> bool:
-        """A join on the four-tuple of an earlier subflow (a client reuses ports: a few hundred
-        joins a minute meet one in a lab) whose token is known on another backend: the token
-        says where its connection lives, the flow remembered says where another one did."""
-        if segment.join is None or not service.mptcp_aware:
-            return False
-        known = self.known_token(segment.join.token, now)
-        return known is not None and known != AMBIGUOUS and known & BACKEND_MASK != cached & BACKEND_MASK
 
     def _join_to(self, backend: Backend, flow: tuple, now: float) -> Verdict:
         backend.subflows += 1
